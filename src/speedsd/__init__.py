@@ -1,0 +1,1 @@
+"""speedsd: fast, lean Stable Diffusion with its own Triton kernels."""

@@ -1,0 +1,189 @@
+"""The one dispatch point between the models and the kernels.
+
+Every op that an optimized kernel can replace (GroupNorm(+SiLU), GELU/GEGLU, attention, 3x3 conv,
+LayerNorm) is called by the models through this module. Which implementation runs is decided here,
+and only here, from an explicit :class:`Flags` value, so each optimization can be switched on and off
+on its own: the paper's ablation is a list of ``Flags``, not a fork of the model code.
+
+    with ops.using(Flags(group_norm=True, attention="flash")):
+        eps = unet(latents, t, text)
+
+A flag that asks for a Triton kernel on a tensor the kernel cannot run on (a CPU tensor without
+``TRITON_INTERPRET=1``) raises instead of silently running the reference: an ablation row must
+measure what it says it measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from speedsd.kernels.flash_attention import flash_attention
+from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
+from speedsd.kernels.group_norm import group_norm, group_norm_ref
+from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
+from speedsd.kernels.winograd import winograd_conv3x3_module
+
+ATTENTION_MODES = ("math", "sdpa", "partial", "flash", "auto")
+
+
+@dataclass(frozen=True)
+class Flags:
+    """Which optimized implementation each op uses. All off = the paper-style baseline."""
+
+    group_norm: bool = False  # fused Triton GroupNorm (+SiLU) in one launch
+    gelu: bool = False  # fused Triton GELU / GEGLU feed-forward
+    attention: str = "math"  # math (materialized softmax) | sdpa | partial | flash | auto
+    winograd: bool = False  # Winograd 3x3 conv where the per-layer table picks it
+    channels_last: bool = False  # NHWC activations end to end
+    fused_qkv: bool = False  # one GEMM for the self-attention Q, K, V projections
+    cuda_graphs: bool = False  # UNet step / VAE decode replayed from captured CUDA graphs
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+
+    def replace(self, **changes: object) -> Flags:
+        return dataclasses.replace(self, **changes)
+
+
+# Named presets. "baseline" is the paper's starting point; "reference" is the plain-torch engine as a
+# user would write it (SDPA attention); "fast" turns everything on (Winograd still only where its
+# per-layer table says it wins).
+PRESETS: dict[str, Flags] = {
+    "baseline": Flags(),
+    "reference": Flags(attention="sdpa"),
+    "fast": Flags(
+        group_norm=True,
+        gelu=True,
+        attention="auto",
+        winograd=True,
+        channels_last=True,
+        fused_qkv=True,
+        cuda_graphs=True,
+    ),
+}
+
+
+def default_flags(device: torch.device | str) -> Flags:
+    """The fastest correct set for a device: every kernel on CUDA, plain torch elsewhere."""
+    return PRESETS["fast"] if torch.device(device).type == "cuda" else PRESETS["reference"]
+
+
+_current: Flags = PRESETS["baseline"]
+
+
+def current() -> Flags:
+    return _current
+
+
+def set_flags(flags: Flags) -> None:
+    global _current
+    _current = flags
+
+
+@contextlib.contextmanager
+def using(flags: Flags) -> Iterator[Flags]:
+    """Run the enclosed model calls with ``flags``; restores the previous flags on exit."""
+    prev = current()
+    set_flags(flags)
+    try:
+        yield flags
+    finally:
+        set_flags(prev)
+
+
+def _kernel_ok(x: torch.Tensor, what: str) -> bool:
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    raise RuntimeError(
+        f"the {what} kernel was asked for on a {x.device.type} tensor; Triton kernels need CUDA "
+        "(or TRITON_INTERPRET=1 for tests). Use the 'reference' flags on this device."
+    )
+
+
+# ---- ops ---------------------------------------------------------------------------------------
+
+
+def group_norm_op(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    silu: bool = False,
+) -> torch.Tensor:
+    """GroupNorm over [N, C, *spatial] with an optional SiLU fused after the affine."""
+    if current().group_norm and _kernel_ok(x, "group_norm"):
+        return group_norm(x, num_groups, weight, bias, eps, silu=silu)
+    return group_norm_ref(x, num_groups, weight, bias, eps, silu=silu)
+
+
+def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def gelu_op(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU; ``approximate`` is "none" (erf), "tanh" or "quick" (x·sigmoid(1.702x), CLIP ViT-L)."""
+    if current().gelu and approximate != "quick" and _kernel_ok(x, "gelu"):
+        return gelu(x, approximate)
+    return gelu_ref(x, approximate)
+
+
+def feed_forward_geglu_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none"
+) -> torch.Tensor:
+    """SD's GEGLU projection: (v, g) = split(x @ Wᵀ + b); v · GELU(g). weight is [2F, K]."""
+    if current().gelu and _kernel_ok(x, "geglu"):
+        return feed_forward_geglu(x, weight, bias, approximate)
+    return feed_forward_geglu_ref(x, weight, bias, approximate)
+
+
+def attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, upcast: bool = False
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D].
+
+    ``upcast`` computes the scores in fp32 (SD 2.x's upcast_attention); the Triton kernels always
+    accumulate in fp32, so it only changes the reference paths.
+    """
+    mode = current().attention
+    if mode == "auto":
+        mode = pick_attention(q, k)
+    if mode == "math":
+        return attention_ref(q, k, v, scale=scale, upcast=upcast)
+    if mode == "sdpa":
+        if upcast and q.dtype != torch.float32:
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+            return out.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if mode == "partial" and _kernel_ok(q, "partial-softmax attention"):
+        return attention_partial_softmax(q, k, v, scale=scale)
+    if mode == "flash" and _kernel_ok(q, "flash attention"):
+        return flash_attention(q, k, v, scale=scale)
+    raise AssertionError(mode)
+
+
+def pick_attention(q: torch.Tensor, k: torch.Tensor) -> str:
+    """Attention implementation for 'auto': measured per shape (see speedsd.bench.kernels)."""
+    if not q.is_cuda:
+        return "sdpa"
+    from speedsd.attention_table import choose
+
+    return choose(q.shape, k.shape, q.dtype)
+
+
+def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """A conv layer's forward; 3x3 stride-1 pad-1 layers may run as Winograd per the layer table."""
+    if current().winograd and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1):
+        if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            out = winograd_conv3x3_module(x, conv)
+            if out is not None:  # None: the table says cuDNN wins on this layer
+                return out
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
