@@ -1,0 +1,187 @@
+"""`speedsd bench`: the paper's ablation table on your GPU, the peers beside it, and fidelity.
+
+    speedsd bench --model random:sd1.4 --out bench/results
+
+Rows add one optimization at a time (baseline → GroupNorm/GELU kernels → partially fused softmax →
+FlashAttention → Winograd → channels-last + fused QKV → CUDA graphs); columns are the paper's: text
+encoder, UNet per step, UNet x20, VAE decode, the whole 20-step image, peak memory, and the latency
+reduction against the baseline. With diffusers installed the same run times diffusers eager (SDPA)
+and diffusers + torch.compile(reduce-overhead, channels-last) on the same weights, and compares the
+optimized fp16 image with diffusers fp32 next to diffusers' own fp16 image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from speedsd import ops
+from speedsd.bench import common
+from speedsd.bench.peers import fidelity, peer_rows
+
+ABLATION: list[tuple[str, ops.Flags]] = []
+
+
+def _ablation() -> list[tuple[str, ops.Flags]]:
+    f = ops.Flags()
+    rows = [("baseline", f)]
+    f = f.replace(group_norm=True, gelu=True)
+    rows.append(("+GroupNorm/GELU kernels", f))
+    f = f.replace(attention="partial")
+    rows.append(("+partially fused softmax", f))
+    f = f.replace(attention="flash")
+    rows.append(("+FlashAttention", f))
+    f = f.replace(winograd=True)
+    rows.append(("+Winograd", f))
+    f = f.replace(channels_last=True, fused_qkv=True, attention="auto")
+    rows.append(("+channels-last/QKV fusion, best attention", f))
+    f = f.replace(cuda_graphs=True)
+    rows.append(("+CUDA graphs", f))
+    return rows
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _needs_kernels(flags: ops.Flags) -> bool:
+    return flags.group_norm or flags.gelu or flags.attention in ("partial", "flash") or flags.winograd
+
+
+def measure_row(pipe: Any, steps: int, size: int, reps: int) -> dict[str, float]:
+    """Per-component medians (ms) and the whole image, for one pipeline (one set of flags)."""
+    h = w = size // 8
+    dev, dt = pipe.device, pipe.dtype
+    ids = pipe.components.tokenizer(["a photograph of an astronaut riding a horse"] * 2)
+    ids = ids.to(dev)
+    ctx = pipe.encode_ids(ids)
+    x = torch.randn(2, 4, h, w, device=dev, dtype=dt)
+    t = torch.tensor(500.0, device=dev)
+    z = torch.randn(1, 4, h, w, device=dev, dtype=dt)
+    out: dict[str, float] = {}
+    out["text_encoder_ms"] = common.median_ms(lambda: pipe.encode_ids(ids), warmup=3, rep=reps)
+    out["unet_step_ms"] = common.median_ms(lambda: pipe.unet_step(x, t, ctx), warmup=3, rep=reps)
+    out["unet_x%d_ms" % steps] = out["unet_step_ms"] * steps
+    out["vae_decode_ms"] = common.median_ms(lambda: pipe.decode_latents(z), warmup=2, rep=max(3, reps // 2))
+
+    def image() -> None:
+        pipe("a photograph of an astronaut riding a horse", steps=steps, height=size, width=size, seed=0, output="tensor")
+        _sync()
+
+    image()  # warm: graphs, scheduler tables
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(max(3, reps // 5)):
+        t0 = time.perf_counter()
+        image()
+        times.append((time.perf_counter() - t0) * 1e3)
+    out["image_ms"] = sorted(times)[len(times) // 2]
+    if torch.cuda.is_available():
+        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run(model: str, steps: int = 20, size: int = 512, reps: int = 20, peers: bool = True, rows: str = "all") -> dict:
+    import speedsd
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    base = speedsd.load(model, device=device, dtype=dtype, flags=ops.Flags())
+    load_s = time.perf_counter() - t0
+    weight_mib = sum(p.numel() * p.element_size() for m in base.models() for p in m.parameters()) / 2**20
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    results: list[dict[str, Any]] = []
+    for name, flags in _ablation():
+        if rows != "all" and name not in rows.split(","):
+            continue
+        if device != "cuda" and not interp and (_needs_kernels(flags) or flags.cuda_graphs):
+            results.append({"row": name, "flags": asdict(flags), "skipped": "needs CUDA"})
+            continue
+        pipe = base.with_flags(flags)
+        t_first = time.perf_counter()
+        m = measure_row(pipe, steps, size, reps)
+        m["first_row_s"] = time.perf_counter() - t_first
+        results.append({"row": name, "flags": asdict(flags), **m})
+        print(f"{name:45s} " + " ".join(f"{k}={v:.2f}" for k, v in m.items()), flush=True)
+        del pipe
+    base_img = next((r["image_ms"] for r in results if "image_ms" in r), None)
+    for r in results:
+        if "image_ms" in r and base_img:
+            r["reduction_pct"] = 100.0 * (1 - r["image_ms"] / base_img)
+    payload: dict[str, Any] = {
+        "model": model,
+        "steps": steps,
+        "size": size,
+        "dtype": str(dtype),
+        "load_s": load_s,
+        "weight_mib": weight_mib,
+        "ablation": results,
+    }
+    if peers:
+        payload["peers"] = peer_rows(base, steps, size, reps)
+        payload["fidelity"] = fidelity(base, steps, size)
+    return payload
+
+
+def markdown(payload: dict) -> str:
+    steps = payload["steps"]
+    cols = ["text_encoder_ms", "unet_step_ms", f"unet_x{steps}_ms", "vae_decode_ms", "image_ms", "peak_mib"]
+    rows = []
+    for r in payload["ablation"]:
+        if "skipped" in r:
+            rows.append([r["row"]] + ["-"] * (len(cols) + 1))
+            continue
+        rows.append([r["row"]] + [r.get(c, "-") for c in cols] + [f"{r.get('reduction_pct', 0):.1f} %"])
+    head = ["config", "text enc ms", "UNet/step ms", f"UNet x{steps} ms", "VAE ms", "image ms", "peak MiB", "vs base"]
+    md = f"## Ablation ({payload['model']}, {payload['size']}², {steps} steps, {payload['dtype']})\n\n"
+    md += common.md_table(head, rows) + "\n"
+    if payload.get("peers"):
+        md += "\n## Peers (same weights, same run)\n\n"
+        md += common.md_table(
+            ["peer", "UNet/step ms", "VAE ms", "first call s", "peak MiB"],
+            [
+                [p["peer"], p.get("unet_step_ms", "-"), p.get("vae_decode_ms", "-"), p.get("first_call_s", "-"),
+                 p.get("peak_mib", "-")]
+                for p in payload["peers"]
+            ],
+        )
+    if payload.get("fidelity"):
+        f = payload["fidelity"]
+        md += "\n\n## Fidelity (against diffusers fp32, identical weights and noise)\n\n"
+        md += common.md_table(
+            ["image", "max abs err", "PSNR dB"],
+            [[k, v["max_abs"], v["psnr_db"]] for k, v in f.items() if isinstance(v, dict)],
+        )
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="speedsd bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="random:sd1.4")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--rows", default="all", help="comma-separated row names, or all")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", default="e2e")
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.size % 8:
+        ap.error("steps must be >= 1 and size a multiple of 8")
+    payload = run(a.model, a.steps, a.size, a.reps, peers=not a.no_peers, rows=a.rows)
+    md = markdown(payload)
+    common.write_results(a.out, a.name, payload, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

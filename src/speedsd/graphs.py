@@ -1,0 +1,93 @@
+"""CUDA graphs without torch.compile: capture a function once per input signature, then replay.
+
+A UNet step at 512² is ~1,000 kernel launches; eager PyTorch spends more time launching them than the
+GPU spends running them. ``GraphCache(fn)`` records ``fn`` into a CUDA graph the first time it sees a
+given (shape, dtype, device) signature of its tensor arguments and replays it afterwards: a new
+resolution costs one capture (milliseconds plus the Triton JIT of any new kernel specialization),
+not a minutes-long compile.
+
+Rules for ``fn``: tensors in, one tensor out; no host synchronisation inside (no ``.item()``, no
+data-dependent Python branches); the same Python-side behaviour on every call for a signature.
+Weights are read in place by the replay, so in-place weight updates (LoRA merges) are seen; anything
+``fn`` derives from weights and caches (fused QKV weights, Winograd-transformed filters) is captured
+as it was, so call :meth:`GraphCache.reset` after changing weights.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Signature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device, bool], ...]
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    output: torch.Tensor
+
+
+def _signature(args: tuple[torch.Tensor, ...]) -> Signature:
+    return tuple(
+        (tuple(a.shape), a.dtype, a.device, a.is_contiguous(memory_format=torch.channels_last) and a.dim() == 4)
+        for a in args
+    )
+
+
+class GraphCache:
+    """Replays ``fn(*args)`` from a CUDA graph per input signature (LRU, ``max_entries`` graphs)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], max_entries: int = 8, warmup: int = 2) -> None:
+        self.fn = fn
+        self.max_entries = max_entries
+        self.warmup = warmup
+        self._entries: OrderedDict[Signature, _Entry] = OrderedDict()
+        self._pool: tuple[int, int] | None = None
+        self.captures = 0
+
+    def reset(self) -> None:
+        """Drop every captured graph (after weights or flags change)."""
+        self._entries.clear()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+            raise ValueError("GraphCache takes CUDA tensors only")
+        key = _signature(args)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._capture(args)
+            self._entries[key] = entry
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        for dst, src in zip(entry.inputs, args):
+            dst.copy_(src)
+        entry.graph.replay()
+        # The output buffer is overwritten by the next replay: callers that keep it (PNDM's history)
+        # must not alias it, so hand out a copy (tiny next to the step itself).
+        return entry.output.clone()
+
+    def _capture(self, args: tuple[torch.Tensor, ...]) -> _Entry:
+        static = [a.detach().clone(memory_format=torch.preserve_format) for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: Triton JIT, cuDNN/cuBLAS plans, lazy caches
+            for _ in range(self.warmup):
+                self.fn(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.fn(*static)
+        self.captures += 1
+        return _Entry(graph, static, out)
