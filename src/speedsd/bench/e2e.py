@@ -67,11 +67,13 @@ def measure_row(pipe: Any, steps: int, size: int, reps: int) -> dict[str, float]
     out: dict[str, float] = {}
     out["text_encoder_ms"] = common.median_ms(lambda: pipe.encode_ids(ids), warmup=3, rep=reps)
     out["unet_step_ms"] = common.median_ms(lambda: pipe.unet_step(x, t, ctx), warmup=3, rep=reps)
-    out["unet_x%d_ms" % steps] = out["unet_step_ms"] * steps
+    out[f"unet_x{steps}_ms"] = out["unet_step_ms"] * steps
     out["vae_decode_ms"] = common.median_ms(lambda: pipe.decode_latents(z), warmup=2, rep=max(3, reps // 2))
 
     def image() -> None:
-        pipe("a photograph of an astronaut riding a horse", steps=steps, height=size, width=size, seed=0, output="tensor")
+        pipe(
+            "a photograph of an astronaut riding a horse", steps=steps, height=size, width=size, seed=0, output="tensor"
+        )
         _sync()
 
     image()  # warm: graphs, scheduler tables
@@ -148,8 +150,13 @@ def markdown(payload: dict) -> str:
         md += common.md_table(
             ["peer", "UNet/step ms", "VAE ms", "first call s", "peak MiB"],
             [
-                [p["peer"], p.get("unet_step_ms", "-"), p.get("vae_decode_ms", "-"), p.get("first_call_s", "-"),
-                 p.get("peak_mib", "-")]
+                [
+                    p["peer"],
+                    p.get("unet_step_ms", "-"),
+                    p.get("vae_decode_ms", "-"),
+                    p.get("first_call_s", "-"),
+                    p.get("peak_mib", "-"),
+                ]
                 for p in payload["peers"]
             ],
         )

@@ -30,14 +30,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("speedsd.bench.kernels needs a CUDA GPU")
     payload: dict = {"copy_gbs": common.copy_bandwidth_gbs(), "matmul_fp16_tflops": common.matmul_tflops()}
     print(f"copy {payload['copy_gbs']:.0f} GB/s, fp16 matmul {payload['matmul_fp16_tflops']:.0f} TFLOP/s", flush=True)
-    md = [f"Copy bandwidth {payload['copy_gbs']:.0f} GB/s (read+write), fp16 8192³ matmul "
-          f"{payload['matmul_fp16_tflops']:.0f} TFLOP/s, same run.\n"]
+    md = [
+        f"Copy bandwidth {payload['copy_gbs']:.0f} GB/s (read+write), fp16 8192³ matmul "
+        f"{payload['matmul_fp16_tflops']:.0f} TFLOP/s, same run.\n"
+    ]
     for part in a.only.split(","):
         try:
             mod = __import__(f"speedsd.bench.kernels_{part}", fromlist=["run", "markdown"])
             res = mod.run()
             payload[part] = res
-            md.append(mod.markdown(res) if hasattr(mod, "markdown") else "```\n" + json.dumps(res, indent=1)[:4000] + "\n```")
+            md.append(
+                mod.markdown(res) if hasattr(mod, "markdown") else "```\n" + json.dumps(res, indent=1)[:4000] + "\n```"
+            )
             if part == "attention" and a.attention_table and hasattr(mod, "best_attention_table"):
                 table = mod.best_attention_table(res)
                 Path(a.attention_table).parent.mkdir(parents=True, exist_ok=True)

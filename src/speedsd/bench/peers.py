@@ -79,9 +79,6 @@ def peer_rows(pipe: Any, steps: int, size: int, reps: int) -> list[dict[str, Any
             row["vae_decode_ms"] = common.median_ms(lambda: cv(z).sample, warmup=3, rep=reps)
             rows.append(row)
             print(row, flush=True)
-    del unet, vae
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -123,12 +120,24 @@ def fidelity(pipe: Any, steps: int, size: int, scheduler: str = "pndm") -> dict[
                     pipe.components.text_encoder.to(pipe.dtype)
             sched = _diffusers_scheduler(pipe, scheduler)
             sd = StableDiffusionPipeline(
-                vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=sched, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False,
+                vae=vae,
+                text_encoder=text,
+                tokenizer=None,
+                unet=unet,
+                scheduler=sched,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
             )
             out = sd(
-                prompt_embeds=emb[:1], negative_prompt_embeds=emb[1:], num_inference_steps=steps,
-                guidance_scale=7.5, latents=latents.to(dev, dtype), output_type="pt", height=size, width=size,
+                prompt_embeds=emb[:1],
+                negative_prompt_embeds=emb[1:],
+                num_inference_steps=steps,
+                guidance_scale=7.5,
+                latents=latents.to(dev, dtype),
+                output_type="pt",
+                height=size,
+                width=size,
             ).images
         del sd, unet, vae, text
         torch.cuda.empty_cache()
