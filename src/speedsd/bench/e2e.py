@@ -127,10 +127,40 @@ def run(model: str, steps: int = 20, size: int = 512, reps: int = 20, peers: boo
         "weight_mib": weight_mib,
         "ablation": results,
     }
+    if device == "cuda":
+        payload["cold_start"] = cold_start(model, size)
     if peers:
         payload["peers"] = peer_rows(base, steps, size, reps)
         payload["fidelity"] = fidelity(base, steps, size)
     return payload
+
+
+def cold_start(model: str, size: int) -> dict[str, float]:
+    """New process → first image (default flags), with an empty Triton cache, then with it warm."""
+    import subprocess
+    import sys
+    import tempfile
+
+    code = (
+        "import time, torch, speedsd; t0 = time.perf_counter(); "
+        f"p = speedsd.load({model!r}); t1 = time.perf_counter(); "
+        f"p('a cat', steps=20, height={size}, width={size}, seed=0, output='tensor'); torch.cuda.synchronize(); "
+        "print('SPLIT', t1 - t0, time.perf_counter() - t1)"
+    )
+    res: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TRITON_CACHE_DIR": cache}
+        for label in ("first_ever", "warm_cache"):
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            total = time.perf_counter() - t0
+            if out.returncode != 0:
+                res[f"{label}_error"] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
+                continue
+            load_s, image_s = (float(v) for v in out.stdout.split("SPLIT")[-1].split())
+            res[f"{label}_s"], res[f"{label}_load_s"], res[f"{label}_first_image_s"] = total, load_s, image_s
+            print(f"cold start ({label}): {total:.1f} s (load {load_s:.1f} s, first image {image_s:.1f} s)", flush=True)
+    return res
 
 
 def markdown(payload: dict) -> str:
@@ -160,6 +190,9 @@ def markdown(payload: dict) -> str:
                 for p in payload["peers"]
             ],
         )
+    if payload.get("cold_start"):
+        md += "\n\n## Cold start (new process → first image)\n\n"
+        md += common.md_table(["what", "s"], [[k, v] for k, v in payload["cold_start"].items()])
     if payload.get("fidelity"):
         f = payload["fidelity"]
         md += "\n\n## Fidelity (against diffusers fp32, identical weights and noise)\n\n"
