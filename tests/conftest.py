@@ -12,6 +12,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # triton 3.6's interpreter holds scalars as 1-element arrays and converts them with int(), which
+    # numpy >= 2.4 refuses: every loop with a runtime bound (`for i in range(0, n)`) fails. Convert via
+    # .item() instead (the same value; restored with the rest of the interpreter's patches).
+    import triton.runtime.interpreter as _interp
+
+    _patch_tensor = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor_np24(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor_np24
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
