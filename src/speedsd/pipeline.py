@@ -1,0 +1,414 @@
+"""Text-to-image and image-to-image generation: the user-facing :class:`Pipeline` and :func:`load`.
+
+    pipe = speedsd.load("path/to/model")          # diffusers folder, single file, or random:sd1.4
+    [image] = pipe("a red fox in the snow", seed=42)
+
+Semantics follow diffusers' StableDiffusionPipeline (the tests use it as the oracle), with two
+deliberate choices:
+
+* Seeded noise is drawn on the CPU with ``torch.Generator("cpu").manual_seed(seed)`` in fp32 and only
+  then moved to the device and dtype, so one seed gives the same starting noise on every device and
+  in every dtype. The same generator then feeds the sampler's own noise (Euler a) and img2img's VAE
+  posterior sample and forward noise, in the order diffusers draws them.
+* Latents and the scheduler arithmetic stay in fp32 between UNet calls; only the model inputs are
+  cast to the model dtype.
+
+The hot path is two small methods, :meth:`Pipeline.unet_step` and :meth:`Pipeline.decode_latents`,
+so CUDA-graph runners can replace them without touching the sampling loop. Every model call runs
+inside ``ops.using(self.flags)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from speedsd import ops
+
+OUTPUTS = ("pil", "tensor", "latent")
+TILED_DECODE_ABOVE = 96  # latent side above which decoding goes tile by tile when tiled_decode=None
+MAX_SEED = 2**64 - 1
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load(
+    model: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    flags: ops.Flags | None = None,
+    tokenizer: str | None = None,
+    prediction_type: str | None = None,
+) -> Pipeline:
+    """Load a model (diffusers folder, single checkpoint file, or ``random:sd1.4``) as a Pipeline.
+
+    device None -> cuda when available else cpu; dtype None -> fp16 on cuda, fp32 elsewhere;
+    flags None -> :func:`speedsd.ops.default_flags` for the device.
+    """
+    from speedsd.loading import load_components
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
+    components = load_components(
+        model, device=device, dtype=dtype, tokenizer=tokenizer, prediction_type=prediction_type
+    )
+    return Pipeline(components, flags=flags)
+
+
+# ---- input checks ------------------------------------------------------------------------------
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _prompts(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ValueError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+
+
+def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    negs = _prompts(negative_prompt, "negative_prompt")
+    if len(negs) == 1:
+        return negs * n
+    if len(negs) != n:
+        raise ValueError(f"got {len(negs)} negative prompts for {n} prompts; give one or one per prompt")
+    return negs
+
+
+def check_size(height: object, width: object, multiple: int = 8) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if not _is_int(v) or v <= 0 or v % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+
+
+def check_common(steps: object, guidance_scale: object, num_images: object, scheduler: object, output: object) -> None:
+    from speedsd.schedulers import SCHEDULERS
+
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if (
+        not isinstance(guidance_scale, (int, float, np.floating))
+        or isinstance(guidance_scale, bool)
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if not _is_int(num_images) or num_images < 1:
+        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+
+def check_seed(seed: object) -> None:
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Stable Diffusion text-to-image / image-to-image over loaded :class:`Components`."""
+
+    def __init__(self, components: Any, flags: ops.Flags | None = None) -> None:
+        self.components = components
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.unet = components.unet
+        self.vae = components.vae
+        param = next(self.unet.parameters())
+        self.device: torch.device = param.device
+        self.dtype: torch.dtype = param.dtype
+        self.flags: ops.Flags = flags if flags is not None else ops.default_flags(self.device)
+        self.name: str = getattr(components, "name", "model")
+        self.default_size: int = getattr(components, "default_size", 512)
+        self.last_seed: int | None = None  # the seed the last call used (drawn when none was given)
+        for m in self.models():
+            m.eval()
+        # The weights' layout follows the flags (the models are shared between with_flags copies).
+        fmt = torch.channels_last if self.flags.channels_last else torch.contiguous_format
+        self.unet.to(memory_format=fmt)
+        self.vae.to(memory_format=fmt)
+
+    def models(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.unet, self.vae]
+
+    def with_flags(self, flags: ops.Flags) -> Pipeline:
+        """A pipeline over the same (shared, not copied) models with other flags."""
+        return type(self)(self.components, flags=flags)
+
+    # -- small pieces, each swappable -------------------------------------------------------------
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent along each side (8 for SD)."""
+        return int(getattr(self.vae.config, "downscale", 8))
+
+    @property
+    def size_multiple(self) -> int:
+        return max(8, self.vae_scale)
+
+    @property
+    def latent_channels(self) -> int:
+        cfg = getattr(self.unet, "config", None)
+        return int(getattr(cfg, "in_channels", 4))
+
+    def make_scheduler(self, name: str | None) -> Any:
+        from speedsd.schedulers import make_scheduler
+
+        return make_scheduler(name or self.components.default_scheduler, self.components.scheduler_config)
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, 77] -> text embeddings [B, 77, D] in the model dtype."""
+        with ops.using(self.flags):
+            emb = self.text_encoder(ids.to(self.device))
+        return emb.to(self.dtype)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """[B] strings -> [B, 77, D] text embeddings in the model dtype."""
+        return self.encode_ids(self.tokenizer(prompts))  # ids [B, 77]
+
+    def text_embeddings(self, prompts: list[str], negatives: list[str], num_images: int, cfg: bool) -> torch.Tensor:
+        """[uncond; cond] (or just cond) embeddings, each prompt repeated num_images times in a row."""
+        emb = self.encode_text(negatives + prompts if cfg else prompts)  # one text-encoder batch
+        return emb.repeat_interleave(num_images, dim=0)  # [p0, p0, p1, p1, ...] as diffusers orders them
+
+    def unet_step(
+        self, latent_model_input: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """One UNet evaluation: [N, 4, h, w] latents (any float dtype) -> fp32 model output."""
+        x = latent_model_input.to(self.dtype)
+        if self.flags.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ts = torch.as_tensor(t, device=self.device).reshape(-1).expand(x.shape[0])  # scalar -> [N]
+        with ops.using(self.flags):
+            out = self.unet(x, ts, text_embeddings)
+        return out.float()
+
+    def decode_latents(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1] (model dtype)."""
+        z = (z / self.vae.config.scaling_factor).to(self.dtype)
+        if self.flags.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        with ops.using(self.flags):
+            return self.vae.decode_tiled(z) if tiled else self.vae.decode(z)
+
+    def encode_image(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Images [N, 3, H, W] in [-1, 1] -> scaled latents: a posterior sample drawn with ``generator``."""
+        x = image.to(self.device, self.dtype)
+        if self.flags.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with ops.using(self.flags):
+            mean, logvar = self.vae.encode(x)
+        mean, logvar = mean.float(), logvar.float().clamp(-30.0, 20.0)
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(self.device)
+        return (mean + torch.exp(0.5 * logvar) * eps) * self.vae.config.scaling_factor
+
+    # -- user entry points -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        height: int | None = 512,
+        width: int | None = 512,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        scheduler: str | None = "pndm",
+        num_images: int = 1,
+        callback: StepCallback | None = None,
+        output: str = "pil",
+        tiled_decode: bool | None = None,
+    ) -> list[Any] | torch.Tensor:
+        """Generate images from text.
+
+        Returns a list of PIL images (output="pil"), a float32 [N, 3, H, W] tensor in [0, 1]
+        (output="tensor") or the final scaled latents [N, 4, H/8, W/8] (output="latent"), where
+        N = len(prompts) * num_images. ``callback(step_index, num_steps, timestep, latents)`` runs
+        after every step. height/width None -> the model's default size.
+        """
+        prompts = _prompts(prompt)
+        negatives = _negatives(negative_prompt, len(prompts))
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        scheduler = scheduler or self.components.default_scheduler
+        check_size(height, width, self.size_multiple)
+        check_common(steps, guidance_scale, num_images, scheduler, output)
+        check_seed(seed)
+        n = len(prompts) * num_images
+        shape = (n, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"latents must be a tensor of shape {shape}, got {got}")
+
+        generator = self._generator(seed, need_seed=latents is None)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        latents = latents.to(self.device, torch.float32)
+
+        cfg = guidance_scale > 1.0
+        emb = self.text_embeddings(prompts, negatives, num_images, cfg)
+        sched = self.make_scheduler(scheduler)
+        sched.set_timesteps(steps, device=self.device)
+        latents = latents * sched.init_noise_sigma
+        latents = self._denoise(sched, list(sched.timesteps), latents, emb, guidance_scale, generator, callback)
+        return self._finish(latents, output, tiled_decode)
+
+    @torch.inference_mode()
+    def img2img(
+        self,
+        prompt: str | Sequence[str],
+        image: Any,
+        strength: float = 0.8,
+        negative_prompt: str | Sequence[str] | None = None,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        seed: int | None = None,
+        scheduler: str | None = "pndm",
+        num_images: int = 1,
+        callback: StepCallback | None = None,
+        output: str = "pil",
+        tiled_decode: bool | None = None,
+    ) -> list[Any] | torch.Tensor:
+        """Repaint ``image`` (PIL image, or a [3, H, W] / [B, 3, H, W] float tensor in [0, 1]).
+
+        As diffusers' StableDiffusionImg2ImgPipeline: the image goes through the VAE encoder (a
+        posterior sample), is noised to the timestep where ``strength`` of the schedule is left, and
+        denoised over the remaining int(steps * strength) steps. PIL images are cut down to a
+        multiple of 8 per side (Lanczos resize), as diffusers does.
+        """
+        prompts = _prompts(prompt)
+        negatives = _negatives(negative_prompt, len(prompts))
+        scheduler = scheduler or self.components.default_scheduler
+        check_common(steps, guidance_scale, num_images, scheduler, output)
+        check_seed(seed)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        if int(steps * strength) < 1:
+            raise ValueError(f"steps * strength must leave at least one step, got {steps} * {strength}")
+        pixels = preprocess_image(image, self.size_multiple)  # [B, 3, H, W] in [-1, 1]
+        n = len(prompts) * num_images
+        if n % pixels.shape[0]:
+            raise ValueError(f"cannot spread {pixels.shape[0]} images over {n} outputs")
+
+        generator = self._generator(seed, need_seed=True)
+        cfg = guidance_scale > 1.0
+        emb = self.text_embeddings(prompts, negatives, num_images, cfg)
+        sched = self.make_scheduler(scheduler)
+        timesteps, _ = sched.timesteps_for_strength(steps, strength, device=self.device)
+        timesteps = list(timesteps)
+
+        init = self.encode_image(pixels, generator)  # posterior sample first, as diffusers draws it
+        init = torch.cat([init] * (n // init.shape[0]), dim=0)
+        noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(self.device)
+        t0 = torch.as_tensor(timesteps[0], device=self.device).reshape(1).expand(n)
+        latents = sched.add_noise(init, noise, t0)
+        latents = self._denoise(sched, timesteps, latents, emb, guidance_scale, generator, callback)
+        return self._finish(latents, output, tiled_decode)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _generator(self, seed: int | None, need_seed: bool) -> torch.Generator:
+        if seed is None and need_seed:
+            seed = int(torch.randint(0, 2**32, (1,)).item())  # from torch's global RNG (manual_seed works)
+        self.last_seed = seed
+        g = torch.Generator("cpu")
+        if seed is not None:
+            g.manual_seed(seed)
+        return g
+
+    def _denoise(
+        self,
+        sched: Any,
+        timesteps: list[torch.Tensor],
+        latents: torch.Tensor,
+        emb: torch.Tensor,
+        guidance_scale: float,
+        generator: torch.Generator,
+        callback: StepCallback | None,
+    ) -> torch.Tensor:
+        cfg = guidance_scale > 1.0
+        num = len(timesteps)
+        for i, t in enumerate(timesteps):
+            x = torch.cat([latents, latents]) if cfg else latents  # [2N, 4, h, w]: uncond half first
+            x = sched.scale_model_input(x, t)
+            out = self.unet_step(x, t, emb)
+            if cfg:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            latents = sched.step(out, t, latents, generator=generator).float()
+            if callback is not None:
+                callback(i, num, t, latents)
+        return latents
+
+    def _finish(self, latents: torch.Tensor, output: str, tiled_decode: bool | None) -> list[Any] | torch.Tensor:
+        if output == "latent":
+            return latents
+        if tiled_decode is None:
+            tiled_decode = max(latents.shape[-2:]) > TILED_DECODE_ABOVE
+        image = self.decode_latents(latents, tiled=tiled_decode)
+        image = (image.float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        if output == "tensor":
+            return image
+        return to_pil(image)
+
+
+def to_pil(image: torch.Tensor) -> list[Any]:
+    """[N, 3, H, W] in [0, 1] -> N RGB PIL images (rounded to 8 bits as diffusers does)."""
+    from PIL import Image
+
+    arr = (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
+    return [Image.fromarray(a) for a in arr]
+
+
+def preprocess_image(image: Any, multiple: int = 8) -> torch.Tensor:
+    """PIL image(s) or [0, 1] tensor -> [B, 3, H, W] fp32 in [-1, 1], PIL sides cut to ``multiple``."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and image and all(isinstance(im, Image.Image) for im in image):
+        w, h = image[0].size
+        w, h = w - w % multiple, h - h % multiple
+        if w <= 0 or h <= 0:
+            raise ValueError(f"image is too small: {image[0].size}, need at least {multiple}x{multiple}")
+        arrs = []
+        for im in image:
+            im = im.convert("RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), resample=Image.LANCZOS)
+            arrs.append(np.asarray(im, dtype=np.float32) / 255.0)  # [H, W, 3]
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+    elif isinstance(image, torch.Tensor):
+        x = image[None] if image.dim() == 3 else image
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"image tensor must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
+        check_size(x.shape[2], x.shape[3], multiple)
+        x = x.float().cpu()
+    else:
+        raise ValueError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
+    return x * 2.0 - 1.0
