@@ -1,0 +1,209 @@
+"""The SD UNet's transformer and its down / mid / up blocks.
+
+Module names mirror diffusers' ``Transformer2DModel``, ``BasicTransformerBlock``,
+``CrossAttnDownBlock2D`` / ``DownBlock2D``, ``UNetMidBlock2DCrossAttn`` and ``UpBlock2D`` /
+``CrossAttnUpBlock2D`` so a diffusers state dict loads without renaming. A block without attention is
+the same class with an empty ``attentions`` list (an empty ModuleList owns no state-dict keys).
+All norms, convs, attention and GEGLU go through :mod:`speedsd.models.layers` (hence
+:mod:`speedsd.ops`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from speedsd.models.layers import (
+    Attention,
+    Conv2d,
+    Downsample2D,
+    FeedForward,
+    GroupNorm,
+    LayerNorm,
+    ResnetBlock2D,
+    Upsample2D,
+)
+
+# diffusers' Transformer2DModel hard-codes this GroupNorm eps, whatever the UNet's norm_eps.
+TRANSFORMER_GROUP_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """How one block's Transformer2D layers are built (None for a block without attention)."""
+
+    heads: int
+    dim_head: int
+    context_dim: int
+    layers: int = 1  # BasicTransformerBlocks per Transformer2D (transformer_layers_per_block)
+    linear_projection: bool = False  # proj_in/proj_out as Linear (SD 2.x) instead of 1x1 conv
+    upcast: bool = False  # attention scores in fp32 (SD 2.1-768)
+
+
+class BasicTransformerBlock(nn.Module):
+    """LayerNorm → self-attention, LayerNorm → cross-attention, LayerNorm → GEGLU FF; each residual."""
+
+    def __init__(self, dim: int, spec: AttnSpec) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn1 = Attention(dim, None, spec.heads, spec.dim_head, bias=False, upcast=spec.upcast)
+        self.norm2 = LayerNorm(dim)
+        self.attn2 = Attention(dim, spec.context_dim, spec.heads, spec.dim_head, bias=False, upcast=spec.upcast)
+        self.norm3 = LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """GroupNorm → proj_in → N transformer blocks over the H·W tokens → proj_out, plus the input.
+
+    proj_in/proj_out are 1x1 convs (SD 1.x) or Linear layers on the tokens (SD 2.x); both orders
+    reshape with permute+reshape, which is a free view when the input is channels_last.
+    """
+
+    def __init__(self, channels: int, groups: int, spec: AttnSpec) -> None:
+        super().__init__()
+        inner = spec.heads * spec.dim_head
+        self.linear_projection = spec.linear_projection
+        self.norm = GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
+        if spec.linear_projection:
+            self.proj_in: nn.Module = nn.Linear(channels, inner)
+            self.proj_out: nn.Module = nn.Linear(inner, channels)
+        else:
+            self.proj_in = Conv2d(channels, inner, 1)
+            self.proj_out = Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, spec) for _ in range(spec.layers)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        t = self.norm(x)
+        if not self.linear_projection:
+            t = self.proj_in(t)
+        t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # [B, C, H, W] -> [B, HW, C]
+        if self.linear_projection:
+            t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        if self.linear_projection:
+            t = self.proj_out(t)
+        t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # [B, HW, C] -> [B, C, H, W] (channels_last strides)
+        if not self.linear_projection:
+            t = self.proj_out(t)
+        return t + x
+
+
+class DownBlock2D(nn.Module):
+    """``layers`` x (ResnetBlock2D [+ Transformer2D]), then an optional stride-2 conv.
+
+    Returns the output and every intermediate the up path takes as a skip connection.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        layers: int,
+        groups: int,
+        eps: float,
+        attn: AttnSpec | None,
+        add_downsample: bool,
+        downsample_padding: int = 1,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
+                for i in range(layers)
+            ]
+        )
+        self.attentions = nn.ModuleList(
+            [Transformer2D(out_channels, groups, attn) for _ in range(layers)] if attn is not None else []
+        )
+        self.downsamplers = nn.ModuleList(
+            [Downsample2D(out_channels, padding=downsample_padding)] if add_downsample else []
+        )
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if len(self.attentions):
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        for down in self.downsamplers:
+            x = down(x)
+            skips.append(x)
+        return x, skips
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """ResnetBlock2D → Transformer2D → ResnetBlock2D at the lowest resolution."""
+
+    def __init__(self, channels: int, temb_channels: int, groups: int, eps: float, attn: AttnSpec) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2D(channels, groups, attn)])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UpBlock2D(nn.Module):
+    """``layers`` x (concat a skip → ResnetBlock2D [+ Transformer2D]), then an optional upsampler.
+
+    Resnet j sees ``prev_channels`` (j = 0) or ``out_channels`` from below, concatenated with a skip of
+    ``skip_channels`` (the last one, from the level above) or ``out_channels``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        prev_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        layers: int,
+        groups: int,
+        eps: float,
+        attn: AttnSpec | None,
+        add_upsample: bool,
+    ) -> None:
+        super().__init__()
+        resnets = []
+        for j in range(layers):
+            skip_ch = in_channels if j == layers - 1 else out_channels
+            below_ch = prev_channels if j == 0 else out_channels
+            resnets.append(ResnetBlock2D(below_ch + skip_ch, out_channels, temb_channels, groups, eps))
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(
+            [Transformer2D(out_channels, groups, attn) for _ in range(layers)] if attn is not None else []
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """``skips`` in down-path order; they are consumed from the end."""
+        for i, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips[-1 - i]], dim=1)  # [B, C, H, W] ++ [B, Cs, H, W] -> [B, C+Cs, H, W]
+            x = resnet(x, temb)
+            if len(self.attentions):
+                x = self.attentions[i](x, context)
+        for up in self.upsamplers:
+            x = up(x, upsample_size)
+        return x
