@@ -205,9 +205,9 @@ class AutoencoderKL(nn.Module):
 
         For images larger than the GPU memory allows in one pass. Each tile is decoded on its own (its
         GroupNorm statistics and mid-block attention see only the tile, so it differs slightly from
-        ``decode``, most near seams); where tiles
-        overlap, each output pixel is the weighted mean of the tiles covering it with weights ramping
-        linearly across the overlap. A latent that fits in one tile is exactly ``decode``.
+        ``decode``, most near seams). Where tiles overlap, each output pixel is the weighted mean of the
+        tiles covering it, with weights ramping linearly across the overlap. A latent that fits in one
+        tile is exactly ``decode``.
         """
         if not 0 <= overlap < tile:
             raise ValueError(f"need 0 <= overlap < tile, got tile={tile} overlap={overlap}")
