@@ -12,8 +12,38 @@ from typing import Any
 
 import torch
 
-from speedsd import ops
 from speedsd.bench import common
+
+
+def _vae_kwargs(cfg: Any) -> dict[str, Any]:
+    n = len(cfg.block_out_channels)
+    return dict(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        latent_channels=cfg.latent_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        scaling_factor=cfg.scaling_factor,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+    )
+
+
+def _clip_kwargs(cfg: Any) -> dict[str, Any]:
+    return dict(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        hidden_act=cfg.hidden_act,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_positions,
+        layer_norm_eps=cfg.layer_norm_eps,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+    )
 
 
 def _diffusers_models(pipe: Any, dtype: torch.dtype) -> tuple[Any, Any, Any]:
@@ -23,19 +53,21 @@ def _diffusers_models(pipe: Any, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     c = pipe.components
     unet = UNet2DConditionModel(**c.unet.config.to_diffusers())
     unet.load_state_dict(c.unet.state_dict(), strict=True)
-    vae = AutoencoderKL(**c.vae.config.to_diffusers())
+    vae = AutoencoderKL(**_vae_kwargs(c.vae.config))
     vae.load_state_dict(c.vae.state_dict(), strict=True)
-    text = None
-    try:
-        from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-        text = CLIPTextModel(CLIPTextConfig(**c.text_encoder.config.to_transformers()))
-        sd = c.text_encoder.state_dict()
-        text.load_state_dict(sd, strict=False)
-        text = text.to(pipe.device, dtype).eval()
-    except Exception as e:  # transformers missing or config mismatch: fidelity falls back to our encoder
-        print(f"peers: transformers CLIP unavailable ({e}); using speedsd's text encoder for both")
-    return unet.to(pipe.device, dtype).eval(), vae.to(pipe.device, dtype).eval(), text
+    text = CLIPTextModel(CLIPTextConfig(**_clip_kwargs(c.text_encoder.config)))
+    ours = c.text_encoder.state_dict()
+    theirs = text.state_dict()
+    # transformers >= 5 drops the "text_model." level from CLIPTextModel's own keys
+    strip = not any(k.startswith("text_model.") for k in theirs)
+    sd = {(k.removeprefix("text_model.") if strip else k): v for k, v in ours.items()}
+    text.load_state_dict(sd, strict=False)
+    missing = set(theirs) - set(sd) - {k for k in theirs if k.endswith("position_ids")}
+    if missing:
+        raise RuntimeError(f"transformers CLIP keys not filled from speedsd weights: {sorted(missing)[:5]}")
+    return unet.to(pipe.device, dtype).eval(), vae.to(pipe.device, dtype).eval(), text.to(pipe.device, dtype).eval()
 
 
 def peer_rows(pipe: Any, steps: int, size: int, reps: int) -> list[dict[str, Any]]:
@@ -112,12 +144,7 @@ def fidelity(pipe: Any, steps: int, size: int, scheduler: str = "pndm") -> dict[
 
         unet, vae, text = _diffusers_models(pipe, dtype)
         with torch.inference_mode():
-            if text is not None:
-                emb = text(ids.to(dev))[0]
-            else:
-                with ops.using(ops.PRESETS["reference"]):
-                    emb = pipe.components.text_encoder.to(dtype)(ids.to(dev))
-                    pipe.components.text_encoder.to(pipe.dtype)
+            emb = text(ids.to(dev))[0]
             sched = _diffusers_scheduler(pipe, scheduler)
             sd = StableDiffusionPipeline(
                 vae=vae,
