@@ -185,8 +185,10 @@ def fidelity(pipe: Any, steps: int, size: int, scheduler: str = "pndm") -> dict[
 
 
 def _diffusers_scheduler(pipe: Any, name: str) -> Any:
+    import dataclasses
+
     import diffusers
 
-    cfg = pipe.components.scheduler_config.to_diffusers()
+    cfg = {**dataclasses.asdict(pipe.components.scheduler_config), "skip_prk_steps": True}
     cls = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}[name]
     return getattr(diffusers, cls).from_config(cfg)
