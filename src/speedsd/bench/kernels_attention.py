@@ -1,0 +1,298 @@
+"""Attention kernels on the SD-1.4 shapes: ours (flash, partially fused softmax) vs materialized
+softmax and every SDPA backend; correctness, median time, TFLOP/s, peak memory.
+
+    python -m speedsd.bench.kernels_attention --out DIR            # ~1-2 min on an H100
+    python -m speedsd.bench.kernels_attention --out DIR --sweep    # + flash block-size sweep (~4 min)
+
+The sweep prints a ``TUNED_CONFIGS`` table to paste into speedsd/kernels/flash_attention.py.
+:func:`best_attention_table` gives, per shape, the fastest of {flash, partial, sdpa}: the data behind
+``Flags(attention="auto")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from speedsd.bench.common import do_bench_ms, md_table, rel_err, write_results
+from speedsd.kernels.flash_attention import MAX_FLASH_HEAD_DIM, FlashConfig, flash_attention, flash_config
+from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
+
+# (label, B, H, Nq, Nk, D): UNet at CFG batch 2 with 8 heads, 512² image (64² latent); VAE mid-block.
+SHAPES: list[tuple[str, int, int, int, int, int]] = [
+    ("self 4096 d40", 2, 8, 4096, 4096, 40),
+    ("cross 4096x77 d40", 2, 8, 4096, 77, 40),
+    ("self 1024 d80", 2, 8, 1024, 1024, 80),
+    ("cross 1024x77 d80", 2, 8, 1024, 77, 80),
+    ("self 256 d160", 2, 8, 256, 256, 160),
+    ("cross 256x77 d160", 2, 8, 256, 77, 160),
+    ("self 64 d160", 2, 8, 64, 64, 160),
+    ("vae mid 4096 d512", 1, 1, 4096, 4096, 512),
+]
+# 1024² image: the first UNet level attends over 16384 tokens (materialized variants skipped: 8.6 GB S).
+LONG_SHAPES = [("self 16384 d40", 2, 8, 16384, 16384, 40)]
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+OURS = ("flash", "partial")
+
+
+def make_qkv(B: int, H: int, Nq: int, Nk: int, D: int, device: str = "cuda", dtype=torch.float16):
+    """Head-split views of [B, N, H·D] projections, as the model produces them."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def heads(n: int, std: float) -> torch.Tensor:
+        t = torch.randn(B, n, H * D, device=device, dtype=dtype, generator=g) * std + 0.3  # [B, N, H·D]
+        return t.unflatten(-1, (H, D)).transpose(1, 2)  # -> [B, H, N, D] view
+
+    return heads(Nq, 1.5), heads(Nk, 1.5), heads(Nk, 1.0)
+
+
+def variants(long: bool = False) -> dict[str, Callable[..., torch.Tensor]]:
+    """name -> fn(q, k, v). SDPA backends are pinned with sdpa_kernel around the call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def pinned(name: str) -> Callable[..., torch.Tensor]:
+        backend = getattr(SDPBackend, name)
+
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return fn
+
+    out: dict[str, Callable[..., torch.Tensor]] = {
+        "flash": flash_attention,
+        "partial": attention_partial_softmax,
+        "sdpa": F.scaled_dot_product_attention,  # torch's default dispatch (what Flags(attention="sdpa") runs)
+    }
+    if not long:
+        out["math"] = attention_ref  # materialized softmax, the paper's baseline
+    for b in SDPA_BACKENDS:
+        if not (long and b == "MATH"):
+            out[f"sdpa_{b.split('_')[0].lower()}"] = pinned(b)
+    return out
+
+
+def _peak_mib(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def bench_shape(
+    label: str, B: int, H: int, Nq: int, Nk: int, D: int, names: tuple[str, ...] | None = None, long: bool = False
+) -> list[dict[str, Any]]:
+    q, k, v = make_qkv(B, H, Nq, Nk, D)
+    flops = 4 * B * H * Nq * Nk * D
+    ref = None if long else attention_ref(q.float(), k.float(), v.float())  # fp32 materialized reference
+    fns = variants(long)
+    rows = []
+    for name, fn in fns.items():
+        if names is not None and name not in names:
+            continue
+        row: dict[str, Any] = {"shape": label, "B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "variant": name}
+        try:
+            out = fn(q, k, v)
+            torch.cuda.synchronize()
+        except Exception as e:  # an SDPA backend that does not take this shape/layout
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            rows.append(row)
+            continue
+        if name == "flash" and D > MAX_FLASH_HEAD_DIM:
+            row["note"] = "routes to partial (D > 256)"
+        row["rel_err"] = rel_err(out, ref) if ref is not None else None
+        del out
+        row["ms"] = do_bench_ms(lambda fn=fn: fn(q, k, v))
+        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+        row["peak_mib"] = _peak_mib(lambda fn=fn: fn(q, k, v))
+        rows.append(row)
+    if ref is not None:
+        fp16_err = next((r["rel_err"] for r in rows if r["variant"] == "math" and "rel_err" in r), None)
+        for r in rows:
+            if r.get("rel_err") is not None and fp16_err is not None:
+                r["ok"] = bool(r["rel_err"] <= 2 * fp16_err + 1e-4)  # same bar as the CPU tests
+    return rows
+
+
+def _best(rows: list[dict[str, Any]], pool: tuple[str, ...]) -> dict[str, Any] | None:
+    cands = [r for r in rows if r["variant"] in pool and "ms" in r and r.get("ok", True)]
+    return min(cands, key=lambda r: r["ms"]) if cands else None
+
+
+def best_attention_table(rows: list[dict[str, Any]] | None = None, device: str = "cuda") -> dict[str, dict[str, Any]]:
+    """Per shape, the fastest correct one of {flash, partial, sdpa}; measures them if ``rows`` is None.
+
+    Keys are shape labels; values hold q/k shapes, dtype, the winner and each candidate's ms."""
+    assert device == "cuda", "attention timings need a CUDA device"
+    if rows is None:
+        rows = [r for s in SHAPES for r in bench_shape(*s, names=("flash", "partial", "sdpa"))]
+    table: dict[str, dict[str, Any]] = {}
+    for label, B, H, Nq, Nk, D in SHAPES + LONG_SHAPES:
+        mine = [r for r in rows if r["shape"] == label]
+        best = _best(mine, ("flash", "partial", "sdpa"))
+        if best is None:
+            continue
+        table[label] = {
+            "q_shape": [B, H, Nq, D],
+            "k_shape": [B, H, Nk, D],
+            "dtype": "float16",
+            "best": best["variant"],
+            "ms": {r["variant"]: r["ms"] for r in mine if r["variant"] in ("flash", "partial", "sdpa") and "ms" in r},
+        }
+    return table
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per shape: flash vs the best SDPA backend and vs materialized; partial vs materialized."""
+    out = {}
+    for label, *_ in SHAPES + LONG_SHAPES:
+        mine = [r for r in rows if r["shape"] == label]
+        by = {r["variant"]: r for r in mine if "ms" in r}
+        sd = _best(mine, tuple(n for n in by if n.startswith("sdpa")))
+        s: dict[str, Any] = {"best_sdpa": sd["variant"] if sd else None}
+        if "flash" in by and sd:
+            s["flash_vs_best_sdpa"] = sd["ms"] / by["flash"]["ms"]  # >= 0.9 is the target
+        if "math" in by:
+            for ours in OURS:
+                if ours in by:
+                    s[f"{ours}_speedup_vs_math"] = by["math"]["ms"] / by[ours]["ms"]
+                    s[f"{ours}_mem_vs_math"] = by[ours]["peak_mib"] / max(by["math"]["peak_mib"], 1e-9)
+        s["all_ok"] = all(r.get("ok", True) for r in mine if r["variant"] in OURS)
+        out[label] = s
+    return out
+
+
+def _sweep_shape(B: int, H: int, Nq: int, Nk: int, D: int, grid: list[FlashConfig]) -> dict[str, Any]:
+    q, k, v = make_qkv(B, H, Nq, Nk, D)
+    ref = attention_ref(q.float(), k.float(), v.float())
+    timings = []
+    for cfg in grid:
+        if not cfg.split_d and (D & (D - 1) == 0 or D > 64):
+            continue  # same kernel for power-of-two D; padding d=80/160 to 128/256 spills
+        if cfg.block_n == 32 and D <= 128 or cfg.block_n > max(16, 1 << (Nk - 1).bit_length()):
+            continue
+        if D > 128 and cfg.block_m * cfg.block_n > 8192:
+            continue
+        try:
+            if rel_err(flash_attention(q, k, v, config=cfg), ref) > 5e-3:
+                continue
+            timings.append((do_bench_ms(lambda cfg=cfg: flash_attention(q, k, v, config=cfg), 10, 50), cfg))
+        except Exception:  # out of shared memory / registers for this tile
+            continue
+    timings.sort(key=lambda t: t[0])
+    return {
+        "key": (Nq, Nk, D),
+        "default": repr(flash_config(q, Nk)),
+        "default_ms": do_bench_ms(lambda: flash_attention(q, k, v)),
+        "top": [(ms, repr(c)) for ms, c in timings[:5]],
+        "best": timings[0][1] if timings else None,
+    }
+
+
+def sweep(shapes: list[tuple[str, int, int, int, int, int]] | None = None) -> dict[str, Any]:
+    """Time flash_attention over a grid of block configs per shape (self-attention, cross d=40)."""
+    grid = [
+        FlashConfig(bm, bn, w, st, split)
+        for bm in (64, 128)
+        for bn in (32, 64, 128)
+        for w in (4, 8)
+        for st in (2, 3)
+        for split in (True, False)
+    ]
+    shapes = shapes or [s for s in SHAPES if s[5] <= 256 and s[3] >= 256 and (s[3] == s[4] or s[5] == 40)]
+    result: dict[str, Any] = {}
+    for label, B, H, Nq, Nk, D in shapes:
+        result[label] = _sweep_shape(B, H, Nq, Nk, D, grid)
+        torch.cuda.empty_cache()
+    return result
+
+
+def run(device: str = "cuda", long: bool = True) -> dict[str, Any]:
+    """Correctness then timing on every shape; returns rows, per-shape summary and the best table."""
+    assert device == "cuda" and torch.cuda.is_available(), "this bench needs a CUDA GPU"
+    torch.manual_seed(0)
+    rows = []
+    for s in SHAPES:
+        rows += bench_shape(*s)
+        torch.cuda.empty_cache()
+    if long:
+        rows += [r for s in LONG_SHAPES for r in bench_shape(*s, long=True)]
+    return {"rows": rows, "summary": summarize(rows), "best_attention": best_attention_table(rows)}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    hdr = ["shape", "variant", "µs", "TFLOP/s", "peak MiB", "rel err", "ok"]
+    body = []
+    for r in res["rows"]:
+        if "error" in r:
+            body.append([r["shape"], r["variant"], "—", "—", "—", r["error"][:60], "skip"])
+        else:
+            err = "—" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
+            name = r["variant"] + (" (→ partial)" if "note" in r else "")
+            body.append([r["shape"], name, r["ms"] * 1e3, r["tflops"], r["peak_mib"], err, r.get("ok", "—")])
+    summ = [
+        [
+            k,
+            v.get("best_sdpa"),
+            v.get("flash_vs_best_sdpa", "—"),
+            v.get("flash_speedup_vs_math", "—"),
+            v.get("partial_speedup_vs_math", "—"),
+            v.get("partial_mem_vs_math", "—"),
+            v.get("all_ok"),
+        ]
+        for k, v in res["summary"].items()
+    ]
+    cands = ("flash", "partial", "sdpa")
+    best = [
+        [k, v["best"]] + [v["ms"][n] * 1e3 if n in v["ms"] else "—" for n in cands]
+        for k, v in res["best_attention"].items()
+    ]
+    parts = [
+        "# Attention kernels, fp16, SD-1.4 shapes (model layout: head-split views of [B, N, H·D])",
+        md_table(hdr, body),
+        "## Summary (targets: flash ≥ 0.9x best SDPA, ≥ 5x materialized; partial faster and leaner than materialized)",
+        md_table(
+            ["shape", "best sdpa", "flash / best sdpa", "flash x math", "partial x math", "partial mem / math", "ok"],
+            summ,
+        ),
+        "## Fastest of {flash, partial, sdpa} (µs)",
+        md_table(["shape", "best", "flash µs", "partial µs", "sdpa µs"], best),
+    ]
+    if "sweep" in res:
+        lines = ["## Flash block-size sweep (best 5 per shape, ms)"]
+        for label, s in res["sweep"].items():
+            lines.append(f"- {label}: default {s['default']} {s['default_ms']:.4f} ms; top: {s['top']}")
+        lines.append("\nTUNED_CONFIGS = {")
+        lines += [f"    {s['key']}: {s['best']!r}," for s in res["sweep"].values() if s["best"] is not None]
+        lines.append("}")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results", help="directory for kernels_attention.{json,md}")
+    ap.add_argument("--sweep", action="store_true", help="also sweep flash block sizes (~4 min more)")
+    ap.add_argument("--no-long", action="store_true", help="skip the 16384-token shape")
+    args = ap.parse_args(argv)
+    res = run(long=not args.no_long)
+    if args.sweep:
+        res["sweep"] = sweep()
+    md = markdown(res)
+    write_results(args.out, "kernels_attention", res, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
