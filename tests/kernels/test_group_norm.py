@@ -1,0 +1,189 @@
+"""Fused GroupNorm(+SiLU) kernel vs torch, on every path (one-tile, two-sweep loop, split), both layouts.
+
+Runs under the Triton interpreter on CPU: shapes are small but keep SD's ratios and odd sizes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gn = importlib.import_module("speedsd.kernels.group_norm")  # the module (the package exports the function)
+group_norm, group_norm_ref, plan_group_norm = gn.group_norm, gn.group_norm_ref, gn.plan_group_norm
+
+# (label, shape, groups)
+SHAPES = [
+    ("sd-ratio 1x64x8x8 G32", (1, 64, 8, 8), 32),
+    ("odd C48 G4 3x48x7x5", (3, 48, 7, 5), 4),
+    ("odd 2x40x9x11 G4", (2, 40, 9, 11), 4),
+    ("odd C96 G32 3x96x7x5", (3, 96, 7, 5), 32),
+]
+# path -> extra launcher arguments; small tiles/program counts force multi-tile loops and many chunks
+PATHS = {
+    "auto": {},
+    "loop": {"tile": 64},
+    "split": {"tile": 64, "programs": 6},
+}
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def _input(shape, layout, dtype=torch.float32, mean=2.0, std=3.0):
+    x = (torch.randn(shape, dtype=torch.float64) * std + mean).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return x.to(DEVICE)
+
+
+def _affine(c, dtype=torch.float32):
+    w = (torch.randn(c) * 0.5 + 1.0).to(dtype).to(DEVICE)
+    b = (torch.randn(c) * 0.5).to(dtype).to(DEVICE)
+    return w, b
+
+
+def _ref64(x, groups, w, b, eps=1e-5, silu=False):
+    w64 = None if w is None else w.double()
+    b64 = None if b is None else b.double()
+    return group_norm_ref(x.double(), groups, w64, b64, eps, silu)
+
+
+def _run(x, groups, w, b, silu, path):
+    out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+    y = group_norm(x, groups, w, b, 1e-5, silu, out=out, path=path, **PATHS[path])
+    assert y is out
+    return y
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("label,shape,groups", SHAPES, ids=[s[0] for s in SHAPES])
+def test_matches_reference_fp32(label, shape, groups, path, layout):
+    if groups == 32 and shape[1] == 96 and path != "auto":
+        pytest.skip("96 group programs: too slow for the interpreter on the streaming paths")
+    x = _input(shape, layout)
+    w, b = _affine(shape[1])
+    y = _run(x, groups, w, b, True, path)
+    assert torch.isfinite(y).all()
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    torch.testing.assert_close(y.double(), _ref64(x, groups, w, b, silu=True), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", ["auto", "split"])
+@pytest.mark.parametrize("affine", ["none", "weight", "bias", "both-nosilu"])
+def test_affine_and_silu_variants(affine, path, layout):
+    shape, groups = (2, 24, 5, 6), 4
+    x = _input(shape, layout)
+    w, b = _affine(shape[1])
+    w = w if affine in ("weight", "both-nosilu") else None
+    b = b if affine in ("bias", "both-nosilu") else None
+    silu = affine != "both-nosilu"
+    y = _run(x, groups, w, b, silu, path)
+    torch.testing.assert_close(y.double(), _ref64(x, groups, w, b, silu=silu), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_large_mean_small_std_needs_stable_variance(path):
+    """mean 300, std 0.1: E[x²]−E[x]² in fp32 loses the variance entirely; ours must not."""
+    shape, groups = (2, 16, 9, 7), 4
+    x = _input(shape, "nchw", mean=300.0, std=0.1)
+    ref = _ref64(x, groups, None, None)
+    # the naive formula really fails here (so this test can catch it)
+    xg = x.reshape(2, groups, -1)
+    naive_var = (xg * xg).mean(-1) - xg.mean(-1) ** 2
+    true_var = x.double().reshape(2, groups, -1).var(-1, unbiased=False)
+    assert ((naive_var.double() - true_var).abs() / true_var).max() > 0.05
+    y = _run(x, groups, None, None, False, path)
+    torch.testing.assert_close(y.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", ["auto", "split"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_error_within_2x_torch(dtype, path, layout):
+    shape, groups = (2, 40, 6, 7), 4
+    x = _input(shape, layout, dtype=dtype)
+    w, b = _affine(shape[1], dtype)
+    ref = _ref64(x, groups, w, b, silu=True)
+    y = _run(x, groups, w, b, True, path)
+    assert y.dtype == dtype
+    ours = (y.double() - ref).norm() / ref.norm()
+    theirs = (group_norm_ref(x, groups, w, b, 1e-5, True).double() - ref).norm() / ref.norm()
+    assert ours <= 2 * theirs + 1e-7, (float(ours), float(theirs))
+
+
+def test_fp32_weights_with_fp16_input():
+    x = _input((2, 16, 5, 5), "nchw", dtype=torch.float16)
+    w, b = _affine(16)
+    y = _run(x, 4, w, b, True, "auto")
+    torch.testing.assert_close(y.double(), _ref64(x, 4, w, b, silu=True), atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize(
+    "label,shape", [("3d [N,C,L]", (2, 12, 11)), ("2d [N,C]", (3, 8)), ("5d", (1, 8, 3, 2, 3))], ids=lambda v: str(v)
+)
+def test_other_ranks(label, shape):
+    x = (torch.randn(shape) * 2 + 0.5).to(DEVICE)
+    w, b = _affine(shape[1])
+    y = _run(x, 4, w, b, False, "auto")
+    torch.testing.assert_close(y.double(), _ref64(x, 4, w, b), atol=2e-5, rtol=2e-5)
+
+
+def test_non_dense_input_and_default_out():
+    x = _input((2, 16, 6, 10), "nchw")[..., ::2]  # strided view: copied to dense first
+    w, b = _affine(16)
+    y = group_norm(x, 4, w, b, silu=True)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.double(), _ref64(x, 4, w, b, silu=True), atol=2e-5, rtol=2e-5)
+
+
+def test_bad_arguments_raise():
+    x = _input((2, 12, 4, 4), "nchw")
+    with pytest.raises(ValueError, match="divide"):
+        group_norm(x, 5)
+    with pytest.raises(ValueError, match="weight"):
+        group_norm(x, 4, torch.ones(11, device=DEVICE))
+    with pytest.raises(ValueError, match="out"):
+        group_norm(x, 4, out=torch.empty_like(x, memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match="path"):
+        group_norm(x, 4, path="nope")
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+        group_norm(x.double(), 4)
+    with pytest.raises(ValueError, match="fused"):
+        group_norm(_input((1, 256, 64, 64), "nchw"), 32, path="fused")
+
+
+@pytest.mark.parametrize(
+    "shape,channels_last,path",
+    [
+        ((2, 1280, 8, 8), False, "fused"),  # UNet 8²: the group sits in registers, one launch
+        ((2, 1280, 8, 8), True, "fused"),
+        ((2, 1280, 16, 16), False, "fused"),
+        ((2, 320, 64, 64), False, "split"),  # 64 groups for 132 SMs: split the statistics
+        ((2, 320, 64, 64), True, "split"),
+        ((1, 128, 512, 512), False, "split"),  # VAE: 1M-element groups
+        ((64, 320, 64, 64), False, "loop"),  # big batch: enough programs for one launch per group
+    ],
+)
+def test_plan_picks_path_for_sd_shapes(shape, channels_last, path):
+    n, c, h, w = shape
+    plan = plan_group_norm(n, c, h * w, 32, channels_last, 2, sm_count=132)
+    assert plan.path == path
+    assert plan.launches == (2 if path == "split" else 1)
+    if path == "split":
+        assert plan.chunks * plan.n_cb * n >= 132  # enough programs to fill the card
+    if channels_last:  # several whole groups per program, rows of whole 16-byte vectors
+        assert plan.gb * (c // 32) * 2 % 16 == 0 and plan.gb * (c // 32) <= plan.block_c
+
+
+def test_ops_dispatch_uses_kernel():
+    from speedsd import ops
+
+    x = _input((1, 16, 4, 4), "nchw")
+    w, b = _affine(16)
+    with ops.using(ops.Flags(group_norm=True)):
+        y = ops.group_norm_op(x, 4, w, b, 1e-6, silu=True)
+    torch.testing.assert_close(y, F.silu(F.group_norm(x, 4, w, b, 1e-6)), atol=2e-5, rtol=2e-5)
