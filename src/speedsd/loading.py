@@ -366,10 +366,13 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, toke
     label = path.name
     with open_weights(path) as reader:
         shapes = reader.shapes
-        family = co.detect_family(shapes)
+        try:
+            family = co.detect_family(shapes)
+            dicts = co.infer_configs(shapes, family)
+        except CheckpointError as e:
+            raise CheckpointError(f"{label}: {e}") from None
         prediction = pred or ("epsilon" if family == "sd1" else _guess_prediction(path, reader))
         preset = MODEL_PRESETS[FAMILY_DEFAULTS[(family, prediction)]]
-        dicts = co.infer_configs(shapes, family)
         if family == "sd2" and prediction == "v_prediction":  # as diffusers' SD 2.x 768-v config
             dicts["unet"].update(upcast_attention=True, sample_size=96)
         configs = _configs_from_dicts(dicts, label)
