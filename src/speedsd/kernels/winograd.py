@@ -1,13 +1,522 @@
 """Winograd F(m×m, 3×3) convolution in Triton, m in {2, 4, 6}, and its plain-torch reference.
 
-(Kernels, launcher, per-layer table: issue 4.)
+For a stride-1, padding-1 3×3 conv, each m×m output tile comes from an n×n input tile (n = m + 2):
+
+    Y = Aᵀ [ Σ_ci (G g Gᵀ)[ci, co] ⊙ (Bᵀ d B)[ci] ] A          (Lavin & Gray 2016)
+
+Pipeline (channels-last activations, P = N·⌈H/m⌉·⌈W/m⌉ tiles, T = n² transformed positions):
+  1. weight transform, once per layer:  U [T, Cin, Cout] = G g Gᵀ   (fp64 math, stored fp16/bf16)
+  2. input transform kernel:            V [T, P, Cin]    = Bᵀ d B   (fp32 math, stored fp16/bf16)
+  3. batched GEMM over T on tensor cores: M[t] = V[t] @ U[t]        (fp32 accumulation)
+  4. output transform kernel:           y = Aᵀ M A + bias (+ residual), written NHWC.
+Variant "fused" (m = 2, 4): steps 3 and 4 in one kernel; M stays in registers and never reaches memory.
+
+The transform matrices are derived exactly (fractions) from interpolation points, see
+:func:`transform_matrices`; the Triton kernels receive them as constexpr tuples, so the unrolled
+transforms skip zero coefficients at compile time.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+TILES = (2, 4, 6)
+GEMMS = ("triton", "bmm", "fused")
+# Interpolation points (∞ is implicit as the last point). F(2,3)/F(4,3): Lavin & Gray; F(6,3): the
+# usual well-conditioned small set 0, ±1, ±2, ±1/2 (Bᵀ entries up to 21/4).
+POINTS: dict[int, tuple[Fraction, ...]] = {
+    2: tuple(map(Fraction, (0, 1, -1))),
+    4: tuple(map(Fraction, (0, 1, -1, 2, -2))),
+    6: tuple(map(Fraction, (0, 1, -1, 2, -2))) + (Fraction(1, 2), Fraction(-1, 2)),
+}
+TABLE_PATH = Path(__file__).resolve().parents[1] / "data" / "winograd_table.json"
+
+
+# ---- transform matrices --------------------------------------------------------------------------
+
+
+def _solve_exact(rows: list[list[Fraction]], rhs: list[Fraction]) -> list[Fraction]:
+    """Exact solution of a consistent (over)determined system by Gauss-Jordan on fractions."""
+    aug = [r[:] + [v] for r, v in zip(rows, rhs)]
+    n, piv, cols = len(rows[0]), 0, []
+    for col in range(n):
+        pr = next((r for r in range(piv, len(aug)) if aug[r][col] != 0), None)
+        if pr is None:
+            continue
+        aug[piv], aug[pr] = aug[pr], aug[piv]
+        aug[piv] = [v / aug[piv][col] for v in aug[piv]]
+        for r in range(len(aug)):
+            if r != piv and aug[r][col] != 0:
+                f = aug[r][col]
+                aug[r] = [a - f * b for a, b in zip(aug[r], aug[piv])]
+        cols.append(col)
+        piv += 1
+    if len(cols) != n or any(any(v != 0 for v in r) for r in aug[piv:]):
+        raise ValueError("points do not define a Winograd transform")
+    sol = [Fraction(0)] * n
+    for r, c in enumerate(cols):
+        sol[c] = aug[r][n]
+    return sol
+
+
+@functools.cache
+def transform_matrices(tile: int) -> tuple[tuple[tuple[Fraction, ...], ...], ...]:
+    """Exact (Aᵀ [m, n], G [n, 3], Bᵀ [n, n]) for F(m, 3) from POINTS[m] plus the point at ∞.
+
+    Aᵀ[i, j] = p_j^i (evaluation of the product polynomial), G[j, k] = p_j^k / Π_{l≠j}(p_j − p_l)
+    (Lagrange weights); the ∞ point contributes the leading coefficients. Bᵀ then follows from the
+    1-D identity Aᵀ[(G g) ⊙ (Bᵀ d)] = correlation(d, g) for all d, g: for each input index l,
+    Σ_j Aᵀ[i, j] G[j, k] Bᵀ[j, l] = [l == i + k], a linear system solved exactly.
+    """
+    m, r = tile, 3
+    n, pts = m + r - 1, POINTS[tile]
+    at = [[p**i for p in pts] + [Fraction(int(i == m - 1))] for i in range(m)]
+    g = []
+    for j, p in enumerate(pts):
+        f = Fraction(1)
+        for k, q in enumerate(pts):
+            f *= p - q if k != j else 1
+        g.append([p**k / f for k in range(r)])
+    g.append([Fraction(int(k == r - 1)) for k in range(r)])
+    system = [[at[i][j] * g[j][k] for j in range(n)] for i in range(m) for k in range(r)]
+    cols = [_solve_exact(system, [Fraction(int(l == i + k)) for i in range(m) for k in range(r)]) for l in range(n)]
+    bt = [[cols[l][j] for l in range(n)] for j in range(n)]
+    return tuple(map(tuple, at)), tuple(map(tuple, g)), tuple(map(tuple, bt))
+
+
+def transform_tensors(tile: int, dtype: torch.dtype = torch.float64, device=None) -> tuple[torch.Tensor, ...]:
+    """(Aᵀ, G, Bᵀ) as tensors."""
+    return tuple(
+        torch.tensor([[float(v) for v in r] for r in mat], dtype=dtype, device=device)
+        for mat in transform_matrices(tile)
+    )
+
+
+def _flat(tile: int, which: int) -> tuple[float, ...]:
+    return tuple(float(v) for row in transform_matrices(tile)[which] for v in row)
+
+
+# ---- plain-torch reference -----------------------------------------------------------------------
+
+
+def _tiles(h: int, w: int, tile: int) -> tuple[int, int]:
+    return -(-h // tile), -(-w // tile)
+
+
+def winograd_conv3x3_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tile: int = 4,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    storage_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The same algorithm in plain torch (unfold + einsum), computed in ``compute_dtype``.
+
+    ``storage_dtype`` rounds U and V to that dtype, as the kernels store them, so the kernels can be
+    checked tightly. Returns ``x.dtype``; pass an fp64 ``x`` to keep the fp64 result.
+    """
+    at, g, bt = transform_tensors(tile, compute_dtype, x.device)
+    n, m = tile + 2, tile
+    nb, c, h, w = x.shape
+    th, tw = _tiles(h, w, tile)
+    xp = F.pad(x.to(compute_dtype), (1, tw * m + 1 - w, 1, th * m + 1 - h))  # [N, C, th·m+2, tw·m+2]
+    d = F.unfold(xp, kernel_size=n, stride=m).view(nb, c, n, n, th * tw)  # [N, C, n, n, L]
+    v = torch.einsum("ai,ncijl,bj->abnlc", bt, d, bt)  # [n, n, N, L, Cin]
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.to(compute_dtype), g)  # [n, n, Cin, Cout]
+    if storage_dtype is not None:
+        v, u = v.to(storage_dtype).to(compute_dtype), u.to(storage_dtype).to(compute_dtype)
+    mm = torch.einsum("abnlc,abco->abnlo", v, u)  # [n, n, N, L, Cout]
+    y = torch.einsum("ua,abnlo,vb->nouvl", at, mm, at).reshape(nb, -1, th * tw)  # [N, Cout·m·m, L]
+    y = F.fold(y, (th * m, tw * m), kernel_size=m, stride=m)[:, :, :h, :w]  # [N, Cout, H, W]
+    if bias is not None:
+        y = y + bias.to(compute_dtype).view(1, -1, 1, 1)
+    return y.to(x.dtype)
+
+
+# ---- Triton kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lincomb(vals, coefs: tl.constexpr, row: tl.constexpr, count: tl.constexpr, zero):
+    # Σ_j coefs[row·count + j] · vals[j], zero coefficients skipped at compile time
+    acc = zero
+    for j in tl.static_range(count):
+        if coefs[row * count + j] != 0.0:
+            acc = acc + vals[j] * coefs[row * count + j]
+    return acc
+
+
+@triton.jit
+def _tile_coords(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TH, TW, P, C):
+    # 1-D block of BLOCK_P tiles × BLOCK_C channels (channel fastest); tile p = (n·TH + th)·TW + tw
+    idx = tl.arange(0, BLOCK_P * BLOCK_C)
+    p = tl.program_id(0) * BLOCK_P + idx // BLOCK_C
+    c = tl.program_id(1) * BLOCK_C + idx % BLOCK_C
+    return p, c, (p % TW), ((p // TW) % TH), (p // (TW * TH)), (p < P) & (c < C)
+
+
+@triton.jit
+def _input_transform_kernel(
+    x_ptr, v_ptr, C, H, W, TH, TW, P,
+    sxn, sxc, sxh, sxw,
+    BT: tl.constexpr, MT: tl.constexpr, NT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # V[a·n + b, p, c] = Σ_{i,j} Bᵀ[a, i] d_p[i, j, c] Bᵀ[b, j], d_p the n×n input tile of tile p
+    # (zero outside the image = the conv's padding); row transform first, then column transform.
+    p, c, tw, th, nb, ok = _tile_coords(BLOCK_P, BLOCK_C, TH, TW, P, C)
+    h0, w0 = th * MT - 1, tw * MT - 1
+    base = x_ptr + nb * sxn + c * sxc
+    zero = tl.zeros([BLOCK_P * BLOCK_C], tl.float32)
+    rows = ()  # rows[i·n + b] = Σ_j d[i, j] Bᵀ[b, j]
+    for i in tl.static_range(NT):
+        hi = h0 + i
+        hm = ok & (hi >= 0) & (hi < H)
+        d = ()
+        for j in tl.static_range(NT):
+            wj = w0 + j
+            msk = hm & (wj >= 0) & (wj < W)
+            d = d + (tl.load(base + hi * sxh + wj * sxw, mask=msk, other=0.0).to(tl.float32),)
+        for b in tl.static_range(NT):
+            rows = rows + (_lincomb(d, BT, b, NT, zero),)
+    out = v_ptr + p * C + c
+    for a in tl.static_range(NT):
+        for b in tl.static_range(NT):
+            col = ()
+            for i in tl.static_range(NT):
+                col = col + (rows[i * NT + b],)
+            va = _lincomb(col, BT, a, NT, zero)
+            tl.store(out + (a * NT + b) * P * C, va.to(v_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _output_transform_kernel(
+    m_ptr, y_ptr, b_ptr, r_ptr, C, H, W, TH, TW, P,
+    syn, syc, syh, syw, srn, src, srh, srw,
+    AT: tl.constexpr, MT: tl.constexpr, NT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # y[p, u, v, c] = Σ_{a,b} Aᵀ[u, a] M[a·n + b, p, c] Aᵀ[v, b] (+ bias, + residual), M [T, P, C],
+    # written to out[n, c, th·m + u, tw·m + v] inside the image
+    p, c, tw, th, nb, ok = _tile_coords(BLOCK_P, BLOCK_C, TH, TW, P, C)
+    src_ptr = m_ptr + p * C + c
+    zero = tl.zeros([BLOCK_P * BLOCK_C], tl.float32)
+    rows = ()  # rows[a·m + v] = Σ_b M[a, b] Aᵀ[v, b]
+    for a in tl.static_range(NT):
+        mrow = ()
+        for b in tl.static_range(NT):
+            mrow = mrow + (tl.load(src_ptr + (a * NT + b) * P * C, mask=ok, other=0.0).to(tl.float32),)
+        for v in tl.static_range(MT):
+            rows = rows + (_lincomb(mrow, AT, v, NT, zero),)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float32)
+    for u in tl.static_range(MT):
+        for v in tl.static_range(MT):
+            col = ()
+            for a in tl.static_range(NT):
+                col = col + (rows[a * MT + v],)
+            y = _lincomb(col, AT, u, NT, zero)
+            oh, ow = th * MT + u, tw * MT + v
+            msk = ok & (oh < H) & (ow < W)
+            if HAS_BIAS:
+                y = y + bias
+            if HAS_RES:
+                y = y + tl.load(r_ptr + nb * srn + c * src + oh * srh + ow * srw, mask=msk, other=0.0).to(tl.float32)
+            tl.store(y_ptr + nb * syn + c * syc + oh * syh + ow * syw, y.to(y_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _store_output(
+    y, u, v, y_ptr, b_ptr, r_ptr, nb, oh0, ow0, co, pm, cm, H, W,
+    syn, syc, syh, syw, srn, src, srh, srw, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+):  # fmt: skip
+    # out[n, co, oh0 + u, ow0 + v] = y (+ bias[co]) (+ residual[n, co, oh0 + u, ow0 + v]), masked to the image
+    oh, ow = oh0 + u, ow0 + v
+    msk = (pm & (oh < H) & (ow < W))[:, None] & cm[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + co, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        roff = (nb * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
+        y = y + tl.load(r_ptr + roff, mask=msk, other=0.0).to(tl.float32)
+    yoff = (nb * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    tl.store(y_ptr + yoff, y.to(y_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _gemm_tile(a_ptr, b_ptr, t, P, K, N, offs_m, offs_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, IEEE: tl.constexpr, K_INTERP: tl.constexpr):  # fmt: skip
+    # acc[BLOCK_M, BLOCK_N] = V[t, offs_m, :] @ U[t, :, offs_n], V [T, P, K], U [T, K, N], fp32 accumulation
+    offs_k = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + t * P * K + offs_m[:, None] * K
+    b_base = b_ptr + t * K * N + offs_n[None, :]
+    mm, nm = offs_m < P, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # K_INTERP > 0 in the interpreter only: its range() cannot take a runtime scalar (numpy >= 2.4)
+    for k0 in range(0, K_INTERP if K_INTERP > 0 else K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_base + kk[None, :], mask=mm[:, None] & (kk < K)[None, :], other=0.0)
+        b = tl.load(b_base + kk[:, None] * N, mask=(kk < K)[:, None] & nm[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _bmm_kernel(a_ptr, b_ptr, c_ptr, P, K, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, IEEE: tl.constexpr, K_INTERP: tl.constexpr):  # fmt: skip
+    # M[t] = V[t] @ U[t] for t = program_id(1): [P, K] @ [K, N] -> [P, N], stored in M's dtype
+    pid, t = tl.program_id(0), tl.program_id(1)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _gemm_tile(a_ptr, b_ptr, t, P, K, N, offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, K_INTERP)
+    msk = (offs_m < P)[:, None] & (offs_n < N)[None, :]
+    tl.store(c_ptr + t * P * N + offs_m[:, None] * N + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _fused_gemm_output_kernel(
+    a_ptr, b_ptr, y_ptr, bias_ptr, r_ptr, P, K, N, H, W, TH, TW,
+    syn, syc, syh, syw, srn, src, srh, srw,
+    AT: tl.constexpr, MT: tl.constexpr, NT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    K_INTERP: tl.constexpr,
+):  # fmt: skip
+    # For a block of tiles × output channels, all T GEMMs in turn; each result M[a·n + b] is folded at
+    # once into R[v] = Σ_b M[a, b] Aᵀ[v, b], and after each row a into Y[u, v] += Aᵀ[u, a] R[v]:
+    # y = Aᵀ M A without M ever leaving registers; bias and residual added in the store.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ys = ()
+    for _q in tl.static_range(MT * MT):
+        ys = ys + (zero,)
+    for a in tl.static_range(NT):
+        rs = ()
+        for _v in tl.static_range(MT):
+            rs = rs + (zero,)
+        for b in tl.static_range(NT):
+            acc = _gemm_tile(
+                a_ptr, b_ptr, a * NT + b, P, K, N, offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, K_INTERP
+            )
+            nrs = ()
+            for v in tl.static_range(MT):
+                if AT[v * NT + b] != 0.0:
+                    nrs = nrs + (rs[v] + acc * AT[v * NT + b],)
+                else:
+                    nrs = nrs + (rs[v],)
+            rs = nrs
+        nys = ()
+        for q in tl.static_range(MT * MT):
+            if AT[(q // MT) * NT + a] != 0.0:
+                nys = nys + (ys[q] + rs[q % MT] * AT[(q // MT) * NT + a],)
+            else:
+                nys = nys + (ys[q],)
+        ys = nys
+    pm, cm = offs_m < P, offs_n < N
+    tw = offs_m % TW
+    th = (offs_m // TW) % TH
+    nb = offs_m // (TW * TH)
+    for q in tl.static_range(MT * MT):
+        _store_output(
+            ys[q], q // MT, q % MT, y_ptr, bias_ptr, r_ptr, nb, th * MT, tw * MT, offs_n, pm, cm, H, W,
+            syn, syc, syh, syw, srn, src, srh, srw, HAS_BIAS, HAS_RES,
+        )  # fmt: skip
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+
+
+def prepare_winograd_weight(weight: torch.Tensor, tile: int = 4, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """U [(m+2)², Cin, Cout] = G g Gᵀ for weight [Cout, Cin, 3, 3]; fp64 math, stored in ``dtype``."""
+    if tile not in TILES or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"need a [Cout, Cin, 3, 3] weight and tile in {TILES}, got {tuple(weight.shape)}, {tile}")
+    g = transform_tensors(tile, torch.float64, weight.device)[1]
+    cout, cin = weight.shape[:2]
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)  # [n, n, Cin, Cout]
+    return u.reshape((tile + 2) ** 2, cin, cout).to(dtype or weight.dtype).contiguous()  # [T, Cin, Cout]
+
+
+def _pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+def _transform_blocks(c: int, nt: int) -> tuple[int, int]:
+    # each element keeps n² fp32 partial sums live: 2 elements a thread (256 a program) up to n = 6, 1 at n = 8
+    bc = _pow2(c, 1, 64)
+    return max(1, (128 if nt == 8 else 256) // bc), bc
+
+
+def winograd_conv3x3_prepared(
+    x: torch.Tensor,
+    prepared: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tile: int = 4,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    gemm: str = "triton",
+    m_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """3×3 stride-1 pad-1 conv of x [N, Cin, H, W] (any strides) with U from prepare_winograd_weight.
+
+    Returns [N, Cout, H, W] channels-last (or writes ``out``, any strides), plus bias and residual.
+    ``gemm``: "triton" (batched Triton GEMM, M stored in ``m_dtype``, default fp32), "bmm" (cuBLAS,
+    M in the activation dtype) or "fused" (GEMM + output transform in one kernel; tile 2 or 4).
+    """
+    nt, t = tile + 2, (tile + 2) ** 2
+    if tile not in TILES or gemm not in GEMMS or (gemm == "fused" and tile == 6):
+        raise ValueError(f"tile {tile} / gemm {gemm!r} not supported")
+    if x.dim() != 4 or prepared.dim() != 3 or prepared.shape[0] != t or prepared.shape[1] != x.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and U {tuple(prepared.shape)} do not match for tile {tile}")
+    if x.dtype != prepared.dtype:
+        raise ValueError(f"x is {x.dtype} but U is {prepared.dtype}")
+    nb, cin, h, w = x.shape
+    cout = prepared.shape[2]
+    if x.is_cuda and not x.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)  # the strided path works, but uncoalesced
+    if out is None:
+        out = torch.empty((nb, cout, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if tuple(out.shape) != (nb, cout, h, w) or (residual is not None and tuple(residual.shape) != tuple(out.shape)):
+        raise ValueError("out / residual must be [N, Cout, H, W]")
+    th, tw = _tiles(h, w, tile)
+    p = nb * th * tw
+    u = prepared.contiguous()
+    ieee = u.dtype == torch.float32
+    k_interp = cin if os.environ.get("TRITON_INTERPRET") == "1" else 0
+    at, bt = _flat(tile, 0), _flat(tile, 2)
+    dummy = out
+    b_arg = bias if bias is not None else dummy
+    r_arg = residual if residual is not None else dummy
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+
+    v = torch.empty((t, p, cin), device=x.device, dtype=u.dtype)  # [T, P, Cin]
+    bp, bc = _transform_blocks(cin, nt)
+    _input_transform_kernel[(triton.cdiv(p, bp), triton.cdiv(cin, bc))](
+        x, v, cin, h, w, th, tw, p, *x.stride(), BT=bt, MT=tile, NT=nt, BLOCK_P=bp, BLOCK_C=bc
+    )
+    if gemm == "fused":
+        bm, bn, warps = (64, 64, 8) if tile == 2 else (32, 32, 4)
+        bm, bn, bk = _pow2(p, 16, bm), _pow2(cout, 16, bn), _pow2(cin, 16, 32)
+        _fused_gemm_output_kernel[(triton.cdiv(p, bm), triton.cdiv(cout, bn))](
+            v, u, out, b_arg, r_arg, p, cin, cout, h, w, th, tw, *out.stride(), *rs,
+            AT=at, MT=tile, NT=nt, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, K_INTERP=k_interp, num_warps=warps,
+        )  # fmt: skip
+        return out
+    if gemm == "bmm":
+        m = torch.bmm(v, u)  # [T, P, Cin] @ [T, Cin, Cout] -> [T, P, Cout]
+    else:
+        m = torch.empty((t, p, cout), device=x.device, dtype=m_dtype or torch.float32)
+        bm, bn, bk = _pow2(p, 16, 128), _pow2(cout, 16, 128), _pow2(cin, 16, 64)
+        warps = 8 if bm * bn >= 128 * 128 else 4
+        grid = (triton.cdiv(p, bm) * triton.cdiv(cout, bn), t)
+        _bmm_kernel[grid](
+            v,
+            u,
+            m,
+            p,
+            cin,
+            cout,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            IEEE=ieee,
+            K_INTERP=k_interp,
+            num_warps=warps,
+            num_stages=3,
+        )
+    bp, bc = _transform_blocks(cout, nt)
+    _output_transform_kernel[(triton.cdiv(p, bp), triton.cdiv(cout, bc))](
+        m, out, b_arg, r_arg, cout, h, w, th, tw, p, *out.stride(), *rs,
+        AT=at, MT=tile, NT=nt, HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_P=bp, BLOCK_C=bc,
+    )  # fmt: skip
+    return out
+
+
+def winograd_conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 4, **kwargs
+) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) by Winograd F(tile×tile, 3×3); weight transformed per call."""
+    return winograd_conv3x3_prepared(x, prepare_winograd_weight(weight, tile, x.dtype), bias, tile, **kwargs)
+
+
+def extra_bytes(n: int, cin: int, h: int, w: int, cout: int, tile: int, gemm: str, itemsize: int = 2) -> int:
+    """Bytes of transformed tensors a call holds beyond x and y: U, V and (unless fused) M."""
+    th, tw = _tiles(h, w, tile)
+    t, p = (tile + 2) ** 2, n * th * tw
+    m_item = 0 if gemm == "fused" else (itemsize if gemm == "bmm" else 4)
+    return t * (cin * cout + p * cin) * itemsize + t * p * cout * m_item
+
+
+# ---- the engine's per-layer entry ----------------------------------------------------------------
+
+
+def shape_key(n: int, cin: int, h: int, w: int, cout: int, dtype: torch.dtype, card: str) -> str:
+    """The choice table's key: "N,Cin,H,W,Cout,dtype,card"."""
+    return f"{n},{cin},{h},{w},{cout},{str(dtype).removeprefix('torch.')},{card}"
+
+
+def parse_choice(choice: object) -> tuple[int, str] | None:
+    """Table value -> (tile, gemm), or None for cuDNN. Values: "cudnn", 4, "4", "4:bmm"."""
+    if choice is None or choice == "cudnn":
+        return None
+    tile, _, gemm = str(choice).partition(":")
+    return int(tile), gemm or "triton"
+
+
+@functools.lru_cache(maxsize=8)
+def _read_table(path: str, mtime_ns: int) -> dict[str, object]:
+    data = json.loads(Path(path).read_text())
+    return data.get("entries", {})
+
+
+def load_table() -> dict[str, object]:
+    """Entries of the table at TABLE_PATH; {} when there is none."""
+    try:
+        return _read_table(str(TABLE_PATH), os.stat(TABLE_PATH).st_mtime_ns)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+@functools.lru_cache(maxsize=16)
+def _card(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _prepared_for(conv: torch.nn.Conv2d, tile: int, dtype: torch.dtype) -> torch.Tensor:
+    # cached on the module; an in-place update (under no_grad) bumps weight._version and re-transforms
+    wt = conv.weight
+    key = (wt._version, wt.data_ptr(), wt.device, dtype, tile)
+    cache = getattr(conv, "_speedsd_winograd", None)
+    if cache is None:
+        cache = {}
+        conv._speedsd_winograd = cache
+    hit = cache.get((tile, dtype))
+    if hit is None or hit[0] != key:
+        hit = cache[(tile, dtype)] = (key, prepare_winograd_weight(wt, tile, dtype))
+    return hit[1]
 
 
 def winograd_conv3x3_module(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor | None:
     """The engine's entry: conv's forward by Winograd if the per-layer table picks a tile, else None."""
-    return None
+    if conv.groups != 1 or conv.dilation != (1, 1) or x.dim() != 4:
+        return None
+    n, cin, h, w = x.shape
+    choice = parse_choice(load_table().get(shape_key(n, cin, h, w, conv.out_channels, x.dtype, _card(x.device))))
+    if choice is None:
+        return None
+    tile, gemm = choice
+    return winograd_conv3x3_prepared(x, _prepared_for(conv, tile, x.dtype), conv.bias, tile, gemm=gemm)
