@@ -1,9 +1,50 @@
-"""Per-shape choice of attention implementation for Flags(attention="auto") (issue 5)."""
+"""Per-shape choice of attention implementation for ``Flags(attention="auto")``.
+
+The choice is measured, not guessed: ``python -m speedsd.bench.kernels --attention-table
+src/speedsd/data/attention_table.json`` times flash / partial / SDPA on each SD attention shape and
+records the fastest correct one per card. Shapes are matched on (heads, Nq, Nk, head dim); the batch
+only scales the work. Unknown card or shape: SDPA (PyTorch picks its best backend), except head dims
+SDPA's fused backends reject (> 256), which go to our partially fused softmax.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 
+TABLE_PATH = Path(__file__).parent / "data" / "attention_table.json"
 
-def choose(q_shape: torch.Size, k_shape: torch.Size, dtype: torch.dtype) -> str:
-    return "sdpa"
+
+@functools.lru_cache(maxsize=8)
+def _table(card: str, path: str) -> dict[tuple[int, int, int, int], str]:
+    p = Path(path)
+    if not p.exists():
+        return {}
+    data = json.loads(p.read_text())
+    out: dict[tuple[int, int, int, int], str] = {}
+    for entry in data.get("cards", {}).get(card, {}).values():
+        _, h, nq, d = entry["q_shape"]
+        out[(h, nq, entry["k_shape"][2], d)] = entry["best"]
+    return out
+
+
+def choose(q_shape: torch.Size, k_shape: torch.Size, dtype: torch.dtype, card: str | None = None) -> str:
+    """'flash', 'partial' or 'sdpa' for q [B, H, Nq, D], k [B, H, Nk, D]."""
+    card = card or torch.cuda.get_device_name()
+    _, h, nq, d = q_shape
+    best = _table(card, str(TABLE_PATH)).get((h, nq, k_shape[2], d))
+    if best is not None:
+        return best
+    return "partial" if d > 256 else "sdpa"
+
+
+def merge_into(path: Path, card: str, table: dict) -> None:
+    """Record one card's measured table in the JSON (other cards' entries are kept)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("cards", {})[card] = table
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    _table.cache_clear()

@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             md.append(
                 mod.markdown(res) if hasattr(mod, "markdown") else "```\n" + json.dumps(res, indent=1)[:4000] + "\n```"
             )
-            if part == "attention" and a.attention_table and hasattr(mod, "best_attention_table"):
-                table = mod.best_attention_table(res)
-                Path(a.attention_table).parent.mkdir(parents=True, exist_ok=True)
-                Path(a.attention_table).write_text(json.dumps(table, indent=1) + "\n")
+            if part == "attention" and a.attention_table:
+                from speedsd.attention_table import merge_into
+
+                merge_into(Path(a.attention_table), torch.cuda.get_device_name(), res["best_attention"])
         except Exception:
             payload[part] = {"error": traceback.format_exc()}
             print(payload[part]["error"], flush=True)
