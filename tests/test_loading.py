@@ -269,7 +269,7 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path, how):
         torch.save(payload, path)
     else:
         with path.open("wb") as f:
-            pickle.dump(payload, f)
+            pickle.dump(payload, f, protocol=2)
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="hostile.ckpt: refused: .*weights_only") as e:
         load_components(path)

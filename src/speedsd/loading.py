@@ -325,27 +325,22 @@ def _load_diffusers(
     cls = index.get("_class_name", "StableDiffusionPipeline")
     if cls not in _SUPPORTED_PIPELINES:
         raise CheckpointError(f"{label}: unsupported architecture: {cls} (speedsd runs SD 1.x/2.x text-to-image)")
-    cfg_names = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json"}
-    dicts = {comp: _read_json(folder / comp / f, label) for comp, f in cfg_names.items()}
+    dicts = {comp: _read_json(folder / comp / "config.json", label) for comp in COMPONENTS}
     configs = _configs_from_dicts(dicts, label)
     family = _family_of(configs["text_encoder"])
+    preset = MODEL_PRESETS[FAMILY_DEFAULTS[(family, "epsilon")]]
+    tok = _tokenizer(label, folder, tokenizer, preset, configs["text_encoder"].vocab_size)  # fail fast
     mods = {}
     for comp, module in _meta_modules(configs).items():
         path = _weights_file(folder, comp, dtype, label)
         with open_weights(path) as reader:
             mods[comp] = _load_component(module, reader, comp, f"{label}: {comp}/{path.name}", device, dtype)
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    preset = MODEL_PRESETS[FAMILY_DEFAULTS[(family, "epsilon")]]
     sched = _read_json(sched_path, label) if sched_path.is_file() else preset.scheduler_dict()
     sched_cls = (index.get("scheduler") or [None, sched.get("_class_name")])[-1]
     default_scheduler = SCHEDULER_NAMES.get(str(sched_cls), preset.default_scheduler)
-    tok = _tokenizer(label, folder, tokenizer, preset, configs["text_encoder"].vocab_size)
-    size = int(
-        getattr(configs["unet"], "sample_size", 64)
-        if isinstance(configs["unet"].sample_size, int)
-        else configs["unet"].sample_size[0]
-    )
-    size *= int(getattr(configs["vae"], "downscale", 8))
+    sample = configs["unet"].sample_size  # latent side: int or (h, w)
+    size = int(sample if isinstance(sample, int) else sample[0]) * int(configs["vae"].downscale)
     return _components(mods, tok, preset, sched, default_scheduler, label, size, pred)
 
 
@@ -376,6 +371,7 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, toke
         if family == "sd2" and prediction == "v_prediction":  # as diffusers' SD 2.x 768-v config
             dicts["unet"].update(upcast_attention=True, sample_size=96)
         configs = _configs_from_dicts(dicts, label)
+        tok = _tokenizer(label, path, tokenizer, preset, configs["text_encoder"].vocab_size)  # fail fast
         metas = _meta_modules(configs)
         plans: dict[str, dict[str, co.Source]] = {}
         missing, bad, used = [], [], set()
@@ -396,7 +392,6 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, toke
         for comp, module in metas.items():  # one component at a time: peak = model + one tensor
             state = {dkey: _cast(co.materialize(src, reader.get), device, dtype) for dkey, src in plans[comp].items()}
             mods[comp] = _finish(module, state, f"{label} {comp}")
-    tok = _tokenizer(label, path, tokenizer, preset, configs["text_encoder"].vocab_size)
     return _components(
         mods, tok, preset, preset.scheduler_dict(), preset.default_scheduler, label, preset.default_size, prediction
     )
