@@ -5,9 +5,14 @@ is imported, so it is set here at collection time.
 """
 
 import os
+import sys
 
 import pytest
 import torch
+
+# Shared test helpers (tests/checkpoints.py) import as `from checkpoints import ...`, whether or not
+# tests/ is a package.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
