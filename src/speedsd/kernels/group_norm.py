@@ -10,8 +10,8 @@ Statistics: per tile and channel a two-pass mean / M2 from registers, merged int
 ``E[x²] − E[x]²``. fp32 throughout.
 
 Three paths, picked by :func:`group_norm` (``path="auto"``):
-  * ``fused``: the whole group block fits one register tile (``BLOCK_C·BLOCK_S <= 16384``): ONE launch,
-    x read once. (UNet 16² and 8² shapes.)
+  * ``fused``: the whole group block fits one register tile (``BLOCK_C·BLOCK_S <= 32768``, half
+    that when GB > 1): ONE launch, x read once, every load in flight at once. (UNet 32² NCHW, 16² and 8² shapes.)
   * ``loop``: ONE launch, one program per group block, two sweeps (the second re-reads from L2).
     Only when there are >= 2 such programs per SM (large batches).
   * ``split``: big groups with few group blocks (UNet 64²/32², every VAE shape): a statistics kernel
@@ -22,6 +22,7 @@ Three paths, picked by :func:`group_norm` (``path="auto"``):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 PATHS = ("auto", "fused", "loop", "split")
-MAX_ONE_TILE = 16384  # padded elements of a group block that one program holds in registers
+MAX_ONE_TILE = 32768  # padded elements of a group block that one program holds in registers (16 warps: ~100 regs)
 TILE = 4096  # elements per tile in the streaming (loop / split) kernels
 
 
@@ -257,6 +258,7 @@ def _gn_norm_kernel(
 # ---- launcher ------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -322,6 +324,7 @@ class GroupNormPlan:
         return 2 if self.path == "split" else 1
 
 
+@functools.lru_cache(maxsize=1024)
 def plan_group_norm(
     n: int,
     c: int,
@@ -343,12 +346,12 @@ def plan_group_norm(
     n_cb = triton.cdiv(num_groups, gb)
     s_p2 = triton.next_power_of_2(s)
     common = dict(gb=gb, block_c=block_c, block_g=block_g, n_cb=n_cb)
-    fits = block_c * s_p2 <= MAX_ONE_TILE
+    fits = block_c * s_p2 <= (MAX_ONE_TILE if gb == 1 else MAX_ONE_TILE // 2)  # several groups: more live values
     if path == "auto":
         path = "fused" if fits else "loop" if n * n_cb >= 2 * sm_count else "split"
     if path == "fused" and tile is None:
         if not fits:
-            raise ValueError(f"path='fused' needs BLOCK_C·S <= {MAX_ONE_TILE}, got {block_c}·{s_p2}")
+            raise ValueError(f"path='fused': the group block ({block_c}·{s_p2} padded) does not fit one register tile")
         warps = 16 if block_c * s_p2 > 8192 else 8 if block_c * s_p2 > 2048 else 4
         return GroupNormPlan("fused", block_s=s_p2, warps=warps, one_tile=True, **common)
     block_s = min(s_p2, max(1, (tile or TILE) // block_c))
