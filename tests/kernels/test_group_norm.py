@@ -205,3 +205,18 @@ def test_ops_dispatch_uses_kernel():
     with ops.using(ops.Flags(group_norm=True)):
         y = ops.group_norm_op(x, 4, w, b, 1e-6, silu=True)
     torch.testing.assert_close(y, F.silu(F.group_norm(x, 4, w, b, 1e-6)), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 320, 64, 64), (2, 640, 32, 32), (2, 2560, 8, 8), (1, 128, 512, 512)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_sd_shapes_fp16_gpu(shape, layout):
+    x = _input(shape, layout, dtype=torch.float16)
+    w, b = _affine(shape[1], torch.float16)
+    ref = _ref64(x, 32, w, b, silu=True)
+    y = _run(x, 32, w, b, True, "auto")
+    _assert_low_precision_ok(y, ref, group_norm_ref(x, 32, w, b, 1e-5, True))

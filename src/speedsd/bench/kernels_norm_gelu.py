@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -81,7 +82,7 @@ def bench_group_norm(
 
     y = ours().clone()
     ok, e_ours, e_torch = _ok(y, ref(), gn.group_norm_ref(x.float(), GROUPS, w.float(), b.float(), 1e-5, True))
-    assert y.is_contiguous(memory_format=mf)
+    ok = ok and y.is_contiguous(memory_format=mf)
     t_ours, t_ref = timer(ours), timer(ref)
     nbytes = 2 * x.numel() * x.element_size()
     paths_us = {}  # every path that can run this shape, forced: data for the auto heuristic
@@ -212,18 +213,27 @@ def run(device: str = "cuda", smoke: bool = False) -> dict[str, Any]:
         raise RuntimeError("speedsd.bench.kernels_norm_gelu needs a CUDA GPU (or smoke=True, device='cpu')")
     torch.manual_seed(0)
     copy_gbs = common.copy_bandwidth_gbs() if device == "cuda" else None
-    gn_rows = []
+    gn_rows, errors = [], []
     for model, n, c, h in SMOKE_GN if smoke else groupnorm_shapes():
         for layout in ("nchw", "channels_last"):
-            gn_rows.append(bench_group_norm(model, n, c, h, layout, copy_gbs, device))
-            r = gn_rows[-1]
+            r = _guard(errors, f"group_norm {n}x{c}x{h}x{h} {layout}", bench_group_norm, model, n, c, h, layout,
+                       copy_gbs, device)  # fmt: skip
+            if r is None:
+                continue
+            gn_rows.append(r)
             print(
                 f"GN {r['model']:5s} {r['shape']:>15s} {layout:13s} {r['path']:5s} ours {r['ours_us']:8.1f} us "
                 f"torch {r['torch_us']:8.1f} us  x{r['speedup']:5.1f}  {r['ours_gbs']:6.0f} GB/s  ok={r['correct']}",
                 flush=True,
             )
-    ff_rows = [bench_feed_forward(m, k, f, device) for m, k, f in (SMOKE_FF if smoke else FF_SHAPES)]
-    ew_rows = bench_elementwise(*((37, 24) if smoke else (8192, 1280)), device, copy_gbs)
+    ff_rows = []
+    for m, k, f in SMOKE_FF if smoke else FF_SHAPES:
+        r = _guard(errors, f"ff_geglu M={m} K={k} F={f}", bench_feed_forward, m, k, f, device)
+        if r is not None:
+            ff_rows.append(r)
+            print(f"FF {r['shape']:>22s} ours {r['ours_us']:7.1f} us torch {r['torch_us']:7.1f} us ok={r['correct']}")
+    ew_rows = _guard(errors, "elementwise", bench_elementwise, *((37, 24) if smoke else (8192, 1280)), device, copy_gbs)
+    ew_rows = ew_rows or []
     big = [r for r in gn_rows if r["mbytes"] >= 4]
     summary = {
         "copy_gbs": copy_gbs,
@@ -236,8 +246,25 @@ def run(device: str = "cuda", smoke: bool = False) -> dict[str, Any]:
         "gn_median_pct_copy_ge_4MB": (sorted(r["pct_copy"] for r in big)[len(big) // 2] if big and copy_gbs else None),
         "ff_correct": f"{sum(r['correct'] for r in ff_rows)}/{len(ff_rows)}",
         "ff_geomean_speedup": _geomean([r["speedup"] for r in ff_rows]),
+        "errors": len(errors),
     }
-    return {"summary": summary, "group_norm": gn_rows, "feed_forward": ff_rows, "elementwise": ew_rows}
+    return {
+        "summary": summary,
+        "group_norm": gn_rows,
+        "feed_forward": ff_rows,
+        "elementwise": ew_rows,
+        "errors": errors,
+    }
+
+
+def _guard(errors: list[dict[str, str]], what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args); on an exception record it (the rest of the bench still runs) and return None."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - a failing shape must not hide the others
+        errors.append({"what": what, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
+        print(f"ERROR {what}: {type(e).__name__}: {e}", flush=True)
+        return None
 
 
 def _f(v: Any, nd: int = 1) -> Any:
@@ -282,6 +309,7 @@ def markdown(res: dict[str, Any]) -> str:
             "\n## Elementwise kernels (fp16)\n",
             common.md_table(EW_COLS + ["ok"], [_ew_row(r) for r in res["elementwise"]]),
         ]
+        + [f"\n**ERROR** {e['what']}: {e['error']}" for e in res.get("errors", [])]
     )
 
 
@@ -296,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_results(a.out, "kernels_norm_gelu", res, md)
     print(md)
     bad = [r for key in ("group_norm", "feed_forward", "elementwise") for r in res[key] if not r["correct"]]
-    return 1 if bad else 0
+    return 1 if bad or res["errors"] else 0
 
 
 if __name__ == "__main__":
