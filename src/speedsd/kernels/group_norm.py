@@ -23,6 +23,7 @@ Three paths, picked by :func:`group_norm` (``path="auto"``):
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -267,8 +268,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _ncs_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """x (made dense if needed) and its strides (sn, sc, ss) as a [N, C, S] view."""
-    n, c = x.shape[:2]
-    s = x[0, 0].numel()
+    c, s = x.shape[1], math.prod(x.shape[2:])
     if x.is_contiguous():
         return x, c * s, s, 1
     cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
@@ -402,7 +402,7 @@ def group_norm(
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():
         raise ValueError("out must match x in shape, dtype, device and strides")
-    S = x[0, 0].numel() if x.numel() else 0
+    S = math.prod(x.shape[2:])
     plan = plan_group_norm(
         N, C, max(S, 1), num_groups, sc == 1 and ss != 1, x.element_size(), _sm_count(x.device), path, programs, tile
     )
