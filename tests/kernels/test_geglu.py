@@ -57,9 +57,13 @@ def test_gelu(dtype, tol, approximate):
         _assert_low_precision_ok(y, ref, gg.gelu_ref(x, approximate))
 
 
-def test_gelu_non_contiguous_and_extremes():
+def test_gelu_non_contiguous_channels_last_and_extremes():
     x = _randn(8, 10)[:, ::3]
     torch.testing.assert_close(gg.gelu(x), F.gelu(x), atol=1e-6, rtol=1e-6)
+    xc = _randn(2, 6, 3, 5).to(memory_format=torch.channels_last)
+    yc = gg.gelu(xc)
+    assert yc.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yc, F.gelu(xc), atol=1e-6, rtol=1e-6)
     big = torch.tensor([-1e4, -30.0, -5.0, 0.0, 5.0, 30.0, 1e4], device=DEVICE)
     for a in APPROXES:
         torch.testing.assert_close(gg.gelu(big, a), gg.gelu_ref(big, a), atol=1e-5, rtol=1e-6)

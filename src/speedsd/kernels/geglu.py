@@ -78,15 +78,21 @@ def _gelu_kernel(x_ptr, y_ptr, numel, APPROX: tl.constexpr, BLOCK: tl.constexpr)
     tl.store(y_ptr + offs, _gelu(x, APPROX).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Contiguous or channels_last: the elements fill the storage in some order, so a flat pass works."""
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def gelu(x: torch.Tensor, approximate: str = "none", *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """GELU of x (any shape; a non-dense x is copied first). ``out``: dense tensor like x to write into."""
+    """GELU of x, same shape and memory format (other non-dense x is copied first). ``out``: like x."""
     _check_float(x, "x")
     a = _approx(approximate)
-    x = x.contiguous()
+    if not _dense(x):
+        x = x.contiguous()
     if out is None:
-        out = torch.empty_like(x)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-        raise ValueError("out must be a contiguous tensor with x's shape, dtype and device")
+        out = torch.empty_like(x)  # same strides as x
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():
+        raise ValueError("out must match x in shape, dtype, device and strides")
     if x.numel():
         block = 1024 if x.numel() <= 1 << 16 else 4096
         _gelu_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), APPROX=a, BLOCK=block, num_warps=8)
