@@ -24,10 +24,8 @@ from speedsd import ops
 from speedsd.bench import common
 from speedsd.bench.peers import fidelity, peer_rows
 
-ABLATION: list[tuple[str, ops.Flags]] = []
 
-
-def _ablation() -> list[tuple[str, ops.Flags]]:
+def ablation() -> list[tuple[str, ops.Flags]]:
     f = ops.Flags()
     rows = [("baseline", f)]
     f = f.replace(group_norm=True, gelu=True)
@@ -101,7 +99,7 @@ def run(model: str, steps: int = 20, size: int = 512, reps: int = 20, peers: boo
     weight_mib = sum(p.numel() * p.element_size() for m in base.models() for p in m.parameters()) / 2**20
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     results: list[dict[str, Any]] = []
-    for name, flags in _ablation():
+    for name, flags in ablation():
         if rows != "all" and name not in rows.split(","):
             continue
         if device != "cuda" and not interp and (_needs_kernels(flags) or flags.cuda_graphs):

@@ -1,0 +1,98 @@
+"""Every optimization flag set of the ablation runs the (tiny) engine and matches the reference.
+
+On CPU the Triton kernels run under the interpreter (conftest sets TRITON_INTERPRET=1), so this
+checks the kernels *as wired into the models*, not only one by one. CUDA graphs need a GPU and are
+covered by tests/test_graphs.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import speedsd
+from checkpoints import make_diffusers_folder
+from speedsd import ops
+from speedsd.bench.e2e import ablation
+
+REFERENCE = ops.PRESETS["reference"]
+# Under the interpreter each kernel launch costs seconds, so instead of every cumulative ablation row
+# (each a superset of the one before) these cover every flag at least once, in both layouts:
+KERNELS = ops.Flags(group_norm=True, gelu=True, winograd=True)
+ROWS = [
+    ("baseline (math softmax)", ops.Flags()),
+    ("+kernels, partial softmax, NCHW", KERNELS.replace(attention="partial")),
+    (
+        "+kernels, flash, channels-last, fused QKV",
+        KERNELS.replace(attention="flash", channels_last=True, fused_qkv=True),
+    ),
+]
+
+
+def test_rows_cover_the_ablation():
+    """Every flag an ablation row turns on (but CUDA graphs) is on in some row here."""
+    for _, flags in ablation():
+        for field in ("group_norm", "gelu", "winograd", "channels_last", "fused_qkv"):
+            if getattr(flags, field):
+                assert any(getattr(f, field) for _, f in ROWS), field
+    assert {f.attention for _, f in ROWS} >= {"math", "partial", "flash"}
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = make_diffusers_folder(tmp_path_factory.mktemp("flags"), "sd1")
+    return speedsd.load(str(folder), device="cpu", dtype=torch.float32, flags=REFERENCE)
+
+
+@pytest.fixture(autouse=True)
+def winograd_everywhere(monkeypatch):
+    """Make the Winograd table pick F(4,3) for every eligible layer, so the +Winograd rows run it."""
+    from speedsd.kernels import winograd
+
+    class Every(dict):
+        def get(self, key, default=None):
+            return "4:triton"
+
+    monkeypatch.setattr(winograd, "load_table", lambda: Every())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("name,flags", ROWS, ids=[n for n, _ in ROWS])
+def test_flags_match_reference(pipe, name, flags):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g) + 0.3
+    z = torch.randn(1, 4, 8, 8, generator=g) * 3 + 0.5
+    t = torch.tensor(421.0)
+    ctx = pipe.encode_text(["a photo of a cat", ""])
+    ref = pipe.with_flags(REFERENCE)
+    want_eps, want_img = ref.unet_step(x, t, ctx), ref.decode_latents(z)
+    fast = pipe.with_flags(flags)
+    got_eps, got_img = fast.unet_step(x, t, ctx), fast.decode_latents(z)
+    assert _rel(got_eps, want_eps) < 1e-4, name
+    assert _rel(got_img, want_img) < 1e-4, name
+    got_ctx = fast.encode_text(["a photo of a cat", ""])
+    assert _rel(got_ctx, ctx) < 1e-4, name
+
+
+def test_whole_image_with_every_kernel(pipe):
+    """A 1-step image with all CPU-runnable optimizations equals the reference image."""
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(steps=1, height=16, width=16, latents=latents, output="tensor", scheduler="ddim")
+    want = pipe.with_flags(REFERENCE)("a red fox", **kw)
+    got = pipe.with_flags(ROWS[-1][1])("a red fox", **kw)
+    assert _rel(got, want) < 1e-4
+
+
+def test_kernel_flag_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 32, 4, 4)
+    with ops.using(ops.Flags(group_norm=True)), pytest.raises(RuntimeError, match="kernel was asked for"):
+        ops.group_norm_op(x, 8, None, None, 1e-5)
+
+
+def test_flags_reject_unknown_attention():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ops.Flags(attention="fastest")
