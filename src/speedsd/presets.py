@@ -84,6 +84,8 @@ _SD1_TOKENIZER = ("openai/clip-vit-large-patch14", "")
 _SD2_TOKENIZER = ("stabilityai/stable-diffusion-2-1", "tokenizer")
 
 MODEL_PRESETS: dict[str, ModelPreset] = {
+    # Not a real model: a few-MB geometry with every block type, for smoke tests and `speedsd bench` on CPU.
+    "tiny": ModelPreset("tiny", "sd1", "tiny", "tiny", "tiny", _sched(), "pndm", 64, "none", *_SD1_TOKENIZER),
     "sd1.4": ModelPreset(
         "sd1.4", "sd1", "sd1", "sd1", "sd", _sched(), "pndm", 512, "CompVis/stable-diffusion-v1-4", *_SD1_TOKENIZER
     ),

@@ -88,6 +88,8 @@ class CLIPTextConfig:
 
 
 CLIP_PRESETS: dict[str, CLIPTextConfig] = {
+    # A stand-in for smoke tests and the CPU bench (random:tiny)
+    "tiny": CLIPTextConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, hidden_act="quick_gelu"),
     # OpenAI CLIP ViT-L/14 text tower (SD 1.x).
     "sd1": CLIPTextConfig(
         hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, hidden_act="quick_gelu"

@@ -199,6 +199,17 @@ def _check_unsupported(cfg: Mapping[str, Any]) -> None:
 UNET_PRESETS: dict[str, UNetConfig] = {
     # SD 1.4 / 1.5 (CompVis/stable-diffusion-v1-4, runwayml/stable-diffusion-v1-5)
     "sd1": UNetConfig(),
+    # A few-MB stand-in with every block type, for smoke tests and the CPU bench (random:tiny)
+    "tiny": UNetConfig(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+        sample_size=8,
+    ),
     # SD 2.0 / 2.1 base (512px, epsilon prediction)
     "sd2": UNetConfig().replace(
         cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True

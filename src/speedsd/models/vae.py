@@ -76,7 +76,11 @@ class VAEConfig:
         )
 
 
-VAE_PRESETS: dict[str, VAEConfig] = {"sd": VAEConfig()}  # SD 1.x and 2.x share the VAE geometry
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "sd": VAEConfig(),  # SD 1.x and 2.x share the VAE geometry
+    # A stand-in with SD's 8x downscale, for smoke tests and the CPU bench (random:tiny)
+    "tiny": VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
+}
 
 
 class MidBlock(nn.Module):
