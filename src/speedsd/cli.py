@@ -15,6 +15,7 @@ import argparse
 import os
 import secrets
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -279,6 +280,8 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # torch.load(weights_only=True) warns about the pickle protocol of old .ckpt files; not the user's concern
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     try:

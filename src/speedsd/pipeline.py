@@ -10,8 +10,8 @@ deliberate choices:
   then moved to the device and dtype, so one seed gives the same starting noise on every device and
   in every dtype. The same generator then feeds the sampler's own noise (Euler a) and img2img's VAE
   posterior sample and forward noise, in the order diffusers draws them.
-* Latents and the scheduler arithmetic stay in fp32 between UNet calls; only the model inputs are
-  cast to the model dtype.
+* Latents and the scheduler arithmetic stay in fp32 (fp64 for an fp64 model) between UNet calls; only
+  the model inputs are cast to the model dtype.
 
 The hot path is two small methods, :meth:`Pipeline.unet_step` and :meth:`Pipeline.decode_latents`,
 so CUDA-graph runners can replace them without touching the sampling loop. Every model call runs
@@ -169,6 +169,11 @@ class Pipeline:
         return max(8, self.vae_scale)
 
     @property
+    def latent_dtype(self) -> torch.dtype:
+        """Latents and scheduler math: fp32, or fp64 for an fp64 model (the tests' exact oracle runs)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
     def latent_channels(self) -> int:
         cfg = getattr(self.unet, "config", None)
         return int(getattr(cfg, "in_channels", 4))
@@ -196,14 +201,14 @@ class Pipeline:
     def unet_step(
         self, latent_model_input: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor
     ) -> torch.Tensor:
-        """One UNet evaluation: [N, 4, h, w] latents (any float dtype) -> fp32 model output."""
+        """One UNet evaluation: [N, 4, h, w] latents (any float dtype) -> model output in latent_dtype."""
         x = latent_model_input.to(self.dtype)
         if self.flags.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ts = torch.as_tensor(t, device=self.device).reshape(-1).expand(x.shape[0])  # scalar -> [N]
         with ops.using(self.flags):
             out = self.unet(x, ts, text_embeddings)
-        return out.float()
+        return out.to(self.latent_dtype)
 
     def decode_latents(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1] (model dtype)."""
@@ -220,8 +225,8 @@ class Pipeline:
             x = x.contiguous(memory_format=torch.channels_last)
         with ops.using(self.flags):
             mean, logvar = self.vae.encode(x)
-        mean, logvar = mean.float(), logvar.float().clamp(-30.0, 20.0)
-        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(self.device)
+        mean, logvar = mean.to(self.latent_dtype), logvar.to(self.latent_dtype).clamp(-30.0, 20.0)
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(self.device, self.latent_dtype)
         return (mean + torch.exp(0.5 * logvar) * eps) * self.vae.config.scaling_factor
 
     # -- user entry points -----------------------------------------------------------------------
@@ -245,7 +250,7 @@ class Pipeline:
     ) -> list[Any] | torch.Tensor:
         """Generate images from text.
 
-        Returns a list of PIL images (output="pil"), a float32 [N, 3, H, W] tensor in [0, 1]
+        Returns a list of PIL images (output="pil"), a float32 (fp64 for an fp64 model) [N, 3, H, W] tensor in [0, 1]
         (output="tensor") or the final scaled latents [N, 4, H/8, W/8] (output="latent"), where
         N = len(prompts) * num_images. ``callback(step_index, num_steps, timestep, latents)`` runs
         after every step. height/width None -> the model's default size.
@@ -268,7 +273,7 @@ class Pipeline:
         generator = self._generator(seed, need_seed=latents is None)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-        latents = latents.to(self.device, torch.float32)
+        latents = latents.to(self.device, self.latent_dtype)
 
         cfg = guidance_scale > 1.0
         emb = self.text_embeddings(prompts, negatives, num_images, cfg)
@@ -324,7 +329,7 @@ class Pipeline:
 
         init = self.encode_image(pixels, generator)  # posterior sample first, as diffusers draws it
         init = torch.cat([init] * (n // init.shape[0]), dim=0)
-        noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(self.device)
+        noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(self.device, self.latent_dtype)
         t0 = torch.as_tensor(timesteps[0], device=self.device).reshape(1).expand(n)
         latents = sched.add_noise(init, noise, t0)
         latents = self._denoise(sched, timesteps, latents, emb, guidance_scale, generator, callback)
@@ -360,7 +365,7 @@ class Pipeline:
             if cfg:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
-            latents = sched.step(out, t, latents, generator=generator).float()
+            latents = sched.step(out, t, latents, generator=generator).to(self.latent_dtype)
             if callback is not None:
                 callback(i, num, t, latents)
         return latents
@@ -371,7 +376,7 @@ class Pipeline:
         if tiled_decode is None:
             tiled_decode = max(latents.shape[-2:]) > TILED_DECODE_ABOVE
         image = self.decode_latents(latents, tiled=tiled_decode)
-        image = (image.float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        image = (image.to(self.latent_dtype) / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
         if output == "tensor":
             return image
         return to_pil(image)
@@ -402,13 +407,13 @@ def preprocess_image(image: Any, multiple: int = 8) -> torch.Tensor:
             if im.size != (w, h):
                 im = im.resize((w, h), resample=Image.LANCZOS)
             arrs.append(np.asarray(im, dtype=np.float32) / 255.0)  # [H, W, 3]
-        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()  # [B, H, W, 3] -> [B, 3, H, W]
     elif isinstance(image, torch.Tensor):
         x = image[None] if image.dim() == 3 else image
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"image tensor must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
         check_size(x.shape[2], x.shape[3], multiple)
-        x = x.float().cpu()
+        x = x.float().cpu().contiguous()
     else:
         raise ValueError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
     return x * 2.0 - 1.0

@@ -109,8 +109,8 @@ def parse_request(body: Any) -> dict[str, Any]:
             continue
         kind = FIELDS[key]
         if isinstance(value, bool) or not isinstance(value, kind):
-            want = "number" if kind == (int, float) else kind.__name__  # type: ignore[union-attr]
-            raise ValueError(f"field {key!r} must be a {want}, got {json.dumps(value)[:40]}")
+            want = {str: "a string", int: "an integer"}.get(kind, "a number")  # type: ignore[call-overload]
+            raise ValueError(f"field {key!r} must be {want}, got {json.dumps(value)[:40]}")
         out[key] = value
     return out
 

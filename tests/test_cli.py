@@ -1,0 +1,228 @@
+"""The speedsd command line: images + A1111 parameters chunk, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import speedsd
+import speedsd.pipeline
+from checkpoints import make_diffusers_folder
+from speedsd import cli
+from speedsd.pngmeta import parse_parameters, read_parameters
+
+SIZE = "32x32"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (several spin-wait for ages on a busy 2-core CI box)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(make_diffusers_folder(tmp_path_factory.mktemp("cli"), kind="sd1"))
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, err: str, needle: str) -> None:
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("speedsd: error: "), err
+    assert needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_generate_writes_pngs_with_parameters(model: str, tmp_path, capsys) -> None:
+    out = tmp_path / "fox.png"
+    argv = ["generate", "a red fox", "--model", model, "--negative", "blurry", "--steps", "3", "--seed", "42"]
+    argv += ["--size", "48x32", "--scheduler", "euler_a", "--guidance", "6", "--num-images", "2", "-o", str(out)]
+    rc, stdout, err = run_main(capsys, argv)
+    assert rc == 0, err
+    paths = [out, tmp_path / "fox-1.png"]
+    assert stdout.split() == [str(p) for p in paths]
+    assert not (tmp_path / "fox-2.png").exists()
+    for i, p in enumerate(paths):
+        text = read_parameters(p)
+        assert text is not None
+        lines = text.split("\n")
+        assert lines[0] == "a red fox" and lines[1] == "Negative prompt: blurry"
+        assert lines[2].startswith("Steps: 3, Sampler: Euler a, CFG scale: 6, Seed: 42, Size: 48x32, Model: ")
+        fields = parse_parameters(text)
+        assert fields["Batch size"] == "2" and fields["Batch pos"] == str(i)
+        with Image.open(p) as im:
+            assert im.size == (48, 32) and im.mode == "RGB"
+    # the same image as the library gives for that seed
+    pipe = speedsd.load(model, device="cpu")
+    ref = pipe("a red fox", negative_prompt="blurry", steps=3, seed=42, height=32, width=48, scheduler="euler_a",
+               guidance_scale=6.0, num_images=2)  # fmt: skip
+    for p, im in zip(paths, ref):
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(im))
+
+
+def test_no_seed_records_a_reproducible_one(model: str, tmp_path, capsys) -> None:
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    rc, _, err = run_main(capsys, ["generate", "owl", "--model", model, "--steps", "2", "--size", SIZE, "-o", str(a)])
+    assert rc == 0, err
+    fields = parse_parameters(read_parameters(a))
+    assert fields["prompt"] == "owl" and fields["negative_prompt"] == "" and "Negative prompt" not in read_parameters(a)
+    assert fields["Sampler"] == "PNDM" and fields["Size"] == SIZE  # the model's default scheduler
+    seed = fields["Seed"]
+    argv = ["generate", "owl", "--model", model, "--steps", "2", "--size", SIZE, "--seed", seed, "-o", str(b)]
+    assert run_main(capsys, argv)[0] == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def _hostile_ckpt(path, marker) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"x": Evil()}}, f)
+
+
+BAD_ARGS = [
+    (["--size", "63x64"], "multiples of 8"),
+    (["--size", "big"], "--size must look like"),
+    (["--size", "64x"], "--size must look like"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--steps", "two"], "invalid int value"),
+    (["--scheduler", "euler_b"], "unknown scheduler 'euler_b'"),
+    (["--guidance", "-2"], "guidance_scale must be"),
+    (["--num-images", "0"], "num_images must be"),
+    (["--seed", "-5"], "seed must be"),
+    (["--flags", "turbo"], "unknown --flags preset 'turbo'"),
+    (["--dtype", "fp8"], "invalid choice"),
+    (["--device", "tpu9"], "unknown device"),
+    (["-o", "out.jpg"], "must be a .png file"),
+    (["-o", "/nonexistent-dir/x.png"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_arguments_one_line(model: str, tmp_path, capsys, extra: list[str], needle: str) -> None:
+    argv = ["generate", "x", "--model", model, "--steps", "2", "--size", SIZE, "-o", str(tmp_path / "o.png"), *extra]
+    rc, out, err = run_main(capsys, argv)
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_device_without_cuda(model: str, tmp_path, capsys) -> None:
+    rc, _, err = run_main(
+        capsys, ["generate", "x", "--model", model, "--device", "cuda", "-o", str(tmp_path / "o.png")]
+    )
+    assert_one_line_error(rc, err, "CUDA is not available")
+
+
+def test_missing_model_argument(capsys) -> None:
+    rc, _, err = run_main(capsys, ["generate", "x"])
+    assert_one_line_error(rc, err, "--model")
+
+
+def test_checkpoint_problems(tmp_path, capsys) -> None:
+    out = str(tmp_path / "o.png")
+    rc, _, err = run_main(capsys, ["generate", "x", "--model", str(tmp_path / "nope.safetensors"), "-o", out])
+    assert_one_line_error(rc, err, "nope.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + os.urandom(64))
+    rc, _, err = run_main(capsys, ["generate", "x", "--model", str(corrupt), "-o", out])
+    assert_one_line_error(rc, err, "corrupt.safetensors")
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "hostile.ckpt"
+    _hostile_ckpt(hostile, marker)
+    rc, _, err = run_main(capsys, ["generate", "x", "--model", str(hostile), "-o", out])
+    assert_one_line_error(rc, err, "hostile.ckpt")
+    assert not marker.exists()  # the pickle's payload never ran
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    rc, _, err = run_main(capsys, ["generate", "x", "--model", str(empty), "-o", out])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_folder(model: str, tmp_path, capsys) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc, _, err = run_main(capsys, ["generate", "x", "--model", model, "--size", SIZE, "-o", str(ro / "o.png")])
+    finally:
+        ro.chmod(0o700)
+    assert_one_line_error(rc, err, "not writable")
+
+
+def test_output_is_a_folder(model: str, tmp_path, capsys) -> None:
+    (tmp_path / "o.png").mkdir()
+    rc, _, err = run_main(capsys, ["generate", "x", "--model", model, "--size", SIZE, "-o", str(tmp_path / "o.png")])
+    assert_one_line_error(rc, err, "is a folder")
+
+
+def test_write_failure_after_generation(model: str, tmp_path, capsys, monkeypatch) -> None:
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("speedsd.pngmeta.save_png", fail)
+    argv = ["generate", "x", "--model", model, "--steps", "1", "--size", SIZE, "-o", str(tmp_path / "o.png")]
+    rc, _, err = run_main(capsys, argv)
+    assert_one_line_error(rc, err, "No space left on device")
+
+
+def test_genuine_bug_still_tracebacks(model: str, tmp_path, monkeypatch) -> None:
+    def bug(self, *a, **k):
+        raise RuntimeError("shape mismatch deep inside")
+
+    monkeypatch.setattr(speedsd.pipeline.Pipeline, "__call__", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["generate", "x", "--model", model, "--size", SIZE, "-o", str(tmp_path / "o.png")])
+
+
+def test_bench_dispatches_lazily(monkeypatch) -> None:
+    seen = []
+    fake = types.ModuleType("speedsd.bench.e2e")
+    fake.main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "speedsd.bench.e2e", fake)
+    assert cli.main(["bench", "--model", "random:sd1.4", "--steps", "2"]) == 7
+    assert seen == [["--model", "random:sd1.4", "--steps", "2"]]
+
+
+def test_serve_bad_port(model: str, capsys) -> None:
+    rc, _, err = run_main(capsys, ["serve", "--model", model, "--port", "70000"])
+    assert_one_line_error(rc, err, "--port")
+
+
+def test_subprocess_module_entry(model: str, tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "s.png"
+    ok = subprocess.run(
+        [sys.executable, "-m", "speedsd", "generate", "x", "--model", model, "--steps", "1", "--size", SIZE,
+         "--seed", "1", "-o", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert out.exists() and "Seed: 1" in read_parameters(out)
+    bad = subprocess.run(
+        [sys.executable, "-m", "speedsd", "generate", "x", "--model", model, "--size", "63x64"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["speedsd: error: --size must be positive multiples of 8, got '63x64'"]

@@ -1,0 +1,145 @@
+"""The HTTP API on a loopback port with a tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import speedsd
+from checkpoints import make_diffusers_folder
+from speedsd.pngmeta import parse_parameters
+from speedsd.server import make_server
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (several spin-wait for ages on a busy 2-core CI box)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pipe = speedsd.load(str(make_diffusers_folder(tmp_path_factory.mktemp("srv"), kind="sd1")), device="cpu")
+    srv = make_server(pipe, "127.0.0.1", 0, max_size=256, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def url(srv, path: str) -> str:
+    host, port = srv.server_address[:2]
+    return f"http://{host}:{port}{path}"
+
+
+def post(srv, body: bytes | dict, path: str = "/generate") -> tuple[int, dict[str, str], bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url(srv, path), data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+REQ = {"prompt": "a red fox", "negative_prompt": "blurry", "steps": 2, "width": 32, "height": 32, "scheduler": "ddim"}
+
+
+def test_health(server) -> None:
+    with urllib.request.urlopen(url(server, "/health"), timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+        body = json.loads(r.read())
+    assert body["status"] == "ok" and body["device"] == "cpu" and body["default_scheduler"] == "pndm"
+
+
+def test_generate_png_with_parameters(server) -> None:
+    status, headers, png = post(server, {**REQ, "seed": 5, "guidance_scale": 6})
+    assert status == 200 and headers["Content-Type"] == "image/png" and headers["X-Seed"] == "5"
+    im = Image.open(io.BytesIO(png))
+    assert im.size == (32, 32)
+    fields = parse_parameters(im.info["parameters"])
+    assert fields["prompt"] == "a red fox" and fields["negative_prompt"] == "blurry"
+    assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Seed"]) == ("2", "DDIM", "6", "5")
+    ref = server.pipe("a red fox", negative_prompt="blurry", steps=2, guidance_scale=6.0, height=32, width=32,
+                      seed=5, scheduler="ddim")[0]  # fmt: skip
+    assert np.array_equal(np.asarray(im), np.asarray(ref))
+
+
+def test_random_seed_reported(server) -> None:
+    status, headers, png = post(server, {"prompt": "owl", "steps": 1, "width": 32, "height": 32})
+    assert status == 200
+    seed = int(headers["X-Seed"])
+    assert parse_parameters(Image.open(io.BytesIO(png)).info["parameters"])["Seed"] == str(seed)
+    again = post(server, {"prompt": "owl", "steps": 1, "width": 32, "height": 32, "seed": seed})[2]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(io.BytesIO(again))))
+
+
+BAD = [
+    (b"{not json", "invalid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    ({"steps": 2}, "missing field: prompt"),
+    ({**REQ, "colour": "red"}, "unknown field(s): colour"),
+    ({**REQ, "steps": 0}, "steps must be an integer >= 1"),
+    ({**REQ, "steps": "3"}, "field 'steps' must be an integer"),
+    ({**REQ, "width": 33}, "width must be a positive multiple of 8"),
+    ({**REQ, "width": 1024}, "must be <= 256"),
+    ({**REQ, "scheduler": "nope"}, "unknown scheduler 'nope'"),
+    ({**REQ, "guidance_scale": True}, "must be a number"),
+    ({**REQ, "seed": -3}, "seed must be"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD, ids=[n for _, n in BAD])
+def test_bad_requests_are_400(server, body, needle: str) -> None:
+    status, headers, raw = post(server, body)
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    text = raw.decode()
+    assert text.count("\n") == 1 and text.endswith("\n")  # one line
+    assert needle in json.loads(text)["error"]
+
+
+def test_unknown_paths(server) -> None:
+    assert post(server, REQ, "/txt2img")[0] == 404
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url(server, "/nope"), timeout=30)
+    assert e.value.code == 404
+
+
+def test_concurrent_requests_one_at_a_time(server, monkeypatch) -> None:
+    active, peak = [0], [0]
+    lock = threading.Lock()
+    orig = server.pipe.unet_step
+
+    def step(*a):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return orig(*a)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(server.pipe, "unet_step", step)
+    results = []
+    threads = [
+        threading.Thread(target=lambda s=s: results.append(post(server, {**REQ, "seed": s})[0])) for s in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == [200, 200, 200]
+    assert peak[0] == 1
