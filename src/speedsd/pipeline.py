@@ -13,9 +13,9 @@ deliberate choices:
 * Latents and the scheduler arithmetic stay in fp32 (fp64 for an fp64 model) between UNet calls; only
   the model inputs are cast to the model dtype.
 
-The hot path is two small methods, :meth:`Pipeline.unet_step` and :meth:`Pipeline.decode_latents`,
-so CUDA-graph runners can replace them without touching the sampling loop. Every model call runs
-inside ``ops.using(self.flags)``.
+The hot path is two small methods, :meth:`Pipeline.unet_step` and :meth:`Pipeline.decode_latents`;
+with ``flags.cuda_graphs`` on a CUDA device both replay CUDA graphs (:mod:`speedsd.graphs`) captured
+once per input signature. Every model call runs inside ``ops.using(self.flags)``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from speedsd import ops
+from speedsd.graphs import GraphCache
 
 OUTPUTS = ("pil", "tensor", "latent")
 TILED_DECODE_ABOVE = 96  # latent side above which decoding goes tile by tile when tiled_decode=None
@@ -149,6 +150,12 @@ class Pipeline:
         fmt = torch.channels_last if self.flags.channels_last else torch.contiguous_format
         self.unet.to(memory_format=fmt)
         self.vae.to(memory_format=fmt)
+        # CUDA graphs: one capture per input signature (shape, dtype, layout), replayed afterwards.
+        self._unet_graphs: GraphCache | None = None
+        self._decode_graphs: GraphCache | None = None
+        if self.flags.cuda_graphs and self.device.type == "cuda":
+            self._unet_graphs = GraphCache(self._unet_forward)
+            self._decode_graphs = GraphCache(self._vae_decode, max_entries=4)
 
     def models(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.unet, self.vae]
@@ -156,6 +163,12 @@ class Pipeline:
     def with_flags(self, flags: ops.Flags) -> Pipeline:
         """A pipeline over the same (shared, not copied) models with other flags."""
         return type(self)(self.components, flags=flags)
+
+    def reset_graphs(self) -> None:
+        """Drop captured CUDA graphs (call after changing weights in a way the graphs cached)."""
+        for cache in (self._unet_graphs, self._decode_graphs):
+            if cache is not None:
+                cache.reset()
 
     # -- small pieces, each swappable -------------------------------------------------------------
 
@@ -198,25 +211,40 @@ class Pipeline:
         emb = self.encode_text(negatives + prompts if cfg else prompts)  # one text-encoder batch
         return emb.repeat_interleave(num_images, dim=0)  # [p0, p0, p1, p1, ...] as diffusers orders them
 
+    @torch.inference_mode()
     def unet_step(
         self, latent_model_input: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor
     ) -> torch.Tensor:
-        """One UNet evaluation: [N, 4, h, w] latents (any float dtype) -> model output in latent_dtype."""
-        x = latent_model_input.to(self.dtype)
+        """One UNet evaluation: [N, 4, h, w] latents (any float dtype) -> model output in latent_dtype.
+
+        With ``flags.cuda_graphs`` on CUDA it replays a graph captured per input signature.
+        """
+        x = latent_model_input.to(self.device, self.dtype)
         if self.flags.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ts = torch.as_tensor(t, device=self.device).reshape(-1).expand(x.shape[0])  # scalar -> [N]
-        with ops.using(self.flags):
-            out = self.unet(x, ts, text_embeddings)
-        return out.to(self.latent_dtype)
+        ts = torch.as_tensor(t, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()  # scalar -> [N]
+        run = self._unet_graphs if self._unet_graphs is not None else self._unet_forward
+        return run(x, ts, text_embeddings.to(self.dtype)).to(self.latent_dtype)
 
+    @torch.inference_mode()
     def decode_latents(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1] (model dtype)."""
-        z = (z / self.vae.config.scaling_factor).to(self.dtype)
+        z = (z / self.vae.config.scaling_factor).to(self.device, self.dtype)
         if self.flags.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
+        if tiled:
+            with ops.using(self.flags):
+                return self.vae.decode_tiled(z)
+        run = self._decode_graphs if self._decode_graphs is not None else self._vae_decode
+        return run(z)
+
+    def _unet_forward(self, x: torch.Tensor, ts: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         with ops.using(self.flags):
-            return self.vae.decode_tiled(z) if tiled else self.vae.decode(z)
+            return self.unet(x, ts, emb)
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        with ops.using(self.flags):
+            return self.vae.decode(z)
 
     def encode_image(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1] -> scaled latents: a posterior sample drawn with ``generator``."""
