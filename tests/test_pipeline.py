@@ -307,6 +307,29 @@ def test_model_calls_run_under_the_pipeline_flags(sd1_f64: Pair, monkeypatch) ->
     assert rel(out, ref(PROMPT, **kw)) < 1e-8  # fp64: layout and attention path change only rounding
 
 
+def test_shared_weights_follow_each_pipelines_layout(sd1_f64: Pair, monkeypatch) -> None:
+    """with_flags copies share weights; each call puts them in its own layout and drops stale graphs."""
+    a = sd1_f64.ours.with_flags(ops.Flags(attention="sdpa", channels_last=True))
+    b = sd1_f64.ours.with_flags(ops.PRESETS["reference"])
+    w = lambda: b.unet.conv_in.weight  # noqa: E731
+    assert w().is_contiguous()
+    resets = []
+    monkeypatch.setattr(a, "reset_graphs", lambda: resets.append("a"))
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    emb = a.encode_text(["x", "y"])
+    out_a = a.unet_step(x, torch.tensor(500), emb)
+    assert w().is_contiguous(memory_format=torch.channels_last) and not w().is_contiguous()
+    assert not w().is_inference()  # converted inside inference_mode, still ordinary tensors
+    assert resets == ["a"]
+    out_b = b.unet_step(x, torch.tensor(500), emb)
+    assert w().is_contiguous()
+    a.unet_step(x, torch.tensor(500), emb)
+    assert resets == ["a", "a"]  # b's conversion invalidated a's graphs
+    a.unet_step(x, torch.tensor(500), emb)
+    assert resets == ["a", "a"]  # no conversion, no reset
+    assert rel(out_a, out_b) < 1e-10
+
+
 def test_half_precision_plumbing(sd1: Pair, monkeypatch) -> None:
     """fp16: the models get fp16 inputs; latents stay fp32. (This random model overflows fp16
     activations, so fp16 numbers are checked on real weights by the GPU bench, not here.)"""

@@ -189,7 +189,7 @@ def load_pipeline(args: argparse.Namespace) -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from speedsd import pipeline as pl
+    from speedsd import inputs as pl
     from speedsd.pngmeta import GenerationParams, save_png
 
     width, height = parse_size(args.size)

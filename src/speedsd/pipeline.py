@@ -20,19 +20,27 @@ once per input signature. Every model call runs inside ``ops.using(self.flags)``
 
 from __future__ import annotations
 
-import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from speedsd import ops
 from speedsd.graphs import GraphCache
+from speedsd.inputs import (
+    check_common,
+    check_seed,
+    check_size,
+    negatives_list,
+    preprocess_image,
+    prompts_list,
+    to_pil,
+)
 
-OUTPUTS = ("pil", "tensor", "latent")
+# unet module -> (memory format its weights (and the VAE's) are in, conversion count)
+_LAYOUT: weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.memory_format, int]] = weakref.WeakKeyDictionary()
 TILED_DECODE_ABOVE = 96  # latent side above which decoding goes tile by tile when tiled_decode=None
-MAX_SEED = 2**64 - 1
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -68,63 +76,6 @@ def load(
     return Pipeline(components, flags=flags)
 
 
-# ---- input checks ------------------------------------------------------------------------------
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _prompts(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise ValueError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-
-
-def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]:
-    if negative_prompt is None:
-        return [""] * n
-    negs = _prompts(negative_prompt, "negative_prompt")
-    if len(negs) == 1:
-        return negs * n
-    if len(negs) != n:
-        raise ValueError(f"got {len(negs)} negative prompts for {n} prompts; give one or one per prompt")
-    return negs
-
-
-def check_size(height: object, width: object, multiple: int = 8) -> None:
-    for name, v in (("height", height), ("width", width)):
-        if not _is_int(v) or v <= 0 or v % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
-
-
-def check_common(steps: object, guidance_scale: object, num_images: object, scheduler: object, output: object) -> None:
-    from speedsd.schedulers import SCHEDULERS
-
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if (
-        not isinstance(guidance_scale, (int, float, np.floating))
-        or isinstance(guidance_scale, bool)
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not _is_int(num_images) or num_images < 1:
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-
-
-def check_seed(seed: object) -> None:
-    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
-
-
 # ---- the pipeline ------------------------------------------------------------------------------
 
 
@@ -146,16 +97,33 @@ class Pipeline:
         self.last_seed: int | None = None  # the seed the last call used (drawn when none was given)
         for m in self.models():
             m.eval()
-        # The weights' layout follows the flags (the models are shared between with_flags copies).
-        fmt = torch.channels_last if self.flags.channels_last else torch.contiguous_format
-        self.unet.to(memory_format=fmt)
-        self.vae.to(memory_format=fmt)
         # CUDA graphs: one capture per input signature (shape, dtype, layout), replayed afterwards.
         self._unet_graphs: GraphCache | None = None
         self._decode_graphs: GraphCache | None = None
         if self.flags.cuda_graphs and self.device.type == "cuda":
             self._unet_graphs = GraphCache(self._unet_forward)
             self._decode_graphs = GraphCache(self._vae_decode, max_entries=4)
+        self._layout_version = -1
+        self._ensure_layout()
+
+    def _ensure_layout(self) -> None:
+        """Give the (shared) weights this pipeline's layout; drop graphs captured on older weight tensors.
+
+        ``with_flags`` copies share the models. Converting the weights between NCHW and channels_last
+        swaps their storage, which graphs captured by any sharing pipeline read by address, so every
+        conversion bumps a version and each pipeline re-captures when it sees a new one.
+        """
+        fmt = torch.channels_last if self.flags.channels_last else torch.contiguous_format
+        state = _LAYOUT.get(self.unet)
+        if state is None or state[0] != fmt:
+            with torch.inference_mode(False):  # weights stay normal tensors even when converted mid-call
+                self.unet.to(memory_format=fmt)
+                self.vae.to(memory_format=fmt)
+            state = (fmt, 0 if state is None else state[1] + 1)
+            _LAYOUT[self.unet] = state
+        if state[1] != self._layout_version:
+            self.reset_graphs()
+            self._layout_version = state[1]
 
     def models(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.unet, self.vae]
@@ -219,6 +187,7 @@ class Pipeline:
 
         With ``flags.cuda_graphs`` on CUDA it replays a graph captured per input signature.
         """
+        self._ensure_layout()
         x = latent_model_input.to(self.device, self.dtype)
         if self.flags.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -229,6 +198,7 @@ class Pipeline:
     @torch.inference_mode()
     def decode_latents(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Scaled latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1] (model dtype)."""
+        self._ensure_layout()
         z = (z / self.vae.config.scaling_factor).to(self.device, self.dtype)
         if self.flags.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
@@ -248,6 +218,7 @@ class Pipeline:
 
     def encode_image(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1] -> scaled latents: a posterior sample drawn with ``generator``."""
+        self._ensure_layout()
         x = image.to(self.device, self.dtype)
         if self.flags.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -283,8 +254,8 @@ class Pipeline:
         N = len(prompts) * num_images. ``callback(step_index, num_steps, timestep, latents)`` runs
         after every step. height/width None -> the model's default size.
         """
-        prompts = _prompts(prompt)
-        negatives = _negatives(negative_prompt, len(prompts))
+        prompts = prompts_list(prompt)
+        negatives = negatives_list(negative_prompt, len(prompts))
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         scheduler = scheduler or self.components.default_scheduler
@@ -334,8 +305,8 @@ class Pipeline:
         denoised over the remaining int(steps * strength) steps. PIL images are cut down to a
         multiple of 8 per side (Lanczos resize), as diffusers does.
         """
-        prompts = _prompts(prompt)
-        negatives = _negatives(negative_prompt, len(prompts))
+        prompts = prompts_list(prompt)
+        negatives = negatives_list(negative_prompt, len(prompts))
         scheduler = scheduler or self.components.default_scheduler
         check_common(steps, guidance_scale, num_images, scheduler, output)
         check_seed(seed)
@@ -408,40 +379,3 @@ class Pipeline:
         if output == "tensor":
             return image
         return to_pil(image)
-
-
-def to_pil(image: torch.Tensor) -> list[Any]:
-    """[N, 3, H, W] in [0, 1] -> N RGB PIL images (rounded to 8 bits as diffusers does)."""
-    from PIL import Image
-
-    arr = (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
-    return [Image.fromarray(a) for a in arr]
-
-
-def preprocess_image(image: Any, multiple: int = 8) -> torch.Tensor:
-    """PIL image(s) or [0, 1] tensor -> [B, 3, H, W] fp32 in [-1, 1], PIL sides cut to ``multiple``."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        image = [image]
-    if isinstance(image, (list, tuple)) and image and all(isinstance(im, Image.Image) for im in image):
-        w, h = image[0].size
-        w, h = w - w % multiple, h - h % multiple
-        if w <= 0 or h <= 0:
-            raise ValueError(f"image is too small: {image[0].size}, need at least {multiple}x{multiple}")
-        arrs = []
-        for im in image:
-            im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), resample=Image.LANCZOS)
-            arrs.append(np.asarray(im, dtype=np.float32) / 255.0)  # [H, W, 3]
-        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()  # [B, H, W, 3] -> [B, 3, H, W]
-    elif isinstance(image, torch.Tensor):
-        x = image[None] if image.dim() == 3 else image
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"image tensor must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
-        check_size(x.shape[2], x.shape[3], multiple)
-        x = x.float().cpu().contiguous()
-    else:
-        raise ValueError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
-    return x * 2.0 - 1.0

@@ -52,7 +52,7 @@ class SpeedSDServer(ThreadingHTTPServer):
 
     def generate(self, body: dict[str, Any]) -> tuple[bytes, int]:
         """Validate a /generate request and run it; returns (PNG bytes, seed). Raises ValueError."""
-        from speedsd import pipeline as pl
+        from speedsd import inputs as pl
         from speedsd.pngmeta import GenerationParams, png_info
 
         req = parse_request(body)
