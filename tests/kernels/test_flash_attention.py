@@ -125,6 +125,7 @@ def test_flash_large_logits(dt):
         pytest.param(FlashConfig(16, 16, 4, 1), id="bm16-bn16"),
         pytest.param(FlashConfig(32, 64, 4, 1), id="bn64-tail"),
         pytest.param(FlashConfig(32, 32, 4, 1, split_d=False), id="padded-d"),
+        pytest.param(FlashConfig(32, 32, 4, 1, chunk32=True), id="chunk32-32+16"),
     ],
 )
 def test_flash_configs(cfg):
@@ -134,9 +135,13 @@ def test_flash_configs(cfg):
 
 
 def test_split_head_dim():
-    assert split_head_dim(40) == (32, 16)
+    # default: no 32-wide chunk (the 128+32 split of d=160 crashed Triton 3.6 on sm_90)
+    assert split_head_dim(40) == (64, 0)
     assert split_head_dim(80) == (64, 16)
-    assert split_head_dim(160) == (128, 32)
+    assert split_head_dim(160) == (128, 64)
+    assert split_head_dim(40, chunk32=True) == (32, 16)
+    assert split_head_dim(160, chunk32=True) == (128, 32)
+    assert split_head_dim(32) == (32, 0)
     assert split_head_dim(64) == (64, 0)
     assert split_head_dim(40, split=False) == (64, 0)
     assert split_head_dim(8) == (16, 0)

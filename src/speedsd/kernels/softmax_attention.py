@@ -67,6 +67,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         raise TypeError(f"q/k/v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape[2] == 0:
         raise ValueError("attention over zero keys")
+    if B * H > 65535:
+        raise ValueError(f"B·H = {B * H} exceeds the CUDA grid limit of 65535 programs on that axis")
     scale = D**-0.5 if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
@@ -104,6 +106,17 @@ def stride_align(elem_bytes: int, *tensors: torch.Tensor) -> int:
     while a < cap and g % (2 * a) == 0:
         a *= 2
     return a
+
+
+def needs_int64(views: tuple[tuple[torch.Tensor, int, int], ...]) -> bool:
+    """True when a kernel's int32 row offsets could overflow: for each (t [B, H, N, D], rows, block),
+    the largest in-slice offset (rows rounded up to the block, plus the head dim) is ≥ 2^31 elements.
+    (Batch/head offsets are int64 in the kernels already.)"""
+    for t, rows, block in views:
+        span = (triton.cdiv(rows, block) * block) * abs(t.stride(2)) + t.shape[3] * abs(t.stride(3))
+        if span >= 2**31:
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,7 +175,7 @@ def _scores_kernel(
     mask_m = offs_m < Nq
     q_rows = q_base + (offs_m[:, None] * sqm) * ALIGN  # [BM, 1] row starts
     k_rows = k_base + (offs_n[:, None] * skn) * ALIGN  # [BN, 1] row starts of the first block
-    s_ptrs = s_base + offs_m[:, None] * ld_s + offs_n[None, :]
+    s_ptrs = s_base + offs_m[:, None].to(tl.int64) * ld_s + offs_n[None, :]  # int64: Nq·ld_s can pass 2^31
 
     start = pid_s * cols_per_split
     end = tl.minimum(start + cols_per_split, Nk)
@@ -240,7 +253,7 @@ def _pv_kernel(
         lj = tl.load(st + j * 2 * Nq + Nq, mask=mask_m, other=1.0)
         l_i += tl.where(mj > float("-inf"), lj * tl.math.exp2(mj - m_i), 0.0)
 
-    s_ptrs = S + pid_bh.to(tl.int64) * Nq * ld_s + offs_m[:, None] * ld_s + offs_n[None, :]
+    s_ptrs = S + pid_bh.to(tl.int64) * Nq * ld_s + offs_m[:, None].to(tl.int64) * ld_s + offs_n[None, :]
     v_ptrs = V + (b * svb + h * svh) * ALIGN + (offs_n[:, None] * svn) * ALIGN + offs_d[None, :] * svd
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for n0 in range(0, Nk, BLOCK_N):
@@ -268,8 +281,8 @@ def _scores_config(q: torch.Tensor, Nk: int) -> dict[str, int]:
     B, H, Nq, D = q.shape
     if interpreted(q.device) or q.dtype == torch.float32:  # (fp32 on GPU: FMA dots, small tiles)
         bm, bn, bk, warps, stages = 32, 32, min(64, max(16, triton.next_power_of_2(D))), 4, 1
-    elif D <= 128:
-        bm, bn, bk, warps, stages = 128, 64, max(16, triton.next_power_of_2(D)), 8, 3
+    elif D <= 128:  # (≥ 64: no 32-wide fp16 wgmma operands, see flash_attention's docstring)
+        bm, bn, bk, warps, stages = 128, 64, max(64, triton.next_power_of_2(D)), 8, 3
     else:  # GEMM-like K-loop over D
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     bn = min(bn, max(16, triton.next_power_of_2(Nk)))
@@ -288,7 +301,7 @@ def _pv_config(q: torch.Tensor, Nk: int) -> dict[str, int]:
         bd = min(64, max(16, triton.next_power_of_2(D)))
     else:
         bm, bn, warps, stages = 128, 64, 8, 3
-        bd = min(128, max(16, triton.next_power_of_2(D)))
+        bd = min(128, max(64, triton.next_power_of_2(D)))
     bn = min(bn, max(16, triton.next_power_of_2(Nk)))
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bd, num_warps=warps, num_stages=stages)
 
