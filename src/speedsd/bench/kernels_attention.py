@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -90,39 +91,96 @@ def _peak_mib(fn: Callable[[], object]) -> float:
     return peak / 2**20
 
 
+def graph_ms(fn: Callable[[], object], calls: int = 20, reps: int = 10) -> float:
+    """Per-call ms of ``fn`` replayed from a CUDA graph of ``calls`` back-to-back calls (no Python
+    launcher cost, no L2 flush: what the engine's graph replay pays). Median over ``reps`` replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles, allocator) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del graph
+    return float(statistics.median(times))
+
+
+def _err_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def _fatal(e: BaseException) -> bool:
+    """A CUDA error that poisons the context (illegal address, launch failure): nothing after works."""
+    msg = str(e)
+    return "illegal memory access" in msg or "unspecified launch failure" in msg or "misaligned address" in msg
+
+
 def bench_shape(
     label: str, B: int, H: int, Nq: int, Nk: int, D: int, names: tuple[str, ...] | None = None, long: bool = False
 ) -> list[dict[str, Any]]:
+    """Every variant on one shape: first all correctness checks (each in its own try), then timings
+    (do_bench with L2 flush, CUDA-graph replay, peak memory), each variant's failure kept in its row."""
     q, k, v = make_qkv(B, H, Nq, Nk, D)
     flops = 4 * B * H * Nq * Nk * D
     ref = None if long else attention_ref(q.float(), k.float(), v.float())  # fp32 materialized reference
-    fns = variants(long)
-    rows = []
-    for name, fn in fns.items():
-        if names is not None and name not in names:
-            continue
+    fns = {n: f for n, f in variants(long).items() if names is None or n in names}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, fn in fns.items():  # phase 1: correctness
         row: dict[str, Any] = {"shape": label, "B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "variant": name}
+        rows[name] = row
         try:
             out = fn(q, k, v)
             torch.cuda.synchronize()
-        except Exception as e:  # an SDPA backend that does not take this shape/layout
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            rows.append(row)
+            row["rel_err"] = rel_err(out, ref) if ref is not None else None
+            del out
+        except Exception as e:  # an SDPA backend that does not take this shape/layout, or our kernel failing
+            row["error"] = _err_text(e)
+            if _fatal(e):
+                raise
             continue
         if name == "flash" and D > MAX_FLASH_HEAD_DIM:
             row["note"] = "routes to partial (D > 256)"
-        row["rel_err"] = rel_err(out, ref) if ref is not None else None
-        del out
-        row["ms"] = do_bench_ms(lambda fn=fn: fn(q, k, v))
-        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-        row["peak_mib"] = _peak_mib(lambda fn=fn: fn(q, k, v))
-        rows.append(row)
+    for name, fn in fns.items():  # phase 2: timings
+        row = rows[name]
+        if "error" in row:
+            continue
+        try:
+            row["ms"] = do_bench_ms(lambda fn=fn: fn(q, k, v))
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+            row["peak_mib"] = _peak_mib(lambda fn=fn: fn(q, k, v))
+        except Exception as e:
+            row.pop("ms", None)
+            row["error"] = "timing: " + _err_text(e)
+            if _fatal(e):
+                raise
+            continue
+        try:
+            row["graph_ms"] = graph_ms(lambda fn=fn: fn(q, k, v), calls=4 if long else 20)
+        except Exception as e:  # a backend that cannot be captured: keep the do_bench number
+            row["graph_error"] = _err_text(e)
+            if _fatal(e):
+                raise
+    out_rows = list(rows.values())
     if ref is not None:
-        fp16_err = next((r["rel_err"] for r in rows if r["variant"] == "math" and "rel_err" in r), None)
-        for r in rows:
+        fp16_err = rows.get("math", {}).get("rel_err")
+        for r in out_rows:
             if r.get("rel_err") is not None and fp16_err is not None:
                 r["ok"] = bool(r["rel_err"] <= 2 * fp16_err + 1e-4)  # same bar as the CPU tests
-    return rows
+    return out_rows
 
 
 def _best(rows: list[dict[str, Any]], pool: tuple[str, ...]) -> dict[str, Any] | None:
@@ -219,28 +277,43 @@ def sweep(shapes: list[tuple[str, int, int, int, int, int]] | None = None) -> di
 
 
 def run(device: str = "cuda", long: bool = True) -> dict[str, Any]:
-    """Correctness then timing on every shape; returns rows, per-shape summary and the best table."""
+    """Correctness then timing on every shape; returns rows, per-shape summary and the best table.
+
+    A shape whose setup fails is recorded and skipped; a CUDA error that poisons the context (illegal
+    memory access) stops the run but keeps every row measured before it (``fatal`` says where)."""
     assert device == "cuda" and torch.cuda.is_available(), "this bench needs a CUDA GPU"
     torch.manual_seed(0)
-    rows = []
-    for s in SHAPES:
-        rows += bench_shape(*s)
-        torch.cuda.empty_cache()
-    if long:
-        rows += [r for s in LONG_SHAPES for r in bench_shape(*s, long=True)]
-    return {"rows": rows, "summary": summarize(rows), "best_attention": best_attention_table(rows)}
+    rows: list[dict[str, Any]] = []
+    fatal = None
+    for s, is_long in [(s, False) for s in SHAPES] + ([(s, True) for s in LONG_SHAPES] if long else []):
+        print(f"attention bench: {s[0]}", flush=True)
+        try:
+            rows += bench_shape(*s, long=is_long)
+            torch.cuda.empty_cache()
+        except Exception as e:
+            err = _err_text(e)
+            rows.append({"shape": s[0], "variant": "*", "error": err})
+            print(f"attention bench: {s[0]} failed: {err}", flush=True)
+            if _fatal(e):
+                fatal = f"{s[0]}: {err}"
+                break
+    res: dict[str, Any] = {"rows": rows, "summary": summarize(rows), "best_attention": best_attention_table(rows)}
+    if fatal:
+        res["fatal"] = fatal
+    return res
 
 
 def markdown(res: dict[str, Any]) -> str:
-    hdr = ["shape", "variant", "µs", "TFLOP/s", "peak MiB", "rel err", "ok"]
+    hdr = ["shape", "variant", "µs (do_bench)", "µs (graph)", "TFLOP/s", "peak MiB", "rel err", "ok"]
     body = []
     for r in res["rows"]:
         if "error" in r:
-            body.append([r["shape"], r["variant"], "—", "—", "—", r["error"][:60], "skip"])
+            body.append([r["shape"], r["variant"], "—", "—", "—", "—", r["error"][:60], "skip"])
         else:
             err = "—" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
             name = r["variant"] + (" (→ partial)" if "note" in r else "")
-            body.append([r["shape"], name, r["ms"] * 1e3, r["tflops"], r["peak_mib"], err, r.get("ok", "—")])
+            graph = r["graph_ms"] * 1e3 if "graph_ms" in r else "—"
+            body.append([r["shape"], name, r["ms"] * 1e3, graph, r["tflops"], r["peak_mib"], err, r.get("ok", "—")])
     summ = [
         [
             k,
@@ -260,6 +333,12 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     parts = [
         "# Attention kernels, fp16, SD-1.4 shapes (model layout: head-split views of [B, N, H·D])",
+        "µs (do_bench): triton do_bench median, L2 flushed, Python launch included; µs (graph): per call in a "
+        "CUDA graph of 20 back-to-back calls (what the engine's graph replay pays).",
+    ]
+    if "fatal" in res:
+        parts.append(f"**Run stopped by a fatal CUDA error at {res['fatal']}**; rows above it are valid.")
+    parts += [
         md_table(hdr, body),
         "## Summary (targets: flash ≥ 0.9x best SDPA, ≥ 5x materialized; partial faster and leaner than materialized)",
         md_table(
