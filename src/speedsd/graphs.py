@@ -41,18 +41,27 @@ def _signature(args: tuple[torch.Tensor, ...]) -> Signature:
 class GraphCache:
     """Replays ``fn(*args)`` from a CUDA graph per input signature (LRU, ``max_entries`` graphs)."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], max_entries: int = 8, warmup: int = 2) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        max_entries: int = 8,
+        warmup: int = 2,
+        pool: tuple[int, int] | None = None,
+    ) -> None:
+        """``pool``: a ``torch.cuda.graph_pool_handle()`` shared with other caches whose graphs never run
+        concurrently with these (the UNet step and the VAE decode), so their activations share memory."""
         self.fn = fn
         self.max_entries = max_entries
         self.warmup = warmup
         self._entries: OrderedDict[Signature, _Entry] = OrderedDict()
-        self._pool: tuple[int, int] | None = None
+        self._shared_pool = pool
+        self._pool = pool
         self.captures = 0
 
     def reset(self) -> None:
         """Drop every captured graph (after weights or flags change)."""
         self._entries.clear()
-        self._pool = None
+        self._pool = self._shared_pool
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -98,11 +98,14 @@ class Pipeline:
         for m in self.models():
             m.eval()
         # CUDA graphs: one capture per input signature (shape, dtype, layout), replayed afterwards.
+        self._text_graphs: GraphCache | None = None
         self._unet_graphs: GraphCache | None = None
         self._decode_graphs: GraphCache | None = None
         if self.flags.cuda_graphs and self.device.type == "cuda":
-            self._unet_graphs = GraphCache(self._unet_forward)
-            self._decode_graphs = GraphCache(self._vae_decode, max_entries=4)
+            pool = torch.cuda.graph_pool_handle()  # the three run one after another: one memory pool
+            self._text_graphs = GraphCache(self._text_forward, max_entries=4, pool=pool)
+            self._unet_graphs = GraphCache(self._unet_forward, pool=pool)
+            self._decode_graphs = GraphCache(self._vae_decode, max_entries=4, pool=pool)
         self._layout_version = -1
         self._ensure_layout()
 
@@ -134,7 +137,7 @@ class Pipeline:
 
     def reset_graphs(self) -> None:
         """Drop captured CUDA graphs (call after changing weights in a way the graphs cached)."""
-        for cache in (self._unet_graphs, self._decode_graphs):
+        for cache in (self._text_graphs, self._unet_graphs, self._decode_graphs):
             if cache is not None:
                 cache.reset()
 
@@ -164,11 +167,16 @@ class Pipeline:
 
         return make_scheduler(name or self.components.default_scheduler, self.components.scheduler_config)
 
+    @torch.inference_mode()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, 77] -> text embeddings [B, 77, D] in the model dtype."""
+        ids = ids.to(self.device)
+        run = self._text_graphs if self._text_graphs is not None else self._text_forward
+        return run(ids).to(self.dtype)
+
+    def _text_forward(self, ids: torch.Tensor) -> torch.Tensor:
         with ops.using(self.flags):
-            emb = self.text_encoder(ids.to(self.device))
-        return emb.to(self.dtype)
+            return self.text_encoder(ids)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """[B] strings -> [B, 77, D] text embeddings in the model dtype."""

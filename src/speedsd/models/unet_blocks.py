@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from speedsd import ops
 from speedsd.models.layers import (
     Attention,
     Conv2d,
@@ -93,6 +94,8 @@ class Transformer2D(nn.Module):
         if self.linear_projection:
             t = self.proj_out(t)
         t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # [B, HW, C] -> [B, C, H, W] (channels_last strides)
+        if not ops.current().channels_last:
+            t = t.contiguous()  # NCHW engine: keep every activation in one layout
         if not self.linear_projection:
             t = self.proj_out(t)
         return t + x
