@@ -1,14 +1,18 @@
 """Winograd tile study: every 3x3 stride-1 conv shape of SD-1.4's UNet and VAE decoder, per method.
 
     python -m speedsd.bench.winograd_study --out DIR [--table src/speedsd/data/winograd_table.json]
+    python -m speedsd.bench.winograd_study --out DIR --from-json DIR/winograd_study.json   # re-render only
 
 Per layer shape, fp16: cuDNN (channels-last and NCHW) and Winograd F(2,3)/F(4,3)/F(6,3) with each GEMM
 variant (Triton batched GEMM with fp32 M, cuBLAS bmm with fp16 M, fused GEMM + output transform for
-tiles 2 and 4). Reports median time (do_bench), TFLOP/s counted as direct-conv FLOPs, extra bytes of
-transformed tensors, and the error ‖out − ref‖/‖ref‖ against F.conv2d in fp64, next to cuDNN's own fp16
-error. A Winograd variant is usable on a layer only if its error ≤ --max-err-ratio (2) × cuDNN's.
-The per-layer choice table (fastest usable method, cuDNN channels-last included) is merged into --table
-under this card's name. One process, a few minutes on an H100 (most of it Triton compiles).
+tiles 2 and 4, and the error-compensated triton3 / bmm3: U and V as fp16 hi + lo, 3x the reduction,
+fp32 M). Reports median time (do_bench: eager, L2 flushed) and, on CUDA, the time per call replayed
+from a CUDA graph (the engine's fast preset; no host launch cost), TFLOP/s counted as direct-conv FLOPs,
+extra bytes of transformed tensors, and the error ‖out − ref‖/‖ref‖ against F.conv2d in fp64, next to
+cuDNN's own fp16 error. A Winograd variant is usable on a layer only if its error ≤ --max-err-ratio (2)
+× cuDNN's; the choice takes the fastest usable method by --timing (graph where measured). The table
+is merged into --table under this card's name; the markdown ends with a written conclusion and a
+sensitivity line (choices at other error ratios). One process, a few minutes on an H100.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from speedsd.bench.common import do_bench_ms, md_table, median_ms, rel_err, write_results
+from speedsd.bench.winograd_report import SENSITIVITY, choose, conclusion, sensitivity_line
 from speedsd.kernels import winograd as wg
 
 # (model, N, Cin, H, Cout), square H = W. UNet: CFG batch 2, 64² latents; VAE decoder: batch 1, 512² image.
@@ -38,7 +43,8 @@ VAE = [
 ]  # fmt: skip
 SHAPES = [("unet", 2, c, h, o) for h, c, o in UNET] + [("vae", 1, c, h, o) for h, c, o in VAE]
 SMOKE = [("unet", 2, 16, 6, 24), ("vae", 1, 4, 5, 16)]
-VARIANTS = [(t, g) for t in wg.TILES for g in wg.GEMMS if not (g == "fused" and t == 6)]
+# fused3 left out: the fused kernel is 2-8x slower than bmm on every layer already at 1x the reduction
+VARIANTS = [(t, g) for t in wg.TILES for g in (*wg.GEMMS, "triton3", "bmm3") if not (g == "fused" and t == 6)]
 ERR_CROP = 128  # error measured on the top-left ERR_CROP² output pixels
 MIN_CH = 16  # tensor-core GEMM dims pad to 16: Cin or Cout below that (conv_in 4→, conv_out →4/3) is skipped
 
@@ -47,7 +53,15 @@ def _name(tile: int, gemm: str) -> str:
     return f"F{tile}:{gemm}"
 
 
-def study_shape(model: str, n: int, cin: int, h: int, cout: int, max_ratio: float, skip_wino: str | None) -> dict:
+def _graph_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median"))
+
+
+def study_shape(
+    model: str, n: int, cin: int, h: int, cout: int, max_ratio: float, skip_wino: str | None, timing: str
+) -> dict:
     dt, dev = torch.float16, "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(cin * 7919 + h * 31 + cout)
     x = (torch.randn(n, cin, h, h, device=dev, generator=g) + 0.2).to(dt)
@@ -69,9 +83,10 @@ def study_shape(model: str, n: int, cin: int, h: int, cout: int, max_ratio: floa
             torch.cuda.synchronize()
         first_s = time.perf_counter() - t0
         ms = do_bench_ms(fn) if dev == "cuda" else median_ms(fn, warmup=0, rep=1)
+        graph_ms = _graph_ms(fn) if timing == "graph" else None
         rows.append(
-            {"method": method, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "extra_bytes": extra,
-             "err": rel_err(out[:, :, :c, :c], ref), "first_call_s": first_s, **info}
+            {"method": method, "ms": ms, "graph_ms": graph_ms, "tflops": flops / (ms * 1e-3) / 1e12,
+             "extra_bytes": extra, "err": rel_err(out[:, :, :c, :c], ref), "first_call_s": first_s, **info}
         )  # fmt: skip
 
     add("cudnn-cl", lambda: F.conv2d(x_cl, w_cl, b, padding=1), 0)
@@ -82,7 +97,8 @@ def study_shape(model: str, n: int, cin: int, h: int, cout: int, max_ratio: floa
         if skip_wino:
             skipped[_name(tile, gemm)] = skip_wino
             continue
-        u = wg.prepare_winograd_weight(w, tile, dt)
+        prep = wg.prepare_winograd_weight_split if gemm in wg.SPLIT_GEMMS else wg.prepare_winograd_weight
+        u = prep(w, tile, dt)
         add(
             _name(tile, gemm),
             lambda u=u, tile=tile, gemm=gemm: wg.winograd_conv3x3_prepared(x_cl, u, b, tile, gemm=gemm),
@@ -94,15 +110,13 @@ def study_shape(model: str, n: int, cin: int, h: int, cout: int, max_ratio: floa
     for r in rows:
         r["err_ratio"] = r["err"] / max(err_cudnn, 1e-30)
         r["usable"] = r["method"].startswith("cudnn") or r["err_ratio"] <= max_ratio
+    res = {"model": model, "shape": [n, cin, h, h, cout], "gflop": flops / 1e9, "rows": rows, "skipped": skipped}
+    key = "graph_ms" if timing == "graph" else "ms"
     wino = [r for r in rows if "tile" in r]
-    usable = [r for r in rows if r["usable"] and r["method"] != "cudnn-nchw"]
-    best = min(usable, key=lambda r: r["ms"])
-    return {
-        "model": model, "shape": [n, cin, h, h, cout], "gflop": flops / 1e9, "rows": rows, "skipped": skipped,
-        "choice": "cudnn" if best["method"].startswith("cudnn") else f"{best['tile']}:{best['gemm']}",
-        "fastest_winograd": min(wino, key=lambda r: r["ms"])["method"] if wino else None,
-        "cudnn_cl_ms": rows[0]["ms"],
-    }  # fmt: skip
+    res["choice"] = choose(res, max_ratio, key)
+    res["fastest_winograd"] = min(wino, key=lambda r: r[key])["method"] if wino else None
+    res["cudnn_cl_ms"] = rows[0][key]
+    return res
 
 
 def _merge_table(path: Path, card: str, results: list[dict]) -> int:
@@ -121,29 +135,32 @@ def _merge_table(path: Path, card: str, results: list[dict]) -> int:
     return len(results)
 
 
-def conclusion(results: list[dict], max_ratio: float) -> str:
-    """A written-conclusion template filled with the counts; the prose is for the reader to finish."""
-    lines = ["## Conclusion (template: fill in the why)", ""]
-    studied = [r for r in results if not r["skipped"]]
-    for tile in wg.TILES:
-        fastest = [r for r in studied if r["fastest_winograd"] and r["fastest_winograd"].startswith(f"F{tile}:")]
-        wins = [r for r in studied if r["choice"].startswith(f"{tile}:")]
-        lines.append(
-            f"- F({tile},3): fastest Winograd tile on {len(fastest)}/{len(studied)} layers; picked over cuDNN "
-            f"(faster and error <= {max_ratio}x cuDNN's) on {len(wins)}: "
-            + (", ".join(f"{r['model']} {r['shape'][1]}->{r['shape'][4]}@{r['shape'][2]}" for r in wins) or "none")
-        )
-    f4 = [r for r in studied if r["fastest_winograd"] and r["fastest_winograd"].startswith("F4:")]
-    beats = [
-        r for r in studied if min((x["ms"] for x in r["rows"] if x.get("tile") == 4), default=1e9) < r["cudnn_cl_ms"]
-    ]
-    lines += [
-        f"- Does the paper's 4x4 (F(4,3)) choice hold here? It is the fastest tile on {len(f4)}/{len(studied)} layers "
-        f"and faster than cuDNN channels-last on {len(beats)}/{len(studied)} (before the error rule).",
-        "- Error: F(2,3) ≈ ?x, F(4,3) ≈ ?x, F(6,3) ≈ ?x cuDNN's fp16 error (see err_ratio); ...",
-        "- Why cuDNN wins/loses here: ... (memory traffic of V/M vs the direct conv's tensor-core rate)",
-    ]
-    return "\n".join(lines)
+def render(payload: dict) -> str:
+    """The markdown of a study payload: per-method table, per-layer choice, conclusion, sensitivity."""
+    results, card, timing = payload["results"], payload["card"], payload.get("timing", "eager")
+    header = ["model", "shape N,Cin,H,Cout", "method", "µs", "graph µs", "TFLOP/s", "extra MiB", "err",
+              "err/cuDNN", "usable"]  # fmt: skip
+    table_rows = []
+    for res in results:
+        n, cin, h, _, cout = res["shape"]
+        for r in res["rows"]:
+            gms = r.get("graph_ms")
+            table_rows.append(
+                [res["model"], f"{n},{cin},{h},{cout}", r["method"], r["ms"] * 1e3, "-" if gms is None else gms * 1e3,
+                 r["tflops"], r["extra_bytes"] / 2**20, f"{r['err']:.2e}", r["err_ratio"],
+                 "yes" if r["usable"] else "no"]
+            )  # fmt: skip
+    return (
+        f"# Winograd study (fp16, {card})\n\n{md_table(header, table_rows)}\n\n## Per-layer choice (by {timing} "
+        f"time, error <= {payload['max_err_ratio']}x cuDNN's)\n\n"
+        + md_table(["model", "N,Cin,H,W,Cout", "choice", "fastest Winograd", "skipped"], _choice_rows(results))
+        + f"\n\n{conclusion(payload)}\n\n{sensitivity_line(payload)}\n"
+    )
+
+
+def _choice_rows(results: list[dict]) -> list[list[object]]:
+    return [[r["model"], ",".join(map(str, r["shape"])), r["choice"], r["fastest_winograd"] or "-",
+             "; ".join(sorted(set(r["skipped"].values()))) or "-"] for r in results]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,12 +168,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--table", default=None, help="merge the per-layer choices into this JSON")
     ap.add_argument("--max-err-ratio", type=float, default=2.0)
-    ap.add_argument("--budget-s", type=float, default=270.0, help="skip Winograd on the layers left after this")
+    ap.add_argument("--timing", choices=["graph", "eager"], default="graph", help="what the choice ranks by")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip Winograd on the layers left after this")
     ap.add_argument("--models", default="unet,vae")
     ap.add_argument("--smoke", action="store_true", help="two tiny shapes (CPU: TRITON_INTERPRET=1), for tests")
+    ap.add_argument("--from-json", default=None, help="re-render a study's JSON (no GPU): md, conclusion")
     args = ap.parse_args(argv)
+    if args.from_json:
+        payload = json.loads(Path(args.from_json).read_text())
+        payload.pop("environment", None)  # write_results records this machine's; the card stays the JSON's
+        md = render(payload)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "winograd_study.md").write_text(md)
+        print(md.split("## Conclusion", 1)[-1])
+        return
     torch.backends.cudnn.benchmark = True
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    timing = args.timing if torch.cuda.is_available() else "eager"
     t_start = time.perf_counter()
     results = []
     shapes = SMOKE if args.smoke else [s for s in SHAPES if s[0] in args.models.split(",")]
@@ -166,39 +195,25 @@ def main(argv: list[str] | None = None) -> None:
             skip = f"Cin {cin} / Cout {cout} < {MIN_CH}: GEMM padded to 16 wastes >= 4x; a tiny memory-bound layer"
         elif time.perf_counter() - t_start > args.budget_s:
             skip = "over the study's time budget"
-        res = study_shape(model, n, cin, h, cout, args.max_err_ratio, skip)
+        res = study_shape(model, n, cin, h, cout, args.max_err_ratio, skip, timing)
         results.append(res)
-        best = min(res["rows"], key=lambda r: r["ms"])
+        key = "graph_ms" if timing == "graph" else "ms"
+        best = min(res["rows"], key=lambda r: r[key])
         print(
             f"{model} {n}x{cin}x{h}² -> {cout}: cudnn-cl {res['cudnn_cl_ms'] * 1e3:.1f} µs, fastest {best['method']} "
-            f"{best['ms'] * 1e3:.1f} µs, choice {res['choice']}  [{time.perf_counter() - t_start:.0f} s]",
+            f"{best[key] * 1e3:.1f} µs ({timing}), choice {res['choice']}  [{time.perf_counter() - t_start:.0f} s]",
             flush=True,
         )
-    header = ["model", "shape N,Cin,H,Cout", "method", "µs", "TFLOP/s", "extra MiB", "err", "err/cuDNN", "usable"]
-    table_rows = []
-    for res in results:
-        n, cin, h, _, cout = res["shape"]
-        for r in res["rows"]:
-            table_rows.append(
-                [res["model"], f"{n},{cin},{h},{cout}", r["method"], r["ms"] * 1e3, r["tflops"],
-                 r["extra_bytes"] / 2**20, f"{r['err']:.2e}", r["err_ratio"], "yes" if r["usable"] else "no"]
-            )  # fmt: skip
-    choice_rows = [[r["model"], ",".join(map(str, r["shape"])), r["choice"], r["fastest_winograd"] or "-",
-                    "; ".join(sorted(set(r["skipped"].values()))) or "-"] for r in results]  # fmt: skip
-    concl = conclusion(results, args.max_err_ratio)
-    md = (
-        f"# Winograd study (fp16, {card})\n\n{md_table(header, table_rows)}\n\n## Per-layer choice\n\n"
-        + md_table(["model", "N,Cin,H,W,Cout", "choice", "fastest Winograd", "skipped"], choice_rows)
-        + f"\n\n{concl}\n"
-    )
-    payload = {"card": card, "max_err_ratio": args.max_err_ratio, "results": results,
-               "wall_s": time.perf_counter() - t_start}  # fmt: skip
+    payload = {"card": card, "max_err_ratio": args.max_err_ratio, "timing": timing, "results": results,
+               "bmm_fp32_out": torch.cuda.is_available() and wg.bmm_fp32_out_supported(),
+               "sensitivity_ratios": list(SENSITIVITY), "wall_s": time.perf_counter() - t_start}  # fmt: skip
+    md = render(payload)
     jp, mp = write_results(args.out, "winograd_study", payload, md)
     if args.table:
         _merge_table(Path(args.table), card, results)
         print(f"choice table merged into {args.table}")
-    print(md_table(["model", "N,Cin,H,W,Cout", "choice", "fastest Winograd", "skipped"], choice_rows))
-    print(concl)
+    print(md_table(["model", "N,Cin,H,W,Cout", "choice", "fastest Winograd", "skipped"], _choice_rows(results)))
+    print(md.split("## Conclusion", 1)[-1])
     print(f"wrote {jp} and {mp}; {time.perf_counter() - t_start:.0f} s")
 
 

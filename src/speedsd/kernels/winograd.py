@@ -11,6 +11,15 @@ Pipeline (channels-last activations, P = N·⌈H/m⌉·⌈W/m⌉ tiles, T = n² 
   4. output transform kernel:           y = Aᵀ M A + bias (+ residual), written NHWC.
 Variant "fused" (m = 2, 4): steps 3 and 4 in one kernel; M stays in registers and never reaches memory.
 
+Error-compensated variants ("triton3", "bmm3", "fused3"): rounding U and V to fp16 is what makes fp16
+Winograd 10-25x less accurate than a direct conv. These store each as an unevaluated sum of two fp16
+numbers, hi = fp16(x), lo = fp16(x − hi), and compute M = V_hi U_hi + V_lo U_hi + V_hi U_lo (the
+lo·lo term is below fp32's reach) as ONE GEMM on a 3x longer reduction,
+[V_hi | V_lo | V_hi] @ [U_hi; U_hi; U_lo], with M kept in fp32. U is scaled by a power of two 2^s
+first (so U_lo stays a normal fp16 number; the small entries of G make U tiny), undone exactly in the
+output transform. 3x the GEMM work: F(4,3) still does 4/3 ≈ 1.33x, F(6,3) 5.06/3 ≈ 1.7x fewer
+multiplies than the direct conv.
+
 The transform matrices are derived exactly (fractions) from interpolation points, see
 :func:`transform_matrices`; the Triton kernels receive them as constexpr tuples, so the unrolled
 transforms skip zero coefficients at compile time.
@@ -20,9 +29,11 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +42,8 @@ import triton.language as tl
 
 TILES = (2, 4, 6)
 GEMMS = ("triton", "bmm", "fused")
+SPLIT_GEMMS = ("triton3", "bmm3", "fused3")  # error-compensated: U, V as fp16 hi + lo, K = 3·Cin, fp32 M
+ALL_GEMMS = GEMMS + SPLIT_GEMMS
 # Interpolation points (∞ is implicit as the last point). F(2,3)/F(4,3): Lavin & Gray; F(6,3): the
 # usual well-conditioned small set 0, ±1, ±2, ±1/2 (Bᵀ entries up to 21/4).
 POINTS: dict[int, tuple[Fraction, ...]] = {
@@ -120,11 +133,14 @@ def winograd_conv3x3_ref(
     *,
     compute_dtype: torch.dtype = torch.float64,
     storage_dtype: torch.dtype | None = None,
+    split: str = "",
 ) -> torch.Tensor:
     """The same algorithm in plain torch (unfold + einsum), computed in ``compute_dtype``.
 
     ``storage_dtype`` rounds U and V to that dtype, as the kernels store them, so the kernels can be
-    checked tightly. Returns ``x.dtype``; pass an fp64 ``x`` to keep the fp64 result.
+    checked tightly. ``split`` ("u", "v", "uv") stores those as hi + lo pairs of ``storage_dtype``
+    (U scaled by 2^s first, as prepare_winograd_weight_split does; with both, the lo·lo product is
+    dropped as in the kernels). Returns ``x.dtype``; pass an fp64 ``x`` to keep the fp64 result.
     """
     at, g, bt = transform_tensors(tile, compute_dtype, x.device)
     n, m = tile + 2, tile
@@ -134,14 +150,35 @@ def winograd_conv3x3_ref(
     d = F.unfold(xp, kernel_size=n, stride=m).view(nb, c, n, n, th * tw)  # [N, C, n, n, L]
     v = torch.einsum("ai,ncijl,bj->abnlc", bt, d, bt)  # [n, n, N, L, Cin]
     u = torch.einsum("ak,oikl,bl->abio", g, weight.to(compute_dtype), g)  # [n, n, Cin, Cout]
-    if storage_dtype is not None:
-        v, u = v.to(storage_dtype).to(compute_dtype), u.to(storage_dtype).to(compute_dtype)
-    mm = torch.einsum("abnlc,abco->abnlo", v, u)  # [n, n, N, L, Cout]
+    if storage_dtype is None:
+        mm = torch.einsum("abnlc,abco->abnlo", v, u)  # [n, n, N, L, Cout]
+    else:
+        scale = 2.0 ** split_exponent(u) if "u" in split else 1.0
+        v_hi, v_lo = _split_round(v, storage_dtype, "v" in split)
+        u_hi, u_lo = _split_round(u * scale, storage_dtype, "u" in split)
+        mm = torch.einsum("abnlc,abco->abnlo", v_hi, u_hi)  # [n, n, N, L, Cout]
+        if v_lo is not None:
+            mm = mm + torch.einsum("abnlc,abco->abnlo", v_lo, u_hi)
+        if u_lo is not None:
+            mm = mm + torch.einsum("abnlc,abco->abnlo", v_hi, u_lo)
+        mm = mm / scale
     y = torch.einsum("ua,abnlo,vb->nouvl", at, mm, at).reshape(nb, -1, th * tw)  # [N, Cout·m·m, L]
     y = F.fold(y, (th * m, tw * m), kernel_size=m, stride=m)[:, :, :h, :w]  # [N, Cout, H, W]
     if bias is not None:
         y = y + bias.to(compute_dtype).view(1, -1, 1, 1)
     return y.to(x.dtype)
+
+
+def _split_round(t: torch.Tensor, dtype: torch.dtype, split: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # (hi, lo) = (dtype(t), dtype(t − hi)) in t's dtype; lo None without split
+    hi = t.to(dtype).to(t.dtype)
+    return hi, (t - hi).to(dtype).to(t.dtype) if split else None
+
+
+def split_exponent(u: torch.Tensor) -> int:
+    """s with max|U|·2^s in [2^13, 2^14): U_lo = fp16(2^s U − U_hi) stays normal for entries ≥ 2^-16 max|U|."""
+    amax = float(u.detach().abs().max()) if u.numel() else 0.0
+    return 0 if amax == 0.0 or not math.isfinite(amax) else 13 - math.floor(math.log2(amax))
 
 
 # ---- Triton kernels ------------------------------------------------------------------------------
@@ -171,9 +208,11 @@ def _input_transform_kernel(
     x_ptr, v_ptr, C, H, W, TH, TW, P,
     sxn, sxc, sxh, sxw,
     BT: tl.constexpr, MT: tl.constexpr, NT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     # V[a·n + b, p, c] = Σ_{i,j} Bᵀ[a, i] d_p[i, j, c] Bᵀ[b, j], d_p the n×n input tile of tile p
     # (zero outside the image = the conv's padding); row transform first, then column transform.
+    # SPLIT: rows of 3C, V[t, p] = [hi | lo | hi] with hi = fp16(V), lo = fp16(V − hi).
     p, c, tw, th, nb, ok = _tile_coords(BLOCK_P, BLOCK_C, TH, TW, P, C)
     h0, w0 = th * MT - 1, tw * MT - 1
     base = x_ptr + nb * sxn + c * sxc
@@ -189,24 +228,30 @@ def _input_transform_kernel(
             d = d + (tl.load(base + hi * sxh + wj * sxw, mask=msk, other=0.0).to(tl.float32),)
         for b in tl.static_range(NT):
             rows = rows + (_lincomb(d, BT, b, NT, zero),)
-    out = v_ptr + p * C + c
+    ks = 3 * C if SPLIT else C
+    out = v_ptr + p * ks + c
     for a in tl.static_range(NT):
         for b in tl.static_range(NT):
             col = ()
             for i in tl.static_range(NT):
                 col = col + (rows[i * NT + b],)
             va = _lincomb(col, BT, a, NT, zero)
-            tl.store(out + (a * NT + b) * P * C, va.to(v_ptr.dtype.element_ty), mask=ok)
+            hi = va.to(v_ptr.dtype.element_ty)
+            dst = out + (a * NT + b) * P * ks
+            tl.store(dst, hi, mask=ok)
+            if SPLIT:
+                tl.store(dst + C, (va - hi.to(tl.float32)).to(v_ptr.dtype.element_ty), mask=ok)
+                tl.store(dst + 2 * C, hi, mask=ok)
 
 
 @triton.jit
 def _output_transform_kernel(
-    m_ptr, y_ptr, b_ptr, r_ptr, C, H, W, TH, TW, P,
+    m_ptr, y_ptr, b_ptr, r_ptr, C, H, W, TH, TW, P, scale,
     syn, syc, syh, syw, srn, src, srh, srw,
     AT: tl.constexpr, MT: tl.constexpr, NT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    # y[p, u, v, c] = Σ_{a,b} Aᵀ[u, a] M[a·n + b, p, c] Aᵀ[v, b] (+ bias, + residual), M [T, P, C],
+    # y[p, u, v, c] = scale · Σ_{a,b} Aᵀ[u, a] M[a·n + b, p, c] Aᵀ[v, b] (+ bias, + residual), M [T, P, C],
     # written to out[n, c, th·m + u, tw·m + v] inside the image
     p, c, tw, th, nb, ok = _tile_coords(BLOCK_P, BLOCK_C, TH, TW, P, C)
     src_ptr = m_ptr + p * C + c
@@ -225,7 +270,7 @@ def _output_transform_kernel(
             col = ()
             for a in tl.static_range(NT):
                 col = col + (rows[a * MT + v],)
-            y = _lincomb(col, AT, u, NT, zero)
+            y = _lincomb(col, AT, u, NT, zero) * scale
             oh, ow = th * MT + u, tw * MT + v
             msk = ok & (oh < H) & (ow < W)
             if HAS_BIAS:
@@ -237,12 +282,13 @@ def _output_transform_kernel(
 
 @triton.jit
 def _store_output(
-    y, u, v, y_ptr, b_ptr, r_ptr, nb, oh0, ow0, co, pm, cm, H, W,
+    y, u, v, y_ptr, b_ptr, r_ptr, nb, oh0, ow0, co, pm, cm, H, W, scale,
     syn, syc, syh, syw, srn, src, srh, srw, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
 ):  # fmt: skip
-    # out[n, co, oh0 + u, ow0 + v] = y (+ bias[co]) (+ residual[n, co, oh0 + u, ow0 + v]), masked to the image
+    # out[n, co, oh0 + u, ow0 + v] = scale · y (+ bias[co]) (+ residual[n, co, oh0 + u, ow0 + v]), masked to the image
     oh, ow = oh0 + u, ow0 + v
     msk = (pm & (oh < H) & (ow < W))[:, None] & cm[None, :]
+    y = y * scale
     if HAS_BIAS:
         y = y + tl.load(b_ptr + co, mask=cm, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
@@ -288,7 +334,7 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, P, K, N, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def _fused_gemm_output_kernel(
-    a_ptr, b_ptr, y_ptr, bias_ptr, r_ptr, P, K, N, H, W, TH, TW,
+    a_ptr, b_ptr, y_ptr, bias_ptr, r_ptr, P, K, N, H, W, TH, TW, scale,
     syn, syc, syh, syw, srn, src, srh, srw,
     AT: tl.constexpr, MT: tl.constexpr, NT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
@@ -296,7 +342,7 @@ def _fused_gemm_output_kernel(
 ):  # fmt: skip
     # For a block of tiles × output channels, all T GEMMs in turn; each result M[a·n + b] is folded at
     # once into R[v] = Σ_b M[a, b] Aᵀ[v, b], and after each row a into Y[u, v] += Aᵀ[u, a] R[v]:
-    # y = Aᵀ M A without M ever leaving registers; bias and residual added in the store.
+    # y = scale · Aᵀ M A without M ever leaving registers; bias and residual added in the store.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -331,7 +377,7 @@ def _fused_gemm_output_kernel(
     nb = offs_m // (TW * TH)
     for q in tl.static_range(MT * MT):
         _store_output(
-            ys[q], q // MT, q % MT, y_ptr, bias_ptr, r_ptr, nb, th * MT, tw * MT, offs_n, pm, cm, H, W,
+            ys[q], q // MT, q % MT, y_ptr, bias_ptr, r_ptr, nb, th * MT, tw * MT, offs_n, pm, cm, H, W, scale,
             syn, syc, syh, syw, srn, src, srh, srw, HAS_BIAS, HAS_RES,
         )  # fmt: skip
 
@@ -339,14 +385,34 @@ def _fused_gemm_output_kernel(
 # ---- launchers -----------------------------------------------------------------------------------
 
 
-def prepare_winograd_weight(weight: torch.Tensor, tile: int = 4, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """U [(m+2)², Cin, Cout] = G g Gᵀ for weight [Cout, Cin, 3, 3]; fp64 math, stored in ``dtype``."""
+class SplitWeight(NamedTuple):
+    """Prepared weight of the error-compensated variants: u = 2^s·[U_hi; U_hi; U_lo] [T, 3·Cin, Cout], scale 2^-s."""
+
+    u: torch.Tensor
+    scale: float
+
+
+def _weight_transform(weight: torch.Tensor, tile: int) -> torch.Tensor:
+    # U [(m+2)², Cin, Cout] = G g Gᵀ in fp64
     if tile not in TILES or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"need a [Cout, Cin, 3, 3] weight and tile in {TILES}, got {tuple(weight.shape)}, {tile}")
     g = transform_tensors(tile, torch.float64, weight.device)[1]
     cout, cin = weight.shape[:2]
     u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)  # [n, n, Cin, Cout]
-    return u.reshape((tile + 2) ** 2, cin, cout).to(dtype or weight.dtype).contiguous()  # [T, Cin, Cout]
+    return u.reshape((tile + 2) ** 2, cin, cout)  # [T, Cin, Cout]
+
+
+def prepare_winograd_weight(weight: torch.Tensor, tile: int = 4, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """U [(m+2)², Cin, Cout] = G g Gᵀ for weight [Cout, Cin, 3, 3]; fp64 math, stored in ``dtype``."""
+    return _weight_transform(weight, tile).to(dtype or weight.dtype).contiguous()
+
+
+def prepare_winograd_weight_split(weight: torch.Tensor, tile: int = 4, dtype: torch.dtype | None = None) -> SplitWeight:
+    """The compensated variants' weight: 2^s U split into hi + lo of ``dtype``, stacked [hi; hi; lo] along Cin."""
+    u = _weight_transform(weight, tile)
+    s = split_exponent(u)
+    hi, lo = _split_round(u * 2.0**s, dtype or weight.dtype, True)
+    return SplitWeight(torch.cat([hi, hi, lo], dim=1).to(dtype or weight.dtype).contiguous(), 2.0**-s)
 
 
 def _pow2(v: int, lo: int, hi: int) -> int:
@@ -359,9 +425,26 @@ def _transform_blocks(c: int, nt: int) -> tuple[int, int]:
     return max(1, (128 if nt == 8 else 256) // bc), bc
 
 
+@functools.cache
+def bmm_fp32_out_supported(device: str = "cuda") -> bool:
+    """Whether torch.bmm takes out_dtype=float32 for fp16 inputs here (cuBLAS, fp32 M; torch >= 2.8)."""
+    try:
+        a = torch.ones(1, 16, 16, device=device, dtype=torch.float16)
+        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _bmm_fp32(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    # [T, P, K] @ [T, K, N] -> fp32 [T, P, N]: fp16 operands on tensor cores where torch can; else in fp32
+    if v.is_cuda and v.dtype != torch.float32 and bmm_fp32_out_supported(str(v.device)):
+        return torch.bmm(v, u, out_dtype=torch.float32)
+    return torch.bmm(v.float(), u.float())
+
+
 def winograd_conv3x3_prepared(
     x: torch.Tensor,
-    prepared: torch.Tensor,
+    prepared: torch.Tensor | SplitWeight,
     bias: torch.Tensor | None = None,
     tile: int = 4,
     residual: torch.Tensor | None = None,
@@ -374,17 +457,27 @@ def winograd_conv3x3_prepared(
 
     Returns [N, Cout, H, W] channels-last (or writes ``out``, any strides), plus bias and residual.
     ``gemm``: "triton" (batched Triton GEMM, M stored in ``m_dtype``, default fp32), "bmm" (cuBLAS,
-    M in the activation dtype) or "fused" (GEMM + output transform in one kernel; tile 2 or 4).
+    M in the activation dtype) or "fused" (GEMM + output transform in one kernel; tile 2 or 4); the
+    error-compensated "triton3" / "bmm3" / "fused3" take a SplitWeight (prepare_winograd_weight_split)
+    and keep M in fp32.
     """
     nt, t = tile + 2, (tile + 2) ** 2
-    if tile not in TILES or gemm not in GEMMS or (gemm == "fused" and tile == 6):
+    split = gemm in SPLIT_GEMMS
+    base = gemm[:-1] if split else gemm
+    if tile not in TILES or gemm not in ALL_GEMMS or (base == "fused" and tile == 6):
         raise ValueError(f"tile {tile} / gemm {gemm!r} not supported")
-    if x.dim() != 4 or prepared.dim() != 3 or prepared.shape[0] != t or prepared.shape[1] != x.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} and U {tuple(prepared.shape)} do not match for tile {tile}")
-    if x.dtype != prepared.dtype:
-        raise ValueError(f"x is {x.dtype} but U is {prepared.dtype}")
+    if split != isinstance(prepared, SplitWeight):
+        raise ValueError(f"gemm {gemm!r} needs {'a SplitWeight' if split else 'a U tensor'}")
+    u, scale = (prepared.u, prepared.scale) if split else (prepared, 1.0)
+    if split and m_dtype not in (None, torch.float32):
+        raise ValueError("the compensated variants keep M in fp32")
+    k = x.shape[1] * (3 if split else 1)
+    if x.dim() != 4 or u.dim() != 3 or u.shape[0] != t or u.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} and U {tuple(u.shape)} do not match for tile {tile} / {gemm}")
+    if x.dtype != u.dtype:
+        raise ValueError(f"x is {x.dtype} but U is {u.dtype}")
     nb, cin, h, w = x.shape
-    cout = prepared.shape[2]
+    cout = u.shape[2]
     if x.is_cuda and not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)  # the strided path works, but uncoalesced
     if out is None:
@@ -393,54 +486,45 @@ def winograd_conv3x3_prepared(
         raise ValueError("out / residual must be [N, Cout, H, W]")
     th, tw = _tiles(h, w, tile)
     p = nb * th * tw
-    u = prepared.contiguous()
+    u = u.contiguous()
     ieee = u.dtype == torch.float32
-    k_interp = cin if os.environ.get("TRITON_INTERPRET") == "1" else 0
+    k_interp = k if os.environ.get("TRITON_INTERPRET") == "1" else 0
     at, bt = _flat(tile, 0), _flat(tile, 2)
     dummy = out
     b_arg = bias if bias is not None else dummy
     r_arg = residual if residual is not None else dummy
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
 
-    v = torch.empty((t, p, cin), device=x.device, dtype=u.dtype)  # [T, P, Cin]
+    v = torch.empty((t, p, k), device=x.device, dtype=u.dtype)  # [T, P, Cin] or [T, P, 3·Cin] = [hi | lo | hi]
     bp, bc = _transform_blocks(cin, nt)
     _input_transform_kernel[(triton.cdiv(p, bp), triton.cdiv(cin, bc))](
-        x, v, cin, h, w, th, tw, p, *x.stride(), BT=bt, MT=tile, NT=nt, BLOCK_P=bp, BLOCK_C=bc
+        x, v, cin, h, w, th, tw, p, *x.stride(), BT=bt, MT=tile, NT=nt, BLOCK_P=bp, BLOCK_C=bc, SPLIT=split
     )
-    if gemm == "fused":
+    if base == "fused":
         bm, bn, warps = (64, 64, 8) if tile == 2 else (32, 32, 4)
-        bm, bn, bk = _pow2(p, 16, bm), _pow2(cout, 16, bn), _pow2(cin, 16, 32)
+        bm, bn, bk = _pow2(p, 16, bm), _pow2(cout, 16, bn), _pow2(k, 16, 32)
         _fused_gemm_output_kernel[(triton.cdiv(p, bm), triton.cdiv(cout, bn))](
-            v, u, out, b_arg, r_arg, p, cin, cout, h, w, th, tw, *out.stride(), *rs,
+            v, u, out, b_arg, r_arg, p, k, cout, h, w, th, tw, scale, *out.stride(), *rs,
             AT=at, MT=tile, NT=nt, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, K_INTERP=k_interp, num_warps=warps,
         )  # fmt: skip
         return out
     if gemm == "bmm":
         m = torch.bmm(v, u)  # [T, P, Cin] @ [T, Cin, Cout] -> [T, P, Cout]
+    elif gemm == "bmm3":
+        m = _bmm_fp32(v, u)  # [T, P, 3·Cin] @ [T, 3·Cin, Cout] -> fp32 [T, P, Cout]
     else:
         m = torch.empty((t, p, cout), device=x.device, dtype=m_dtype or torch.float32)
-        bm, bn, bk = _pow2(p, 16, 128), _pow2(cout, 16, 128), _pow2(cin, 16, 64)
+        bm, bn, bk = _pow2(p, 16, 128), _pow2(cout, 16, 128), _pow2(k, 16, 64)
         warps = 8 if bm * bn >= 128 * 128 else 4
         grid = (triton.cdiv(p, bm) * triton.cdiv(cout, bn), t)
         _bmm_kernel[grid](
-            v,
-            u,
-            m,
-            p,
-            cin,
-            cout,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            BLOCK_K=bk,
-            IEEE=ieee,
-            K_INTERP=k_interp,
-            num_warps=warps,
-            num_stages=3,
-        )
+            v, u, m, p, k, cout,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, K_INTERP=k_interp, num_warps=warps, num_stages=3,
+        )  # fmt: skip
     bp, bc = _transform_blocks(cout, nt)
     _output_transform_kernel[(triton.cdiv(p, bp), triton.cdiv(cout, bc))](
-        m, out, b_arg, r_arg, cout, h, w, th, tw, p, *out.stride(), *rs,
+        m, out, b_arg, r_arg, cout, h, w, th, tw, p, scale, *out.stride(), *rs,
         AT=at, MT=tile, NT=nt, HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_P=bp, BLOCK_C=bc,
     )  # fmt: skip
     return out
@@ -450,15 +534,17 @@ def winograd_conv3x3(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 4, **kwargs
 ) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) by Winograd F(tile×tile, 3×3); weight transformed per call."""
-    return winograd_conv3x3_prepared(x, prepare_winograd_weight(weight, tile, x.dtype), bias, tile, **kwargs)
+    prep = prepare_winograd_weight_split if kwargs.get("gemm") in SPLIT_GEMMS else prepare_winograd_weight
+    return winograd_conv3x3_prepared(x, prep(weight, tile, x.dtype), bias, tile, **kwargs)
 
 
 def extra_bytes(n: int, cin: int, h: int, w: int, cout: int, tile: int, gemm: str, itemsize: int = 2) -> int:
     """Bytes of transformed tensors a call holds beyond x and y: U, V and (unless fused) M."""
     th, tw = _tiles(h, w, tile)
     t, p = (tile + 2) ** 2, n * th * tw
-    m_item = 0 if gemm == "fused" else (itemsize if gemm == "bmm" else 4)
-    return t * (cin * cout + p * cin) * itemsize + t * p * cout * m_item
+    k = cin * (3 if gemm in SPLIT_GEMMS else 1)
+    m_item = 0 if gemm.startswith("fused") else (itemsize if gemm == "bmm" else 4)
+    return t * (k * cout + p * k) * itemsize + t * p * cout * m_item
 
 
 # ---- the engine's per-layer entry ----------------------------------------------------------------
@@ -470,7 +556,7 @@ def shape_key(n: int, cin: int, h: int, w: int, cout: int, dtype: torch.dtype, c
 
 
 def parse_choice(choice: object) -> tuple[int, str] | None:
-    """Table value -> (tile, gemm), or None for cuDNN. Values: "cudnn", 4, "4", "4:bmm"."""
+    """Table value -> (tile, gemm), or None for cuDNN. Values: "cudnn", 4, "4", "4:bmm", "6:bmm3"."""
     if choice is None or choice == "cudnn":
         return None
     tile, _, gemm = str(choice).partition(":")
@@ -496,17 +582,18 @@ def _card(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _prepared_for(conv: torch.nn.Conv2d, tile: int, dtype: torch.dtype) -> torch.Tensor:
+def _prepared_for(conv: torch.nn.Conv2d, tile: int, dtype: torch.dtype, split: bool) -> torch.Tensor | SplitWeight:
     # cached on the module; an in-place update (under no_grad) bumps weight._version and re-transforms
     wt = conv.weight
-    key = (wt._version, wt.data_ptr(), wt.device, dtype, tile)
+    key = (wt._version, wt.data_ptr(), wt.device, dtype, tile, split)
     cache = getattr(conv, "_speedsd_winograd", None)
     if cache is None:
         cache = {}
         conv._speedsd_winograd = cache
-    hit = cache.get((tile, dtype))
+    hit = cache.get((tile, dtype, split))
     if hit is None or hit[0] != key:
-        hit = cache[(tile, dtype)] = (key, prepare_winograd_weight(wt, tile, dtype))
+        prep = prepare_winograd_weight_split if split else prepare_winograd_weight
+        hit = cache[(tile, dtype, split)] = (key, prep(wt, tile, dtype))
     return hit[1]
 
 
@@ -519,4 +606,5 @@ def winograd_conv3x3_module(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Ten
     if choice is None:
         return None
     tile, gemm = choice
-    return winograd_conv3x3_prepared(x, _prepared_for(conv, tile, x.dtype), conv.bias, tile, gemm=gemm)
+    prepared = _prepared_for(conv, tile, x.dtype, gemm in SPLIT_GEMMS)
+    return winograd_conv3x3_prepared(x, prepared, conv.bias, tile, gemm=gemm)
