@@ -285,7 +285,9 @@ class Pipeline:
         cfg = guidance_scale > 1.0
         emb = self.text_embeddings(prompts, negatives, num_images, cfg)
         sched = self.make_scheduler(scheduler)
-        sched.set_timesteps(steps, device=self.device)
+        # Timesteps stay on the CPU: the samplers read them as Python numbers (int(t)), which for a GPU
+        # tensor would be a device sync per step and keep the CPU from queueing the next step early.
+        sched.set_timesteps(steps)
         latents = latents * sched.init_noise_sigma
         latents = self._denoise(sched, list(sched.timesteps), latents, emb, guidance_scale, generator, callback)
         return self._finish(latents, output, tiled_decode)
@@ -365,10 +367,12 @@ class Pipeline:
     ) -> torch.Tensor:
         cfg = guidance_scale > 1.0
         num = len(timesteps)
+        # the UNet's copy of every timestep, moved to the device once (indexing it needs no sync)
+        t_dev = torch.stack([torch.as_tensor(t) for t in timesteps]).to(self.device)
         for i, t in enumerate(timesteps):
             x = torch.cat([latents, latents]) if cfg else latents  # [2N, 4, h, w]: uncond half first
             x = sched.scale_model_input(x, t)
-            out = self.unet_step(x, t, emb)
+            out = self.unet_step(x, t_dev[i], emb)
             if cfg:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)

@@ -88,7 +88,37 @@ def measure_row(pipe: Any, steps: int, size: int, reps: int) -> dict[str, float]
     return out
 
 
-def run(model: str, steps: int = 20, size: int = 512, reps: int = 20, peers: bool = True, rows: str = "all") -> dict:
+def variants(default: ops.Flags) -> list[tuple[str, ops.Flags]]:
+    """The default (fastest) set and one change at a time, all with CUDA graphs: what each piece buys."""
+    return [
+        ("default", default),
+        ("default, NCHW", default.replace(channels_last=False)),
+        ("default, attention=sdpa", default.replace(attention="sdpa")),
+        ("default, attention=flash (ours)", default.replace(attention="flash")),
+        ("default, no Winograd", default.replace(winograd=False)),
+        ("default, no GroupNorm/GELU kernels", default.replace(group_norm=False, gelu=False)),
+    ]
+
+
+def _measure(base: Any, name: str, flags: ops.Flags, steps: int, size: int, reps: int) -> dict[str, Any]:
+    pipe = base.with_flags(flags)
+    t_first = time.perf_counter()
+    m = measure_row(pipe, steps, size, reps)
+    m["first_row_s"] = time.perf_counter() - t_first
+    print(f"{name:45s} " + " ".join(f"{k}={v:.2f}" for k, v in m.items()), flush=True)
+    return m
+
+
+def run(
+    model: str,
+    steps: int = 20,
+    size: int = 512,
+    reps: int = 20,
+    peers: bool = True,
+    rows: str = "all",
+    graphed: bool = True,
+    profile: bool = True,
+) -> dict:
     import speedsd
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,17 +135,21 @@ def run(model: str, steps: int = 20, size: int = 512, reps: int = 20, peers: boo
         if device != "cuda" and not interp and (_needs_kernels(flags) or flags.cuda_graphs):
             results.append({"row": name, "flags": asdict(flags), "skipped": "needs CUDA"})
             continue
-        pipe = base.with_flags(flags)
-        t_first = time.perf_counter()
-        m = measure_row(pipe, steps, size, reps)
-        m["first_row_s"] = time.perf_counter() - t_first
-        results.append({"row": name, "flags": asdict(flags), **m})
-        print(f"{name:45s} " + " ".join(f"{k}={v:.2f}" for k, v in m.items()), flush=True)
-        del pipe
-    base_img = next((r["image_ms"] for r in results if "image_ms" in r), None)
-    for r in results:
-        if "image_ms" in r and base_img:
-            r["reduction_pct"] = 100.0 * (1 - r["image_ms"] / base_img)
+        row = {"row": name, "flags": asdict(flags), **_measure(base, name, flags, steps, size, reps)}
+        if graphed and device == "cuda" and not flags.cuda_graphs:
+            # Eager rows are bound by launch overhead (Triton's Python launcher costs more CPU per launch
+            # than torch's ops), which hides what each kernel saves on the GPU: measure each row replayed
+            # from CUDA graphs as well.
+            row["graphed"] = _measure(base, name + " [graphs]", flags.replace(cuda_graphs=True), steps, size, reps)
+        results.append(row)
+    for key in ("image_ms",):
+        base_v = next((r[key] for r in results if key in r), None)
+        base_g = next((r["graphed"][key] for r in results if "graphed" in r), None)
+        for r in results:
+            if key in r and base_v:
+                r["reduction_pct"] = 100.0 * (1 - r[key] / base_v)
+            if "graphed" in r and base_g:
+                r["graphed"]["reduction_pct"] = 100.0 * (1 - r["graphed"][key] / base_g)
     payload: dict[str, Any] = {
         "model": model,
         "steps": steps,
@@ -125,7 +159,15 @@ def run(model: str, steps: int = 20, size: int = 512, reps: int = 20, peers: boo
         "weight_mib": weight_mib,
         "ablation": results,
     }
-    if device == "cuda":
+    if device == "cuda" and rows == "all":
+        default = ops.default_flags(device)
+        payload["variants"] = [
+            {"row": n, "flags": asdict(f), **_measure(base, n, f, steps, size, reps)} for n, f in variants(default)
+        ]
+        if profile:
+            from speedsd.bench.profile import profile_pipeline
+
+            payload["profile"] = profile_pipeline(base.with_flags(default), size)
         payload["cold_start"] = cold_start(model, size)
     if peers:
         payload["peers"] = peer_rows(base, steps, size, reps)
@@ -171,8 +213,24 @@ def markdown(payload: dict) -> str:
             continue
         rows.append([r["row"]] + [r.get(c, "-") for c in cols] + [f"{r.get('reduction_pct', 0):.1f} %"])
     head = ["config", "text enc ms", "UNet/step ms", f"UNet x{steps} ms", "VAE ms", "image ms", "peak MiB", "vs base"]
-    md = f"## Ablation ({payload['model']}, {payload['size']}², {steps} steps, {payload['dtype']})\n\n"
+    md = f"## Ablation, eager ({payload['model']}, {payload['size']}², {steps} steps, {payload['dtype']})\n\n"
     md += common.md_table(head, rows) + "\n"
+    graphed = [r for r in payload["ablation"] if "graphed" in r or r["flags"].get("cuda_graphs")]
+    if graphed:
+        md += "\n## Ablation, every row replayed from CUDA graphs (GPU work without launch overhead)\n\n"
+        grows = []
+        for r in graphed:
+            g = r.get("graphed", r)
+            grows.append([r["row"]] + [g.get(c, "-") for c in cols] + [f"{g.get('reduction_pct', 0):.1f} %"])
+        md += common.md_table(head, grows) + "\n"
+    if payload.get("variants"):
+        md += "\n## The default flags, one piece changed at a time (CUDA graphs on)\n\n"
+        vrows = [[r["row"]] + [r.get(c, "-") for c in cols] for r in payload["variants"]]
+        md += common.md_table(head[:-1], vrows) + "\n"
+    if payload.get("profile"):
+        from speedsd.bench.profile import markdown as profile_md
+
+        md += "\n## Profile of the default flags\n\n" + profile_md(payload["profile"]) + "\n"
     if payload.get("peers"):
         md += "\n## Peers (same weights, same run)\n\n"
         md += common.md_table(
@@ -208,13 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-graphed", action="store_true", help="skip the graphed copy of each eager row")
+    ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--rows", default="all", help="comma-separated row names, or all")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="e2e")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.size % 8:
         ap.error("steps must be >= 1 and size a multiple of 8")
-    payload = run(a.model, a.steps, a.size, a.reps, peers=not a.no_peers, rows=a.rows)
+    payload = run(
+        a.model,
+        a.steps,
+        a.size,
+        a.reps,
+        peers=not a.no_peers,
+        rows=a.rows,
+        graphed=not a.no_graphed,
+        profile=not a.no_profile,
+    )
     md = markdown(payload)
     common.write_results(a.out, a.name, payload, md)
     print(md)
