@@ -48,14 +48,20 @@ def _inputs(shape, dtype, heads_view=False, logit_scale=1.0):
 
 
 def _check(out, q, k, v, dtype, atol, rtol, scale=None):
+    """fp16: ≤ 2x torch's fp16 materialized error and within (atol, rtol). fp32: ≤ 2x torch's fp32
+    materialized error + atol — a fixed atol is not honest for large logits, where the fp32 rounding
+    of q·k (order-dependent: numpy BLAS in the interpreter, FMA chains on the GPU) alone moves the
+    output by ~3e-5 (torch's own fp32 error on test_partial_large_logits)."""
     ref = attention_ref(q.double(), k.double(), v.double(), scale=scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all(), "NaN/inf in output (unwritten element?)"
+    err = (out.double() - ref).abs().max().item()
+    torch_err = (attention_ref(q, k, v, scale=scale).double() - ref).abs().max().item()
     if dtype == torch.float16:
-        err = (out.double() - ref).abs().max().item()
-        torch_err = (attention_ref(q, k, v, scale=scale).double() - ref).abs().max().item()
         assert err <= 2 * torch_err + 1e-4, f"fp16 error {err:.3g} > 2x torch fp16 materialized {torch_err:.3g}"
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+        torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    else:
+        assert err <= 2 * torch_err + atol, f"fp32 error {err:.3g} > 2x torch fp32 {torch_err:.3g} + {atol:g}"
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -88,24 +94,32 @@ def test_partial_large_logits(dt):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(
     "shape",
-    [pytest.param((1, 1, 32, 100, 64), id="4-segments"), pytest.param((1, 2, 40, 50, 40), id="2-segments")],
+    [
+        pytest.param((1, 1, 32, 300, 64, 4), id="4-segments"),  # 3 segments with the GPU's 64-wide key blocks
+        pytest.param((1, 2, 40, 130, 40, 2), id="2-segments"),
+    ],
 )
 def test_scores_and_row_stats(shape, dtype):
     """Kernel A: S = q kᵀ·scale stored once (fp16 for fp16 inputs); with t = S·log2(e), each row
-    segment's (max t, Σ 2^(t − max)) agrees with the stored S; the segments merge to the row's sum."""
-    B, H, Nq, Nk, D = shape
-    q, k, _ = _inputs(shape, dtype)
-    s, stats = partial_softmax_scores(q, k)
+    segment's (max t, Σ 2^(t − max)) agrees with the stored S; the segments merge to the row's sum.
+    Segments are forced (``splits``), so the multi-segment path runs with any device's tiles."""
+    B, H, Nq, Nk, D, want = shape
+    q, k, _ = _inputs(shape[:5], dtype)
+    s, stats = partial_softmax_scores(q, k, splits=want)
     assert s.dtype == score_dtype(dtype) and s.shape[:3] == (B, H, Nq) and s.shape[3] % 16 == 0
     n_splits = stats.shape[1]
-    assert n_splits > 1  # the interpreter's 4 "SMs" force column segments on these shapes
+    cols = _scores_config(q, Nk, splits=want)["cols"]  # segment width, a multiple of BLOCK_N
+    assert n_splits == -(-Nk // cols) and n_splits > 1 and Nk % cols != 0  # several segments, ragged last
     exact = (q.double() @ k.double().transpose(-1, -2)) * D**-0.5  # [B, H, Nq, Nk]
-    tol = 1e-5 if dtype == torch.float32 else 1e-3 * exact.abs().max().item() + 1e-3
-    torch.testing.assert_close(s[..., :Nk].double(), exact, atol=tol, rtol=0)
+    if dtype == torch.float32:  # fp32 dot-product bound D·u·Σ|q_i k_i| (any summation order; TF32 fails it)
+        tol = D * 2.0**-24 * (q.double().abs() @ k.double().abs().transpose(-1, -2)) * D**-0.5 + 1e-6
+    else:  # fp16 storage of S: half an ulp at |S| plus the fp32 accumulation
+        tol = 1e-3 * exact.abs().max().item() + 1e-3
+    assert ((s[..., :Nk].double() - exact).abs() <= tol).all(), (s[..., :Nk].double() - exact).abs().max().item()
     s2 = s[..., :Nk].double() * LOG2E
     st = stats.double().view(B, H, n_splits, 2, Nq)
-    cols = _scores_config(q, Nk)["cols"]  # segment width, a multiple of BLOCK_N
-    m_all, l_all = torch.full((B, H, Nq), -math.inf, dtype=torch.float64), torch.zeros(B, H, Nq, dtype=torch.float64)
+    m_all = torch.full((B, H, Nq), -math.inf, dtype=torch.float64, device=q.device)
+    l_all = torch.zeros(B, H, Nq, dtype=torch.float64, device=q.device)
     segs = [(j * cols, min((j + 1) * cols, Nk)) for j in range(n_splits)]
     for j, (a, b) in enumerate(segs):
         m = s2[..., a:b].amax(-1)

@@ -85,8 +85,16 @@ def split_head_dim(D: int, split: bool = True, chunk32: bool = False) -> tuple[i
 
 
 def flash_config(q: torch.Tensor, Nk: int) -> FlashConfig:
-    """Launch heuristic: the per-head-dim table, then shrink tiles to the problem."""
+    """Launch heuristic: the per-head-dim table, then shrink tiles to the problem.
+
+    Only for D ≤ MAX_FLASH_HEAD_DIM: larger heads never launch the flash kernel (flash_attention
+    routes them to the partially fused softmax), so asking for their config is a caller error."""
     B, H, Nq, D = q.shape
+    if D > MAX_FLASH_HEAD_DIM:
+        raise ValueError(
+            f"no flash config for head dim {D} > {MAX_FLASH_HEAD_DIM}: flash_attention routes it to "
+            "attention_partial_softmax (see softmax_attention._scores_config / _pv_config)"
+        )
     if interpreted(q.device):
         return INTERPRETER_CONFIG
     if q.dtype == torch.float32:  # correctness path (fp32 FMA dots, no tensor cores): small tiles

@@ -277,7 +277,9 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float16 else torch.float32
 
 
-def _scores_config(q: torch.Tensor, Nk: int) -> dict[str, int]:
+def _scores_config(q: torch.Tensor, Nk: int, splits: int | None = None) -> dict[str, int]:
+    """Kernel A's tiles and column-segment width ``cols``; ``splits`` asks for that many segments
+    (tests: the multi-segment path on any device), else enough to cover the GPU about twice."""
     B, H, Nq, D = q.shape
     if interpreted(q.device) or q.dtype == torch.float32:  # (fp32 on GPU: FMA dots, small tiles)
         bm, bn, bk, warps, stages = 32, 32, min(64, max(16, triton.next_power_of_2(D))), 4, 1
@@ -289,7 +291,8 @@ def _scores_config(q: torch.Tensor, Nk: int) -> dict[str, int]:
     # Column segments so that the grid covers the GPU about twice (VAE: 1 head x 4096 rows).
     progs = B * H * triton.cdiv(Nq, bm)
     n_blocks = triton.cdiv(Nk, bn)
-    want = max(1, min(n_blocks, triton.cdiv(2 * sm_count(q.device), progs)))
+    want = splits if splits is not None else triton.cdiv(2 * sm_count(q.device), progs)
+    want = max(1, min(n_blocks, want))
     cols = triton.cdiv(n_blocks, want) * bn
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, cols=cols)
 
@@ -307,17 +310,18 @@ def _pv_config(q: torch.Tensor, Nk: int) -> dict[str, int]:
 
 
 def partial_softmax_scores(
-    q: torch.Tensor, k: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, splits: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel A alone: (S [B, H, Nq, ld ≥ Nk] with S = q kᵀ·scale, stats [B·H, splits, 2, Nq]).
 
     With t = S·log2(e), row r of segment j: stats[..., j, 0, r] = max of t over the segment,
     stats[..., j, 1, r] = Σ 2^(t − max).
-    Columns ≥ Nk of S are row padding (pitch rounded up to 16 elements) with unspecified contents."""
+    Columns ≥ Nk of S are row padding (pitch rounded up to 16 elements) with unspecified contents.
+    ``splits`` forces about that many column segments (at most one per key block; default: by SM count)."""
     scale = check_qkv(q, k, k, scale)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    cfg = _scores_config(q, Nk)
+    cfg = _scores_config(q, Nk, splits)
     ld_s = triton.cdiv(Nk, 16) * 16  # 16-element row pitch: aligned vector loads of S in kernel B
     s = torch.empty(B, H, Nq, ld_s, device=q.device, dtype=score_dtype(q.dtype))
     n_splits = triton.cdiv(Nk, cfg["cols"])
