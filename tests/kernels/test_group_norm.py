@@ -42,11 +42,13 @@ SHAPES = [
     ("odd 2x40x9x11 G4", (2, 40, 9, 11), 4),
     ("odd C96 G32 3x96x7x5", (3, 96, 7, 5), 32),
 ]
-# path -> extra launcher arguments; small tiles/program counts force multi-tile loops and many chunks
+# label -> launcher arguments; small tiles/program counts force multi-tile loops and many chunks.
+# channels_last "split" is the grouped whole-row kernel pair; "split-blocks" the group-block one.
 PATHS = {
-    "auto": {},
-    "loop": {"tile": 64},
-    "split": {"tile": 64, "programs": 6},
+    "auto": {"path": "auto"},
+    "loop": {"path": "loop", "tile": 64},
+    "split": {"path": "split", "tile": 64, "programs": 6},
+    "split-blocks": {"path": "split", "tile": 64, "programs": 6, "grouped": False, "warps": 2},
 }
 LAYOUTS = ["nchw", "channels_last"]
 
@@ -72,7 +74,7 @@ def _ref64(x, groups, w, b, eps=1e-5, silu=False):
 
 def _run(x, groups, w, b, silu, path):
     out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
-    y = group_norm(x, groups, w, b, 1e-5, silu, out=out, path=path, **PATHS[path])
+    y = group_norm(x, groups, w, b, 1e-5, silu, out=out, **PATHS[path])
     assert y is out
     return y
 
@@ -180,10 +182,13 @@ def test_bad_arguments_raise():
         ((2, 1280, 8, 8), False, "fused"),  # UNet 8²: the group sits in registers, one launch
         ((2, 1280, 8, 8), True, "fused"),
         ((2, 1280, 16, 16), False, "fused"),
-        ((2, 320, 64, 64), False, "split"),  # 64 groups for 132 SMs: split the statistics
+        ((2, 320, 64, 64), False, "fused"),  # 10 rows of 4096 = 8 + 2 row blocks in registers
+        ((2, 1280, 32, 32), False, "fused"),  # 40 rows of 1024 = 32 + 8
+        ((2, 640, 64, 64), False, "split"),  # 64 groups for 132 SMs: split the statistics
         ((2, 320, 64, 64), True, "split"),
         ((1, 128, 512, 512), False, "split"),  # VAE: 1M-element groups
-        ((64, 320, 64, 64), False, "loop"),  # big batch: enough programs for one launch per group
+        ((64, 320, 64, 64), False, "fused"),  # big batch, group fits: one tile per group
+        ((64, 640, 64, 64), False, "loop"),  # big batch: enough programs for one launch per group
     ],
 )
 def test_plan_picks_path_for_sd_shapes(shape, channels_last, path):
@@ -193,8 +198,26 @@ def test_plan_picks_path_for_sd_shapes(shape, channels_last, path):
     assert plan.launches == (2 if path == "split" else 1)
     if path == "split":
         assert plan.chunks * plan.n_cb * n >= 132  # enough programs to fill the card
-    if channels_last:  # several whole groups per program, rows of whole 16-byte vectors
+    if path == "fused" and not channels_last:  # the group's rows in two power-of-two blocks, little padding
+        ra, rb = plan.rows
+        assert ra <= c // 32 <= ra + rb and (ra + rb) <= 1.1 * (c // 32) + 8
+    if channels_last and path == "split":  # whole pixel rows: [position, group, channel] tiles
+        assert plan.grouped and plan.gb == 32 and plan.block_k >= c // 32
+    elif channels_last:  # several whole groups per program, rows of whole 16-byte vectors
         assert plan.gb * (c // 32) * 2 % 16 == 0 and plan.gb * (c // 32) <= plan.block_c
+
+
+def test_tuned_table_entries_are_valid_plans():
+    """Every measured entry must be a plan the launcher can build (a bad paste from the bench fails here)."""
+    for (n, c, s, g, cl, itemsize), knobs in gn.TUNED.items():
+        knobs = dict(knobs)
+        plan = plan_group_norm(n, c, s, g, cl, itemsize, 132, str(knobs.pop("path")), **knobs)
+        assert plan.path in ("fused", "loop", "split")
+
+
+def test_unknown_knob_raises():
+    with pytest.raises(TypeError, match="tiles"):
+        group_norm(_input((1, 8, 2, 2), "nchw"), 4, tiles=3)
 
 
 def test_ops_dispatch_uses_kernel():

@@ -1,23 +1,27 @@
-"""Fused GroupNorm (+SiLU) in Triton, and its plain-torch reference.
+"""Fused GroupNorm (+SiLU) in Triton, and its plain-torch reference. Kernels: group_norm_kernels.py.
 
-The input is seen as ``[N, C, S]`` (S = product of the spatial dims) through its strides, so one set of
-kernels serves NCHW (``S`` contiguous) and channels_last (``C`` contiguous). A program owns a *group
-block*: ``GB`` whole groups = ``GB·CPG`` adjacent channels (``GB = 1`` for NCHW; for channels_last
-several groups so that each row read is >= 64 contiguous bytes) and walks ``[BLOCK_S, BLOCK_C]`` tiles.
+The input is seen as ``[N, C, S]`` (S = product of the spatial dims). Statistics are fp32 two-pass
+per register tile, merged over tiles / chunks with Chan's parallel formula; never ``E[x²] − E[x]²``.
 
-Statistics: per tile and channel a two-pass mean / M2 from registers, merged into running per-channel
-(count, mean, M2) with Chan's parallel formula, then channels -> groups the same way. Never
-``E[x²] − E[x]²``. fp32 throughout.
-
-Three paths, picked by :func:`group_norm` (``path="auto"``):
-  * ``fused``: the whole group block fits one register tile (``BLOCK_C·BLOCK_S <= 32768``, half
-    that when GB > 1): ONE launch, x read once, every load in flight at once. (UNet 32² NCHW, 16² and 8² shapes.)
+Paths, picked by :func:`plan_group_norm` (``path="auto"``; on CUDA a measured :data:`TUNED` entry wins):
+  * ``fused``, NCHW: one program per (group, sample) holds the group's CPG contiguous channel rows in
+    registers as two power-of-two row blocks (CPG = 10 -> 8 + 2 rows, not 16): x read once, 16-byte
+    loads, ONE launch, ~32 values a thread. Up to 48K padded values: every UNet shape up to
+    2x1280x32x32 and 2x320x64x64.
+  * ``fused``, channels_last: ``GB`` groups per program (rows of >= 64 contiguous bytes) in one tile
+    [S, GB·CPG]; UNet 8² shapes.
   * ``loop``: ONE launch, one program per group block, two sweeps (the second re-reads from L2).
     Only when there are >= 2 such programs per SM (large batches).
-  * ``split``: big groups with few group blocks (UNet 64²/32², every VAE shape): a statistics kernel
-    with ~4 programs per SM writes partial (mean, M2) per (group, chunk); a normalize kernel merges its
-    group's partials and writes its chunk. Two launches; chunks are visited in reverse so the normalize
-    sweep starts on the data the statistics sweep left in L2.
+  * ``split``: big groups with few programs (UNet 64² NCHW beyond 320 channels, channels_last at
+    16²-64², every VAE shape). Statistics kernel writes per-chunk (mean, M2) partials; the normalize
+    kernel merges its group's partials and writes its chunk, visiting chunks in reverse so it starts
+    on what is still in L2. Two launches. NCHW: [BLOCK_S, CPG] tiles per group, ~4 programs per SM.
+    channels_last (``grouped``): whole contiguous pixel rows, loaded as [position, group, channel]
+    tiles so group sums are plain axis reductions, ~2 programs per SM; CPG is a compile-time
+    constant there so the rows vectorise (CPG = 40 -> 16-byte loads).
+
+``python -m speedsd.bench.kernels_norm_gelu --variants`` times every plan on every SD shape (CUDA-graph
+replay) and writes the ``TUNED`` table for this file.
 """
 
 from __future__ import annotations
@@ -29,9 +33,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
+
+from speedsd.kernels.group_norm_kernels import (
+    _gn_fused_kernel,
+    _gn_norm_kernel,
+    _gn_rows_cl_norm_kernel,
+    _gn_rows_cl_stats_kernel,
+    _gn_rows_kernel,
+    _gn_stats_kernel,
+)
 
 PATHS = ("auto", "fused", "loop", "split")
+MAX_ROWS_TILE = 49152  # NCHW one-tile (_gn_rows_kernel): padded (RA + RB)·S; 32 warps hold 48 fp32 a thread
 MAX_ONE_TILE = 32768  # padded elements of a group block that one program holds in registers (16 warps: ~100 regs)
 TILE = 4096  # elements per tile in the streaming (loop / split) kernels
 
@@ -47,213 +60,6 @@ def group_norm_ref(
     """torch's GroupNorm, then SiLU when asked: the unfused baseline."""
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
-
-
-# ---- device helpers ------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_stats(x, mask_s, ns):
-    # x [BS, BC] fp32 (0 where masked), ns = valid rows: per column mean and M2 = Σ (x − mean)²
-    mean = tl.sum(x, axis=0) / tl.maximum(ns, 1.0)
-    d = tl.where(mask_s[:, None], x - mean[None, :], 0.0)
-    return mean, tl.sum(d * d, axis=0)
-
-
-@triton.jit
-def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    # Chan et al.: n = n_a + n_b; δ = mean_b − mean_a; mean = mean_a + δ·n_b/n; M2 = M2_a + M2_b + δ²·n_a·n_b/n
-    n = n_a + n_b
-    w = n_b / tl.maximum(n, 1.0)
-    delta = mean_b - mean_a
-    return n, mean_a + delta * w, m2_a + m2_b + delta * delta * n_a * w
-
-
-@triton.jit
-def _onehot(BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, CPG: tl.constexpr, GB: tl.constexpr, mask_c):
-    # [BC, BG]: local channel c belongs to local group j (and is a real channel)
-    cl = tl.arange(0, BLOCK_C)
-    gj = tl.arange(0, BLOCK_G)
-    return ((cl // CPG)[:, None] == gj[None, :]) & (mask_c & (cl < GB * CPG))[:, None]
-
-
-@triton.jit
-def _channels_to_groups(mean_c, m2_c, n_c, onehot, CPG: tl.constexpr):
-    # every channel has n_c samples: mean_g = mean over the group's channels of mean_c;
-    # M2_g = Σ_c M2_c + n_c·(mean_c − mean_g)²
-    mean_g = tl.sum(tl.where(onehot, mean_c[:, None], 0.0), axis=0) / CPG
-    d = mean_c - _groups_to_channels(mean_g, onehot)
-    m2_g = tl.sum(tl.where(onehot, (m2_c + n_c * d * d)[:, None], 0.0), axis=0)
-    return mean_g, m2_g
-
-
-@triton.jit
-def _groups_to_channels(v_g, onehot):
-    return tl.sum(tl.where(onehot, v_g[None, :], 0.0), axis=1)
-
-
-@triton.jit
-def _scale_shift(mean_g, m2_g, count_g, eps, onehot, w_ptr, b_ptr, c, mask_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    # y = (x − mean)·rstd·w + b = x·scale + shift, scale = rstd·w, shift = b − mean·scale
-    rstd_g = 1.0 / tl.sqrt(m2_g / count_g + eps)
-    scale = _groups_to_channels(rstd_g, onehot)
-    mean = _groups_to_channels(mean_g, onehot)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=mask_c, other=1.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_B:
-        shift = shift + tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
-    return scale, shift
-
-
-@triton.jit
-def _apply(x, scale, shift, SILU: tl.constexpr):
-    # y = x·scale + shift;  SiLU: y·σ(y) = y / (1 + e^(−y))
-    y = x * scale[None, :] + shift[None, :]
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
-    return y
-
-
-# ---- kernels -------------------------------------------------------------------------------------
-
-
-# One program per (group block cb, sample n). ONE_TILE: the block [S, GB·CPG] is one register tile:
-#   load once; per-channel mean/M2 (two-pass in registers); merge to groups; y = x·scale + shift (+SiLU).
-# Otherwise sweep 1 accumulates per-channel (count, mean, M2) tile by tile (Chan merge), sweep 2 writes.
-@triton.jit
-def _gn_fused_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr,
-    C, S, sn, sc, ss, n_iter, eps,
-    CPG: tl.constexpr, GB: tl.constexpr, ONE_TILE: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
-):  # fmt: skip
-    cb = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    cl = tl.arange(0, BLOCK_C)
-    c = cb * (GB * CPG) + cl
-    mask_c = (cl < GB * CPG) & (c < C)
-    rs = tl.arange(0, BLOCK_S)
-    xb = x_ptr + n * sn
-    yb = y_ptr + n * sn
-    col = c * sc
-    onehot = _onehot(BLOCK_C, BLOCK_G, CPG, GB, mask_c)
-    count_g = S * CPG * 1.0
-    if ONE_TILE:
-        mask_s = rs < S
-        mask = mask_s[:, None] & mask_c[None, :]
-        offs = rs[:, None] * ss + col[None, :]
-        x = tl.load(xb + offs, mask=mask, other=0.0).to(tl.float32)
-        mean_c, m2_c = _tile_stats(x, mask_s, S * 1.0)
-        mean_g, m2_g = _channels_to_groups(mean_c, m2_c, S * 1.0, onehot, CPG)
-        scale, shift = _scale_shift(mean_g, m2_g, count_g, eps, onehot, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
-        tl.store(yb + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        n_c = 0.0
-        mean_c = tl.zeros([BLOCK_C], tl.float32)
-        m2_c = tl.zeros([BLOCK_C], tl.float32)
-        for i in range(0, n_iter):
-            s = i * BLOCK_S + rs
-            mask_s = s < S
-            x = tl.load(xb + s[:, None] * ss + col[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0)
-            ns = tl.minimum(S - i * BLOCK_S, BLOCK_S) * 1.0
-            t_mean, t_m2 = _tile_stats(x.to(tl.float32), mask_s, ns)
-            n_c, mean_c, m2_c = _merge(n_c, mean_c, m2_c, ns, t_mean, t_m2)
-        mean_g, m2_g = _channels_to_groups(mean_c, m2_c, n_c, onehot, CPG)
-        scale, shift = _scale_shift(mean_g, m2_g, count_g, eps, onehot, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
-        for i in range(0, n_iter):
-            s = i * BLOCK_S + rs
-            mask = (s < S)[:, None] & mask_c[None, :]
-            offs = s[:, None] * ss + col[None, :]
-            x = tl.load(xb + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(yb + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-# Split path, launch 1 of 2. Program (cb, p, n) covers positions [p·chunk, min(S, (p+1)·chunk)):
-#   per-channel (count, mean, M2) over its tiles (Chan merge), then to groups; writes
-#   part[0 | 1, n·n_cb + cb, p, j] = mean_j | M2_j for the GB groups j of the block.
-@triton.jit
-def _gn_stats_kernel(
-    x_ptr, part_ptr,
-    C, S, sn, sc, ss, n_cb, P, chunk, n_iter,
-    CPG: tl.constexpr, GB: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
-):  # fmt: skip
-    cb = tl.program_id(0)
-    p = tl.program_id(1)
-    n = tl.program_id(2)
-    cl = tl.arange(0, BLOCK_C)
-    c = cb * (GB * CPG) + cl
-    mask_c = (cl < GB * CPG) & (c < C)
-    rs = tl.arange(0, BLOCK_S)
-    xb = x_ptr + n.to(tl.int64) * sn
-    col = c * sc
-    s0 = p * chunk
-    end = tl.minimum(S, s0 + chunk)
-    n_c = 0.0
-    mean_c = tl.zeros([BLOCK_C], tl.float32)
-    m2_c = tl.zeros([BLOCK_C], tl.float32)
-    for i in range(0, n_iter):
-        s = s0 + i * BLOCK_S + rs
-        mask_s = s < end
-        x = tl.load(xb + s[:, None] * ss + col[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0)
-        ns = tl.maximum(tl.minimum(end - (s0 + i * BLOCK_S), BLOCK_S), 0) * 1.0
-        t_mean, t_m2 = _tile_stats(x.to(tl.float32), mask_s, ns)
-        n_c, mean_c, m2_c = _merge(n_c, mean_c, m2_c, ns, t_mean, t_m2)
-    onehot = _onehot(BLOCK_C, BLOCK_G, CPG, GB, mask_c)
-    mean_g, m2_g = _channels_to_groups(mean_c, m2_c, n_c, onehot, CPG)
-    gj = tl.arange(0, BLOCK_G)
-    half = n_cb * tl.num_programs(2) * P * BLOCK_G
-    dst = part_ptr + ((n * n_cb + cb) * P + p) * BLOCK_G + gj
-    tl.store(dst, mean_g)
-    tl.store(dst + half, m2_g)
-
-
-# Split path, launch 2 of 2. Program (cb, p, n) (visited in reverse order) merges the P partials of
-# its groups, with chunk counts n_q = (min(S, (q+1)·chunk) − q·chunk)·CPG:
-#   mean = Σ_q n_q·mean_q / (S·CPG);  M2 = Σ_q M2_q + n_q·(mean_q − mean)²
-# then writes y = x·scale + shift (+SiLU) over its chunk.
-@triton.jit
-def _gn_norm_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, part_ptr,
-    C, S, sn, sc, ss, n_cb, P, chunk, n_iter, eps,
-    CPG: tl.constexpr, GB: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
-    cb = n_cb - 1 - tl.program_id(0)
-    p = P - 1 - tl.program_id(1)
-    n = tl.num_programs(2) - 1 - tl.program_id(2)
-    cl = tl.arange(0, BLOCK_C)
-    c = cb * (GB * CPG) + cl
-    mask_c = (cl < GB * CPG) & (c < C)
-
-    q = tl.arange(0, BLOCK_P)
-    gj = tl.arange(0, BLOCK_G)
-    mask_q = q < P
-    n_q = tl.where(mask_q, tl.minimum(S, (q + 1) * chunk) - q * chunk, 0) * 1.0  # positions per chunk
-    half = n_cb * tl.num_programs(2) * P * BLOCK_G
-    src = part_ptr + (n * n_cb + cb) * P * BLOCK_G + q[:, None] * BLOCK_G + gj[None, :]
-    mean_q = tl.load(src, mask=mask_q[:, None], other=0.0)
-    m2_q = tl.load(src + half, mask=mask_q[:, None], other=0.0)
-    mean_g = tl.sum(n_q[:, None] * mean_q, axis=0) / S
-    d = mean_q - mean_g[None, :]
-    m2_g = tl.sum(m2_q + (n_q * CPG)[:, None] * d * d, axis=0)
-    onehot = _onehot(BLOCK_C, BLOCK_G, CPG, GB, mask_c)
-    scale, shift = _scale_shift(mean_g, m2_g, S * CPG * 1.0, eps, onehot, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
-
-    rs = tl.arange(0, BLOCK_S)
-    off_n = n.to(tl.int64) * sn
-    col = c * sc
-    s0 = p * chunk
-    end = tl.minimum(S, s0 + chunk)
-    for i in range(0, n_iter):
-        s = s0 + i * BLOCK_S + rs
-        mask = (s < end)[:, None] & mask_c[None, :]
-        offs = off_n + s[:, None] * ss + col[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -304,6 +110,12 @@ def _channel_block(cpg: int, groups: int, channels_fast: bool, itemsize: int) ->
     return best[1], best[2]
 
 
+def _row_blocks(cpg: int) -> tuple[int, int]:
+    """NCHW one-tile row blocks (RA, RB): RA = largest power of two <= CPG, RB covers the rest (>= 1)."""
+    ra = 1 << (cpg.bit_length() - 1)
+    return ra, triton.next_power_of_2(max(1, cpg - ra))
+
+
 @dataclass(frozen=True)
 class GroupNormPlan:
     """How :func:`group_norm` runs one shape: path, channel blocking, tiles, launches."""
@@ -318,13 +130,29 @@ class GroupNormPlan:
     one_tile: bool = False
     chunks: int = 1  # split: chunks of S per group block
     tiles_per_chunk: int = 1
+    rows: tuple[int, int] | None = None  # NCHW one-tile: (RA, RB) row blocks of _gn_rows_kernel
+    block_k: int = 0  # grouped channels_last split: channels per group padded (tile [BLOCK_S, BLOCK_G, BLOCK_K])
 
     @property
     def launches(self) -> int:
         return 2 if self.path == "split" else 1
 
+    @property
+    def grouped(self) -> bool:
+        return self.block_k > 0
 
-@functools.lru_cache(maxsize=1024)
+
+# Measured best plan per shape, keyed (n, c, s, groups, channels_last, itemsize) -> plan_group_norm
+# keyword arguments. Filled from `python -m speedsd.bench.kernels_norm_gelu --variants` (it writes
+# group_norm_tuned.py with this dict); consulted by group_norm(path="auto") on CUDA only.
+TUNED: dict[tuple[int, int, int, int, bool, int], dict[str, int | str | bool]] = {}
+
+
+def _warps(elements: int, per_thread: int) -> int:
+    return max(4, min(32, triton.next_power_of_2(triton.cdiv(elements, 32 * per_thread))))
+
+
+@functools.lru_cache(maxsize=4096)
 def plan_group_norm(
     n: int,
     c: int,
@@ -336,35 +164,81 @@ def plan_group_norm(
     path: str = "auto",
     programs: int | None = None,
     tile: int | None = None,
+    warps: int | None = None,
+    gb: int | None = None,
+    grouped: bool | None = None,
 ) -> GroupNormPlan:
-    """Pick the path and block sizes for x [n, c, s] (s = spatial size). See the module doc."""
+    """Pick the path and block sizes for x [n, c, s] (s = spatial size). See the module doc.
+
+    Knobs (None = heuristic): ``programs`` split target program count (default 4 per SM); ``tile``
+    elements per streaming tile; ``warps``; ``gb`` groups per program (channel blocking);
+    ``grouped`` channels_last split over whole pixel rows with 3-D [position, group, channel] tiles.
+    """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     cpg = c // num_groups
-    gb, block_c = _channel_block(cpg, num_groups, channels_last and s > 1, itemsize)
+    channels_fast = channels_last and s > 1
+    if gb is None:
+        gb, block_c = _channel_block(cpg, num_groups, channels_fast, itemsize)
+    else:
+        gb = max(1, min(gb, num_groups))
+        block_c = triton.next_power_of_2(gb * cpg)
     block_g = max(2, triton.next_power_of_2(gb))
     n_cb = triton.cdiv(num_groups, gb)
     s_p2 = triton.next_power_of_2(s)
     common = dict(gb=gb, block_c=block_c, block_g=block_g, n_cb=n_cb)
-    fits = block_c * s_p2 <= (MAX_ONE_TILE if gb == 1 else MAX_ONE_TILE // 2)  # several groups: more live values
+    rows = _row_blocks(cpg) if not channels_fast and gb == 1 else None
+    if rows is not None:
+        fits = sum(rows) * s_p2 <= MAX_ROWS_TILE
+    else:
+        fits = block_c * s_p2 <= (MAX_ONE_TILE if gb == 1 else MAX_ONE_TILE // 2)  # several groups: more live values
     if path == "auto":
         path = "fused" if fits else "loop" if n * n_cb >= 2 * sm_count else "split"
     if path == "fused" and tile is None:
         if not fits:
             raise ValueError(f"path='fused': the group block ({block_c}·{s_p2} padded) does not fit one register tile")
-        warps = 16 if block_c * s_p2 > 8192 else 8 if block_c * s_p2 > 2048 else 4
-        return GroupNormPlan("fused", block_s=s_p2, warps=warps, one_tile=True, **common)
+        if rows is not None:  # ~32 fp32 values a thread
+            w = warps or _warps(sum(rows) * s_p2, 32)
+            return GroupNormPlan("fused", block_s=s_p2, warps=w, one_tile=True, rows=rows, **common)
+        w = warps or (16 if block_c * s_p2 > 8192 else 8 if block_c * s_p2 > 2048 else 4)
+        return GroupNormPlan("fused", block_s=s_p2, warps=w, one_tile=True, **common)
+    if path == "split" and grouped is None:
+        grouped = channels_fast  # predicted: whole contiguous pixel rows beat narrow group-block columns
+    if path == "split" and grouped and channels_fast:
+        return _plan_grouped_split(n, cpg, s, num_groups, sm_count, programs, tile, warps)
     block_s = min(s_p2, max(1, (tile or TILE) // block_c))
-    warps = 8 if block_s * block_c >= 4096 else 4
+    w = warps or (16 if block_s * block_c >= 16384 else 8 if block_s * block_c >= 4096 else 4)
     n_tiles = triton.cdiv(s, block_s)
     if path in ("fused", "loop"):  # "fused" with a forced tile size: the two-sweep single launch
-        return GroupNormPlan(path, block_s=block_s, warps=warps, tiles_per_chunk=n_tiles, **common)
+        return GroupNormPlan(path, block_s=block_s, warps=w, tiles_per_chunk=n_tiles, **common)
     target = programs or 4 * sm_count
     per_chunk = max(1, triton.cdiv(n_tiles * n * n_cb, target))  # tiles per chunk
-    max_p = max(1, 8192 // block_g)  # the merge holds [BLOCK_P, BLOCK_G] partials in registers
+    max_p = max(1, 2048 // block_g)  # every normalize program merges [BLOCK_P, BLOCK_G] partials
     per_chunk = min(n_tiles, max(per_chunk, triton.cdiv(n_tiles, max_p)))
     chunks = triton.cdiv(n_tiles, per_chunk)
-    return GroupNormPlan("split", block_s=block_s, warps=warps, chunks=chunks, tiles_per_chunk=per_chunk, **common)
+    return GroupNormPlan("split", block_s=block_s, warps=w, chunks=chunks, tiles_per_chunk=per_chunk, **common)
+
+
+def _plan_grouped_split(
+    n: int, cpg: int, s: int, groups: int, sm_count: int, programs: int | None, tile: int | None, warps: int | None
+) -> GroupNormPlan:
+    block_g = max(2, triton.next_power_of_2(groups))
+    block_k = triton.next_power_of_2(cpg)
+    row = block_g * block_k  # padded channels of one pixel row
+    # default tile: >= 8 pixel rows and >= 4K values, at most 16K values
+    rows_per_tile = (tile or min(16384, max(4096, 8 * row))) // row
+    block_s = min(triton.next_power_of_2(s), max(1, rows_per_tile))
+    n_tiles = triton.cdiv(s, block_s)
+    per_chunk = max(1, triton.cdiv(n_tiles * n, programs or 2 * sm_count))
+    max_p = max(1, 8192 // block_g)  # every normalize program merges [BLOCK_P, BLOCK_G] partials
+    per_chunk = min(n_tiles, max(per_chunk, triton.cdiv(n_tiles, max_p)))
+    chunks = triton.cdiv(n_tiles, per_chunk)
+    w = warps or (16 if block_s * row >= 16384 else 8 if block_s * row >= 4096 else 4)
+    w = max(w, min(16, triton.next_power_of_2(triton.cdiv(triton.next_power_of_2(chunks) * block_g, 32 * 32))))
+    return GroupNormPlan(
+        "split", gb=groups, block_c=row, block_g=block_g, block_s=block_s, n_cb=1, warps=w, chunks=chunks,
+        tiles_per_chunk=per_chunk, block_k=block_k,
+    )  # fmt: skip
 
 
 def group_norm(
@@ -377,15 +251,14 @@ def group_norm(
     *,
     out: torch.Tensor | None = None,
     path: str = "auto",
-    programs: int | None = None,
-    tile: int | None = None,
+    **knobs: int | bool | None,
 ) -> torch.Tensor:
     """GroupNorm over x [N, C, *spatial] (+ SiLU), same shape, dtype and memory format as x.
 
-    ``out``: write here (same shape, dtype, device and strides as x). ``path``: "auto" (see the module
-    doc and :func:`plan_group_norm`), or force "fused" / "loop" / "split". ``programs``: target program
-    count of the split path (default 4 per SM); ``tile``: elements per streaming tile (default 4096).
-    The last two exist so the tests can reach multi-chunk, multi-tile cases on small shapes.
+    ``out``: write here (same shape, dtype, device and strides as x). ``path``: "auto" (the measured
+    :data:`TUNED` plan for this shape on CUDA, else :func:`plan_group_norm`'s heuristic), or force
+    "fused" / "loop" / "split". ``knobs``: :func:`plan_group_norm`'s ``programs``, ``tile``, ``warps``,
+    ``gb``, ``grouped`` (tests reach multi-chunk, multi-tile cases on small shapes; the bench sweeps them).
     """
     if x.dim() < 2:
         raise ValueError(f"group_norm expects x [N, C, *spatial], got shape {tuple(x.shape)}")
@@ -397,26 +270,42 @@ def group_norm(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.shape != (C,) or t.device != x.device):
             raise ValueError(f"{name} must be a [{C}] tensor on {x.device}, got {tuple(t.shape)} on {t.device}")
+    unknown = set(knobs) - {"programs", "tile", "warps", "gb", "grouped"}
+    if unknown:
+        raise TypeError(f"group_norm got unexpected keyword arguments {sorted(unknown)}")
     x, sn, sc, ss = _ncs_strides(x)
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():
         raise ValueError("out must match x in shape, dtype, device and strides")
-    S = math.prod(x.shape[2:])
-    plan = plan_group_norm(
-        N, C, max(S, 1), num_groups, sc == 1 and ss != 1, x.element_size(), _sm_count(x.device), path, programs, tile
-    )
+    S = max(math.prod(x.shape[2:]), 1)
+    cl = sc == 1 and ss != 1
+    if path == "auto" and not knobs and x.device.type == "cuda":
+        tuned = TUNED.get((N, C, S, num_groups, cl, x.element_size()))
+        if tuned:
+            knobs = dict(tuned)
+            path = str(knobs.pop("path"))
+    plan = plan_group_norm(N, C, S, num_groups, cl, x.element_size(), _sm_count(x.device), path, **knobs)
     if x.numel() == 0:
         return out
     if C * S >= 2**31:
         raise ValueError(f"one sample has {C * S} elements; the kernels index a sample with int32")
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
-    flags = dict(CPG=C // num_groups, GB=plan.gb, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s)
+    cpg = C // num_groups
     aff = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu))
+    if plan.rows is not None and plan.one_tile:
+        _gn_rows_kernel[(num_groups, N)](
+            x, out, w, b, C, S, cpg, eps, **aff, RA=plan.rows[0], RB=plan.rows[1], BLOCK_S=plan.block_s,
+            num_warps=plan.warps,
+        )  # fmt: skip
+        return out
+    if plan.grouped:
+        return _launch_grouped(x, out, w, b, plan, N, C, S, num_groups, eps, aff)
+    flags = dict(GB=plan.gb, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s)
     if plan.path != "split":
         _gn_fused_kernel[(plan.n_cb, N)](
-            x, out, w, b, C, S, sn, sc, ss, plan.tiles_per_chunk, eps, ONE_TILE=plan.one_tile, **flags, **aff,
+            x, out, w, b, C, S, sn, sc, ss, plan.tiles_per_chunk, eps, cpg, ONE_TILE=plan.one_tile, **flags, **aff,
             num_warps=plan.warps,
         )  # fmt: skip
         return out
@@ -424,9 +313,29 @@ def group_norm(
     chunk = per_chunk * plan.block_s
     part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
     grid = (plan.n_cb, P, N)
-    _gn_stats_kernel[grid](x, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, **flags, num_warps=plan.warps)
+    _gn_stats_kernel[grid](
+        x, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, **flags, num_warps=plan.warps
+    )  # fmt: skip
     _gn_norm_kernel[grid](
-        x, out, w, b, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, eps, **flags, **aff,
+        x, out, w, b, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, eps, cpg, **flags, **aff,
+        BLOCK_P=triton.next_power_of_2(P), num_warps=plan.warps,
+    )  # fmt: skip
+    return out
+
+
+def _launch_grouped(
+    x: torch.Tensor, out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, plan: GroupNormPlan,
+    N: int, C: int, S: int, G: int, eps: float, aff: dict[str, bool],
+) -> torch.Tensor:  # fmt: skip
+    P, per_chunk = plan.chunks, plan.tiles_per_chunk
+    chunk = per_chunk * plan.block_s
+    part = torch.empty((2, N, P, plan.block_g), device=x.device, dtype=torch.float32)
+    blocks = dict(BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, BLOCK_K=plan.block_k)
+    # CPG is a compile-time constant here: Triton then proves g·CPG alignment and vectorises the rows
+    blocks = dict(CPG=C // G, **blocks)
+    _gn_rows_cl_stats_kernel[(P, N)](x, part, C, S, G, P, chunk, per_chunk, **blocks, num_warps=plan.warps)
+    _gn_rows_cl_norm_kernel[(P, N)](
+        x, out, w, b, part, C, S, G, P, chunk, per_chunk, eps, **aff, **blocks,
         BLOCK_P=triton.next_power_of_2(P), num_warps=plan.warps,
     )  # fmt: skip
     return out
