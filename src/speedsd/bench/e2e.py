@@ -171,7 +171,7 @@ def run(
         payload["cold_start"] = cold_start(model, size)
     if peers:
         payload["peers"] = peer_rows(base, steps, size, reps)
-        payload["fidelity"] = fidelity(base, steps, size)
+        payload["fidelity"] = fidelity(base.with_flags(ops.default_flags(device)), steps, size)
     return payload
 
 

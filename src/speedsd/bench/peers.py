@@ -118,7 +118,12 @@ def _compare(img: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """Images in [0, 1]: max abs error and PSNR."""
     d = (img.double() - ref.double()).abs()
     mse = float((d**2).mean())
-    return {"max_abs": float(d.max()), "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")}
+    saturated = float(((ref <= 0) | (ref >= 1)).double().mean())  # clipped pixels compare trivially
+    return {
+        "max_abs": float(d.max()),
+        "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
+        "ref_saturated_frac": saturated,
+    }
 
 
 def fidelity(pipe: Any, steps: int, size: int, scheduler: str = "pndm") -> dict[str, Any]:
