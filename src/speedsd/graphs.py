@@ -15,6 +15,7 @@ as it was, so call :meth:`GraphCache.reset` after changing weights.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,11 +57,13 @@ class GraphCache:
         self._entries: OrderedDict[Signature, _Entry] = OrderedDict()
         self._shared_pool = pool
         self._pool = pool
+        self._eager: set[Signature] = set()
         self.captures = 0
 
     def reset(self) -> None:
         """Drop every captured graph (after weights or flags change)."""
         self._entries.clear()
+        self._eager.clear()
         self._pool = self._shared_pool
 
     def __len__(self) -> int:
@@ -70,9 +73,19 @@ class GraphCache:
         if not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
             raise ValueError("GraphCache takes CUDA tensors only")
         key = _signature(args)
+        if key in self._eager:
+            return self.fn(*args)
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._capture(args)
+            try:
+                entry = self._capture(args)
+            except RuntimeError as e:  # a library call refused capture: run this signature eagerly
+                warnings.warn(
+                    f"CUDA graph capture failed ({str(e).splitlines()[0][:120]}); running eagerly", stacklevel=2
+                )
+                torch.cuda.synchronize()
+                self._eager.add(key)
+                return self.fn(*args)
             self._entries[key] = entry
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)

@@ -101,9 +101,22 @@ def variants(default: ops.Flags) -> list[tuple[str, ops.Flags]]:
 
 
 def _measure(base: Any, name: str, flags: ops.Flags, steps: int, size: int, reps: int) -> dict[str, Any]:
+    import gc
+
     pipe = base.with_flags(flags)
     t_first = time.perf_counter()
-    m = measure_row(pipe, steps, size, reps)
+    try:
+        m: dict[str, Any] = measure_row(pipe, steps, size, reps)
+    except Exception as e:  # one failing row must not lose the table; the error is reported in it
+        m = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        print(f"{name:45s} ERROR {m['error']}", flush=True)
+        return m
+    finally:
+        del pipe
+        gc.collect()  # pipelines hold their graphs through bound methods: free them before the next row
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
     m["first_row_s"] = time.perf_counter() - t_first
     print(f"{name:45s} " + " ".join(f"{k}={v:.2f}" for k, v in m.items()), flush=True)
     return m
@@ -144,11 +157,11 @@ def run(
         results.append(row)
     for key in ("image_ms",):
         base_v = next((r[key] for r in results if key in r), None)
-        base_g = next((r["graphed"][key] for r in results if "graphed" in r), None)
+        base_g = next((r["graphed"][key] for r in results if key in r.get("graphed", {})), None)
         for r in results:
             if key in r and base_v:
                 r["reduction_pct"] = 100.0 * (1 - r[key] / base_v)
-            if "graphed" in r and base_g:
+            if key in r.get("graphed", {}) and base_g:
                 r["graphed"]["reduction_pct"] = 100.0 * (1 - r["graphed"][key] / base_g)
     payload: dict[str, Any] = {
         "model": model,
