@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from speedsd.bench.common import do_bench_ms, md_table, rel_err, write_results
+from speedsd.bench.common import do_bench_ms, graph_ms, md_table, rel_err, write_results
 from speedsd.kernels.flash_attention import MAX_FLASH_HEAD_DIM, FlashConfig, flash_attention, flash_config
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
 
@@ -90,34 +89,6 @@ def _peak_mib(fn: Callable[[], object]) -> float:
     peak = torch.cuda.max_memory_allocated() - base
     del out
     return peak / 2**20
-
-
-def graph_ms(fn: Callable[[], object], calls: int = 20, reps: int = 10) -> float:
-    """Per-call ms of ``fn`` replayed from a CUDA graph of ``calls`` back-to-back calls (no Python
-    launcher cost, no L2 flush: what the engine's graph replay pays). Median over ``reps`` replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compiles, allocator) off the capture
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    del graph
-    return float(statistics.median(times))
 
 
 def _err_text(e: BaseException) -> str:

@@ -69,28 +69,7 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
 
 def graph_us(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> float:
     """Per-call time in us of ``fn`` replayed from one CUDA graph holding ``calls`` calls (median replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # compile, allocator warm-up: outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del g
-    return sorted(times)[len(times) // 2] * 1e3 / calls
+    return common.graph_ms(fn, calls=calls, reps=replays) * 1e3
 
 
 def _graph_timer(device: str) -> Callable[[Callable[[], object]], float]:
