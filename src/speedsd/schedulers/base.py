@@ -181,7 +181,6 @@ class Scheduler(ABC):
         """The UNet input for ``sample`` at ``t`` (identity for VP samplers)."""
         return sample
 
-    @abstractmethod
     def step(
         self,
         model_output: torch.Tensor,
@@ -190,6 +189,14 @@ class Scheduler(ABC):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """One denoising step: returns the sample at the next (smaller) timestep."""
+        if self.num_steps == 0:
+            raise RuntimeError("call set_timesteps() before step()")
+        return self._step(model_output, t, sample, generator)
+
+    @abstractmethod
+    def _step(
+        self, model_output: torch.Tensor, t: Timestep, sample: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor: ...
 
     @abstractmethod
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, t: Timestep) -> torch.Tensor:

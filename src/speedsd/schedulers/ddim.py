@@ -44,15 +44,13 @@ class DDIMScheduler(AlphaScheduler):
     def _set_timesteps(self, num_steps: int, device: torch.device | str | None) -> None:
         self.timesteps = torch.from_numpy(spaced_timesteps(self.config, num_steps)).to(device)
 
-    def step(
+    def _step(
         self,
         model_output: torch.Tensor,
         t: Timestep,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if self.num_steps == 0:
-            raise RuntimeError("call set_timesteps() before step()")
         t = int(t)
         t_prev = t - self._stride
         a_t, a_prev = self._alpha(t), self._alpha(t_prev)

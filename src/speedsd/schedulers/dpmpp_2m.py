@@ -80,15 +80,13 @@ class DPMPP2MScheduler(Scheduler):
             return (sample - sigma * model_output) / alpha
         return alpha * sample - sigma * model_output
 
-    def step(
+    def _step(
         self,
         model_output: torch.Tensor,
         t: Timestep,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if self.num_steps == 0:
-            raise RuntimeError("call set_timesteps() before step()")
         i = self._current_index(t)
         n = len(self.timesteps)
         final_first_order = i == n - 1 and (n < 15 or self.final_sigmas_type == "zero")

@@ -58,15 +58,13 @@ class EulerScheduler(Scheduler):
         # v-prediction on the scaled input x / sqrt(sigma^2 + 1)
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
 
-    def step(
+    def _step(
         self,
         model_output: torch.Tensor,
         t: Timestep,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if self.num_steps == 0:
-            raise RuntimeError("call set_timesteps() before step()")
         i = self._current_index(t)
         sample = sample.to(torch.float32)
         sigma = self.sigmas[i]

@@ -21,15 +21,13 @@ class EulerAncestralScheduler(EulerScheduler):
         super().__init__(config)
         self.use_karras_sigmas = False
 
-    def step(
+    def _step(
         self,
         model_output: torch.Tensor,
         t: Timestep,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if self.num_steps == 0:
-            raise RuntimeError("call set_timesteps() before step()")
         i = self._current_index(t)
         sigma, sigma_to = self.sigmas[i], self.sigmas[i + 1]
         sample = sample.to(torch.float32)

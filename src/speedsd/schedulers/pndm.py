@@ -33,15 +33,13 @@ class PNDMScheduler(AlphaScheduler):
         self.timesteps = torch.from_numpy(np.concatenate([ts[:2], ts[1:]]).astype(np.int64)).to(device)
         self._reset()
 
-    def step(
+    def _step(
         self,
         model_output: torch.Tensor,
         t: Timestep,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        if self.num_steps == 0:
-            raise RuntimeError("call set_timesteps() before step()")
         t = int(t)
         t_prev = t - self._stride
         if self.counter == 1:  # second evaluation at t - r: redo the step t + r -> t from the kept x
