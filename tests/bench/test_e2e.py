@@ -32,6 +32,7 @@ def test_bench_runs_on_tiny_model(tmp_path):
     assert data["environment"]["card"].startswith("cpu")
     md = (tmp_path / "tiny.md").read_text()
     assert "| baseline |" in md
+    assert (tmp_path / "tiny.png").stat().st_size > 1000  # the bar chart
 
 
 def test_ablation_rows_add_one_optimization_each():

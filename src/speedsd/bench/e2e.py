@@ -13,6 +13,7 @@ optimized fp16 image with diffusers fp32 next to diffusers' own fp16 image.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from dataclasses import asdict
@@ -298,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         profile=not a.no_profile,
     )
     md = markdown(payload)
-    common.write_results(a.out, a.name, payload, md)
+    jp, _ = common.write_results(a.out, a.name, payload, md)
+    if any("image_ms" in r for r in payload["ablation"]):
+        from speedsd.bench.chart import draw
+
+        draw(json.loads(jp.read_text()), jp.with_suffix(".png"))
     print(md)
     return 0
 
