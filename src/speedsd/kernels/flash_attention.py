@@ -2,7 +2,7 @@
 
 Each program owns BLOCK_M query rows of one (batch, head) and streams K/V in BLOCK_N blocks through
 on-chip memory, keeping a running row max m, running sum l and an unnormalized fp32 accumulator
-(Dao et al. 2022). exp is exp2 with scale·log2(e) folded into one FMA per score.
+(Dao et al. 2022). exp is exp2 of (s − m)·scale·log2(e), the max subtracted in raw score units.
 
 Head dims that are not powers of two are split into two power-of-two chunks D = D0 + D1
 (d=80: 64+16; d=160: 128+64 with 32 masked) instead of padding to next_pow2(D) (128/256): two
@@ -111,8 +111,8 @@ def flash_config(q: torch.Tensor, Nk: int) -> FlashConfig:
 
 
 # One program per (row block rm, batch·head bh); one loop over key blocks n = 0, BLOCK_N, ... < Nk:
-#   s = q kₙᵀ (raw), t = s·scale·log2(e), t = −inf on columns ≥ Nk (masked blocks only)
-#   m_new = max(m, maxₙ t);  p = 2^(t − m_new);  α = 2^(m − m_new)
+#   s = q kₙᵀ (raw), s = −inf on columns ≥ Nk (masked blocks only), c = scale·log2(e)
+#   m_new = max(m, maxₙ s);  p = 2^((s − m_new)·c);  α = 2^((m − m_new)·c)
 #   l = l·α + Σₙ p;  acc = acc·α + p Vₙ;  m = m_new
 #   O[r, :] = acc[r, :] / l[r]     (acc = [acc0 | acc1]: head-dim chunks [0, D0) and [D0, D0 + D1))
 # Every load/store is masked unless a constexpr proves it in bounds: EVEN_N (Nk % BLOCK_N == 0) drops
@@ -182,9 +182,11 @@ def _flash_fwd_kernel(
             s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
         if not EVEN_N:
             s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        # running max in raw score units: s − m is exact near the max and is scaled afterwards
+        # (s·scale·log2(e) first would round each logit to its ulp: ~1e-5 relative error at |s| ~ 300)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2((s - m_new[:, None]) * qk_scale)
+        alpha = tl.math.exp2((m_i - m_new) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
         if EVEN_N and EVEN_D0:
             v0 = tl.load(v_rows + offs_d0[None, :] * svd)

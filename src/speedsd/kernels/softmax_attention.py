@@ -12,16 +12,17 @@ softmax(Q Kᵀ·scale) V in two kernels, the paper's split (arXiv 2304.11267, se
 
 Choices:
 
-* S is stored in natural units; kernel B forms exp2(S·log2(e) − m₂) with one FMA + one exp2 per
-  element (statistics are kept in the log2 domain, m₂ = m·log2(e)). Storing S·log2(e) instead would
-  save nothing and costs precision (a fp16 value 1.44x larger can land in the next binade).
+* S and the row statistics are in natural units; kernel B forms exp2((S − m)·log2(e)): S − m is
+  exact near the max and only then scaled (scaling S first would round every logit to the ulp of
+  S·log2(e), ~1e-5 relative error at logits ~300 in fp32). Storing S·log2(e) instead would save
+  nothing and costs precision (a fp16 value 1.44x larger can land in the next binade).
 * S is stored in fp16 for fp16 inputs (half the bytes of fp32: S traffic is this algorithm's whole
   cost, and torch's materialized fp16 attention rounds S to fp16 too), in fp32 otherwise (bf16's
   8-bit mantissa would cost ~4 % error on exp(S) at |S| ≈ 10; fp32 inputs want fp32). The row
   statistics are computed from the *rounded* stored values, so the exps kernel B recomputes sum to l.
 * Row segments ("splits"): when B·H·⌈Nq/BLOCK_M⌉ programs cannot fill the GPU (the VAE's single
   head), kernel A also splits the columns and writes per-segment (m, l); kernel B merges them:
-  m = maxⱼ mⱼ, l = Σⱼ lⱼ·2^(mⱼ − m). Statistics are [B·H, splits, 2, Nq] fp32 (tiny).
+  m = maxⱼ mⱼ, l = Σⱼ lⱼ·2^((mⱼ − m)·log2(e)). Statistics are [B·H, splits, 2, Nq] fp32 (tiny).
 * Kernel B tiles D (BLOCK_DV ≤ 128) so a 512-wide head (VAE) fits in registers; programs of one row
   block and different D blocks are adjacent in the grid so they share S through L2.
 
@@ -148,9 +149,9 @@ def interpreted(device: torch.device) -> bool:
 # Per program (row block rm, column segment sp, batch·head bh):
 #   for each column block n in the segment:
 #     S[r, n] = round_to_S_dtype( Σ_d Q[r, d] K[n, d] · scale )      (fp32 accumulate)
-#     t = S[r, n]·log2(e)   (from the rounded value)
-#     m_new = max(m, maxₙ t);  l = l·2^(m − m_new) + Σₙ 2^(t − m_new);  m = m_new
-#   stats[bh, sp, 0, r] = m (log2 domain),  stats[bh, sp, 1, r] = l
+#     (from the rounded value; c = log2(e))
+#     m_new = max(m, maxₙ S);  l = l·2^((m − m_new)·c) + Σₙ 2^((S − m_new)·c);  m = m_new
+#   stats[bh, sp, 0, r] = m (natural units),  stats[bh, sp, 1, r] = l
 @triton.jit
 def _scores_kernel(
     Q, K, S, STATS,
@@ -207,9 +208,13 @@ def _scores_kernel(
         # Columns in [Nk, ld_s) are row padding: storing them (as 0) keeps the store mask a multiple of
         # 16 wide, so it vectorizes; a block never straddles two segments (cols_per_split % BLOCK_N == 0).
         tl.store(s_ptrs + n0, s, mask=mask_m[:, None] & ((n0 + offs_n) < ld_s)[None, :])
-        s32 = tl.where(mask_n[None, :], s.to(tl.float32) * 1.4426950408889634, float("-inf"))
+        # stats in natural units: s − m is exact near the max, only then scaled by log2(e) (scaling s
+        # first would round every logit to the ulp of s·log2(e): ~1e-5 relative error at logits ~300)
+        s32 = tl.where(mask_n[None, :], s.to(tl.float32), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s32, 1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s32 - m_new[:, None]), 1)
+        l_i = l_i * tl.math.exp2((m_i - m_new) * 1.4426950408889634) + tl.sum(
+            tl.math.exp2((s32 - m_new[:, None]) * 1.4426950408889634), 1
+        )
         m_i = m_new
     st = STATS + (pid_bh.to(tl.int64) * n_splits + pid_s) * 2 * Nq + offs_m
     tl.store(st, m_i, mask=mask_m)
@@ -220,8 +225,8 @@ def _scores_kernel(
 
 
 # Per program (D block dd, row block rm, batch·head bh):
-#   m = maxⱼ mⱼ;  l = Σⱼ lⱼ·2^(mⱼ − m)                         (merge the column segments)
-#   acc[r, d] = Σₙ 2^(S[r, n]·log2(e) − m[r]) · V[n, d]         (fp32; P is only ever a register tile)
+#   m = maxⱼ mⱼ;  l = Σⱼ lⱼ·2^((mⱼ − m)·c), c = log2(e)         (merge the column segments)
+#   acc[r, d] = Σₙ 2^((S[r, n] − m[r])·c) · V[n, d]             (fp32; P is only ever a register tile)
 #   O[r, d] = acc[r, d] / l[r]
 @triton.jit
 def _pv_kernel(
@@ -251,7 +256,7 @@ def _pv_kernel(
     for j in range(0, n_splits):
         mj = tl.load(st + j * 2 * Nq, mask=mask_m, other=0.0)
         lj = tl.load(st + j * 2 * Nq + Nq, mask=mask_m, other=1.0)
-        l_i += tl.where(mj > float("-inf"), lj * tl.math.exp2(mj - m_i), 0.0)
+        l_i += tl.where(mj > float("-inf"), lj * tl.math.exp2((mj - m_i) * 1.4426950408889634), 0.0)
 
     s_ptrs = S + pid_bh.to(tl.int64) * Nq * ld_s + offs_m[:, None].to(tl.int64) * ld_s + offs_n[None, :]
     v_ptrs = V + (b * svb + h * svh) * ALIGN + (offs_n[:, None] * svn) * ALIGN + offs_d[None, :] * svd
@@ -261,7 +266,7 @@ def _pv_kernel(
         # Load up to the 16-aligned row pitch (vectorizable mask), then drop the padding columns.
         s = tl.load(s_ptrs + n0, mask=mask_m[:, None] & ((n0 + offs_n) < ld_s)[None, :], other=float("-inf"))
         s = tl.where(mask_n[None, :], s.to(tl.float32), float("-inf"))
-        p = tl.math.exp2(s * 1.4426950408889634 - m_i[:, None])
+        p = tl.math.exp2((s - m_i[:, None]) * 1.4426950408889634)
         vt = tl.load(v_ptrs + n0 * svn * ALIGN, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=PREC)
     out = acc / l_i[:, None]
