@@ -144,11 +144,20 @@ def test_feed_forward_geglu_non_contiguous_x():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_feed_forward_geglu_gpu_sd_shape(dtype):  # the interpreter's tl.dot mishandles bf16: GPU only
-    x, w, b = _ff_inputs((2, 1024), 640, 2560, dtype)
+@pytest.mark.parametrize(
+    "lead,k", [((2, 1024), 640), ((2, 4096), 320), ((2, 64), 1280)], ids=["cublas-plan", "fused-big", "fused-small"]
+)
+def test_feed_forward_geglu_gpu_sd_shape(dtype, lead, k):  # the interpreter's tl.dot mishandles bf16: GPU only
+    x, w, b = _ff_inputs(lead, k, 4 * k, dtype)
     ref = _ff_ref64(x, w, b, "none")
     y = gg.feed_forward_geglu(x, w, b)
     assert_low_precision_ok(y, ref, gg.feed_forward_geglu_ref(x, w, b))
+
+
+def test_ff_plan_thresholds():
+    assert [gg.ff_plan(m) for m in (128, 256, 512, 2048, 4095, 4096, 8192)] == [
+        "fused", "fused", "cublas", "cublas", "cublas", "fused", "fused"
+    ]  # fmt: skip
 
 
 def test_bad_arguments_raise():
