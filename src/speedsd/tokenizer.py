@@ -3,11 +3,23 @@
     tok = Tokenizer.from_dir("sd-v1-4/tokenizer")  # vocab.json + merges.txt (+ tokenizer_config.json ...)
     ids = tok(["a photo of an astronaut", ""])        # LongTensor [2, 77]
 
-Wraps transformers' ``CLIPTokenizer`` (byte-level BPE). Every row is BOS, the prompt's tokens, EOS, then
-padding up to ``max_length`` (77); prompts that are too long are truncated and keep their EOS. The pad
-token is what the tokenizer files say: SD 1.x's tokenizer pads with ``<|endoftext|>``, SD 2.x's with
-``!`` (id 0). When the files do not say (a bare vocab.json + merges.txt), the caller passes the
-family's pad token.
+Our own byte-level BPE, id for id what transformers' (5.x) ``CLIPTokenizer`` gives on the same files
+(tests/test_tokenizer.py compares them); no transformers at runtime. A row is BOS, the prompt's tokens,
+EOS, then padding up to ``max_length`` (77); a prompt that is too long is truncated and keeps its EOS.
+The pad token is what the files say: SD 1.x pads with ``<|endoftext|>``, SD 2.x with ``!`` (id 0);
+for a bare vocab.json + merges.txt the caller passes the family's. A prompt, step by step:
+
+1. special tokens (BOS, EOS, pad) are cut out of the raw text with their own ids; those the json
+   files mark ``"normalized": true`` are looked for after step 2 instead;
+2. normalise: NFC, then lowercase one character at a time (no final-sigma rule);
+3. split into words: the literal ``<|startoftext|>`` / ``<|endoftext|>`` (then split again into
+   ``<|``, the word, ``|>``), a contraction ``'s 't 're 've 'm 'll 'd``, a run of letters (Unicode
+   category L*), one digit (N*), or a run of anything else but whitespace, which is dropped;
+4. a word's UTF-8 bytes become printable symbols, the last one marked ``</w>``; the adjacent pair
+   with the lowest merges.txt rank is merged until no pair is in merges.txt.
+
+Not done: ftfy / html unescaping (OpenAI's original), tokens added besides BOS/EOS/pad. Merges are
+taken to be in trained order (none uses a later one's result), as in every CLIP merges.txt.
 
 :meth:`Tokenizer.fallback` needs no files: a deterministic word-hash tokenizer for ``random:``
 weights only, whose images are noise anyway. It is not CLIP's tokenization and must never be used with
@@ -16,8 +28,10 @@ real weights.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import unicodedata
 import zlib
 from pathlib import Path
 
@@ -26,6 +40,69 @@ import torch
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
 REQUIRED_FILES = ("vocab.json", "merges.txt")
+WORD_END = "</w>"
+_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+# Unicode White_Space (what \s matches in the reference's regex engine); not str.isspace(): \x1c-\x1f.
+_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B))))
+_CACHE_MAX = 1 << 16  # words kept per tokenizer; the cache is emptied when full
+
+
+def _byte_symbols() -> tuple[str, ...]:
+    """Byte -> symbol: printable Latin-1 bytes stand for themselves, the other 68 get chr(256 + n) in order."""
+    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    spare = iter(range(256, 512))
+    return tuple(chr(b) if b in keep else chr(next(spare)) for b in range(256))
+
+
+_BYTE_SYMBOL = _byte_symbols()
+
+
+def _kind(ch: str) -> str:
+    """'L' letter, 'N' number, ' ' whitespace, '.' anything else."""
+    if ch in _SPACE:
+        return " "
+    cat = unicodedata.category(ch)[0]
+    return cat if cat in "LN" else "."
+
+
+def split_words(text: str) -> list[str]:
+    """Pre-tokenise normalised text into words (step 3 of the module docstring)."""
+    words, i, n = [], 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "<" and (text.startswith(BOS, i) or text.startswith(EOS, i)):
+            lit = BOS if text.startswith(BOS, i) else EOS
+            words += ["<|", lit[2:-2], "|>"]
+            i += len(lit)
+            continue
+        if ch == "'":
+            c = next((c for c in _CONTRACTIONS if text.startswith(c, i)), None)
+            if c is not None:
+                words.append(c)
+                i += len(c)
+                continue
+        kind = _kind(ch)
+        j = i + 1
+        if kind in "L.":  # a run of the same kind; a number is one digit
+            while j < n and _kind(text[j]) == kind:
+                j += 1
+        if kind != " ":
+            words.append(text[i:j])
+        i = j
+    return words
+
+
+def normalize(text: str) -> str:
+    """NFC, then per-character lowercase (``str.lower`` would turn a word-final capital sigma into ς)."""
+    return "".join(map(str.lower, unicodedata.normalize("NFC", text)))
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def has_tokenizer_files(path: str | Path) -> bool:
@@ -37,13 +114,7 @@ def has_tokenizer_files(path: str | Path) -> bool:
 def _pad_token_in_files(path: Path) -> str | None:
     """The pad token named by tokenizer_config.json / special_tokens_map.json, if any."""
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        f = path / name
-        if not f.is_file():
-            continue
-        try:
-            pad = json.loads(f.read_text()).get("pad_token")
-        except (json.JSONDecodeError, OSError, AttributeError):
-            continue
+        pad = _read_json(path / name).get("pad_token")
         if isinstance(pad, dict):  # {"content": "!", "lstrip": false, ...}
             pad = pad.get("content")
         if isinstance(pad, str):
@@ -51,16 +122,88 @@ def _pad_token_in_files(path: Path) -> str | None:
     return None
 
 
+def _normalized_specials(path: Path, pad: str) -> set[str]:
+    """Special tokens the files mark ``"normalized": true`` (matched after lowercasing), as transformers
+    reads them: the tokens of ``added_tokens_decoder`` as listed; else the roles bos, eos, unk, pad in
+    that order (special_tokens_map.json over tokenizer_config.json), a role equal to an earlier one
+    skipped, and the last role naming a token deciding (a plain string means false)."""
+    cfg, smap = _read_json(path / "tokenizer_config.json"), _read_json(path / "special_tokens_map.json")
+    flags: dict[str, bool] = {}
+    decoder = cfg.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for t in decoder.values():
+            if isinstance(t, dict) and isinstance(t.get("content"), str):
+                flags[t["content"]] = bool(t.get("normalized", not t.get("special", False)))
+    roles = cfg if isinstance(decoder, dict) else {**cfg, **smap}
+    listed, fixed = [], set(flags)
+    for role, default in (("bos_token", BOS), ("eos_token", EOS), ("unk_token", EOS), ("pad_token", pad)):
+        tok = roles.get(role) or default
+        key = (tok.get("content"), bool(tok.get("normalized", False))) if isinstance(tok, dict) else tok
+        if key in listed:
+            continue
+        listed.append(key)
+        content, normalized = key if isinstance(key, tuple) else (key, False)
+        if content not in fixed:
+            flags[content] = normalized
+    return {t for t, on in flags.items() if on}
+
+
+def _special_pattern(tokens: set[str]) -> re.Pattern[str] | None:
+    """Leftmost-longest match of any of ``tokens`` (longest first in the alternation)."""
+    if not tokens:
+        return None
+    return re.compile("(" + "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) + ")")
+
+
+def _load_vocab(path: Path) -> dict[str, int]:
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid json: {e}") from e
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{path}: not a {{token: id}} object")
+    return vocab
+
+
+def _load_merges(path: Path, vocab: dict[str, int]) -> dict[tuple[str, str], int]:
+    """merges.txt -> {(left, right): rank}; every merge's parts and result must be in the vocabulary."""
+    lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+    if lines and not lines[-1]:
+        lines.pop()
+    pairs = [tuple(line.split(" ")) for line in lines if not line.startswith("#version")]
+    if any(len(pair) != 2 for pair in pairs):
+        line = " ".join(next(pair for pair in pairs if len(pair) != 2))
+        raise ValueError(f"{path}: not a merge 'left right': {line[:80]!r}")
+    made = {a + b for a, b in pairs}
+    if not vocab.keys() >= made.union(*zip(*pairs)):  # one set test, then find the culprit
+        a, b = next((a, b) for a, b in pairs if not (a in vocab and b in vocab and a + b in vocab))
+        raise ValueError(f"{path}: merge {a + ' ' + b!r} uses or makes a token not in vocab.json")
+    return dict(zip(pairs, range(len(pairs))))  # a repeated merge keeps its last rank, as in the oracle
+
+
 class Tokenizer:
     """``__call__(prompts) -> LongTensor [B, max_length]``; ids of BOS/EOS/pad as attributes."""
 
     def __init__(
-        self, backend: object | None, bos_id: int, eos_id: int, pad_id: int, vocab_size: int, max_length: int
+        self,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        vocab_size: int,
+        max_length: int,
+        vocab: dict[str, int] | None = None,
+        ranks: dict[tuple[str, str], int] | None = None,
+        specials: dict[str, bool] | None = None,
     ) -> None:
-        self._backend = backend  # a transformers CLIPTokenizer, or None for the fallback
+        """``vocab``/``ranks`` None: the fallback. ``specials``: token -> matched after normalising?"""
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_id, eos_id, pad_id
         self.vocab_size, self.max_length = vocab_size, max_length
-        self.source = "fallback" if backend is None else "files"
+        self.source = "fallback" if vocab is None else "files"
+        self._vocab, self._ranks = vocab or {}, ranks or {}
+        specials = specials or {}
+        self._raw_specials = _special_pattern({t for t, norm in specials.items() if not norm})
+        self._norm_specials = _special_pattern({t for t, norm in specials.items() if norm})
+        self._cache: dict[str, tuple[int, ...]] = {}
 
     @classmethod
     def from_dir(cls, path: str | Path, pad_token: str | None = None, max_length: int = MAX_LENGTH) -> Tokenizer:
@@ -70,22 +213,27 @@ class Tokenizer:
         SD 2.x: ``!``). Raises FileNotFoundError when a required file is missing, ValueError when the
         files do not hold a CLIP vocabulary.
         """
-        from transformers import CLIPTokenizer
-
         p = Path(path)
         missing = [f for f in REQUIRED_FILES if not (p / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{p}: missing tokenizer file(s) {', '.join(missing)}")
         pad = _pad_token_in_files(p) or pad_token or EOS
+        gc_on = gc.isenabled()
+        gc.disable()  # ~150k new small objects: GC passes over torch's heap would double the load time
         try:
-            backend = CLIPTokenizer.from_pretrained(str(p), pad_token=pad, local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - transformers raises many types for bad files
-            raise ValueError(f"{p}: cannot load a CLIP tokenizer: {type(e).__name__}: {e}") from e
-        vocab = backend.get_vocab()
-        for tok in (BOS, EOS, pad):
-            if tok not in vocab:
-                raise ValueError(f"{p}: token {tok!r} is not in vocab.json")
-        return cls(backend, vocab[BOS], vocab[EOS], vocab[pad], len(vocab), max_length)
+            vocab = _load_vocab(p / "vocab.json")
+            for tok in (BOS, EOS, pad):
+                if tok not in vocab:
+                    raise ValueError(f"{p}: token {tok!r} is not in vocab.json")
+            ranks = _load_merges(p / "merges.txt", vocab)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: tokenizer files are not UTF-8: {e}") from e
+        finally:
+            if gc_on:
+                gc.enable()
+        normed = _normalized_specials(p, pad)
+        specials = {t: t in normed for t in (BOS, EOS, pad)}
+        return cls(vocab[BOS], vocab[EOS], vocab[pad], len(vocab), max_length, vocab, ranks, specials)
 
     @classmethod
     def fallback(cls, vocab_size: int = 49408, pad_id: int | None = None, max_length: int = MAX_LENGTH) -> Tokenizer:
@@ -96,24 +244,72 @@ class Tokenizer:
         if vocab_size < 4:
             raise ValueError(f"vocab_size must be >= 4, got {vocab_size}")
         bos, eos = vocab_size - 2, vocab_size - 1
-        return cls(None, bos, eos, eos if pad_id is None else pad_id, vocab_size, max_length)
+        return cls(bos, eos, eos if pad_id is None else pad_id, vocab_size, max_length)
 
     def _encode_fallback(self, prompt: str) -> list[int]:
         words = re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", prompt.lower())
         n = self.vocab_size - 2  # ids 0 .. vocab-3 are "words"
         return [zlib.crc32(w.encode()) % n for w in words]
 
+    def _bpe(self, word: str) -> tuple[int, ...]:
+        """One word -> its token ids (step 4 of the module docstring), cached."""
+        ids = self._cache.get(word)
+        if ids is not None:
+            return ids
+        syms = [_BYTE_SYMBOL[b] for b in word.encode("utf-8", "surrogatepass")]
+        syms[-1] += WORD_END
+        ranks, never = self._ranks, len(self._ranks)
+        while len(syms) > 1:
+            rank, k = min((ranks.get(pair, never), k) for k, pair in enumerate(zip(syms, syms[1:])))
+            if rank == never:
+                break
+            left, right = syms[k], syms[k + 1]
+            merged = syms[:k]
+            while k < len(syms):  # every occurrence of the pair, left to right
+                if k + 1 < len(syms) and syms[k] == left and syms[k + 1] == right:
+                    merged.append(left + right)
+                    k += 2
+                else:
+                    merged.append(syms[k])
+                    k += 1
+            syms = merged
+        unk = self.eos_token_id  # CLIP's unk token is EOS
+        ids = tuple(self._vocab.get(s, unk) for s in syms)
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[word] = ids
+        return ids
+
+    def _split_specials(self, text: str, pattern: re.Pattern[str] | None) -> list[str | int]:
+        """Text pieces and the ids of the special tokens between them."""
+        if pattern is None:
+            return [text]
+        parts = pattern.split(text)  # [text, token, text, token, ...]
+        return [self._vocab[s] if k % 2 else s for k, s in enumerate(parts) if k % 2 or s]
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids, without BOS/EOS, untruncated."""
+        if not self._vocab:
+            return self._encode_fallback(prompt)
+        ids: list[int] = []
+        for raw in self._split_specials(prompt, self._raw_specials):
+            if isinstance(raw, int):
+                ids.append(raw)
+                continue
+            for piece in self._split_specials(normalize(raw), self._norm_specials):
+                if isinstance(piece, int):
+                    ids.append(piece)
+                else:
+                    for word in split_words(piece):
+                        ids += self._bpe(word)
+        return ids
+
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
-        if self._backend is not None:
-            enc = self._backend(
-                list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-            )
-            return enc["input_ids"].long()  # [B, max_length]
         rows = []
         for prompt in prompts:
-            ids = [self.bos_token_id, *self._encode_fallback(prompt)[: self.max_length - 2], self.eos_token_id]
+            ids = [self.bos_token_id, *self.encode(prompt)[: self.max_length - 2], self.eos_token_id]
             rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)  # [B, max_length]
 
