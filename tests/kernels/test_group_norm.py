@@ -1,4 +1,5 @@
-"""Fused GroupNorm(+SiLU) kernel vs torch, on every path (one-tile, two-sweep loop, split), both layouts.
+"""Fused GroupNorm(+SiLU) kernel vs torch, on every path (one-tile, two-sweep loop, split), both layouts,
+with and without a per-(sample, channel) pre-add.
 
 Runs under the Triton interpreter on CPU: shapes are small but keep SD's ratios and odd sizes.
 """
@@ -50,15 +51,16 @@ def _affine(c, dtype=torch.float32):
     return w, b
 
 
-def _ref64(x, groups, w, b, eps=1e-5, silu=False):
+def _ref64(x, groups, w, b, eps=1e-5, silu=False, add=None):
     w64 = None if w is None else w.double()
     b64 = None if b is None else b.double()
-    return group_norm_ref(x.double(), groups, w64, b64, eps, silu)
+    a64 = None if add is None else add.double()
+    return group_norm_ref(x.double(), groups, w64, b64, eps, silu, add=a64)
 
 
-def _run(x, groups, w, b, silu, path):
+def _run(x, groups, w, b, silu, path, add=None):
     out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
-    y = group_norm(x, groups, w, b, 1e-5, silu, out=out, **PATHS[path])
+    y = group_norm(x, groups, w, b, 1e-5, silu, add=add, out=out, **PATHS[path])
     assert y is out
     return y
 
@@ -227,3 +229,90 @@ def test_sd_shapes_fp16_gpu(shape, layout):
     ref = _ref64(x, 32, w, b, silu=True)
     y = _run(x, 32, w, b, True, "auto")
     assert_low_precision_ok(y, ref, group_norm_ref(x, 32, w, b, 1e-5, True))
+
+
+# ---- pre-add: GroupNorm(x + add[n, c]) (a ResNet block's conv bias + time embedding) -------------
+
+# (label, add shape "NC" | "C", add dtype (None: x's), silu, x dtype). Every (shape, path, layout) gets
+# both add shapes, silu on and off, fp32 and fp16 (+ bf16 on "auto"): the full cross takes ~4 min.
+ADDS = [
+    ("NC-fp32", "NC", None, False, "fp32"),
+    ("C-fp32add-silu-fp16", "C", torch.float32, True, "fp16"),
+    ("NC-silu-bf16", "NC", None, True, "bf16"),
+]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _add(n, c, kind, dtype):
+    a = torch.randn(n, c, dtype=torch.float64) * 2 + 1.0  # non-zero mean, differs per channel and sample
+    return (a if kind == "NC" else a[0]).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("add_label,kind,add_dtype,silu,dtype", ADDS, ids=[a[0] for a in ADDS])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("label,shape,groups", SHAPES, ids=[s[0] for s in SHAPES])
+def test_pre_add_matches_reference(label, shape, groups, path, layout, add_label, kind, add_dtype, silu, dtype):
+    if groups == 32 and shape[1] == 96 and path != "auto":
+        pytest.skip("96 group programs: too slow for the interpreter on the streaming paths")
+    if dtype == "bf16" and path != "auto":
+        pytest.skip("bf16: the one-tile kernels suffice (interpreter time)")
+    dtype = DTYPES[dtype]
+    x = _input(shape, layout, dtype=dtype)
+    w, b = _affine(shape[1], dtype)
+    add = _add(shape[0], shape[1], kind, add_dtype or dtype)
+    x0 = x.clone()
+    y = _run(x, groups, w, b, silu, path, add=add)
+    assert torch.equal(x, x0)  # x itself is never modified
+    ref = _ref64(x, groups, w, b, silu=silu, add=add)  # fp64 GroupNorm(x + add)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)
+    else:
+        assert y.dtype == dtype
+        assert_low_precision_ok(y, ref, group_norm_ref(x, groups, w, b, 1e-5, silu, add=add))
+
+
+@pytest.mark.parametrize("path", ["auto", "split"])
+def test_pre_add_enters_the_statistics(path):
+    """A per-channel add that dominates x: a kernel adding it only after the statistics is far off."""
+    shape, groups = (2, 16, 5, 7), 4
+    x = _input(shape, "nchw")
+    add = (torch.arange(32, dtype=torch.float32).reshape(2, 16) * 3 - 20).to(DEVICE)
+    ref = _ref64(x, groups, None, None, add=add)
+    assert (ref - _ref64(x, groups, None, None)).abs().max() > 1.0  # the add really matters here
+    torch.testing.assert_close(_run(x, groups, None, None, False, path, add=add).double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_pre_add_large_offset_small_spread(path, layout):
+    """x std 0.1 plus an add of ~300 that spreads the channels by ~0.05: the kernels never round x + add,
+    and the spread of the shifted channel means must survive the fp32 statistics."""
+    shape, groups = (2, 16, 9, 7), 4
+    x = _input(shape, layout, mean=0.0, std=0.1)
+    add = (300 + torch.randn(2, 16) * 0.05).to(DEVICE)
+    ref = _ref64(x, groups, None, None, add=add)
+    y = _run(x, groups, None, None, False, path, add=add)
+    torch.testing.assert_close(y.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("form", ["expanded", "strided", "n1"])
+def test_pre_add_views(form, layout):
+    """[N, C] adds that are views: sample stride 0 (expanded [C]), channel stride 2, and N = 1."""
+    n = 1 if form == "n1" else 3
+    shape, groups = (n, 24, 5, 6), 4
+    x = _input(shape, layout)
+    base = _add(n, 48, "NC", torch.float32)
+    add = {"expanded": base[0, :24].expand(n, 24), "strided": base[:, ::2], "n1": base[:, :24]}[form]
+    y = _run(x, groups, None, None, True, "auto", add=add)
+    torch.testing.assert_close(y.double(), _ref64(x, groups, None, None, silu=True, add=add), atol=2e-5, rtol=2e-5)
+
+
+def test_pre_add_bad_arguments_raise():
+    x = _input((2, 12, 4, 4), "nchw")
+    for bad in (torch.ones(11), torch.ones(3, 12), torch.ones(2, 12, 1), torch.ones(2, 12, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="add must be"):
+            group_norm(x, 4, add=bad.to(DEVICE))
+    with pytest.raises(ValueError, match="add must be"):
+        group_norm(x, 4, add=torch.ones(12, device="meta"))

@@ -1,4 +1,5 @@
-"""Fused GroupNorm (+SiLU) in Triton, and its plain-torch reference. Kernels: group_norm_kernels.py.
+"""Fused GroupNorm (+SiLU) in Triton, and its plain-torch reference. Kernels: group_norm_kernels.py
+(helpers, one-launch kernels) and group_norm_split_kernels.py (the two-launch split pairs).
 
 The input is seen as ``[N, C, S]`` (S = product of the spatial dims). Statistics are fp32 two-pass
 per register tile, merged over tiles / chunks with Chan's parallel formula; never ``E[x²] − E[x]²``.
@@ -20,6 +21,13 @@ Paths, picked by :func:`plan_group_norm` (``path="auto"``; on CUDA a measured :d
     tiles so group sums are plain axis reductions, ~2 programs per SM; CPG is a compile-time
     constant there so the rows vectorise (CPG = 40 -> 16-byte loads).
 
+Every path takes an optional pre-add ``add`` [C] or [N, C] (a ResNet block's conv bias + time
+embedding): the kernels normalise x + add[n, c] in fp32, for the statistics and the output, without
+forming the sum: add is folded into per-channel values (a channel's mean moves by add, its M2 does
+not; one-pass-over-the-group kernels centre each channel on mean − add; y = x·scale + (shift +
+add·scale)), so nothing is written and no element costs more. ``HAS_ADD`` is a compile-time flag: the
+kernels without it compile to the same instructions as before it existed.
+
 ``python -m speedsd.bench.kernels_norm_gelu --variants`` times every plan on every SD shape (CUDA-graph
 replay) and writes the ``TUNED`` table for this file.
 """
@@ -34,12 +42,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from speedsd.kernels.group_norm_kernels import (
-    _gn_fused_kernel,
+from speedsd.kernels.group_norm_kernels import _gn_fused_kernel, _gn_rows_kernel
+from speedsd.kernels.group_norm_split_kernels import (
     _gn_norm_kernel,
     _gn_rows_cl_norm_kernel,
     _gn_rows_cl_stats_kernel,
-    _gn_rows_kernel,
     _gn_stats_kernel,
 )
 
@@ -56,8 +63,19 @@ def group_norm_ref(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     silu: bool = False,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """torch's GroupNorm, then SiLU when asked: the unfused baseline."""
+    """torch's GroupNorm, then SiLU when asked: the unfused baseline.
+
+    ``add`` [C] or [N, C]: GroupNorm(x + add[n, c]) with add broadcast over the spatial dims; the sum
+    is taken in fp32 (fp64 for fp64 x) and rounded to x's dtype first, as an unfused
+    ``conv(x) + bias + temb`` in that dtype would be. (The kernels never round the sum.)
+    """
+    if add is not None:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        rows = add.shape[0] if add.dim() == 2 else 1
+        a = add.to(acc).reshape(rows, x.shape[1], *[1] * (x.dim() - 2))  # [C] | [N, C] -> [N | 1, C, 1...]
+        x = (x.to(acc) + a).to(x.dtype)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
@@ -81,6 +99,18 @@ def _ncs_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     if cl is not None and x.is_contiguous(memory_format=cl):
         return x, s * c, 1, c
     return x.contiguous(), c * s, s, 1
+
+
+def _add_rows(add: torch.Tensor, n: int, c: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The pre-add as rows of C contiguous values and its sample stride (0 for a [C] add: no copy)."""
+    if not add.is_floating_point() or add.device != device or add.shape not in ((c,), (n, c)):
+        raise ValueError(f"add must be a float [{c}] or [{n}, {c}] tensor on {device}, got {add.dtype} "
+                         f"{tuple(add.shape)} on {add.device}")  # fmt: skip
+    if add.dim() == 1:
+        return add.contiguous(), 0
+    if add.stride(1) != 1:
+        add = add.contiguous()
+    return add, add.stride(0)  # an expanded [N, C] (stride 0) stays one row
 
 
 def _channel_block(cpg: int, groups: int, channels_fast: bool, itemsize: int) -> tuple[int, int]:
@@ -249,12 +279,15 @@ def group_norm(
     eps: float = 1e-5,
     silu: bool = False,
     *,
+    add: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     path: str = "auto",
     **knobs: int | bool | None,
 ) -> torch.Tensor:
     """GroupNorm over x [N, C, *spatial] (+ SiLU), same shape, dtype and memory format as x.
 
+    ``add``: None, or a float [C] / [N, C] tensor on x's device: normalise x + add[n, c] (broadcast
+    over the spatial dims, in fp32; x is not modified, nothing extra is written; see the module doc).
     ``out``: write here (same shape, dtype, device and strides as x). ``path``: "auto" (the measured
     :data:`TUNED` plan for this shape on CUDA, else :func:`plan_group_norm`'s heuristic), or force
     "fused" / "loop" / "split". ``knobs``: :func:`plan_group_norm`'s ``programs``, ``tile``, ``warps``,
@@ -270,6 +303,7 @@ def group_norm(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.shape != (C,) or t.device != x.device):
             raise ValueError(f"{name} must be a [{C}] tensor on {x.device}, got {tuple(t.shape)} on {t.device}")
+    a, a_sn = _add_rows(add, N, C, x.device) if add is not None else (x, 0)
     unknown = set(knobs) - {"programs", "tile", "warps", "gb", "grouped"}
     if unknown:
         raise TypeError(f"group_norm got unexpected keyword arguments {sorted(unknown)}")
@@ -293,20 +327,20 @@ def group_norm(
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
     cpg = C // num_groups
-    aff = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu))
+    aff = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, SILU=bool(silu))
     if plan.rows is not None and plan.one_tile:
         _gn_rows_kernel[(num_groups, N)](
-            x, out, w, b, C, S, cpg, eps, **aff, RA=plan.rows[0], RB=plan.rows[1], BLOCK_S=plan.block_s,
+            x, out, w, b, a, C, S, cpg, eps, a_sn, **aff, RA=plan.rows[0], RB=plan.rows[1], BLOCK_S=plan.block_s,
             num_warps=plan.warps,
         )  # fmt: skip
         return out
     if plan.grouped:
-        return _launch_grouped(x, out, w, b, plan, N, C, S, num_groups, eps, aff)
+        return _launch_grouped(x, out, w, b, a, a_sn, plan, N, C, S, num_groups, eps, aff)
     flags = dict(GB=plan.gb, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s)
     if plan.path != "split":
         _gn_fused_kernel[(plan.n_cb, N)](
-            x, out, w, b, C, S, sn, sc, ss, plan.tiles_per_chunk, eps, cpg, ONE_TILE=plan.one_tile, **flags, **aff,
-            num_warps=plan.warps,
+            x, out, w, b, a, C, S, sn, sc, ss, plan.tiles_per_chunk, eps, cpg, a_sn, ONE_TILE=plan.one_tile,
+            **flags, **aff, num_warps=plan.warps,
         )  # fmt: skip
         return out
     P, per_chunk = plan.chunks, plan.tiles_per_chunk
@@ -314,18 +348,19 @@ def group_norm(
     part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
     grid = (plan.n_cb, P, N)
     _gn_stats_kernel[grid](
-        x, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, **flags, num_warps=plan.warps
+        x, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, a_sn, **flags, HAS_ADD=aff["HAS_ADD"],
+        num_warps=plan.warps,
     )  # fmt: skip
     _gn_norm_kernel[grid](
-        x, out, w, b, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, eps, cpg, **flags, **aff,
+        x, out, w, b, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, eps, cpg, a_sn, **flags, **aff,
         BLOCK_P=triton.next_power_of_2(P), num_warps=plan.warps,
     )  # fmt: skip
     return out
 
 
 def _launch_grouped(
-    x: torch.Tensor, out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, plan: GroupNormPlan,
-    N: int, C: int, S: int, G: int, eps: float, aff: dict[str, bool],
+    x: torch.Tensor, out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, a_sn: int,
+    plan: GroupNormPlan, N: int, C: int, S: int, G: int, eps: float, aff: dict[str, bool],
 ) -> torch.Tensor:  # fmt: skip
     P, per_chunk = plan.chunks, plan.tiles_per_chunk
     chunk = per_chunk * plan.block_s
@@ -333,9 +368,11 @@ def _launch_grouped(
     blocks = dict(BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, BLOCK_K=plan.block_k)
     # CPG is a compile-time constant here: Triton then proves g·CPG alignment and vectorises the rows
     blocks = dict(CPG=C // G, **blocks)
-    _gn_rows_cl_stats_kernel[(P, N)](x, part, C, S, G, P, chunk, per_chunk, **blocks, num_warps=plan.warps)
+    _gn_rows_cl_stats_kernel[(P, N)](
+        x, a, part, C, S, G, P, chunk, per_chunk, a_sn, HAS_ADD=aff["HAS_ADD"], **blocks, num_warps=plan.warps
+    )  # fmt: skip
     _gn_rows_cl_norm_kernel[(P, N)](
-        x, out, w, b, part, C, S, G, P, chunk, per_chunk, eps, **aff, **blocks,
+        x, out, w, b, a, part, C, S, G, P, chunk, per_chunk, eps, a_sn, **aff, **blocks,
         BLOCK_P=triton.next_power_of_2(P), num_warps=plan.warps,
     )  # fmt: skip
     return out
