@@ -24,10 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from speedsd.kernels.bias_add import bias_add, bias_add_ref
 from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
 from speedsd.kernels.group_norm import group_norm, group_norm_ref
+from speedsd.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
+from speedsd.kernels.upsample import upsample_nearest2x, upsample_nearest2x_ref
 from speedsd.kernels.winograd import winograd_conv3x3_module
 
 ATTENTION_MODES = ("math", "sdpa", "partial", "flash", "auto")
@@ -43,6 +46,10 @@ class Flags:
     winograd: bool = False  # Winograd 3x3 conv where the per-layer table picks it
     channels_last: bool = False  # NHWC activations end to end
     fused_qkv: bool = False  # one GEMM for the self-attention Q, K, V projections
+    # conv/linear biases, the time embedding and residual adds folded into the neighbouring kernels
+    # (GroupNorm pre-add, one bias+residual pass, add+LayerNorm), 1x1 convs as GEMMs with the bias in
+    # the epilogue, Triton LayerNorm and nearest-2x upsampling
+    fused_epilogues: bool = False
     cuda_graphs: bool = False  # UNet step / VAE decode replayed from captured CUDA graphs
 
     def __post_init__(self) -> None:
@@ -54,8 +61,9 @@ class Flags:
 
 
 # Named presets. "baseline" is the paper's starting point; "reference" is the plain-torch engine as a
-# user would write it (SDPA attention); "fast" turns everything on (Winograd still only where its
-# per-layer table says it wins).
+# user would write it (SDPA attention); "fast" is the fastest correct set measured on the H200. It
+# leaves Winograd off: the per-layer table's two winning layers changed the image time by < 0.05 ms
+# end to end (bench/results/e2e.md) while their transformed filters held 146 MiB of extra memory.
 PRESETS: dict[str, Flags] = {
     "baseline": Flags(),
     "reference": Flags(attention="sdpa"),
@@ -63,9 +71,10 @@ PRESETS: dict[str, Flags] = {
         group_norm=True,
         gelu=True,
         attention="auto",
-        winograd=True,
+        winograd=False,
         channels_last=True,
         fused_qkv=True,
+        fused_epilogues=True,
         cuda_graphs=True,
     ),
 }
@@ -118,15 +127,53 @@ def group_norm_op(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool = False,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GroupNorm over [N, C, *spatial] with an optional SiLU fused after the affine."""
+    """GroupNorm(x + add) over [N, C, *spatial] with an optional SiLU fused after the affine.
+
+    ``add``: None, or a [C] / [N, C] vector broadcast over the spatial dims (a conv bias plus the time
+    embedding), added inside the kernel so x + add is never written.
+    """
     if current().group_norm and _kernel_ok(x, "group_norm"):
-        return group_norm(x, num_groups, weight, bias, eps, silu=silu)
-    return group_norm_ref(x, num_groups, weight, bias, eps, silu=silu)
+        return group_norm(x, num_groups, weight, bias, eps, silu=silu, add=add)
+    return group_norm_ref(x, num_groups, weight, bias, eps, silu=silu, add=add)
 
 
 def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    """LayerNorm over the last dim (Triton with ``fused_epilogues``)."""
+    if current().fused_epilogues and _kernel_ok(x, "layer_norm"):
+        return layer_norm(x, weight, bias, eps)
+    return layer_norm_ref(x, weight, bias, eps)
+
+
+def add_layer_norm_op(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    delta_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, LayerNorm(s)) with s = x + delta (+ delta_bias): a residual add and the next norm in one pass."""
+    if current().fused_epilogues and _kernel_ok(x, "add_layer_norm"):
+        return add_layer_norm(x, delta, weight, bias, eps, delta_bias=delta_bias)
+    return add_layer_norm_ref(x, delta, weight, bias, eps, delta_bias=delta_bias)
+
+
+def bias_add_op(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, inplace: bool = False
+) -> torch.Tensor:
+    """x + bias[c] (+ residual); c is dim 1 of a 4-D x, the last dim otherwise. ``inplace`` writes into x."""
+    if current().fused_epilogues and _kernel_ok(x, "bias_add"):
+        return bias_add(x, bias, residual, out=x if inplace else None)
+    return bias_add_ref(x, bias, residual)
+
+
+def upsample_nearest2x_op(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling of [N, C, H, W] (Triton with ``fused_epilogues``)."""
+    if current().fused_epilogues and _kernel_ok(x, "upsample"):
+        return upsample_nearest2x(x)
+    return upsample_nearest2x_ref(x)
 
 
 def gelu_op(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -179,11 +226,25 @@ def pick_attention(q: torch.Tensor, k: torch.Tensor) -> str:
     return choose(q.shape, k.shape, q.dtype)
 
 
-def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """A conv layer's forward; 3x3 stride-1 pad-1 layers may run as Winograd per the layer table."""
-    if current().winograd and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1):
+def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) -> torch.Tensor:
+    """A conv layer's forward; ``with_bias=False`` leaves conv.bias to the caller (who fuses it).
+
+    3x3 stride-1 pad-1 layers may run as Winograd per the layer table. With ``fused_epilogues``, 1x1
+    convs on channels_last input run as one GEMM over the pixels with the bias in its epilogue, and
+    other convs add their bias with one vectorised pass instead of torch's broadcast add.
+    """
+    flags = current()
+    bias = conv.bias if with_bias else None
+    if flags.winograd and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1):
         if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-            out = winograd_conv3x3_module(x, conv)
+            out = winograd_conv3x3_module(x, conv, bias=with_bias)
             if out is not None:  # None: the table says cuDNN wins on this layer
                 return out
-    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    if not flags.fused_epilogues:
+        return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and x.is_contiguous(memory_format=torch.channels_last):
+        n, _, h, w = x.shape
+        t = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), bias)  # [N, H, W, Cin] -> [N, H, W, Cout]
+        return t.permute(0, 3, 1, 2)  # [N, Cout, H, W] with channels_last strides
+    out = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+    return bias_add_op(out, bias, inplace=True) if bias is not None else out

@@ -39,6 +39,8 @@ def ablation() -> list[tuple[str, ops.Flags]]:
     rows.append(("+Winograd", f))
     f = f.replace(channels_last=True, fused_qkv=True, attention="auto")
     rows.append(("+channels-last/QKV fusion, best attention", f))
+    f = f.replace(fused_epilogues=True)
+    rows.append(("+fused bias/residual/LayerNorm epilogues", f))
     f = f.replace(cuda_graphs=True)
     rows.append(("+CUDA graphs", f))
     return rows
@@ -77,6 +79,8 @@ def measure_row(pipe: Any, steps: int, size: int, reps: int) -> dict[str, float]
 
     image()  # warm: graphs, scheduler tables
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # drop blocks cached by eager warm-up runs: what remains is held for real
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(max(3, reps // 5)):
@@ -86,6 +90,8 @@ def measure_row(pipe: Any, steps: int, size: int, reps: int) -> dict[str, float]
     out["image_ms"] = sorted(times)[len(times) // 2]
     if torch.cuda.is_available():
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        # allocated blocks plus the CUDA-graph pools (activations of the captured graphs live there)
+        out["footprint_mib"] = torch.cuda.max_memory_reserved() / 2**20
     return out
 
 
@@ -96,9 +102,11 @@ def variants(default: ops.Flags) -> list[tuple[str, ops.Flags]]:
         ("default, NCHW", default.replace(channels_last=False)),
         ("default, attention=sdpa", default.replace(attention="sdpa")),
         ("default, attention=flash (ours)", default.replace(attention="flash")),
-        ("default, no Winograd", default.replace(winograd=False)),
+        ("default, Winograd " + ("off" if default.winograd else "on (per-layer table)"),
+         default.replace(winograd=not default.winograd)),
+        ("default, no fused epilogues", default.replace(fused_epilogues=False)),
         ("default, no GroupNorm/GELU kernels", default.replace(group_norm=False, gelu=False)),
-    ]
+    ]  # fmt: skip
 
 
 def _measure(base: Any, name: str, flags: ops.Flags, steps: int, size: int, reps: int) -> dict[str, Any]:
@@ -114,6 +122,8 @@ def _measure(base: Any, name: str, flags: ops.Flags, steps: int, size: int, reps
         return m
     finally:
         del pipe
+        for module in (mod for m in base.models() for mod in m.modules()):
+            module.__dict__.pop("_speedsd_winograd", None)  # derived filters of a Winograd row: not this row's memory
         gc.collect()  # pipelines hold their graphs through bound methods: free them before the next row
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -196,10 +206,13 @@ def cold_start(model: str, size: int) -> dict[str, float]:
     import tempfile
 
     code = (
-        "import time, torch, speedsd; t0 = time.perf_counter(); "
-        f"p = speedsd.load({model!r}); t1 = time.perf_counter(); "
+        "import time; t0 = time.perf_counter(); import torch, speedsd, speedsd.pipeline; "
+        "torch.empty(1, device='cuda'); ti = time.perf_counter(); "
+        f"p = speedsd.load({model!r}); torch.cuda.synchronize(); t1 = time.perf_counter(); "
         f"p('a cat', steps=20, height={size}, width={size}, seed=0, output='tensor'); torch.cuda.synchronize(); "
-        "print('SPLIT', t1 - t0, time.perf_counter() - t1)"
+        "t2 = time.perf_counter(); torch.cuda.empty_cache(); "
+        "print('SPLIT', ti - t0, t1 - ti, t2 - t1, torch.cuda.max_memory_allocated() / 2**20, "
+        "torch.cuda.memory_reserved() / 2**20)"
     )
     res: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -211,22 +224,31 @@ def cold_start(model: str, size: int) -> dict[str, float]:
             if out.returncode != 0:
                 res[f"{label}_error"] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
                 continue
-            load_s, image_s = (float(v) for v in out.stdout.split("SPLIT")[-1].split())
-            res[f"{label}_s"], res[f"{label}_load_s"], res[f"{label}_first_image_s"] = total, load_s, image_s
-            print(f"cold start ({label}): {total:.1f} s (load {load_s:.1f} s, first image {image_s:.1f} s)", flush=True)
+            import_s, load_s, image_s, peak, held = (float(v) for v in out.stdout.split("SPLIT")[-1].split())
+            res[f"{label}_s"], res[f"{label}_import_s"] = total, import_s
+            res[f"{label}_load_s"], res[f"{label}_first_image_s"] = load_s, image_s
+            # the first image includes every capture and its eager warm-up runs: the true high-water mark
+            res[f"{label}_first_image_peak_mib"], res[f"{label}_held_after_mib"] = peak, held
+            print(
+                f"cold start ({label}): {total:.1f} s (import {import_s:.1f} s, load {load_s:.1f} s, "
+                f"first image {image_s:.1f} s; peak {peak:.0f} MiB)",
+                flush=True,
+            )
     return res
 
 
 def markdown(payload: dict) -> str:
     steps = payload["steps"]
-    cols = ["text_encoder_ms", "unet_step_ms", f"unet_x{steps}_ms", "vae_decode_ms", "image_ms", "peak_mib"]
+    cols = ["text_encoder_ms", "unet_step_ms", f"unet_x{steps}_ms", "vae_decode_ms", "image_ms", "peak_mib",
+            "footprint_mib"]  # fmt: skip
     rows = []
     for r in payload["ablation"]:
         if "skipped" in r:
             rows.append([r["row"]] + ["-"] * (len(cols) + 1))
             continue
         rows.append([r["row"]] + [r.get(c, "-") for c in cols] + [f"{r.get('reduction_pct', 0):.1f} %"])
-    head = ["config", "text enc ms", "UNet/step ms", f"UNet x{steps} ms", "VAE ms", "image ms", "peak MiB", "vs base"]
+    head = ["config", "text enc ms", "UNet/step ms", f"UNet x{steps} ms", "VAE ms", "image ms", "peak MiB",
+            "held MiB", "vs base"]  # fmt: skip
     md = f"## Ablation, eager ({payload['model']}, {payload['size']}², {steps} steps, {payload['dtype']})\n\n"
     md += common.md_table(head, rows) + "\n"
     graphed = [r for r in payload["ablation"] if "graphed" in r or r["flags"].get("cuda_graphs")]

@@ -46,6 +46,9 @@ def variants(n: int, c: int, s: int, channels_last: bool, sm: int) -> list[Knobs
             out.append({"path": "split", "grouped": True, "programs": programs})
         out += [{"path": "split", "grouped": True, "tile": 16384}, {"path": "split", "grouped": True, "tile": 4096}]
         out += [{"path": "split", "grouped": False}, {"path": "split", "grouped": False, "tile": 8192}]
+        # group-block split with bigger tiles / fewer programs: the winners on the VAE's big shapes
+        out += [{"path": "split", "grouped": False, "tile": 16384}]
+        out += [{"path": "split", "grouped": False, "tile": 8192, "programs": p} for p in (sm, 2 * sm, 8 * sm)]
     else:
         out += [
             {"path": "split"},
@@ -163,11 +166,11 @@ def markdown(results: list[dict[str, Any]], card: str) -> str:
     return "\n".join(lines)
 
 
-def run_variants(out_dir: str, smoke: bool = False) -> int:
+def run_variants(out_dir: str, smoke: bool = False, layouts: tuple[str, ...] = ("nchw", "channels_last")) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     shapes = SMOKE_GN if smoke or device == "cpu" else groupnorm_shapes()
-    results = [sweep_shape(m, n, c, h, lay, device) for m, n, c, h in shapes for lay in ("nchw", "channels_last")]
+    results = [sweep_shape(m, n, c, h, lay, device) for m, n, c, h in shapes for lay in layouts]
     card = common.environment()["card"]
     common.write_results(out_dir, "group_norm_variants", {"results": results}, markdown(results, card))
     src = tuned_source(results, card)
@@ -184,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--layouts", default="nchw,channels_last", help="comma-separated: nchw, channels_last")
     a = ap.parse_args(argv)
-    return run_variants(a.out, a.smoke)
+    return run_variants(a.out, a.smoke, tuple(a.layouts.split(",")))
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ FUSED_MIN_M, FUSED_MAX_SMALL_M = 4096, 256
 
 
 def ff_plan(m: int) -> str:
-    """"fused" (one kernel, heuristic tiles) or "cublas" (GEMM + one-pass GEGLU) for M rows."""
+    """ "fused" (one kernel, heuristic tiles) or "cublas" (GEMM + one-pass GEGLU) for M rows."""
     return "fused" if m >= FUSED_MIN_M or m <= FUSED_MAX_SMALL_M else "cublas"
 
 

@@ -175,7 +175,26 @@ class GroupNormPlan:
 # Measured best plan per shape, keyed (n, c, s, groups, channels_last, itemsize) -> plan_group_norm
 # keyword arguments. Filled from `python -m speedsd.bench.kernels_norm_gelu --variants` (it writes
 # group_norm_tuned.py with this dict); consulted by group_norm(path="auto") on CUDA only.
-TUNED: dict[tuple[int, int, int, int, bool, int], dict[str, int | str | bool]] = {}
+# measured on the NVIDIA H200 (bench/results/group_norm_variants.md: channels_last fp16 SD-1.4 shapes, graph
+# replay); only shapes where the best forced plan beat auto by > 3 %
+TUNED: dict[tuple[int, int, int, int, bool, int], dict[str, int | str | bool]] = {
+    (1, 128, 262144, 32, True, 2): {"grouped": False, "path": "split", "programs": 1056, "tile": 8192},
+    (1, 256, 65536, 32, True, 2): {"grouped": False, "path": "split", "tile": 8192},
+    (1, 256, 262144, 32, True, 2): {"grouped": False, "path": "split", "tile": 8192},
+    (1, 512, 4096, 32, True, 2): {"grouped": False, "path": "split", "tile": 8192},
+    (1, 512, 65536, 32, True, 2): {"grouped": False, "path": "split", "programs": 1056, "tile": 8192},
+    (2, 320, 1024, 32, True, 2): {"gb": 1, "path": "fused"},
+    (2, 640, 256, 32, True, 2): {"gb": 1, "path": "fused"},
+    (2, 640, 1024, 32, True, 2): {"grouped": False, "path": "split", "tile": 8192},
+    (2, 640, 4096, 32, True, 2): {"grouped": False, "path": "split", "programs": 264, "tile": 8192},
+    (2, 1280, 64, 32, True, 2): {"gb": 1, "path": "fused"},
+    (2, 1280, 256, 32, True, 2): {"gb": 1, "path": "fused"},
+    (2, 1280, 1024, 32, True, 2): {"grouped": False, "path": "split"},
+    (2, 1920, 256, 32, True, 2): {"gb": 1, "path": "fused"},
+    (2, 1920, 1024, 32, True, 2): {"grouped": False, "path": "split", "tile": 8192},
+    (2, 2560, 64, 32, True, 2): {"grouped": True, "path": "split", "tile": 4096},
+    (2, 2560, 256, 32, True, 2): {"grouped": True, "path": "split", "tile": 4096},
+}
 
 
 def _warps(elements: int, per_thread: int) -> int:

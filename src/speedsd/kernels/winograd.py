@@ -405,8 +405,10 @@ def _prepared_for(conv: torch.nn.Conv2d, tile: int, dtype: torch.dtype, split: b
     return hit[1]
 
 
-def winograd_conv3x3_module(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor | None:
-    """The engine's entry: conv's forward by Winograd if the per-layer table picks a tile, else None."""
+def winograd_conv3x3_module(x: torch.Tensor, conv: torch.nn.Conv2d, bias: bool = True) -> torch.Tensor | None:
+    """The engine's entry: conv's forward by Winograd if the per-layer table picks a tile, else None.
+
+    ``bias=False`` leaves conv.bias out (the caller adds it elsewhere)."""
     if conv.groups != 1 or conv.dilation != (1, 1) or x.dim() != 4:
         return None
     n, cin, h, w = x.shape
@@ -415,4 +417,4 @@ def winograd_conv3x3_module(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Ten
         return None
     tile, gemm = choice
     prepared = _prepared_for(conv, tile, x.dtype, gemm in SPLIT_GEMMS)
-    return winograd_conv3x3_prepared(x, prepared, conv.bias, tile, gemm=gemm)
+    return winograd_conv3x3_prepared(x, prepared, conv.bias if bias else None, tile, gemm=gemm)

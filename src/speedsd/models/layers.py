@@ -17,8 +17,9 @@ from speedsd import ops
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose forward (optionally with a fused SiLU) goes through the dispatch module."""
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        return ops.group_norm_op(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+    def forward(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+        """GroupNorm(x + add) (+ SiLU); ``add`` is a [C] or [N, C] vector (see ops.group_norm_op)."""
+        return ops.group_norm_op(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, add=add)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -29,8 +30,39 @@ class LayerNorm(nn.LayerNorm):
 class Conv2d(nn.Conv2d):
     """nn.Conv2d routed through the dispatch module (3x3 layers may run as Winograd)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d_op(x, self)
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        return ops.conv2d_op(x, self, with_bias)
+
+
+class TimeAdds:
+    """Every ResNet block's norm2 pre-add, time_emb_proj(SiLU(temb)) + conv1.bias, from ONE GEMM.
+
+    Built by the UNet once per forward (:meth:`build`): the blocks' time_emb_proj weights are fused
+    rows (views, no copy) of one [ΣC, T] matrix, so 22 SiLU + GEMM + add launches become one of each.
+    ``adds[resnet]`` is that block's [B, C] slice.
+    """
+
+    def __init__(self, slices: dict[int, torch.Tensor]) -> None:
+        self._slices = slices
+
+    def __getitem__(self, resnet: nn.Module) -> torch.Tensor:
+        return self._slices[id(resnet)]
+
+    @staticmethod
+    def build(resnets: list[ResnetBlock2D], temb: torch.Tensor, cache: dict[str, object]) -> TimeAdds:
+        """``cache``: the caller's dict holding the fused weight and combined bias between calls."""
+        projs = [r.time_emb_proj for r in resnets]
+        w = fused_rows([p.weight for p in projs], cache.get("w"))  # [ΣC, T]
+        biases = [t for r in resnets for t in (r.time_emb_proj.bias, r.conv1.bias)]
+        key = tuple((t.data_ptr(), t._version) for t in biases)
+        if cache.get("key") != key:  # derived [ΣC] bias: time_emb_proj.bias + conv1.bias per block
+            with torch.inference_mode(False):
+                cache["b"] = torch.cat([r.time_emb_proj.bias + r.conv1.bias for r in resnets]).detach()
+            cache["key"] = key
+        cache["w"] = w
+        out = F.linear(F.silu(temb), w, cache["b"])  # [B, ΣC]
+        parts = out.split([p.out_features for p in projs], dim=1)  # strided [B, C] views, no copies
+        return TimeAdds({id(r): t for r, t in zip(resnets, parts)})
 
 
 class ResnetBlock2D(nn.Module):
@@ -48,12 +80,32 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if ops.current().fused_epilogues:
+            return self._forward_fused(x, temb)
         h = self.conv1(self.norm1(x, silu=True))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
         h = self.conv2(self.norm2(h, silu=True))
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return shortcut + h
+
+    def _forward_fused(self, x: torch.Tensor, temb: torch.Tensor | TimeAdds | None) -> torch.Tensor:
+        # conv1's bias and the time embedding enter norm2 as one [B, C] pre-add; conv2's (and the
+        # shortcut conv's) bias and the residual are one pass written over conv2's output.
+        h = self.conv1(self.norm1(x, silu=True), with_bias=False)
+        add = self.conv1.bias
+        if isinstance(temb, TimeAdds):
+            add = temb[self]
+        elif self.time_emb_proj is not None and temb is not None:
+            add = self.time_emb_proj(F.silu(temb)) + add  # [B, C]
+        h = self.conv2(self.norm2(h, silu=True, add=add), with_bias=False)
+        bias = self.conv2.bias
+        if self.conv_shortcut is not None:
+            shortcut = self.conv_shortcut(x, with_bias=False)
+            bias = bias + self.conv_shortcut.bias
+        else:
+            shortcut = x
+        return ops.bias_add_op(h, bias, residual=shortcut, inplace=True)
 
 
 class Downsample2D(nn.Module):
@@ -78,8 +130,8 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
+            x = ops.upsample_nearest2x_op(x)
         else:  # odd latent sizes: the UNet asks for the skip connection's size
             x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
@@ -112,20 +164,20 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # to_out.1 is dropout: no params
-        self._qkv: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _fused_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[3·inner, C] weight (and bias) for one GEMM; rebuilt when a projection weight changes."""
+        """[3·inner, C] weight (and bias) for one GEMM, holding no second copy of the projections
+        (to_q/to_k/to_v's parameters become views of it: see :func:`fused_rows`)."""
         ps = [self.to_q, self.to_k, self.to_v]
-        key = tuple(t._version for p in ps for t in (p.weight, p.bias) if t is not None)
-        key += tuple(p.weight.data_ptr() for p in ps)
-        if self._qkv is None or self._qkv[0] != key:
-            w = torch.cat([p.weight for p in ps]).detach()
-            b = torch.cat([p.bias for p in ps]).detach() if self.to_q.bias is not None else None
-            self._qkv = (key, w, b)
-        return self._qkv[1], self._qkv[2]
+        w_old, b_old = self._qkv if self._qkv is not None else (None, None)
+        w = fused_rows([p.weight for p in ps], w_old)
+        b = fused_rows([p.bias for p in ps], b_old) if self.to_q.bias is not None else None
+        self._qkv = (w, b)
+        return w, b
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, out_bias: bool = True) -> torch.Tensor:
+        """``out_bias=False`` leaves to_out's bias to the caller (token form only; it fuses it)."""
         residual = x
         if self.group_norm is not None:
             b, c, h, w = x.shape
@@ -140,11 +192,47 @@ class Attention(nn.Module):
         # [B, N, H·D] -> [B, H, N, D]
         q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2) for t in (q, k, v))
         out = ops.attention_op(q, k, v, upcast=self.upcast)
-        out = self.to_out[0](out.transpose(1, 2).flatten(2))  # [B, H, N, D] -> [B, N, H·D] -> [B, N, C]
+        out = out.transpose(1, 2).flatten(2)  # [B, H, N, D] -> [B, N, H·D]
+        fused = ops.current().fused_epilogues
+        proj = self.to_out[0]
+        bias = proj.bias if out_bias and not (fused and self.group_norm is not None) else None
+        out = F.linear(out, proj.weight, bias)  # [B, N, H·D] -> [B, N, C]
         if self.group_norm is not None:
             out = out.transpose(1, 2).reshape(b, c, h, w)  # [B, HW, C] -> [B, C, H, W]
+            if fused:
+                return ops.bias_add_op(out, proj.bias, residual=residual, inplace=True)
             return out + residual
         return out
+
+
+def fused_rows(params: list[torch.Tensor], cached: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor whose consecutive row blocks ARE ``params`` (concatenated along dim 0).
+
+    The first call concatenates and re-points each parameter at its block, so the parameters become
+    views of the result: one GEMM can use all of them while state-dict keys, in-place loads
+    (``load_state_dict`` copies into the views) and memory stay those of the separate weights.
+    ``cached`` (the previous result) is returned while every parameter is still its view; after a
+    parameter was replaced (``.to(dtype)``, ``param.data = ...``) the fusion is redone.
+    """
+    if cached is not None and _still_rows_of(params, cached):
+        return cached
+    with torch.inference_mode(False):  # parameters must stay normal tensors, also under inference mode
+        fused = torch.cat([p.detach() for p in params])  # k x [R_i, ...] -> [ΣR_i, ...]
+        start = 0
+        for p in params:
+            p.data = fused[start : start + p.shape[0]]
+            start += p.shape[0]
+    return fused
+
+
+def _still_rows_of(params: list[torch.Tensor], fused: torch.Tensor) -> bool:
+    row_bytes = (fused.stride(0) if fused.dim() > 1 else 1) * fused.element_size()
+    start = 0
+    for p in params:
+        if p.dtype != fused.dtype or p.device != fused.device or p.data_ptr() != fused.data_ptr() + start * row_bytes:
+            return False
+        start += p.shape[0]
+    return start == fused.shape[0]
 
 
 class FeedForward(nn.Module):
@@ -155,9 +243,11 @@ class FeedForward(nn.Module):
         hidden = dim * mult
         self.net = nn.ModuleList([_GEGLU(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.net[0].proj
-        return self.net[2](ops.feed_forward_geglu_op(x, proj.weight, proj.bias))
+    def forward(self, x: torch.Tensor, out_bias: bool = True) -> torch.Tensor:
+        """``out_bias=False`` leaves net.2's bias to the caller (it fuses it with the residual)."""
+        proj, out = self.net[0].proj, self.net[2]
+        h = ops.feed_forward_geglu_op(x, proj.weight, proj.bias)
+        return F.linear(h, out.weight, out.bias if out_bias else None)
 
 
 class _GEGLU(nn.Module):

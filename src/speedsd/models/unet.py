@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedsd.models.layers import Conv2d, GroupNorm
+from speedsd import ops
+from speedsd.models.layers import Conv2d, GroupNorm, ResnetBlock2D, TimeAdds
 from speedsd.models.unet_blocks import AttnSpec, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -290,6 +291,10 @@ class UNet2DCondition(nn.Module):
 
         self.conv_norm_out = GroupNorm(groups, ch[0], eps=eps)
         self.conv_out = Conv2d(ch[0], c.out_channels, 3, padding=1)
+        self._temb_cache: dict[str, object] = {}
+
+    def _temb_resnets(self) -> list[ResnetBlock2D]:
+        return [m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
 
     def forward(
         self,
@@ -307,6 +312,8 @@ class UNet2DCondition(nn.Module):
         )
         if c.center_input_sample:
             sample = 2 * sample - 1.0
+        if ops.current().fused_epilogues:  # every block's time-embedding projection in one GEMM
+            temb = TimeAdds.build(self._temb_resnets(), temb, self._temb_cache)
 
         x = self.conv_in(sample)
         skips = [x]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from speedsd import ops
@@ -56,9 +57,25 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if ops.current().fused_epilogues:
+            return self._forward_fused(x, context)
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
+
+    def _forward_fused(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # every residual add (with the projection bias) shares a pass with the next LayerNorm
+        n = self.norm1(x)
+        a = self.attn1(n, out_bias=False)
+        x, n = ops.add_layer_norm_op(
+            x, a, self.norm2.weight, self.norm2.bias, self.norm2.eps, self.attn1.to_out[0].bias
+        )
+        a = self.attn2(n, context, out_bias=False)
+        x, n = ops.add_layer_norm_op(
+            x, a, self.norm3.weight, self.norm3.bias, self.norm3.eps, self.attn2.to_out[0].bias
+        )
+        f = self.ff(n, out_bias=False)
+        return ops.bias_add_op(f, self.ff.net[2].bias, residual=x, inplace=True)
 
 
 class Transformer2D(nn.Module):
@@ -83,6 +100,7 @@ class Transformer2D(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
+        fused = ops.current().fused_epilogues  # proj_out's bias and the residual: one pass at the end
         t = self.norm(x)
         if not self.linear_projection:
             t = self.proj_in(t)
@@ -92,12 +110,14 @@ class Transformer2D(nn.Module):
         for block in self.transformer_blocks:
             t = block(t, context)
         if self.linear_projection:
-            t = self.proj_out(t)
+            t = F.linear(t, self.proj_out.weight, None if fused else self.proj_out.bias)
         t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # [B, HW, C] -> [B, C, H, W] (channels_last strides)
         if not ops.current().channels_last:
             t = t.contiguous()  # NCHW engine: keep every activation in one layout
         if not self.linear_projection:
-            t = self.proj_out(t)
+            t = self.proj_out(t, with_bias=not fused)
+        if fused:
+            return ops.bias_add_op(t, self.proj_out.bias, residual=x, inplace=True)
         return t + x
 
 
