@@ -110,7 +110,7 @@ def test_activation_matters() -> None:
     quick = CLIPTextModel(dataclasses.replace(ours.config, hidden_act="quick_gelu")).eval()
     quick.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        assert _rel_err(quick(ids), ref(input_ids=ids).last_hidden_state) > 1e-2
+        assert _rel_err(quick(ids), ref(input_ids=ids).last_hidden_state) > 1e-3  # 10x the parity tolerance
 
 
 @pytest.mark.parametrize("attention", ["math", "sdpa"])

@@ -101,11 +101,19 @@ CLIP_PRESETS: dict[str, CLIPTextConfig] = {
 }
 
 
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    """nn.Embedding without its N(0, 1) init (the loader fills every weight). On the meta device that
+    init runs torch's Python decomposition of normal_, whose first use imports torch._dynamo: ~2-3 s of
+    a cold start."""
+    weight = torch.empty(n, dim, device=torch.get_default_device())
+    return nn.Embedding(n, dim, _weight=weight)
+
+
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = _embedding(cfg.max_positions, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         n = input_ids.shape[1]
