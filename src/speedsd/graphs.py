@@ -39,6 +39,17 @@ def _signature(args: tuple[torch.Tensor, ...]) -> Signature:
     )
 
 
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every warm-up: cuBLAS/cuDNN keep a workspace per stream, so a
+    fresh stream per capture would leave one more workspace behind each time."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
 class GraphCache:
     """Replays ``fn(*args)`` from a CUDA graph per input signature (LRU, ``max_entries`` graphs)."""
 
@@ -100,7 +111,7 @@ class GraphCache:
 
     def _capture(self, args: tuple[torch.Tensor, ...]) -> _Entry:
         static = [a.detach().clone(memory_format=torch.preserve_format) for a in args]
-        stream = torch.cuda.Stream()
+        stream = _warmup_stream(args[0].device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: Triton JIT, cuDNN/cuBLAS plans, lazy caches
             for _ in range(self.warmup):
