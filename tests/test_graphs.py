@@ -56,3 +56,33 @@ def test_fidelity_sd14_geometry():
     pipe = speedsd.load("random:sd1.4", device="cuda", dtype=torch.float16)
     res = fidelity(pipe, steps=20, size=512)
     assert res["ratio_max_abs"] <= 2.0, res
+
+
+def test_failed_capture_raises_without_eager_fallback():
+    g = GraphCache(lambda x: x * float(x.sum().item()), eager_fallback=False)  # .item(): no capture
+    with pytest.raises(RuntimeError):
+        g(torch.ones(4, device="cuda"))
+    fallback = GraphCache(lambda x: x * float(x.sum().item()))
+    with pytest.warns(UserWarning, match="running eagerly"):
+        torch.testing.assert_close(fallback(torch.ones(4, device="cuda")), torch.full((4,), 4.0, device="cuda"))
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler", "dpmpp_2m_karras", "euler_a"])
+def test_whole_loop_graph_matches_step_by_step(scheduler):
+    """The whole denoising loop replayed from one graph == the step-by-step path (a callback forces
+    it); samplers that draw noise are never captured."""
+    import speedsd
+    from speedsd import ops
+
+    pipe = speedsd.load("random:tiny", device="cuda", dtype=torch.float16, flags=ops.PRESETS["fast"])
+    kw = dict(steps=5, height=64, width=64, seed=3, output="latent", scheduler=scheduler, guidance_scale=6.0)
+    first = pipe("a cat", **kw)  # captured
+    again = pipe("a cat", **kw)  # replayed
+    steps = []
+    by_step = pipe("a cat", callback=lambda i, n, t, x: steps.append(i), **kw)
+    assert steps == list(range(5))
+    assert len([c for c in pipe._loop_graphs.values() if c is not None]) == (0 if scheduler == "euler_a" else 1)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(first, by_step, atol=1e-4, rtol=1e-4)
+    other = pipe("a cat", **{**kw, "guidance_scale": 3.0})  # another guidance: another loop graph
+    assert not torch.equal(other, first)

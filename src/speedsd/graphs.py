@@ -59,9 +59,12 @@ class GraphCache:
         max_entries: int = 8,
         warmup: int = 1,
         pool: tuple[int, int] | None = None,
+        eager_fallback: bool = True,
     ) -> None:
         """``pool``: a ``torch.cuda.graph_pool_handle()`` shared with other caches whose graphs never run
-        concurrently with these (the UNet step and the VAE decode), so their activations share memory."""
+        concurrently with these (the UNet step and the VAE decode), so their activations share memory.
+        ``eager_fallback=False``: a failed capture raises instead of running ``fn`` eagerly (for callers
+        with a better fallback of their own)."""
         self.fn = fn
         self.max_entries = max_entries
         self.warmup = warmup
@@ -69,6 +72,7 @@ class GraphCache:
         self._shared_pool = pool
         self._pool = pool
         self._eager: set[Signature] = set()
+        self.eager_fallback = eager_fallback
         self.captures = 0
 
     def reset(self) -> None:
@@ -91,6 +95,9 @@ class GraphCache:
             try:
                 entry = self._capture(args)
             except RuntimeError as e:  # a library call refused capture: run this signature eagerly
+                if not self.eager_fallback:
+                    torch.cuda.synchronize()
+                    raise
                 warnings.warn(
                     f"CUDA graph capture failed ({str(e).splitlines()[0][:120]}); running eagerly", stacklevel=2
                 )

@@ -21,12 +21,14 @@ once per input signature. Every model call runs inside ``ops.using(self.flags)``
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from speedsd import ops
+from speedsd.denoise import StepCallback, denoise
 from speedsd.graphs import GraphCache
 from speedsd.inputs import (
     check_common,
@@ -41,8 +43,6 @@ from speedsd.inputs import (
 # unet module -> (memory format its weights (and the VAE's) are in, conversion count)
 _LAYOUT: weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.memory_format, int]] = weakref.WeakKeyDictionary()
 TILED_DECODE_ABOVE = 96  # latent side above which decoding goes tile by tile when tiled_decode=None
-
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def default_device() -> torch.device:
@@ -101,8 +101,12 @@ class Pipeline:
         self._text_graphs: GraphCache | None = None
         self._unet_graphs: GraphCache | None = None
         self._decode_graphs: GraphCache | None = None
+        # whole denoising loops (every step, CFG and sampler update in one graph), per sampler setting
+        self._loop_graphs: OrderedDict[tuple[Any, ...], GraphCache | None] = OrderedDict()
+        self._pool: tuple[int, int] | None = None
         if self.flags.cuda_graphs and self.device.type == "cuda":
-            pool = torch.cuda.graph_pool_handle()  # the three run one after another: one memory pool
+            pool = torch.cuda.graph_pool_handle()  # these run one after another: one memory pool
+            self._pool = pool
             self._text_graphs = GraphCache(self._text_forward, max_entries=4, pool=pool)
             self._unet_graphs = GraphCache(self._unet_forward, pool=pool)
             self._decode_graphs = GraphCache(self._vae_decode, max_entries=4, pool=pool)
@@ -140,6 +144,7 @@ class Pipeline:
         for cache in (self._text_graphs, self._unet_graphs, self._decode_graphs):
             if cache is not None:
                 cache.reset()
+        self._loop_graphs.clear()
 
     # -- small pieces, each swappable -------------------------------------------------------------
 
@@ -189,18 +194,19 @@ class Pipeline:
 
     @torch.inference_mode()
     def unet_step(
-        self, latent_model_input: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor
+        self, latent_model_input: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor, eager: bool = False
     ) -> torch.Tensor:
         """One UNet evaluation: [N, 4, h, w] latents (any float dtype) -> model output in latent_dtype.
 
-        With ``flags.cuda_graphs`` on CUDA it replays a graph captured per input signature.
+        With ``flags.cuda_graphs`` on CUDA it replays a graph captured per input signature (unless
+        ``eager``: a caller that is itself being captured).
         """
         self._ensure_layout()
         x = latent_model_input.to(self.device, self.dtype)
         if self.flags.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ts = torch.as_tensor(t, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()  # scalar -> [N]
-        run = self._unet_graphs if self._unet_graphs is not None else self._unet_forward
+        run = self._unet_graphs if self._unet_graphs is not None and eager is False else self._unet_forward
         return run(x, ts, text_embeddings.to(self.dtype)).to(self.latent_dtype)
 
     @torch.inference_mode()
@@ -365,21 +371,7 @@ class Pipeline:
         generator: torch.Generator,
         callback: StepCallback | None,
     ) -> torch.Tensor:
-        cfg = guidance_scale > 1.0
-        num = len(timesteps)
-        # the UNet's copy of every timestep, moved to the device once (indexing it needs no sync)
-        t_dev = torch.stack([torch.as_tensor(t) for t in timesteps]).to(self.device)
-        for i, t in enumerate(timesteps):
-            x = torch.cat([latents, latents]) if cfg else latents  # [2N, 4, h, w]: uncond half first
-            x = sched.scale_model_input(x, t)
-            out = self.unet_step(x, t_dev[i], emb)
-            if cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            latents = sched.step(out, t, latents, generator=generator).to(self.latent_dtype)
-            if callback is not None:
-                callback(i, num, t, latents)
-        return latents
+        return denoise(self, sched, timesteps, latents, emb, guidance_scale, generator, callback)
 
     def _finish(self, latents: torch.Tensor, output: str, tiled_decode: bool | None) -> list[Any] | torch.Tensor:
         if output == "latent":

@@ -160,6 +160,12 @@ class Scheduler(ABC):
         """Std of the initial latent noise (1 for VP samplers)."""
         return 1.0
 
+    @property
+    def draws_noise(self) -> bool:
+        """True when ``step`` draws random noise (from a CPU generator): such a loop cannot be replayed
+        from one CUDA graph."""
+        return False
+
     def set_timesteps(self, num_steps: int, device: torch.device | str | None = None) -> None:
         """Compute ``timesteps`` for ``num_steps`` model evaluations and reset all per-run state."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):

@@ -41,6 +41,10 @@ class DDIMScheduler(AlphaScheduler):
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = eta
 
+    @property
+    def draws_noise(self) -> bool:
+        return self.eta > 0
+
     def _set_timesteps(self, num_steps: int, device: torch.device | str | None) -> None:
         self.timesteps = torch.from_numpy(spaced_timesteps(self.config, num_steps)).to(device)
 

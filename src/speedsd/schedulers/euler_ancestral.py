@@ -21,6 +21,10 @@ class EulerAncestralScheduler(EulerScheduler):
         super().__init__(config)
         self.use_karras_sigmas = False
 
+    @property
+    def draws_noise(self) -> bool:
+        return True
+
     def _step(
         self,
         model_output: torch.Tensor,

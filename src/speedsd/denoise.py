@@ -1,0 +1,110 @@
+"""The denoising loop: step by step, or replayed whole from one CUDA graph.
+
+With ``flags.cuda_graphs`` on CUDA, a loop whose sampler draws no noise and that has no per-step
+callback is captured once per (sampler, its settings, timesteps, guidance, input shapes) and then
+replayed as ONE graph: every UNet evaluation, the classifier-free-guidance combine and the sampler
+update, with no host work between steps. Everything else runs :func:`denoise_steps`, which replays
+the per-step UNet graph (:meth:`speedsd.pipeline.Pipeline.unet_step`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from speedsd.graphs import GraphCache
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+MAX_LOOP_GRAPHS = 4
+
+
+def denoise(
+    pipe: Any,
+    sched: Any,
+    timesteps: list[torch.Tensor],
+    latents: torch.Tensor,
+    emb: torch.Tensor,
+    guidance_scale: float,
+    generator: torch.Generator,
+    callback: StepCallback | None,
+) -> torch.Tensor:
+    # the UNet's copy of every timestep, moved to the device once (indexing it needs no sync)
+    t_dev = torch.stack([torch.as_tensor(t) for t in timesteps]).to(pipe.device)
+    if pipe._pool is not None and callback is None and not sched.draws_noise:
+        out = denoise_graphed(pipe, sched, timesteps, latents, emb, guidance_scale, t_dev)
+        if out is not None:
+            return out
+    return denoise_steps(pipe, sched, timesteps, latents, emb, guidance_scale, generator, callback, t_dev)
+
+
+def denoise_steps(
+    pipe: Any,
+    sched: Any,
+    timesteps: list[torch.Tensor],
+    latents: torch.Tensor,
+    emb: torch.Tensor,
+    guidance_scale: float,
+    generator: torch.Generator | None,
+    callback: StepCallback | None,
+    t_dev: torch.Tensor,
+    eager: bool = False,
+) -> torch.Tensor:
+    cfg = guidance_scale > 1.0
+    num = len(timesteps)
+    for i, t in enumerate(timesteps):
+        x = torch.cat([latents, latents]) if cfg else latents  # [2N, 4, h, w]: uncond half first
+        x = sched.scale_model_input(x, t)
+        out = pipe.unet_step(x, t_dev[i], emb, eager=True) if eager else pipe.unet_step(x, t_dev[i], emb)
+        if cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        latents = sched.step(out, t, latents, generator=generator).to(pipe.latent_dtype)
+        if callback is not None:
+            callback(i, num, t, latents)
+    return latents
+
+
+def denoise_graphed(
+    pipe: Any,
+    sched: Any,
+    timesteps: list[torch.Tensor],
+    latents: torch.Tensor,
+    emb: torch.Tensor,
+    guidance_scale: float,
+    t_dev: torch.Tensor,
+) -> torch.Tensor | None:
+    """The whole loop (every UNet step, CFG and sampler update) replayed from ONE CUDA graph.
+
+    The sampler's per-step numbers are Python floats, so a graph is captured per (sampler, its
+    config, timesteps, guidance) and input shapes; each capture runs the loop once eagerly first.
+    Samplers that draw noise are never captured. None: capture failed, use the per-step path.
+    """
+    key = (type(sched).__name__, repr(sched.config), tuple(int(t) for t in timesteps), float(guidance_scale))
+    key += tuple(sorted((k, repr(v)) for k, v in vars(sched).items() if isinstance(v, (int, float, bool, str))))
+    if key in pipe._loop_graphs:
+        pipe._loop_graphs.move_to_end(key)
+        cache = pipe._loop_graphs[key]
+    else:
+        template = copy.deepcopy(sched)  # fresh sampler state for every (re)run of the loop
+
+        def loop(x: torch.Tensor, e: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+            s = copy.deepcopy(template)
+            return denoise_steps(pipe, s, timesteps, x, e, guidance_scale, None, None, ts, eager=True)
+
+        cache = GraphCache(loop, max_entries=2, pool=pipe._pool, eager_fallback=False)
+        pipe._loop_graphs[key] = cache
+        if len(pipe._loop_graphs) > 4:
+            pipe._loop_graphs.popitem(last=False)
+    if cache is None:
+        return None
+    try:
+        return cache(latents, emb, t_dev)
+    except RuntimeError as e:
+        warnings.warn(f"whole-loop CUDA graph capture failed ({str(e).splitlines()[0][:120]}); "
+                      "replaying the UNet step by step", stacklevel=3)  # fmt: skip
+        pipe._loop_graphs[key] = None
+        return None
