@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 
 from speedsd import ops
+from speedsd.models.layers import CrossKV
 from speedsd.models.unet import UNET_PRESETS, UNet2DCondition, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -243,3 +246,30 @@ def test_sd14_forward_matches_diffusers() -> None:
     want = ref(x, torch.tensor([801]), ctx).sample
     got = ours(x, torch.tensor([801]), ctx)
     assert _rel(got, want) <= RTOL
+
+
+@torch.no_grad()
+def test_context_scope_projects_the_text_once() -> None:
+    """With fused_qkv every cross-attention K/V comes from one GEMM (CrossKV); inside context_scope a
+    second forward on the same context object reuses it, a new context object is projected anew."""
+    ref, ours = _models("sd1-tiny")
+    x, ctx = _inputs(TINY_SD1, 1, 8, 8)
+    ctx2 = ctx.flip(1) + 0.5
+    calls = []
+    real = CrossKV.build
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with ops.using(ops.Flags(fused_qkv=True)), patch.object(CrossKV, "build", staticmethod(counting)):
+        with ours.context_scope():
+            a = ours(x, 400, ctx)
+            b = ours(x, 300, ctx)
+            c = ours(x, 400, ctx2)
+        assert len(calls) == 2
+        ours(x, 400, ctx)  # outside a scope: projected every call
+        assert len(calls) == 3
+    assert _rel(a, ref(x, 400, ctx).sample) <= RTOL
+    assert _rel(b, ref(x, 300, ctx).sample) <= RTOL
+    assert _rel(c, ref(x, 400, ctx2).sample) <= RTOL

@@ -34,6 +34,38 @@ class Conv2d(nn.Conv2d):
         return ops.conv2d_op(x, self, with_bias)
 
 
+class CrossKV:
+    """Every cross-attention layer's K and V projections of the text context, from ONE GEMM.
+
+    The text context is the same at every layer and every denoising step, so the UNet projects it for
+    all its cross-attention layers at once (their to_k/to_v weights are fused rows, views, no copy) and
+    hands this object down in place of the context; within :meth:`UNet2DCondition.context_scope` it is
+    computed once and reused by every step. ``kv[attn]`` is that layer's ([B, M, C], [B, M, C]).
+    """
+
+    def __init__(self, slices: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._slices = slices
+
+    def __getitem__(self, attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._slices[id(attn)]
+
+    @staticmethod
+    def build(attns: list[Attention], context: torch.Tensor, cache: dict[str, object]) -> CrossKV:
+        """``cache``: the caller's dict holding the fused weight between calls."""
+        projs = [p for a in attns for p in (a.to_k, a.to_v)]
+        w = fused_rows([p.weight for p in projs], cache.get("w"))  # [Σ 2C, Cc]
+        cache["w"] = w
+        b = None
+        if all(p.bias is not None for p in projs):
+            b = fused_rows([p.bias for p in projs], cache.get("b"))
+            cache["b"] = b
+        elif any(p.bias is not None for p in projs):
+            raise ValueError("cross-attention K/V projections mix biased and bias-free layers")
+        out = F.linear(context, w, b)  # [B, M, Σ 2C]
+        parts = out.split([p.out_features for p in projs], dim=-1)  # strided [B, M, C] views, no copies
+        return CrossKV({id(a): (parts[2 * i], parts[2 * i + 1]) for i, a in enumerate(attns)})
+
+
 class TimeAdds:
     """Every ResNet block's norm2 pre-add, time_emb_proj(SiLU(temb)) + conv1.bias, from ONE GEMM.
 
@@ -186,6 +218,8 @@ class Attention(nn.Module):
         if context is None and ops.current().fused_qkv:
             wqkv, bqkv = self._fused_qkv_weight()
             q, k, v = F.linear(x, wqkv, bqkv).chunk(3, dim=-1)
+        elif isinstance(context, CrossKV):  # K and V already projected (one GEMM for every layer)
+            q, (k, v) = self.to_q(x), context[self]
         else:
             ctx = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)

@@ -11,9 +11,10 @@ mid block uses the last entry; up block i uses entry ``n-1-i`` of the list.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedsd import ops
-from speedsd.models.layers import Conv2d, GroupNorm, ResnetBlock2D, TimeAdds
+from speedsd.models.layers import Attention, Conv2d, CrossKV, GroupNorm, ResnetBlock2D, TimeAdds
 from speedsd.models.unet_blocks import AttnSpec, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -292,9 +293,36 @@ class UNet2DCondition(nn.Module):
         self.conv_norm_out = GroupNorm(groups, ch[0], eps=eps)
         self.conv_out = Conv2d(ch[0], c.out_channels, 3, padding=1)
         self._temb_cache: dict[str, object] = {}
+        self._kv_cache: dict[str, object] = {}
+        self._scoped_kv: dict[str, object] | None = None
 
     def _temb_resnets(self) -> list[ResnetBlock2D]:
         return [m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+
+    def _cross_attentions(self) -> list[Attention]:
+        return [m for n, m in self.named_modules() if isinstance(m, Attention) and n.endswith("attn2")]
+
+    @contextlib.contextmanager
+    def context_scope(self) -> Iterator[None]:
+        """Within this block every forward given the SAME context tensor (same object) reuses its
+        cross-attention K/V (with ``Flags.fused_qkv``): a denoising loop projects the text once, not
+        once a step. Only for callers that do not change that tensor in place inside the block."""
+        prev, self._scoped_kv = self._scoped_kv, {}
+        try:
+            yield
+        finally:
+            self._scoped_kv = prev
+
+    def _context(self, context: torch.Tensor) -> torch.Tensor | CrossKV:
+        if not ops.current().fused_qkv:
+            return context
+        scoped = self._scoped_kv
+        if scoped is not None and scoped.get("context") is context:
+            return scoped["kv"]  # type: ignore[return-value]
+        kv = CrossKV.build(self._cross_attentions(), context, self._kv_cache)
+        if scoped is not None:
+            scoped["context"], scoped["kv"] = context, kv
+        return kv
 
     def forward(
         self,
@@ -315,6 +343,7 @@ class UNet2DCondition(nn.Module):
         if ops.current().fused_epilogues:  # every block's time-embedding projection in one GEMM
             temb = TimeAdds.build(self._temb_resnets(), temb, self._temb_cache)
 
+        encoder_hidden_states = self._context(encoder_hidden_states)  # a CrossKV with fused_qkv
         x = self.conv_in(sample)
         skips = [x]
         for down in self.down_blocks:
