@@ -295,7 +295,7 @@ class Pipeline:
         # tensor would be a device sync per step and keep the CPU from queueing the next step early.
         sched.set_timesteps(steps)
         latents = latents * sched.init_noise_sigma
-        latents = self._denoise(sched, list(sched.timesteps), latents, emb, guidance_scale, generator, callback)
+        latents = denoise(self, sched, list(sched.timesteps), latents, emb, guidance_scale, generator, callback)
         return self._finish(latents, output, tiled_decode)
 
     @torch.inference_mode()
@@ -347,7 +347,7 @@ class Pipeline:
         noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(self.device, self.latent_dtype)
         t0 = torch.as_tensor(timesteps[0], device=self.device).reshape(1).expand(n)
         latents = sched.add_noise(init, noise, t0)
-        latents = self._denoise(sched, timesteps, latents, emb, guidance_scale, generator, callback)
+        latents = denoise(self, sched, timesteps, latents, emb, guidance_scale, generator, callback)
         return self._finish(latents, output, tiled_decode)
 
     # -- internals -------------------------------------------------------------------------------
@@ -360,18 +360,6 @@ class Pipeline:
         if seed is not None:
             g.manual_seed(seed)
         return g
-
-    def _denoise(
-        self,
-        sched: Any,
-        timesteps: list[torch.Tensor],
-        latents: torch.Tensor,
-        emb: torch.Tensor,
-        guidance_scale: float,
-        generator: torch.Generator,
-        callback: StepCallback | None,
-    ) -> torch.Tensor:
-        return denoise(self, sched, timesteps, latents, emb, guidance_scale, generator, callback)
 
     def _finish(self, latents: torch.Tensor, output: str, tiled_decode: bool | None) -> list[Any] | torch.Tensor:
         if output == "latent":
