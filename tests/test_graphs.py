@@ -86,3 +86,19 @@ def test_whole_loop_graph_matches_step_by_step(scheduler):
     torch.testing.assert_close(first, by_step, atol=1e-4, rtol=1e-4)
     other = pipe("a cat", **{**kw, "guidance_scale": 3.0})  # another guidance: another loop graph
     assert not torch.equal(other, first)
+
+
+def test_img2img_whole_loop_graph_matches_step_by_step():
+    """img2img starts mid-schedule (the sampler's begin index): the loop graph keys on it."""
+    import speedsd
+    from speedsd import ops
+
+    pipe = speedsd.load("random:tiny", device="cuda", dtype=torch.float16, flags=ops.PRESETS["fast"])
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for scheduler in ("ddim", "dpmpp_2m"):
+        kw = dict(steps=6, seed=5, output="latent", scheduler=scheduler)
+        graphed = [pipe.img2img("a cat", image, strength=s, **kw) for s in (0.5, 0.8, 0.5)]
+        by_step = [pipe.img2img("a cat", image, strength=s, callback=lambda *a: None, **kw) for s in (0.5, 0.8)]
+        torch.testing.assert_close(graphed[0], by_step[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(graphed[1], by_step[1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(graphed[2], graphed[0], atol=0, rtol=0)
