@@ -65,6 +65,9 @@ def test_failed_capture_raises_without_eager_fallback():
     fallback = GraphCache(lambda x: x * float(x.sum().item()))
     with pytest.warns(UserWarning, match="running eagerly"):
         torch.testing.assert_close(fallback(torch.ones(4, device="cuda")), torch.full((4,), 4.0, device="cuda"))
+    ok = GraphCache(lambda x: x + 1)  # a failed capture must not break the next one
+    torch.testing.assert_close(ok(torch.ones(4, device="cuda")), torch.full((4,), 2.0, device="cuda"))
+    assert ok.captures == 1
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler", "dpmpp_2m_karras", "euler_a"])

@@ -39,6 +39,22 @@ def _signature(args: tuple[torch.Tensor, ...]) -> Signature:
     )
 
 
+def _end_pool_allocation(device: torch.device, graph: torch.cuda.CUDAGraph) -> None:
+    """After a failed capture: stop routing allocations to the graph's pool.
+
+    torch's ``capture_end`` raises on an invalidated capture before it tells the caching allocator
+    that the capture is over, which would leave the allocator recording into that pool and fail every
+    later capture with "already recording to mempool_id".
+    """
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is None:
+        return
+    try:
+        end(device.index if device.index is not None else torch.cuda.current_device(), graph.pool())
+    except RuntimeError:  # capture_end got that far after all: nothing is left recording
+        pass
+
+
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -127,8 +143,12 @@ class GraphCache:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.fn(*static)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.fn(*static)
+        except RuntimeError:
+            _end_pool_allocation(args[0].device, graph)
+            raise
         self.captures += 1
         # The eager warm-up's activations sit in the allocator's cache (the VAE decode's: hundreds of
         # MiB); the replays never use them, so give them back to the device.
