@@ -58,16 +58,36 @@ def test_fidelity_sd14_geometry():
     assert res["ratio_max_abs"] <= 2.0, res
 
 
+_FAILED_CAPTURE = """
+import torch, warnings
+from speedsd.graphs import GraphCache
+g = GraphCache(lambda x: x * float(x.sum().item()), eager_fallback=False)  # .item(): no capture
+try:
+    g(torch.ones(4, device="cuda"))
+    raise SystemExit("no error")
+except RuntimeError:
+    pass
+fallback = GraphCache(lambda x: x * float(x.sum().item()))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    assert fallback(torch.ones(4, device="cuda")).eq(4).all()
+assert any("running eagerly" in str(x.message) for x in w)
+ok = GraphCache(lambda x: x + 1)  # a failed capture must not break the next one
+assert ok(torch.ones(4, device="cuda")).eq(2).all() and ok.captures == 1
+print("OK")
+"""
+
+
 def test_failed_capture_raises_without_eager_fallback():
-    g = GraphCache(lambda x: x * float(x.sum().item()), eager_fallback=False)  # .item(): no capture
-    with pytest.raises(RuntimeError):
-        g(torch.ones(4, device="cuda"))
-    fallback = GraphCache(lambda x: x * float(x.sum().item()))
-    with pytest.warns(UserWarning, match="running eagerly"):
-        torch.testing.assert_close(fallback(torch.ones(4, device="cuda")), torch.full((4,), 4.0, device="cuda"))
-    ok = GraphCache(lambda x: x + 1)  # a failed capture must not break the next one
-    torch.testing.assert_close(ok(torch.ones(4, device="cuda")), torch.full((4,), 2.0, device="cuda"))
-    assert ok.captures == 1
+    """In a subprocess: torch leaves its CUDA RNG in capture mode after a failed capture (a torch
+    bug our GraphCache cannot undo), which would break later tests that draw CUDA random numbers."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _FAILED_CAPTURE], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler", "dpmpp_2m_karras", "euler_a"])

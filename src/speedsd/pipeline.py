@@ -339,7 +339,7 @@ class Pipeline:
         cfg = guidance_scale > 1.0
         emb = self.text_embeddings(prompts, negatives, num_images, cfg)
         sched = self.make_scheduler(scheduler)
-        timesteps, _ = sched.timesteps_for_strength(steps, strength, device=self.device)
+        timesteps, _ = sched.timesteps_for_strength(steps, strength)  # on the CPU: no sync per step
         timesteps = list(timesteps)
 
         init = self.encode_image(pixels, generator)  # posterior sample first, as diffusers draws it
