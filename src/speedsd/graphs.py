@@ -44,7 +44,9 @@ def _end_pool_allocation(device: torch.device, graph: torch.cuda.CUDAGraph) -> N
 
     torch's ``capture_end`` raises on an invalidated capture before it tells the caching allocator
     that the capture is over, which would leave the allocator recording into that pool and fail every
-    later capture with "already recording to mempool_id".
+    later capture with "already recording to mempool_id". (It also skips resetting the CUDA RNG's
+    capture state, which we cannot reach: after a failed capture, CUDA random numbers fail. The engine
+    draws its noise on the CPU, and only captures code known to be capturable.)
     """
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
     if end is None:
