@@ -52,3 +52,13 @@ def _seed_and_flags():
     prev = ops.current()
     yield
     ops.set_flags(prev)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread (several spin-wait for ages on a busy 2-core CI box).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

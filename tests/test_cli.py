@@ -22,13 +22,7 @@ from speedsd.pngmeta import parse_parameters, read_parameters
 SIZE = "32x32"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (several spin-wait for ages on a busy 2-core CI box)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,7 @@ DIFFUSERS_SCHEDULERS = {
 DETERMINISTIC = ["pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (several spin-wait for ages on a busy 2-core CI box)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:

@@ -10,7 +10,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import speedsd
@@ -18,14 +17,7 @@ from checkpoints import make_diffusers_folder
 from speedsd.pngmeta import parse_parameters
 from speedsd.server import make_server
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (several spin-wait for ages on a busy 2-core CI box)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

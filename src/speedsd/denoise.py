@@ -10,6 +10,7 @@ the per-step UNet graph (:meth:`speedsd.pipeline.Pipeline.unet_step`).
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -51,14 +52,16 @@ def denoise_steps(
     generator: torch.Generator | None,
     callback: StepCallback | None,
     t_dev: torch.Tensor,
-    eager: bool = False,
+    unet_step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """``unet_step``: the UNet evaluation to call (default ``pipe.unet_step``, the per-step graph)."""
+    unet_step = unet_step or pipe.unet_step
     cfg = guidance_scale > 1.0
     num = len(timesteps)
     for i, t in enumerate(timesteps):
         x = torch.cat([latents, latents]) if cfg else latents  # [2N, 4, h, w]: uncond half first
         x = sched.scale_model_input(x, t)
-        out = pipe.unet_step(x, t_dev[i], emb, eager=True) if eager else pipe.unet_step(x, t_dev[i], emb)
+        out = unet_step(x, t_dev[i], emb)
         if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
@@ -93,11 +96,13 @@ def denoise_graphed(
 
         def loop(x: torch.Tensor, e: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
             s = copy.deepcopy(template)
-            return denoise_steps(pipe, s, timesteps, x, e, guidance_scale, None, None, ts, eager=True)
+            # the per-step graph cannot be replayed inside this capture: the UNet runs eagerly here
+            eager = functools.partial(pipe.unet_step, eager=True)
+            return denoise_steps(pipe, s, timesteps, x, e, guidance_scale, None, None, ts, unet_step=eager)
 
         cache = GraphCache(loop, max_entries=2, pool=pipe._pool, eager_fallback=False)
         pipe._loop_graphs[key] = cache
-        if len(pipe._loop_graphs) > 4:
+        if len(pipe._loop_graphs) > MAX_LOOP_GRAPHS:
             pipe._loop_graphs.popitem(last=False)
     if cache is None:
         return None

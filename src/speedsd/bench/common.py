@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -122,6 +123,27 @@ def environment() -> dict[str, Any]:
     else:
         env["card"] = f"cpu ({platform.processor() or platform.machine()})"
     return env
+
+
+def kernel_bench_args(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line every kernel bench shares: ``--out DIR`` and ``--smoke``."""
+    ap = argparse.ArgumentParser(prog=f"python -m speedsd.bench.{name}", description=(doc or name).splitlines()[0])
+    ap.add_argument("--out", default="bench/results", help=f"directory for {name}.{{json,md}}")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (works on CPU with TRITON_INTERPRET=1)")
+    return ap
+
+
+def device_and_smoke(smoke: bool) -> tuple[str, bool]:
+    """The bench's device, and whether to run the tiny shapes (always on CPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, smoke or device == "cpu"
+
+
+def publish(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str, ok: bool) -> int:
+    """Write the results, print the markdown, and return the exit status (1 when anything was wrong)."""
+    write_results(out_dir, name, payload, markdown)
+    print(markdown)
+    return 0 if ok else 1
 
 
 def write_results(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:

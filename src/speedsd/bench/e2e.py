@@ -24,6 +24,7 @@ import torch
 from speedsd import ops
 from speedsd.bench import common
 from speedsd.bench.peers import fidelity, peer_rows
+from speedsd.kernels.winograd import drop_prepared
 
 
 def ablation() -> list[tuple[str, ops.Flags]]:
@@ -122,8 +123,8 @@ def _measure(base: Any, name: str, flags: ops.Flags, steps: int, size: int, reps
         return m
     finally:
         del pipe
-        for module in (mod for m in base.models() for mod in m.modules()):
-            module.__dict__.pop("_speedsd_winograd", None)  # derived filters of a Winograd row: not this row's memory
+        for model in base.models():
+            drop_prepared(model)  # derived filters of a Winograd row: not the next row's memory
         gc.collect()  # pipelines hold their graphs through bound methods: free them before the next row
         if torch.cuda.is_available():
             torch.cuda.synchronize()

@@ -18,7 +18,6 @@ kept); upsample bit-equal to F.interpolate with the same strides. Exit 1 if any 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 import traceback
@@ -220,18 +219,13 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m speedsd.bench.kernels_epilogues", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results", help="directory for kernels_epilogues.{json,md}")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes (works on CPU with TRITON_INTERPRET=1)")
+    ap = common.kernel_bench_args("kernels_epilogues", __doc__)
     ap.add_argument("--nchw", action="store_true", help="NCHW rows as well as channels_last")
     a = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    res = run(device, smoke=a.smoke or device == "cpu", nchw=a.nchw)
-    md = markdown(res)
-    common.write_results(a.out, "kernels_epilogues", res, md)
-    print(md)
-    bad = [r for r in res["rows"] if not r["correct"]]
-    return 1 if bad or res["errors"] else 0
+    device, smoke = common.device_and_smoke(a.smoke)
+    res = run(device, smoke=smoke, nchw=a.nchw)
+    ok = not res["errors"] and all(r["correct"] for r in res["rows"])
+    return common.publish(a.out, "kernels_epilogues", res, markdown(res), ok)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ the best one per row is data for plan_layer_norm. Exit code 1 if any shape is wr
 
 from __future__ import annotations
 
-import argparse
 import math
 import traceback
 from collections.abc import Callable
@@ -215,17 +214,13 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m speedsd.bench.kernels_layer_norm", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results", help="directory for kernels_layer_norm.{json,md}")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes (works on CPU with TRITON_INTERPRET=1)")
+    ap = common.kernel_bench_args("kernels_layer_norm", __doc__)
     ap.add_argument("--no-sweep", action="store_true", help="only the heuristic's tile")
     a = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    res = run(device, smoke=a.smoke or device == "cpu", sweep=not a.no_sweep)
-    md = markdown(res)
-    common.write_results(a.out, "kernels_layer_norm", res, md)
-    print(md)
-    return 1 if res["errors"] or not all(r["correct"] for r in res["rows"]) else 0
+    device, smoke = common.device_and_smoke(a.smoke)
+    res = run(device, smoke=smoke, sweep=not a.no_sweep)
+    ok = not res["errors"] and all(r["correct"] for r in res["rows"])
+    return common.publish(a.out, "kernels_layer_norm", res, markdown(res), ok)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ with the graph clock, and writes group_norm_variants.{json,md} plus group_norm_t
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 import traceback
@@ -360,20 +359,15 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m speedsd.bench.kernels_norm_gelu", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results", help="directory for kernels_norm_gelu.{json,md}")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes (works on CPU with TRITON_INTERPRET=1)")
+    ap = common.kernel_bench_args("kernels_norm_gelu", __doc__)
     ap.add_argument("--variants", action="store_true", help="GroupNorm plan sweep only (group_norm_variants.*)")
     a = ap.parse_args(argv)
     if a.variants:
         return importlib.import_module("speedsd.bench.group_norm_variants").run_variants(a.out, a.smoke)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    res = run(device, smoke=a.smoke or device == "cpu")
-    md = markdown(res)
-    common.write_results(a.out, "kernels_norm_gelu", res, md)
-    print(md)
+    device, smoke = common.device_and_smoke(a.smoke)
+    res = run(device, smoke=smoke)
     bad = [r for key in ("group_norm", "feed_forward", "elementwise") for r in res[key] if not r["correct"]]
-    return 1 if bad or res["errors"] else 0
+    return common.publish(a.out, "kernels_norm_gelu", res, markdown(res), not bad and not res["errors"])
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ so the channel index and the bias load are per row, not per element.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from speedsd.kernels.device import sm_count as _sm_count
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 INT64_NUMEL = 2**31  # offsets in int64 once numel + BLOCK reaches this (the last block's lanes too); tests lower it
@@ -67,13 +67,6 @@ def _bias_add_kernel(
 
 
 # ---- launcher ------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # CPU interpreter: small blocks, several programs even on test shapes
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format | None:

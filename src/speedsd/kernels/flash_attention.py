@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from speedsd.kernels.device import sm_count
 from speedsd.kernels.softmax_attention import (
     LOG2E,
     alloc_out,
@@ -37,7 +38,6 @@ from speedsd.kernels.softmax_attention import (
     dot_precision,
     interpreted,
     needs_int64,
-    sm_count,
     stride_align,
 )
 

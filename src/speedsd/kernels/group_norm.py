@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from speedsd.kernels.device import sm_count as _sm_count
 from speedsd.kernels.group_norm_kernels import _gn_fused_kernel, _gn_rows_kernel
 from speedsd.kernels.group_norm_split_kernels import (
     _gn_norm_kernel,
@@ -81,13 +82,6 @@ def group_norm_ref(
 
 
 # ---- launcher ------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # CPU interpreter: keep grids small
 
 
 def _ncs_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:

@@ -64,14 +64,9 @@ def _groups_to_channels(v_g, onehot):
 def _scale_shift(mean_g, m2_g, count_g, eps, onehot, w_ptr, b_ptr, c, mask_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     # y = (x − mean)·rstd·w + b = x·scale + shift, scale = rstd·w, shift = b − mean·scale
     rstd_g = 1.0 / tl.sqrt(m2_g / count_g + eps)
-    scale = _groups_to_channels(rstd_g, onehot)
+    rstd = _groups_to_channels(rstd_g, onehot)
     mean = _groups_to_channels(mean_g, onehot)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=mask_c, other=1.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_B:
-        shift = shift + tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
-    return scale, shift
+    return _row_affine(mean, rstd, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
 
 
 @triton.jit

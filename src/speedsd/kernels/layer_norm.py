@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from speedsd.kernels.device import sm_count as _sm_count
+
 MAX_C = 16384  # widest row held in registers (one row of 16K fp32 over 16 warps: 32 values a thread)
 MOVE_BYTES = 16384  # bytes of x read + y written that one program aims for
 MAX_TILE = 8192  # padded elements of one [ROWS, BLOCK_C] tile (several fp32 copies live at once)
@@ -68,6 +70,15 @@ def _normalize(s, mask, C, eps, w_ptr, b_ptr, c, mask_c, HAS_W: tl.constexpr, HA
     return y
 
 
+@triton.jit
+def _row_tile(R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # this program's rows [p·ROWS, p·ROWS + ROWS) as int64 [ROWS, 1], the columns, their mask, the tile mask
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    c = tl.arange(0, BLOCK_C)
+    mask_c = c < C
+    return r.to(tl.int64)[:, None], c, mask_c, (r < R)[:, None] & mask_c[None, :]
+
+
 # Program p owns rows [p·ROWS, p·ROWS + ROWS) of x [R, C] (row stride sx; y dense [R, C]):
 #   y[r, :] = LayerNorm(x[r, :])·w + b, statistics in fp32 from the register tile.
 @triton.jit
@@ -76,11 +87,7 @@ def _ln_kernel(
     R, C, sx, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    c = tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    mask = (r < R)[:, None] & mask_c[None, :]
-    rows = r.to(tl.int64)[:, None]
+    rows, c, mask_c, mask = _row_tile(R, C, ROWS, BLOCK_C)
     x = tl.load(x_ptr + rows * sx + c[None, :], mask=mask, other=0.0).to(tl.float32)
     y = _normalize(x, mask, C, eps, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
     tl.store(y_ptr + rows * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -96,11 +103,7 @@ def _add_ln_kernel(
     HAS_DB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    c = tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    mask = (r < R)[:, None] & mask_c[None, :]
-    rows = r.to(tl.int64)[:, None]
+    rows, c, mask_c, mask = _row_tile(R, C, ROWS, BLOCK_C)
     x = tl.load(x_ptr + rows * sx + c[None, :], mask=mask, other=0.0).to(tl.float32)
     d = tl.load(d_ptr + rows * sd + c[None, :], mask=mask, other=0.0).to(tl.float32)
     s = x + d
@@ -114,13 +117,6 @@ def _add_ln_kernel(
 
 
 # ---- launcher ------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # CPU interpreter: keep grids small
 
 
 @dataclass(frozen=True)

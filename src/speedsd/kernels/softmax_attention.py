@@ -31,13 +31,14 @@ Peak extra memory: S (B·H·Nq·Nk·2 bytes for fp16) versus S, S·scale and P f
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from speedsd.kernels.device import sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -118,20 +119,6 @@ def needs_int64(views: tuple[tuple[torch.Tensor, int, int], ...]) -> bool:
         if span >= 2**31:
             return True
     return False
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (4 under the CPU interpreter)."""
-    return (
-        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if device.type == "cuda"
-        else 4
-    )
 
 
 def dot_precision(dtype: torch.dtype) -> str:

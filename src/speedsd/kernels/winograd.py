@@ -405,6 +405,12 @@ def _prepared_for(conv: torch.nn.Conv2d, tile: int, dtype: torch.dtype, split: b
     return hit[1]
 
 
+def drop_prepared(module: torch.nn.Module) -> None:
+    """Free the transformed filters cached on ``module``'s conv layers (rebuilt on the next use)."""
+    for m in module.modules():
+        m.__dict__.pop("_speedsd_winograd", None)
+
+
 def winograd_conv3x3_module(x: torch.Tensor, conv: torch.nn.Conv2d, bias: bool = True) -> torch.Tensor | None:
     """The engine's entry: conv's forward by Winograd if the per-layer table picks a tile, else None.
 

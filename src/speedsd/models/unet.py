@@ -295,18 +295,16 @@ class UNet2DCondition(nn.Module):
         self._temb_cache: dict[str, object] = {}
         self._kv_cache: dict[str, object] = {}
         self._scoped_kv: dict[str, object] | None = None
-
-    def _temb_resnets(self) -> list[ResnetBlock2D]:
-        return [m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
-
-    def _cross_attentions(self) -> list[Attention]:
-        return [m for n, m in self.named_modules() if isinstance(m, Attention) and n.endswith("attn2")]
+        # the blocks whose projections run as one GEMM each forward (the structure never changes)
+        self._temb_resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+        self._cross_attns = [m for n, m in self.named_modules() if isinstance(m, Attention) and n.endswith("attn2")]
 
     @contextlib.contextmanager
     def context_scope(self) -> Iterator[None]:
         """Within this block every forward given the SAME context tensor (same object) reuses its
-        cross-attention K/V (with ``Flags.fused_qkv``): a denoising loop projects the text once, not
-        once a step. Only for callers that do not change that tensor in place inside the block."""
+        cross-attention K/V (with ``Flags.fused_qkv``): a denoising loop could project the text once, not
+        once a step. Only for callers that do not change that tensor in place inside the block. (The
+        pipeline does not use it yet: its whole-loop graph with the scope is still to be checked on a GPU.)"""
         prev, self._scoped_kv = self._scoped_kv, {}
         try:
             yield
@@ -319,7 +317,7 @@ class UNet2DCondition(nn.Module):
         scoped = self._scoped_kv
         if scoped is not None and scoped.get("context") is context:
             return scoped["kv"]  # type: ignore[return-value]
-        kv = CrossKV.build(self._cross_attentions(), context, self._kv_cache)
+        kv = CrossKV.build(self._cross_attns, context, self._kv_cache)
         if scoped is not None:
             scoped["context"], scoped["kv"] = context, kv
         return kv
@@ -341,7 +339,7 @@ class UNet2DCondition(nn.Module):
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         if ops.current().fused_epilogues:  # every block's time-embedding projection in one GEMM
-            temb = TimeAdds.build(self._temb_resnets(), temb, self._temb_cache)
+            temb = TimeAdds.build(self._temb_resnets, temb, self._temb_cache)
 
         encoder_hidden_states = self._context(encoder_hidden_states)  # a CrossKV with fused_qkv
         x = self.conv_in(sample)
