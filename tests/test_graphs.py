@@ -107,6 +107,11 @@ def test_whole_loop_graph_matches_step_by_step(scheduler):
     assert len([c for c in pipe._loop_graphs.values() if c is not None]) == (0 if scheduler == "euler_a" else 1)
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     torch.testing.assert_close(first, by_step, atol=1e-4, rtol=1e-4)
+    # the same loop graph with another text: the replay projects the new text's cross-attention K/V
+    dog = pipe("a dog", **kw)
+    assert len([c for c in pipe._loop_graphs.values() if c is not None]) == (0 if scheduler == "euler_a" else 1)
+    torch.testing.assert_close(dog, pipe("a dog", callback=lambda *a: None, **kw), atol=1e-4, rtol=1e-4)
+    assert not torch.equal(dog, first)
     other = pipe("a cat", **{**kw, "guidance_scale": 3.0})  # another guidance: another loop graph
     assert not torch.equal(other, first)
 

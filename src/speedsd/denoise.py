@@ -39,7 +39,10 @@ def denoise(
         out = denoise_graphed(pipe, sched, timesteps, latents, emb, guidance_scale, t_dev)
         if out is not None:
             return out
-    return denoise_steps(pipe, sched, timesteps, latents, emb, guidance_scale, generator, callback, t_dev)
+    if pipe._pool is not None:  # per-step graphs: each replay projects the text itself
+        return denoise_steps(pipe, sched, timesteps, latents, emb, guidance_scale, generator, callback, t_dev)
+    with pipe.unet.context_scope():  # eager: the text's cross-attention K/V once for the whole loop
+        return denoise_steps(pipe, sched, timesteps, latents, emb, guidance_scale, generator, callback, t_dev)
 
 
 def denoise_steps(
@@ -98,7 +101,10 @@ def denoise_graphed(
             s = copy.deepcopy(template)
             # the per-step graph cannot be replayed inside this capture: the UNet runs eagerly here
             eager = functools.partial(pipe.unet_step, eager=True)
-            return denoise_steps(pipe, s, timesteps, x, e, guidance_scale, None, None, ts, unet_step=eager)
+            # A scope per run (warm-up and capture each project the text themselves), so the graph
+            # holds ONE cross-attention K/V projection of its static text input for all its steps.
+            with pipe.unet.context_scope():
+                return denoise_steps(pipe, s, timesteps, x, e, guidance_scale, None, None, ts, unet_step=eager)
 
         cache = GraphCache(loop, max_entries=2, pool=pipe._pool, eager_fallback=False)
         pipe._loop_graphs[key] = cache
