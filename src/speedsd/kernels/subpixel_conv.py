@@ -1,0 +1,247 @@
+"""Nearest 2x upsampling + 3x3 conv as four 2x2 convs on the low-resolution input (sub-pixel form).
+
+``conv2d(interpolate(x, scale_factor=2, mode="nearest"), W, bias, padding=1)`` reads every input pixel
+at four output phases (a, b) = (output row % 2, output column % 2). At phase (a, b) the 3x3 window over
+the upsampled image covers only 2x2 distinct input pixels, so the taps that land on the same input pixel
+can be summed beforehand: rows fold per a (a = 0: [r0, r1 + r2]; a = 1: [r0 + r1, r2]), then columns
+per b the same way, giving W_ab [Co, Ci, 2, 2]. With W4 = cat(W_00, W_01, W_10, W_11) [4·Co, Ci, 2, 2]
+(phase k = 2a + b) and P = conv2d(x, W4, padding=1) [N, 4·Co, H+1, W+1]:
+
+    y[n, c, 2i+a, 2j+b] = P[n, k·Co + c, i+a, j+b] + bias[c]        (i < H, j < W)
+
+exactly in exact arithmetic (the zero padding agrees: x's rows -1 and H are zero exactly where the
+upsampled image's padding is). The conv does 4/9 of the FLOPs and the 4x-larger upsampled tensor is
+never materialised; ``phase_interleave`` is the one bandwidth-bound pass that scatters P's phases into y
+and adds the bias (fp32, one rounding to P's dtype).
+
+  * channels_last P ([N, H+1, W+1, 4, C] storage): a program takes one low-res row i, a [BLOCK_W,
+    BLOCK_C] tile of (j, c), and all four phases: each phase's tile is a run of BLOCK_C contiguous
+    channels per pixel (16-byte loads) stored to y's [N, 2H, 2W, C] storage, again channel runs.
+  * NCHW P ([N, 4, C, H+1, W+1] storage): Triton too. A program takes a [BLOCK_R, BLOCK_W] tile of rows
+    r = (n, c, i); per a it loads phases (a, 0) and (a, 1), interleaves them (tl.join -> [BLOCK_R,
+    BLOCK_W, 2] read as [BLOCK_R, 2·BLOCK_W]: column 2j + b) and stores one contiguous output-row segment.
+    P's rows are W+1 long, so its loads are not 16-byte aligned in general; the stores are.
+
+Program bases are int64; offsets inside a tile are int32 (checked in the launcher).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from speedsd.kernels.device import sm_count as _sm_count
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+TILE = 1024  # elements of one phase tile; a program moves four
+
+
+def _fold(t: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
+    """Fold 3 taps along ``dim`` into the 2 that phase ``phase`` sees: 0 -> [t0, t1 + t2], 1 -> [t0 + t1, t2]."""
+    t0, t1, t2 = t.unbind(dim)
+    pair = (t0, t1 + t2) if phase == 0 else (t0 + t1, t2)
+    return torch.stack(pair, dim)
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """3x3 conv weight [Co, Ci, 3, 3] -> the four phases' 2x2 weights W4 [4·Co, Ci, 2, 2] (phase 2a + b).
+
+    Sums in fp32 (fp64 stays fp64), one rounding to weight.dtype; returned in the weight's memory format.
+    """
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"subpixel_weight expects a 3x3 conv weight [Co, Ci, 3, 3], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"subpixel_weight expects a float weight, got {weight.dtype}")
+    w = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    rows = [_fold(w, 2, a) for a in (0, 1)]  # [Co, Ci, 3, 3] -> [Co, Ci, 2, 3] per a
+    w4 = torch.cat([_fold(rows[a], 3, b) for a in (0, 1) for b in (0, 1)], 0)  # 4 x [Co, Ci, 2, 2] -> [4·Co, ...]
+    cl = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return w4.to(weight.dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def subpixel_upsample_conv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Plain torch: nearest 2x upsampling, then the 3x3 conv (``weight`` is the original [Co, Ci, 3, 3])."""
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
+def phase_interleave_ref(p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Plain torch (four strided copies): p [N, 4·C, H+1, W+1] -> y [N, C, 2H, 2W] in p's memory format.
+
+    y[n, c, 2i+a, 2j+b] = p[n, (2a+b)·C + c, i+a, j+b] (+ bias[c], added in fp32 (fp64 for fp64 p), one rounding).
+    """
+    N, C4, H1, W1 = p.shape
+    C, H, W = C4 // 4, H1 - 1, W1 - 1
+    cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    y = torch.empty((N, C, 2 * H, 2 * W), dtype=p.dtype, device=p.device, memory_format=fmt)
+    y6 = y.unflatten(3, (W, 2)).unflatten(2, (H, 2))  # [N, C, 2H, 2W] -> [N, C, H, 2, W, 2] (a view)
+    acc = torch.promote_types(p.dtype, torch.float32)
+    for a in (0, 1):
+        for b in (0, 1):
+            k = 2 * a + b
+            src = p[:, k * C : (k + 1) * C, a : a + H, b : b + W]
+            if bias is not None:
+                src = src.to(acc) + bias.to(acc).view(1, C, 1, 1)
+            y6[:, :, :, a, :, b] = src
+    return y
+
+
+# channels_last: p [N, H+1, W+1, 4, C] storage, y [N, 2H, 2W, C]; program (row = n·H + i, block of (j, c)):
+#   y[n, 2i+a, 2j+b, c] = p[n, i+a, j+b, 2a+b, c] (+ bias[c], fp32 sum, one rounding)   for a, b in {0, 1}
+# (output row n·2H + 2i + a = 2·row + a). Each p element is read once, by exactly one program.
+@triton.jit
+def _interleave_cl_kernel(
+    p_ptr, b_ptr, y_ptr, H, W, C, n_cb,
+    HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    n = row // H
+    i = row % H
+    wb = tl.program_id(1) // n_cb
+    cb = tl.program_id(1) % n_cb
+    j = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (j < W)[:, None] & (c < C)[None, :]
+    p0 = p_ptr + (n * (H + 1) + i) * (W + 1) * (4 * C)  # p[n, i, 0, 0, 0]
+    y0 = y_ptr + 2 * row * (2 * W * C)  # y[n, 2i, 0, 0]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+    for a in tl.static_range(2):
+        for b in tl.static_range(2):
+            src = a * (W + 1) * (4 * C) + (j + b)[:, None] * (4 * C) + ((2 * a + b) * C + c)[None, :]
+            v = tl.load(p0 + src, mask=mask)
+            if HAS_BIAS:
+                v = (v.to(tl.float32) + bias).to(y_ptr.dtype.element_ty)
+            dst = a * (2 * W * C) + (2 * j + b)[:, None] * C + c[None, :]
+            tl.store(y0 + dst, v, mask=mask)
+
+
+# NCHW: p [N, 4, C, H+1, W+1] storage, y [N, C, 2H, 2W]; rows r = (n·C + c)·H + i (R = N·C·H); program
+# (block of rows, block of j):
+#   y[n, c, 2i+a, 2j+b] = p[n, 2a+b, c, i+a, j+b] (+ bias[c], fp32 sum, one rounding)
+# Per a the b = 0 and b = 1 tiles [BR, BW] are joined to [BR, BW, 2] and read as [BR, 2·BW] (column
+# 2j + b): one contiguous segment of output row (n, c, 2i + a). Row bases are int64 vectors; ``plane`` =
+# C·(H+1)·(W+1) is one phase's channels (passed in: an int64 argument once it exceeds int32).
+@triton.jit
+def _interleave_nchw_kernel(
+    p_ptr, b_ptr, y_ptr, R, C, H, W, plane,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] int64
+    j0 = tl.program_id(1) * BLOCK_W
+    j = j0 + tl.arange(0, BLOCK_W)
+    jj = 2 * j0 + tl.arange(0, 2 * BLOCK_W)
+    rmask = r < R
+    i = r % H
+    nc = r // H  # n·C + c
+    c = nc % C
+    p_row = ((nc + (nc // C) * (3 * C)) * (H + 1) + i) * (W + 1)  # p[n, 0, c, i, 0]: channel n·4C + c
+    y_row = (nc * (2 * H) + 2 * i) * (2 * W)  # y[n, c, 2i, 0]
+    mask = rmask[:, None] & (j < W)[None, :]
+    mask2 = rmask[:, None] & (jj < 2 * W)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    row0 = p_row  # phase (a, 0), row i + a: a = 0 here; a = 1 is 2·plane + (W + 1) further
+    for a in tl.static_range(2):
+        v0 = tl.load(p_ptr + row0[:, None] + j[None, :], mask=mask)
+        v1 = tl.load(p_ptr + (row0 + plane)[:, None] + (j + 1)[None, :], mask=mask)  # phase (a, 1), column j + 1
+        v = tl.reshape(tl.join(v0, v1), (BLOCK_R, 2 * BLOCK_W))  # [BR, BW] x 2 -> [BR, BW, 2] -> [BR, 2·BW]
+        if HAS_BIAS:
+            v = (v.to(tl.float32) + bias).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + (y_row + a * (2 * W))[:, None] + jj[None, :], v, mask=mask2)
+        row0 = row0 + plane + plane + (W + 1)  # int64 + int32 adds: no int32 product of plane
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+
+
+def _check_int32(span: int) -> None:
+    if span >= 2**31:
+        raise ValueError(f"a tile spans {span} elements; offsets inside a tile are int32")
+
+
+def _shrink(block: int, programs: int, target: int) -> int:
+    """Halve ``block`` (a power of 2) while the grid has fewer than ``target`` programs."""
+    while block > 1 and programs < target:
+        block //= 2
+        programs *= 2
+    return block
+
+
+def phase_interleave(p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """P [N, 4·C, H+1, W+1] (the sub-pixel conv output) -> y [N, C, 2H, 2W] in p's memory format.
+
+    y[n, c, 2i+a, 2j+b] = P[n, (2a+b)·C + c, i+a, j+b] (+ bias[c]: fp32 sum, one rounding to p.dtype).
+    p: fp32/fp16/bf16, channels_last or NCHW-contiguous (anything else is copied to NCHW first).
+    bias: [C], any float dtype, on p's device, or None (then y is a bit-exact copy).
+    """
+    if p.dim() != 4:
+        raise ValueError(f"phase_interleave expects p [N, 4·C, H+1, W+1], got shape {tuple(p.shape)}")
+    if p.dtype not in FLOATS:
+        raise ValueError(f"phase_interleave supports fp32/fp16/bf16 p, got {p.dtype}")
+    N, C4, H1, W1 = p.shape
+    if C4 % 4 or C4 == 0 or H1 < 1 or W1 < 1:
+        raise ValueError(f"p must have 4·C > 0 channels and H+1, W+1 >= 1, got shape {tuple(p.shape)}")
+    C, H, W = C4 // 4, H1 - 1, W1 - 1
+    if bias is not None and (bias.shape != (C,) or bias.device != p.device or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a float [{C}] tensor on {p.device}, got {tuple(bias.shape)} {bias.dtype} "
+                         f"on {bias.device}")  # fmt: skip
+    cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    if not cl and not p.is_contiguous():
+        p = p.contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    y = torch.empty((N, C, 2 * H, 2 * W), dtype=p.dtype, device=p.device, memory_format=fmt)
+    if y.numel() == 0:
+        return y
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    has_bias = bias is not None
+    b_arg = bias if has_bias else p
+    target = 4 * _sm_count(p.device)
+    if cl:
+        block_c = min(triton.next_power_of_2(C), 128)
+        n_cb = triton.cdiv(C, block_c)
+        block_w = max(1, min(triton.next_power_of_2(W), TILE // block_c))
+        block_w = _shrink(block_w, N * H * n_cb * triton.cdiv(W, block_w), target)
+        _check_int32(16 * (W + 1) * C)  # also the masked lanes past W (block_w <= 2W)
+        warps = max(1, min(4, block_w * block_c // 256))
+        grid = (N * H, triton.cdiv(W, block_w) * n_cb)
+        _interleave_cl_kernel[grid](p, b_arg, y, H, W, C, n_cb, HAS_BIAS=has_bias, BLOCK_W=block_w,
+                                    BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+    else:
+        R = N * C * H
+        block_w = min(triton.next_power_of_2(W), 256)
+        block_r = max(1, min(triton.next_power_of_2(R), TILE // block_w))
+        block_r = _shrink(block_r, triton.cdiv(R, block_r) * triton.cdiv(W, block_w), target)
+        _check_int32(4 * W + 2 * block_w)
+        warps = max(1, min(4, block_r * block_w // 256))
+        grid = (triton.cdiv(R, block_r), triton.cdiv(W, block_w))
+        _interleave_nchw_kernel[grid](p, b_arg, y, R, C, H, W, C * H1 * W1, HAS_BIAS=has_bias, BLOCK_R=block_r,
+                                      BLOCK_W=block_w, num_warps=warps)  # fmt: skip
+    return y
+
+
+def subpixel_upsample_conv(x: torch.Tensor, weight4: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(interpolate(x, 2, "nearest"), W, bias, padding=1) from W4 = subpixel_weight(W).
+
+    x [N, Ci, H, W] fp32/fp16/bf16; weight4 [4·Co, Ci, 2, 2] in x's dtype; bias [Co] or None.
+    Returns [N, Co, 2H, 2W] in the conv output's memory format (channels_last for channels_last x).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"subpixel_upsample_conv expects x [N, Ci, H, W], got shape {tuple(x.shape)}")
+    if (
+        weight4.dim() != 4
+        or tuple(weight4.shape[2:]) != (2, 2)
+        or weight4.shape[0] % 4
+        or weight4.shape[1] != x.shape[1]
+    ):
+        raise ValueError(
+            f"weight4 must be [4·Co, {x.shape[1]}, 2, 2] (from subpixel_weight), got {tuple(weight4.shape)}"
+        )
+    if weight4.dtype != x.dtype or weight4.device != x.device:
+        raise ValueError(f"weight4 must match x's dtype and device ({x.dtype}, {x.device}), got "
+                         f"{weight4.dtype}, {weight4.device}")  # fmt: skip
+    p = F.conv2d(x, weight4, None, padding=1)  # [N, Ci, H, W] -> [N, 4·Co, H+1, W+1]
+    return phase_interleave(p, bias)
