@@ -7,6 +7,7 @@ covered by tests/test_graphs.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -26,16 +27,21 @@ ROWS = [
     ("+kernels, partial softmax, NCHW", KERNELS.replace(attention="partial")),
     (
         "+kernels, flash, channels-last, fused QKV, fused epilogues",
-        KERNELS.replace(attention="flash", channels_last=True, fused_qkv=True, fused_epilogues=True),
+        KERNELS.replace(
+            attention="flash", channels_last=True, fused_qkv=True, fused_epilogues=True, subpixel_upsample=True
+        ),
     ),
     ("fused epilogues only, NCHW", ops.Flags(attention="sdpa", fused_epilogues=True)),
+    ("sub-pixel upsample convs only, NCHW", ops.Flags(attention="sdpa", subpixel_upsample=True)),
 ]
 
 
 def test_rows_cover_the_ablation():
     """Every flag an ablation row turns on (but CUDA graphs) is on in some row here."""
+    fields = [f.name for f in dataclasses.fields(ops.Flags) if f.type == "bool" and f.name != "cuda_graphs"]
+    assert "subpixel_upsample" in fields
     for _, flags in ablation():
-        for field in ("group_norm", "gelu", "winograd", "channels_last", "fused_qkv", "fused_epilogues"):
+        for field in fields:
             if getattr(flags, field):
                 assert any(getattr(f, field) for _, f in ROWS), field
     assert {f.attention for _, f in ROWS} >= {"math", "partial", "flash"}
@@ -57,6 +63,12 @@ def winograd_everywhere(monkeypatch):
             return "4:triton"
 
     monkeypatch.setattr(winograd, "load_table", lambda: Every())
+
+
+@pytest.fixture(autouse=True)
+def subpixel_everywhere(monkeypatch):
+    """The tiny models' upsamplers see 2x2..8x8 inputs: let the sub-pixel form take all of them."""
+    monkeypatch.setattr(ops, "SUBPIXEL_MIN_PIXELS", 0)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from speedsd import arena, ops
 from speedsd import convert_original as co
 from speedsd.convert_original import CheckpointError
 from speedsd.presets import FAMILY_DEFAULTS, MODEL_PRESETS, SCHEDULER_NAMES, ModelPreset
@@ -111,8 +112,21 @@ def _finish(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.
     return module.eval().requires_grad_(False)
 
 
-def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+def _slots(module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Empty state-dict tensors in one allocation (:mod:`speedsd.arena`), 4-D weights already in the
+    layout the device's default flags run in; the loaders fill them in place (``copy_`` casts)."""
+    return arena.allocate(module, device, dtype, channels_last=ops.default_flags(device).channels_last)[0]
+
+
+def _fill(
+    module: nn.Module, device: torch.device, dtype: torch.dtype, get: Callable[[str], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``get(key)`` for every state-dict key, copied into its slot one tensor at a time (peak: the
+    model plus one source tensor)."""
+    slots = _slots(module, device, dtype)
+    for k, t in slots.items():
+        t.copy_(get(k))
+    return slots
 
 
 def _problems(label: str, missing: list[str], unexpected: list[str], bad: list[str]) -> None:
@@ -139,7 +153,7 @@ def _fill_normal(t: torch.Tensor, std: float, gen: torch.Generator, pool: list[t
     """t ~ N(0, std^2). On the CPU, large tensors copy a window of one seeded N(0, 1) pool (a prime
     number of values, random start): ~10x faster than normal_, which would take ~20 s for SD's 1B
     parameters on two cores; the values are just as useless and harmless for benchmarking."""
-    if t.device.type != "cpu" or t.numel() < 65536:
+    if t.device.type != "cpu" or t.numel() < 65536 or not t.is_contiguous():
         t.normal_(0.0, std, generator=gen)
         return
     if not pool:
@@ -159,9 +173,10 @@ def _random_fill(module: nn.Module, device: torch.device, dtype: torch.dtype, ge
     norm_params = {
         id(p) for m in module.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for p in m.parameters(False)
     }
-    state, pool = {}, []
+    pool: list[torch.Tensor] = []
+    state = _slots(module, device, dtype) if gen is not None else {}
     for name, p in module.state_dict(keep_vars=True).items():
-        t = torch.empty(p.shape, device=device, dtype=dtype)
+        t = state[name] if gen is not None else torch.empty(p.shape, device=device, dtype=dtype)
         if gen is None:
             pass
         elif id(p) in norm_params:
@@ -290,7 +305,7 @@ def _load_component(
     used = set(plan.values())
     unexpected = sorted(f for f in shapes if f not in used and not f.endswith("embeddings.position_ids"))
     _problems(label, missing, unexpected, bad)
-    return _finish(module, {k: _cast(reader.get(f), device, dtype) for k, f in plan.items()}, label)
+    return _finish(module, _fill(module, device, dtype, lambda k: reader.get(plan[k])), label)
 
 
 def _read_json(path: Path, label: str) -> dict[str, Any]:
@@ -390,7 +405,8 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, toke
         _problems(label, missing, unexpected, bad)
         mods = {}
         for comp, module in metas.items():  # one component at a time: peak = model + one tensor
-            state = {dkey: _cast(co.materialize(src, reader.get), device, dtype) for dkey, src in plans[comp].items()}
+            plan = plans[comp]
+            state = _fill(module, device, dtype, lambda k, plan=plan: co.materialize(plan[k], reader.get))
             mods[comp] = _finish(module, state, f"{label} {comp}")
     return _components(
         mods, tok, preset, preset.scheduler_dict(), preset.default_scheduler, label, preset.default_size, prediction

@@ -30,6 +30,7 @@ from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, ge
 from speedsd.kernels.group_norm import group_norm, group_norm_ref
 from speedsd.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
+from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsample_conv, subpixel_weight
 from speedsd.kernels.upsample import upsample_nearest2x, upsample_nearest2x_ref
 from speedsd.kernels.winograd import winograd_conv3x3_module
 
@@ -50,6 +51,9 @@ class Flags:
     # (GroupNorm pre-add, one bias+residual pass, add+LayerNorm), 1x1 convs as GEMMs with the bias in
     # the epilogue, Triton LayerNorm and nearest-2x upsampling
     fused_epilogues: bool = False
+    # nearest-2x upsampling + 3x3 conv as four 2x2 "phase" convs on the small input (4/9 of the FLOPs,
+    # no upsampled tensor) and one Triton interleave, on inputs of >= SUBPIXEL_MIN_PIXELS pixels
+    subpixel_upsample: bool = False
     cuda_graphs: bool = False  # UNet step / VAE decode replayed from captured CUDA graphs
 
     def __post_init__(self) -> None:
@@ -75,6 +79,7 @@ PRESETS: dict[str, Flags] = {
         channels_last=True,
         fused_qkv=True,
         fused_epilogues=True,
+        subpixel_upsample=True,
         cuda_graphs=True,
     ),
 }
@@ -167,6 +172,41 @@ def bias_add_op(
     if current().fused_epilogues and _kernel_ok(x, "bias_add"):
         return bias_add(x, bias, residual, out=x if inplace else None)
     return bias_add_ref(x, bias, residual)
+
+
+# The phase form won on an H100 at the VAE decoder's upsamplers (inputs 64²..256²: 1.4-1.7x) and not
+# at the UNet's (8²..32² at 512²): see bench/results/kernels_subpixel.md.
+SUBPIXEL_MIN_PIXELS = 64 * 64
+
+
+def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """``conv`` (3x3, stride 1, pad 1) of the nearest-2x upsampled [N, C, H, W] input."""
+    flags = current()
+    if (
+        flags.subpixel_upsample
+        and x.shape[2] * x.shape[3] >= SUBPIXEL_MIN_PIXELS
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+    ):
+        w4 = _subpixel_weight_for(conv, x.dtype)
+        if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            return subpixel_upsample_conv(x, w4, conv.bias)
+        return phase_interleave_ref(F.conv2d(x, w4, None, padding=1), conv.bias)  # torch's interleave
+    return conv2d_op(upsample_nearest2x_op(x), conv)
+
+
+def _subpixel_weight_for(conv: torch.nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
+    """The folded [4·Co, Ci, 2, 2] weight, cached on the module; re-folded when the weight changes
+    (in-place updates bump ``_version``) or moves."""
+    w = conv.weight
+    key = (w._version, w.data_ptr(), w.device, dtype, w.is_contiguous(memory_format=torch.channels_last))
+    cached = getattr(conv, "_speedsd_subpixel", None)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, subpixel_weight(w.detach().to(dtype)))
+        conv._speedsd_subpixel = cached
+    return cached[1]
 
 
 def upsample_nearest2x_op(x: torch.Tensor) -> torch.Tensor:

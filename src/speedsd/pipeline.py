@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from speedsd import ops
+from speedsd import arena, ops
 from speedsd.denoise import StepCallback, denoise
 from speedsd.graphs import GraphCache
 from speedsd.inputs import (
@@ -123,9 +123,8 @@ class Pipeline:
         fmt = torch.channels_last if self.flags.channels_last else torch.contiguous_format
         state = _LAYOUT.get(self.unet)
         if state is None or state[0] != fmt:
-            with torch.inference_mode(False):  # weights stay normal tensors even when converted mid-call
-                self.unet.to(memory_format=fmt)
-                self.vae.to(memory_format=fmt)
+            for m in (self.unet, self.vae):  # inside their own bytes: the weight arena stays whole
+                arena.relayout(m, fmt)
             state = (fmt, 0 if state is None else state[1] + 1)
             _LAYOUT[self.unet] = state
         if state[1] != self._layout_version:

@@ -42,6 +42,8 @@ def ablation() -> list[tuple[str, ops.Flags]]:
     rows.append(("+channels-last/QKV fusion, best attention", f))
     f = f.replace(fused_epilogues=True)
     rows.append(("+fused bias/residual/LayerNorm epilogues", f))
+    f = f.replace(subpixel_upsample=True)
+    rows.append(("+sub-pixel upsample convs", f))
     f = f.replace(cuda_graphs=True)
     rows.append(("+CUDA graphs", f))
     return rows
@@ -56,8 +58,10 @@ def _needs_kernels(flags: ops.Flags) -> bool:
     return flags.group_norm or flags.gelu or flags.attention in ("partial", "flash") or flags.winograd
 
 
-def measure_row(pipe: Any, steps: int, size: int, reps: int) -> dict[str, float]:
-    """Per-component medians (ms) and the whole image, for one pipeline (one set of flags)."""
+def measure_row(pipe: Any, steps: int, size: int, reps: int, scheduler: str = "pndm") -> dict[str, float]:
+    """Per-component medians (ms) and the whole image, for one pipeline (one set of flags).
+
+    The image uses ``scheduler``: PNDM (diffusers' SD default) evaluates the UNet steps + 1 times."""
     h = w = size // 8
     dev, dt = pipe.device, pipe.dtype
     ids = pipe.components.tokenizer(["a photograph of an astronaut riding a horse"] * 2)
@@ -74,7 +78,13 @@ def measure_row(pipe: Any, steps: int, size: int, reps: int) -> dict[str, float]
 
     def image() -> None:
         pipe(
-            "a photograph of an astronaut riding a horse", steps=steps, height=size, width=size, seed=0, output="tensor"
+            "a photograph of an astronaut riding a horse",
+            steps=steps,
+            height=size,
+            width=size,
+            seed=0,
+            output="tensor",
+            scheduler=scheduler,
         )
         _sync()
 
@@ -106,17 +116,20 @@ def variants(default: ops.Flags) -> list[tuple[str, ops.Flags]]:
         ("default, Winograd " + ("off" if default.winograd else "on (per-layer table)"),
          default.replace(winograd=not default.winograd)),
         ("default, no fused epilogues", default.replace(fused_epilogues=False)),
+        ("default, no sub-pixel upsample convs", default.replace(subpixel_upsample=False)),
         ("default, no GroupNorm/GELU kernels", default.replace(group_norm=False, gelu=False)),
     ]  # fmt: skip
 
 
-def _measure(base: Any, name: str, flags: ops.Flags, steps: int, size: int, reps: int) -> dict[str, Any]:
+def _measure(
+    base: Any, name: str, flags: ops.Flags, steps: int, size: int, reps: int, scheduler: str = "pndm"
+) -> dict[str, Any]:
     import gc
 
     pipe = base.with_flags(flags)
     t_first = time.perf_counter()
     try:
-        m: dict[str, Any] = measure_row(pipe, steps, size, reps)
+        m: dict[str, Any] = measure_row(pipe, steps, size, reps, scheduler)
     except Exception as e:  # one failing row must not lose the table; the error is reported in it
         m = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         print(f"{name:45s} ERROR {m['error']}", flush=True)
@@ -189,6 +202,10 @@ def run(
         payload["variants"] = [
             {"row": n, "flags": asdict(f), **_measure(base, n, f, steps, size, reps)} for n, f in variants(default)
         ]
+        # like for like with peers that count one UNet evaluation per step (PNDM makes steps + 1)
+        n = f"default, DPM-Solver++ 2M ({steps} UNet evaluations)"
+        row = _measure(base, n, default, steps, size, reps, scheduler="dpmpp_2m")
+        payload["variants"].append({"row": n, "flags": asdict(default), "scheduler": "dpmpp_2m", **row})
         if profile:
             from speedsd.bench.profile import profile_pipeline
 
@@ -213,7 +230,7 @@ def cold_start(model: str, size: int) -> dict[str, float]:
         f"p('a cat', steps=20, height={size}, width={size}, seed=0, output='tensor'); torch.cuda.synchronize(); "
         "t2 = time.perf_counter(); torch.cuda.empty_cache(); "
         "print('SPLIT', ti - t0, t1 - ti, t2 - t1, torch.cuda.max_memory_allocated() / 2**20, "
-        "torch.cuda.memory_reserved() / 2**20)"
+        "torch.cuda.memory_reserved() / 2**20, torch.cuda.max_memory_reserved() / 2**20)"
     )
     res: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -225,11 +242,13 @@ def cold_start(model: str, size: int) -> dict[str, float]:
             if out.returncode != 0:
                 res[f"{label}_error"] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
                 continue
-            import_s, load_s, image_s, peak, held = (float(v) for v in out.stdout.split("SPLIT")[-1].split())
+            split = out.stdout.split("SPLIT")[-1].split()
+            import_s, load_s, image_s, peak, held, peak_reserved = (float(v) for v in split)
             res[f"{label}_s"], res[f"{label}_import_s"] = total, import_s
             res[f"{label}_load_s"], res[f"{label}_first_image_s"] = load_s, image_s
             # the first image includes every capture and its eager warm-up runs: the true high-water mark
             res[f"{label}_first_image_peak_mib"], res[f"{label}_held_after_mib"] = peak, held
+            res[f"{label}_first_image_peak_reserved_mib"] = peak_reserved  # what the device had to give
             print(
                 f"cold start ({label}): {total:.1f} s (import {import_s:.1f} s, load {load_s:.1f} s, "
                 f"first image {image_s:.1f} s; peak {peak:.0f} MiB)",

@@ -163,9 +163,8 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
-            x = ops.upsample_nearest2x_op(x)
-        else:  # odd latent sizes: the UNet asks for the skip connection's size
-            x = F.interpolate(x, size=size, mode="nearest")
+            return ops.upsample_conv_op(x, self.conv)
+        x = F.interpolate(x, size=size, mode="nearest")  # odd latent sizes: the skip connection's size
         return self.conv(x)
 
 
@@ -196,6 +195,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # to_out.1 is dropout: no params
+        self.is_cross = context_dim is not None
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _fused_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -250,6 +250,9 @@ def fused_rows(params: list[torch.Tensor], cached: torch.Tensor | None = None) -
     """
     if cached is not None and _still_rows_of(params, cached):
         return cached
+    adjacent = _adjacent_rows(params)
+    if adjacent is not None:  # already back to back in one buffer (speedsd.arena lays them out so)
+        return adjacent
     with torch.inference_mode(False):  # parameters must stay normal tensors, also under inference mode
         fused = torch.cat([p.detach() for p in params])  # k x [R_i, ...] -> [ΣR_i, ...]
         start = 0
@@ -257,6 +260,38 @@ def fused_rows(params: list[torch.Tensor], cached: torch.Tensor | None = None) -
             p.data = fused[start : start + p.shape[0]]
             start += p.shape[0]
     return fused
+
+
+def _adjacent_rows(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The concatenation of ``params`` as a view, when each starts where the previous one ends in the
+    same storage (same dtype, trailing shape, contiguous); None otherwise."""
+    first = params[0].detach()
+    end = first.data_ptr()
+    for p in params:
+        if (
+            p.dtype != first.dtype
+            or p.shape[1:] != first.shape[1:]
+            or not p.is_contiguous()
+            or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or p.data_ptr() != end
+        ):
+            return None
+        end += p.numel() * p.element_size()
+    rows = sum(p.shape[0] for p in params)
+    with torch.inference_mode(False):
+        return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def qkv_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict keys of every self-attention's Q, K, V projections (weights; biases when present):
+    the rows :meth:`Attention._fused_qkv_weight` fuses, for :mod:`speedsd.arena` to lay out adjacently."""
+    groups = []
+    for name, m in model.named_modules():
+        if isinstance(m, Attention) and not m.is_cross:
+            groups.append([f"{name}.to_{x}.weight" for x in "qkv"])
+            if m.to_q.bias is not None:
+                groups.append([f"{name}.to_{x}.bias" for x in "qkv"])
+    return groups
 
 
 def _still_rows_of(params: list[torch.Tensor], fused: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedsd import ops
-from speedsd.models.layers import Attention, Conv2d, CrossKV, GroupNorm, ResnetBlock2D, TimeAdds
+from speedsd.models.layers import Attention, Conv2d, CrossKV, GroupNorm, ResnetBlock2D, TimeAdds, qkv_groups
 from speedsd.models.unet_blocks import AttnSpec, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -298,6 +298,19 @@ class UNet2DCondition(nn.Module):
         # the blocks whose projections run as one GEMM each forward (the structure never changes)
         self._temb_resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
         self._cross_attns = [m for n, m in self.named_modules() if isinstance(m, Attention) and n.endswith("attn2")]
+
+    def weight_groups(self) -> list[list[str]]:
+        """Weights fused at run time, each group in the order it is fused (see :mod:`speedsd.arena`):
+        self-attention Q/K/V, every cross-attention's K/V (CrossKV), every time-embedding projection
+        (TimeAdds)."""
+        names = {id(m): n for n, m in self.named_modules()}
+        groups = qkv_groups(self)
+        for kind in ("weight", "bias"):
+            kv = [f"{names[id(a)]}.to_{x}.{kind}" for a in self._cross_attns for x in "kv"]
+            if kind == "weight" or (self._cross_attns and self._cross_attns[0].to_k.bias is not None):
+                groups.append(kv)
+        groups.append([f"{names[id(r)]}.time_emb_proj.weight" for r in self._temb_resnets])
+        return [g for g in groups if g]
 
     @contextlib.contextmanager
     def context_scope(self) -> Iterator[None]:

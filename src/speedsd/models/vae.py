@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from speedsd import ops
-from speedsd.models.layers import Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from speedsd.models.layers import Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, qkv_groups
 
 _EPS = 1e-6  # every GroupNorm in the SD VAE
 
@@ -176,6 +176,10 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if config.use_post_quant_conv else None
+
+    def weight_groups(self) -> list[list[str]]:
+        """The mid-block attention's Q/K/V rows, fused at run time (see :mod:`speedsd.arena`)."""
+        return qkv_groups(self)
 
     @staticmethod
     def _layout(x: torch.Tensor) -> torch.Tensor:
