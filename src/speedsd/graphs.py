@@ -15,10 +15,9 @@ as it was, so call :meth:`GraphCache.reset` after changing weights.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,30 +55,6 @@ def _end_pool_allocation(device: torch.device, graph: torch.cuda.CUDAGraph) -> N
         end(device.index if device.index is not None else torch.cuda.current_device(), graph.pool())
     except RuntimeError:  # capture_end got that far after all: nothing is left recording
         pass
-
-
-@contextlib.contextmanager
-def _allocating_to(device: torch.device, pool: tuple[int, int]) -> Iterator[None]:
-    """Route this thread's CUDA allocations to the graph pool ``pool`` (the eager warm-up before a
-    capture), so the capture reuses the warm-up's blocks instead of holding both at once. The pool's
-    reference taken here is held until :func:`_release` (after the capture took its own)."""
-    begin = getattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool", None)
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
-    if begin is None or end is None:  # an older torch: warm up in the general pool
-        yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    begin(index, pool)
-    try:
-        yield
-    finally:
-        end(index, pool)
-
-
-def _release(device: torch.device, pool: tuple[int, int]) -> None:
-    release = getattr(torch._C, "_cuda_releasePool", None)
-    if release is not None and hasattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool"):
-        release(device.index if device.index is not None else torch.cuda.current_device(), pool)
 
 
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -160,30 +135,28 @@ class GraphCache:
         return entry.output.clone()
 
     def _capture(self, args: tuple[torch.Tensor, ...]) -> _Entry:
-        device = args[0].device
         static = [a.detach().clone(memory_format=torch.preserve_format) for a in args]
+        stream = _warmup_stream(args[0].device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: Triton JIT, cuDNN/cuBLAS plans, lazy caches
+            for _ in range(self.warmup):
+                self.fn(*static)
+        torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # Warm-up (Triton JIT, cuDNN/cuBLAS plans, lazy caches) and capture run on one stream and in the
-        # graph pool: the allocator hands a block only to its own stream, so this lets the capture
-        # reuse the warm-up's activations instead of holding both (the first image's peak).
-        stream = _warmup_stream(device)
-        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(stream), _allocating_to(device, self._pool):
-                for _ in range(self.warmup):
-                    self.fn(*static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                    out = self.fn(*static)
-            except RuntimeError:
-                _end_pool_allocation(device, graph)
-                raise
-        finally:
-            _release(device, self._pool)  # the graph holds the pool now (or nothing does)
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.fn(*static)
+        except RuntimeError:
+            _end_pool_allocation(args[0].device, graph)
+            raise
         self.captures += 1
-        # Blocks the general pool cached meanwhile (an older torch warms up there) go back to the device.
+        # The eager warm-up's activations sit in the allocator's cache (the VAE decode's: hundreds of
+        # MiB); the replays never use them, so give them back to the device. (Warming up inside the
+        # graph pool instead would share those blocks with the capture, but is unsafe: whatever the
+        # warm-up allocates to keep -- lazily built caches, the cuBLAS workspace -- could then sit in
+        # blocks that other graphs of the pool overwrite as scratch on replay. Tried; it corrupted
+        # the replays.)
         torch.cuda.empty_cache()
         return _Entry(graph, static, out)

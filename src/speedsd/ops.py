@@ -174,9 +174,10 @@ def bias_add_op(
     return bias_add_ref(x, bias, residual)
 
 
-# The phase form won on an H100 at the VAE decoder's upsamplers (inputs 64²..256²: 1.4-1.7x) and not
-# at the UNet's (8²..32² at 512²): see bench/results/kernels_subpixel.md.
-SUBPIXEL_MIN_PIXELS = 64 * 64
+# Measured on an H200 (bench/results/kernels_subpixel.md): the phase form is 1.5-2.4x faster at the
+# VAE decoder's upsamplers (inputs 64²..256²) and 1.3-1.5x at the UNet's 16² and 32² ones, but 0.92x
+# at 8² (2x1280 channels: too few pixels to fill the GPU with the 2x2 convs).
+SUBPIXEL_MIN_PIXELS = 16 * 16
 
 
 def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
