@@ -146,7 +146,8 @@ class GraphCache:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # captured on the warm-up stream: cuBLAS keeps a workspace per stream, one fewer set held
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                 out = self.fn(*static)
         except RuntimeError:
             _end_pool_allocation(args[0].device, graph)

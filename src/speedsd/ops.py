@@ -175,9 +175,11 @@ def bias_add_op(
 
 
 # Measured on an H200 (bench/results/kernels_subpixel.md): the phase form is 1.5-2.4x faster at the
-# VAE decoder's upsamplers (inputs 64²..256²) and 1.3-1.5x at the UNet's 16² and 32² ones, but 0.92x
-# at 8² (2x1280 channels: too few pixels to fill the GPU with the 2x2 convs).
-SUBPIXEL_MIN_PIXELS = 16 * 16
+# VAE decoder's upsamplers (inputs 64²..256²), 1.3-1.5x at the UNet's 16² and 32² ones and 0.92x at 8².
+# Its folded weights are kept (16/9 of the 3x3 weight): 18 MiB for the VAE, but 62.5 MiB for the
+# UNet's two 1280/640-channel upsamplers, which save only ~0.06 ms a step. So from 64x64 inputs: the
+# VAE decoder at 512², and the UNet's upsamplers from 1024² images up.
+SUBPIXEL_MIN_PIXELS = 64 * 64
 
 
 def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
