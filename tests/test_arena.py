@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import speedsd
 from checkpoints import make_diffusers_folder
+from interp_bounds import needs_interpreter
 from speedsd import arena, ops
 from speedsd.loading import _meta_modules
 from speedsd.models.clip import CLIP_PRESETS
@@ -18,8 +17,6 @@ from speedsd.models.unet import UNET_PRESETS
 from speedsd.models.vae import VAE_PRESETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# kernels on CPU tensors: only under the Triton interpreter (CI); a CUDA machine runs them on the GPU
-needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
 def _tiny_meta() -> dict[str, torch.nn.Module]:

@@ -8,13 +8,13 @@ covered by tests/test_graphs.py.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
 import speedsd
 from checkpoints import make_diffusers_folder
+from interp_bounds import needs_interpreter
 from speedsd import ops
 from speedsd.bench.e2e import ablation
 
@@ -77,9 +77,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # These run the kernels on CPU tensors, i.e. under the Triton interpreter (CI). On a CUDA machine the
 # same wiring runs on the GPU in tests/test_graphs.py and the bench's fidelity check.
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU kernels need TRITON_INTERPRET=1 (set without CUDA)"
-)
 
 
 @needs_interpreter

@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from interp_bounds import needs_interpreter
 from speedsd import ops
 from speedsd.models.layers import Conv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# kernels on CPU tensors: only under the Triton interpreter (CI); a CUDA machine runs them on the GPU
-needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
 def _conv(c: int) -> Conv2d:

@@ -9,6 +9,7 @@ the per-step UNet graph (:meth:`speedsd.pipeline.Pipeline.unet_step`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import warnings
@@ -39,9 +40,8 @@ def denoise(
         out = denoise_graphed(pipe, sched, timesteps, latents, emb, guidance_scale, t_dev)
         if out is not None:
             return out
-    if pipe._pool is not None:  # per-step graphs: each replay projects the text itself
-        return denoise_steps(pipe, sched, timesteps, latents, emb, guidance_scale, generator, callback, t_dev)
-    with pipe.unet.context_scope():  # eager: the text's cross-attention K/V once for the whole loop
+    # eager: the text's cross-attention K/V once for the whole loop; per-step graphs project it each replay
+    with pipe.unet.context_scope() if pipe._pool is None else contextlib.nullcontext():
         return denoise_steps(pipe, sched, timesteps, latents, emb, guidance_scale, generator, callback, t_dev)
 
 

@@ -10,6 +10,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,16 @@ def write_results(out_dir: str | Path, name: str, payload: dict[str, Any], markd
     )
     mp.write_text(head + markdown.rstrip() + "\n")
     return jp, mp
+
+
+def guard(errors: list[dict[str, str]], what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args); on an exception record it in ``errors`` (the rest of the bench still runs), return None."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - a failing shape must not hide the others
+        errors.append({"what": what, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
+        print(f"ERROR {what}: {type(e).__name__}: {e}", flush=True)
+        return None
 
 
 def md_table(header: list[str], rows: list[list[object]]) -> str:

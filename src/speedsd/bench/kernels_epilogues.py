@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -129,16 +128,6 @@ def bench_upsample(
     }
 
 
-def _guard(errors: list[dict[str, str]], what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args); on an exception record it (the other shapes still run) and return None."""
-    try:
-        return fn(*args)
-    except Exception as e:  # noqa: BLE001 - a failing shape must not hide the others
-        errors.append({"what": what, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
-        print(f"ERROR {what}: {type(e).__name__}: {e}", flush=True)
-        return None
-
-
 def run(device: str = "cuda", smoke: bool = False, nchw: bool = False) -> dict[str, Any]:
     """Every row plus a summary. ``smoke``: tiny shapes, both layouts, runnable on CPU under the interpreter."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -152,13 +141,13 @@ def run(device: str = "cuda", smoke: bool = False, nchw: bool = False) -> dict[s
         for model, n, c, h in SMOKE_BIAS if smoke else VAE_BIAS + UNET_BIAS:
             for residual in (False, True):
                 what = f"bias{'+res' if residual else ''} {n}x{c}x{h}x{h} {layout}"
-                r = _guard(errors, what, bench_bias, model, n, c, h, layout, residual, copy_gbs, device)
+                r = common.guard(errors, what, bench_bias, model, n, c, h, layout, residual, copy_gbs, device)
                 if r is not None:
                     rows.append(r)
                     _print(r)
         for model, n, c, h in SMOKE_UPSAMPLE if smoke else UPSAMPLE:
-            r = _guard(errors, f"upsample {n}x{c}x{h}x{h} {layout}", bench_upsample, model, n, c, h, layout,
-                       copy_gbs, device)  # fmt: skip
+            r = common.guard(errors, f"upsample {n}x{c}x{h}x{h} {layout}", bench_upsample, model, n, c, h, layout,
+                             copy_gbs, device)  # fmt: skip
             if r is not None:
                 rows.append(r)
                 _print(r)

@@ -16,7 +16,6 @@ the best one per row is data for plan_layer_norm. Exit code 1 if any shape is wr
 from __future__ import annotations
 
 import math
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -157,12 +156,8 @@ def run(device: str, smoke: bool, sweep: bool = True) -> dict[str, Any]:
     for label, shape, n_blocks in SMOKE_SHAPES if smoke else SHAPES:
         blocks[label] = n_blocks
         for op in OPS:
-            try:
-                r = bench_shape(label, shape, op, device, copy_gbs, sweep)
-            except Exception as e:  # noqa: BLE001 - a failing shape must not hide the others
-                errors.append({"what": f"{op} {shape}", "error": f"{type(e).__name__}: {e}",
-                               "trace": traceback.format_exc()[-3000:]})  # fmt: skip
-                print(f"ERROR {op} {shape}: {type(e).__name__}: {e}", flush=True)
+            r = common.guard(errors, f"{op} {shape}", bench_shape, label, shape, op, device, copy_gbs, sweep)
+            if r is None:
                 continue
             rows.append(r)
             print(f"{op:15s} {r['shape']:>12s} ours {r['ours_us']:8.2f} us torch {r['torch_us']:8.2f} us "

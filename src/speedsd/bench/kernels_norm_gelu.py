@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -244,8 +243,8 @@ def run(device: str = "cuda", smoke: bool = False) -> dict[str, Any]:
     gn_rows, errors = [], []
     for model, n, c, h in SMOKE_GN if smoke else groupnorm_shapes():
         for layout in ("nchw", "channels_last"):
-            r = _guard(errors, f"group_norm {n}x{c}x{h}x{h} {layout}", bench_group_norm, model, n, c, h, layout,
-                       copy_gbs, device)  # fmt: skip
+            r = common.guard(errors, f"group_norm {n}x{c}x{h}x{h} {layout}", bench_group_norm, model, n, c, h, layout,
+                             copy_gbs, device)  # fmt: skip
             if r is None:
                 continue
             gn_rows.append(r)
@@ -258,11 +257,13 @@ def run(device: str = "cuda", smoke: bool = False) -> dict[str, Any]:
             )
     ff_rows = []
     for m, k, f in SMOKE_FF if smoke else FF_SHAPES:
-        r = _guard(errors, f"ff_geglu M={m} K={k} F={f}", bench_feed_forward, m, k, f, device)
+        r = common.guard(errors, f"ff_geglu M={m} K={k} F={f}", bench_feed_forward, m, k, f, device)
         if r is not None:
             ff_rows.append(r)
             print(f"FF {r['shape']:>22s} ours {r['ours_us']:7.1f} us torch {r['torch_us']:7.1f} us ok={r['correct']}")
-    ew_rows = _guard(errors, "elementwise", bench_elementwise, *((37, 24) if smoke else (8192, 1280)), device, copy_gbs)
+    ew_rows = common.guard(
+        errors, "elementwise", bench_elementwise, *((37, 24) if smoke else (8192, 1280)), device, copy_gbs
+    )
     ew_rows = ew_rows or []
     big = [r for r in gn_rows if r["mbytes"] >= 4]
     summary = {
@@ -292,16 +293,6 @@ def run(device: str = "cuda", smoke: bool = False) -> dict[str, Any]:
         "elementwise": ew_rows,
         "errors": errors,
     }
-
-
-def _guard(errors: list[dict[str, str]], what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args); on an exception record it (the rest of the bench still runs) and return None."""
-    try:
-        return fn(*args)
-    except Exception as e:  # noqa: BLE001 - a failing shape must not hide the others
-        errors.append({"what": what, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
-        print(f"ERROR {what}: {type(e).__name__}: {e}", flush=True)
-        return None
 
 
 def _f(v: Any, nd: int = 1) -> Any:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -128,16 +127,6 @@ def bench_shape(model: str, n: int, c: int, h: int, device: str) -> dict[str, An
     return row
 
 
-def _guard(errors: list[dict[str, str]], what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args); on an exception record it (the other shapes still run) and return None."""
-    try:
-        return fn(*args)
-    except Exception as e:  # noqa: BLE001 - a failing shape must not hide the others
-        errors.append({"what": what, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
-        print(f"ERROR {what}: {type(e).__name__}: {e}", flush=True)
-        return None
-
-
 def run(device: str = "cuda", smoke: bool = False) -> dict[str, Any]:
     """Every row plus a summary. ``smoke``: tiny shapes, runnable on CPU under the interpreter."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -149,7 +138,7 @@ def run(device: str = "cuda", smoke: bool = False) -> dict[str, Any]:
     try:
         torch.backends.cudnn.allow_tf32 = False  # the fp64 reference bands only; fp16 convs are unaffected
         for model, n, c, h in SMOKE_SHAPES if smoke else SHAPES:
-            r = _guard(errors, f"{n}x{c}x{h}x{h}", bench_shape, model, n, c, h, device)
+            r = common.guard(errors, f"{n}x{c}x{h}x{h}", bench_shape, model, n, c, h, device)
             if r is not None:
                 rows.append(r)
                 _print(r)
