@@ -158,11 +158,13 @@ def add_layer_norm_op(
     bias: torch.Tensor,
     eps: float,
     delta_bias: torch.Tensor | None = None,
+    s_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, LayerNorm(s)) with s = x + delta (+ delta_bias): a residual add and the next norm in one pass."""
+    """(s, LayerNorm(s)) with s = x + delta (+ delta_bias): a residual add and the next norm in one pass.
+    ``s_bias``: added to the returned s only (the bias of a GEMM that will accumulate into s)."""
     if current().fused_epilogues and _kernel_ok(x, "add_layer_norm"):
-        return add_layer_norm(x, delta, weight, bias, eps, delta_bias=delta_bias)
-    return add_layer_norm_ref(x, delta, weight, bias, eps, delta_bias=delta_bias)
+        return add_layer_norm(x, delta, weight, bias, eps, delta_bias=delta_bias, s_bias=s_bias)
+    return add_layer_norm_ref(x, delta, weight, bias, eps, delta_bias=delta_bias, s_bias=s_bias)
 
 
 def bias_add_op(

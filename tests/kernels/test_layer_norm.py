@@ -134,6 +134,29 @@ def test_add_layer_norm(poisoned, shape, dtype, affine, delta_bias):
         assert_low_precision_ok(y, ref, ln.add_layer_norm_ref(x, d, w, b, 1e-5, db)[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_add_layer_norm_s_bias_goes_to_s_only(poisoned, shape, dtype):
+    """s_bias: the stored s is x + d + db + sb (fp32, one rounding); y is still LayerNorm(x + d + db)."""
+    x = _randn(*shape, dtype=dtype)
+    d = _randn(*shape, dtype=dtype, mean=-0.5, std=1.5)
+    w, b = _affine(shape[-1], dtype, True)
+    db = _randn(shape[-1], dtype=dtype, mean=0.3, std=0.5)
+    sb = _randn(shape[-1], dtype=dtype, mean=-0.7, std=0.5)
+    s, y = ln.add_layer_norm(x, d, w, b, 1e-5, db, s_bias=sb)
+    s0, y0 = ln.add_layer_norm(x, d, w, b, 1e-5, db)
+    assert torch.equal(y, y0)  # the norm never sees s_bias
+    want = (x.float() + d.float() + db.float() + sb.float()).to(dtype)  # the kernel's order, fp32
+    if INTERPRET and dtype == torch.bfloat16:  # the interpreter's casts truncate: 1 ulp
+        assert ((s.float() - want.float()).abs() <= _ulp(want)).all()
+    else:
+        assert torch.equal(s, want), int((s != want).sum())
+    rs, ry = ln.add_layer_norm_ref(x, d, w, b, 1e-5, db, s_bias=sb)  # the reference: s_bias after the norm
+    assert torch.equal(ry, ln.add_layer_norm_ref(x, d, w, b, 1e-5, db)[1])
+    bound = x.abs().float() + d.abs().float() + db.abs().float() + sb.abs().float()
+    assert ((rs.float() - s.float()).abs() <= 3 * _ulp(bound.to(dtype))).all()  # it rounds after every add
+
+
 def test_add_layer_norm_mixed_parameter_dtypes():
     """fp16 activations with fp32 weight/bias/delta_bias (delta_bias is added in fp32 before rounding)."""
     x, d = _randn(3, 9, 40, dtype=torch.float16), _randn(3, 9, 40, dtype=torch.float16, mean=0.0)
@@ -243,6 +266,8 @@ def test_bad_arguments_raise():
         ln.add_layer_norm(x, x[:2])
     with pytest.raises(ValueError, match="delta_bias"):
         ln.add_layer_norm(x, x, delta_bias=w[:3])
+    with pytest.raises(ValueError, match="s_bias"):
+        ln.add_layer_norm(x, x, s_bias=w[:3])
     with pytest.raises(ValueError, match="power of two"):
         ln.layer_norm(x, rows=3)
     if torch.cuda.is_available():

@@ -4,6 +4,9 @@
 * :func:`add_layer_norm`: s = x + delta (+ delta_bias), y = LayerNorm(s): the transformer block's
   residual add and the next norm in one pass. s is summed in fp32 and stored once in x's dtype; the
   statistics come from that rounded s, so y is the LayerNorm of exactly the s that is returned.
+  ``s_bias`` adds a vector to the stored s only (not to LayerNorm's input): the bias of the GEMM that
+  will accumulate into s (``s.addmm_``: cuBLAS adds its result onto s, beta = 1), so that GEMM's
+  bias + residual pass disappears.
 
 x is seen as [R, C] rows (R = numel / C). One program holds a [ROWS, BLOCK_C] register tile
 (BLOCK_C = next power of two >= C, masked lanes): ROWS rows are read once, normalised with fp32
@@ -44,12 +47,15 @@ def add_layer_norm_ref(
     bias: torch.Tensor | None,
     eps: float = 1e-5,
     delta_bias: torch.Tensor | None = None,
+    s_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unfused baseline in x's dtype: s = x + delta (+ delta_bias), then F.layer_norm(s)."""
+    """The unfused baseline in x's dtype: s = x + delta (+ delta_bias), then F.layer_norm(s); the
+    returned s has s_bias added after the norm read it."""
     s = x + delta
     if delta_bias is not None:
         s = s + delta_bias.to(x.dtype)
-    return s, layer_norm_ref(s, weight, bias, eps)
+    y = layer_norm_ref(s, weight, bias, eps)
+    return (s if s_bias is None else s + s_bias.to(x.dtype)), y
 
 
 # ---- kernels -------------------------------------------------------------------------------------
@@ -94,13 +100,14 @@ def _ln_kernel(
 
 
 # Program p owns rows [p·ROWS, p·ROWS + ROWS) of x, delta [R, C] (row strides sx, sd; s, y dense):
-#   s = round_dtype(x + delta + db)  (fp32 sum, one rounding, stored)
+#   s = round_dtype(x + delta + db)  (fp32 sum, one rounding; stored, or with HAS_SB s + sb is stored
+#                                     instead, summed in fp32 and rounded once)
 #   y = LayerNorm(s)·w + b           (statistics from the rounded s)
 @triton.jit
 def _add_ln_kernel(
-    x_ptr, d_ptr, db_ptr, s_ptr, y_ptr, w_ptr, b_ptr,
+    x_ptr, d_ptr, db_ptr, sb_ptr, s_ptr, y_ptr, w_ptr, b_ptr,
     R, C, sx, sd, eps,
-    HAS_DB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_DB: tl.constexpr, HAS_SB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows, c, mask_c, mask = _row_tile(R, C, ROWS, BLOCK_C)
@@ -110,7 +117,11 @@ def _add_ln_kernel(
     if HAS_DB:
         s = s + tl.load(db_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     s_low = s.to(s_ptr.dtype.element_ty)
-    tl.store(s_ptr + rows * C + c[None, :], s_low, mask=mask)
+    if HAS_SB:
+        s_out = s + tl.load(sb_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        tl.store(s_ptr + rows * C + c[None, :], s_out.to(s_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(s_ptr + rows * C + c[None, :], s_low, mask=mask)
     s = tl.where(mask, s_low.to(tl.float32), 0.0)
     y = _normalize(s, mask, C, eps, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
     tl.store(y_ptr + rows * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -232,11 +243,14 @@ def add_layer_norm(
     eps: float = 1e-5,
     delta_bias: torch.Tensor | None = None,
     *,
+    s_bias: torch.Tensor | None = None,
     rows: int | None = None,
     warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y): s = x + delta (+ delta_bias [C]) summed in fp32 and stored once in x's dtype;
     y = LayerNorm(s) over the last dim (+ weight/bias [C]), statistics from the stored s.
+    ``s_bias`` [C]: the returned s is x + delta (+ delta_bias) + s_bias (fp32 sum, one rounding),
+    while y stays the LayerNorm of the sum without it (see the module doc).
 
     x, delta [..., C]: same shape, dtype and device. s and y are new contiguous tensors like x.
     ``rows``/``warps``: force :func:`plan_layer_norm`'s tile.
@@ -247,7 +261,7 @@ def add_layer_norm(
             f"delta must match x ({x.dtype} {tuple(x.shape)} on {x.device}), "
             f"got {delta.dtype} {tuple(delta.shape)} on {delta.device}"
         )
-    for name, t in (("weight", weight), ("bias", bias), ("delta_bias", delta_bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("delta_bias", delta_bias), ("s_bias", s_bias)):
         _check_vec(t, name, c, x.device)
     s = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -259,9 +273,10 @@ def add_layer_norm(
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
     db = delta_bias.contiguous() if delta_bias is not None else x2
+    sb = s_bias.contiguous() if s_bias is not None else x2
     _add_ln_kernel[(plan.programs(n_rows),)](
-        x2, d2, db, s, y, w, b, n_rows, c, x2.stride(0), d2.stride(0), eps,
-        HAS_DB=delta_bias is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        x2, d2, db, sb, s, y, w, b, n_rows, c, x2.stride(0), d2.stride(0), eps,
+        HAS_DB=delta_bias is not None, HAS_SB=s_bias is not None, HAS_W=weight is not None, HAS_B=bias is not None,
         ROWS=plan.rows, BLOCK_C=plan.block_c, num_warps=plan.warps,
     )  # fmt: skip
     return s, y

@@ -312,11 +312,17 @@ class FeedForward(nn.Module):
         hidden = dim * mult
         self.net = nn.ModuleList([_GEGLU(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
 
-    def forward(self, x: torch.Tensor, out_bias: bool = True) -> torch.Tensor:
-        """``out_bias=False`` leaves net.2's bias to the caller (it fuses it with the residual)."""
+    def forward(self, x: torch.Tensor, accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
+        """``accumulate_into`` (x's shape; the residual with net.2's bias already added): the last GEMM
+        adds its product onto it in place (cuBLAS beta = 1) and returns it, so net.2's bias and the
+        residual cost no pass of their own."""
         proj, out = self.net[0].proj, self.net[2]
         h = ops.feed_forward_geglu_op(x, proj.weight, proj.bias)
-        return F.linear(h, out.weight, out.bias if out_bias else None)
+        if accumulate_into is None:
+            return F.linear(h, out.weight, out.bias)
+        r = accumulate_into.view(-1, accumulate_into.shape[-1])  # [..., C] -> [M, C], the same storage
+        r.addmm_(h.reshape(-1, h.shape[-1]), out.weight.t())  # r += h @ Wᵀ
+        return accumulate_into
 
 
 class _GEGLU(nn.Module):

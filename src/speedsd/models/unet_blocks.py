@@ -71,11 +71,12 @@ class BasicTransformerBlock(nn.Module):
             x, a, self.norm2.weight, self.norm2.bias, self.norm2.eps, self.attn1.to_out[0].bias
         )
         a = self.attn2(n, context, out_bias=False)
+        # the stored residual already holds net.2's bias: the FF's last GEMM accumulates into it (beta = 1)
         x, n = ops.add_layer_norm_op(
-            x, a, self.norm3.weight, self.norm3.bias, self.norm3.eps, self.attn2.to_out[0].bias
-        )
-        f = self.ff(n, out_bias=False)
-        return ops.bias_add_op(f, self.ff.net[2].bias, residual=x, inplace=True)
+            x, a, self.norm3.weight, self.norm3.bias, self.norm3.eps, self.attn2.to_out[0].bias,
+            s_bias=self.ff.net[2].bias,
+        )  # fmt: skip
+        return self.ff(n, accumulate_into=x)
 
 
 class Transformer2D(nn.Module):
