@@ -98,6 +98,35 @@ def test_flags_match_reference(pipe, name, flags):
 
 
 @needs_interpreter
+def test_group_norm_statistics_handed_over_in_the_models(pipe, monkeypatch):
+    """With split GroupNorm plans forced (the SD shapes' plans; the tiny model would fit one tile), the
+    blocks' closing adds hand their GroupNorm statistics to the next block, and the output is unchanged."""
+    import importlib
+
+    gn = importlib.import_module("speedsd.kernels.group_norm")
+    ags = importlib.import_module("speedsd.kernels.add_gn_stats")
+
+    def plan_for(n, c, s, groups, cl, itemsize, device):
+        return gn.plan_group_norm(n, c, s, groups, cl, itemsize, 4, path="split", tile=32, programs=3)
+
+    monkeypatch.setattr(gn, "plan_for", plan_for)
+    monkeypatch.setattr(ags, "plan_for", plan_for)
+    used = []
+    real_take = ags.GNStats.take
+    monkeypatch.setattr(ags.GNStats, "take", lambda self, *a: used.append(real_take(self, *a)) or used[-1])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 8, 8, generator=g) + 0.3
+    z = torch.randn(1, 4, 8, 8, generator=g) * 3 + 0.5
+    ctx = pipe.encode_text(["a photo of a cat", ""])
+    ref = pipe.with_flags(REFERENCE)
+    fast = pipe.with_flags(ROWS[2][1])
+    assert _rel(fast.unet_step(x, torch.tensor(421.0), ctx), ref.unet_step(x, torch.tensor(421.0), ctx)) < 1e-4
+    n_unet = sum(p is not None for p in used)
+    assert _rel(fast.decode_latents(z), ref.decode_latents(z)) < 1e-4
+    assert n_unet > 0 and sum(p is not None for p in used) > n_unet  # both models used handed-over statistics
+
+
+@needs_interpreter
 def test_whole_image_with_every_kernel(pipe):
     """A 1-step image with all CPU-runnable optimizations equals the reference image."""
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))

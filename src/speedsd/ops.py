@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from speedsd.kernels.add_gn_stats import add_with_group_norm_stats
 from speedsd.kernels.bias_add import bias_add, bias_add_ref
 from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
@@ -168,11 +169,22 @@ def add_layer_norm_op(
 
 
 def bias_add_op(
-    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, inplace: bool = False
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    inplace: bool = False,
+    next_groups: int | None = None,
 ) -> torch.Tensor:
-    """x + bias[c] (+ residual); c is dim 1 of a 4-D x, the last dim otherwise. ``inplace`` writes into x."""
-    if current().fused_epilogues and _kernel_ok(x, "bias_add"):
-        return bias_add(x, bias, residual, out=x if inplace else None)
+    """x + bias[c] (+ residual); c is dim 1 of a 4-D x, the last dim otherwise. ``inplace`` writes into x.
+
+    ``next_groups``: the output's next reader is a GroupNorm with that many groups; with the GroupNorm
+    kernel on, this pass also writes its split-path statistics (kernels/add_gn_stats.py)."""
+    flags = current()
+    if flags.fused_epilogues and _kernel_ok(x, "bias_add"):
+        out = x if inplace else None
+        if next_groups and flags.group_norm and x.dim() == 4:
+            return add_with_group_norm_stats(x, bias, residual, next_groups, out=out)
+        return bias_add(x, bias, residual, out=out)
     return bias_add_ref(x, bias, residual)
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -346,12 +348,36 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def table_from_results(path: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(card, table) rebuilt from a committed results JSON (``kernels.json`` or
+    ``kernels_attention.json``): the choice re-made on its measured rows, no new timing."""
+    data = json.loads(Path(path).read_text())
+    res = data.get("attention", data)
+    table = best_attention_table(res["rows"])
+    env = data.get("environment", {})
+    for entry in table.values():
+        entry["measured_at"] = env.get("commit")
+    return env["card"], table
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results", help="directory for kernels_attention.{json,md}")
     ap.add_argument("--sweep", action="store_true", help="also sweep flash block sizes (~4 min more)")
     ap.add_argument("--no-long", action="store_true", help="skip the 16384-token shape")
+    ap.add_argument(
+        "--table-from", default=None, metavar="RESULTS_JSON",
+        help="no timing: rebuild that card's auto-attention table (src/speedsd/data/attention_table.json) "
+        "from a results JSON's measured rows",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.table_from:
+        from speedsd.attention_table import TABLE_PATH, merge_into
+
+        card, table = table_from_results(Path(args.table_from))
+        merge_into(TABLE_PATH, card, table)
+        print(card, {k: v["best"] for k, v in table.items()})
+        return
     res = run(long=not args.no_long)
     if args.sweep:
         res["sweep"] = sweep()

@@ -23,6 +23,16 @@ import triton.language as tl
 from speedsd.kernels.device import sm_count as _sm_count
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# A tensor's hand-over of GroupNorm statistics (kernels/add_gn_stats.py); writers into a tensor drop it.
+GN_STATS_ATTR = "_speedsd_gn_stats"
+
+
+def drop_gn_stats(t: torch.Tensor) -> None:
+    """Forget statistics riding on t: an in-place Triton write does not bump t's version counter."""
+    if GN_STATS_ATTR in t.__dict__:
+        delattr(t, GN_STATS_ATTR)
+
+
 INT64_NUMEL = 2**31  # offsets in int64 once numel + BLOCK reaches this (the last block's lanes too); tests lower it
 
 
@@ -129,6 +139,8 @@ def bias_add(
         out = torch.empty_like(x)  # x is dense: same strides
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():
         raise ValueError("out must match x in shape, dtype, device and strides")
+    else:
+        drop_gn_stats(out)
     numel = x.numel()
     if numel == 0:
         return out

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from speedsd.kernels.bias_add import GN_STATS_ATTR, drop_gn_stats
 from speedsd.kernels.device import sm_count as _sm_count
 from speedsd.kernels.group_norm_kernels import _gn_fused_kernel, _gn_rows_kernel
 from speedsd.kernels.group_norm_split_kernels import (
@@ -285,6 +286,14 @@ def _plan_grouped_split(
     )  # fmt: skip
 
 
+def plan_for(n: int, c: int, s: int, groups: int, cl: bool, itemsize: int, device: torch.device) -> GroupNormPlan:
+    """The plan ``group_norm(path="auto")`` runs: the measured :data:`TUNED` entry on CUDA, else the heuristic."""
+    tuned = TUNED.get((n, c, s, groups, cl, itemsize)) if device.type == "cuda" else None
+    knobs = dict(tuned) if tuned else {}
+    path = str(knobs.pop("path", "auto"))
+    return plan_group_norm(n, c, s, groups, cl, itemsize, _sm_count(device), path, **knobs)  # type: ignore[arg-type]
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -326,14 +335,14 @@ def group_norm(
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():
         raise ValueError("out must match x in shape, dtype, device and strides")
+    else:
+        drop_gn_stats(out)
     S = max(math.prod(x.shape[2:]), 1)
     cl = sc == 1 and ss != 1
-    if path == "auto" and not knobs and x.device.type == "cuda":
-        tuned = TUNED.get((N, C, S, num_groups, cl, x.element_size()))
-        if tuned:
-            knobs = dict(tuned)
-            path = str(knobs.pop("path"))
-    plan = plan_group_norm(N, C, S, num_groups, cl, x.element_size(), _sm_count(x.device), path, **knobs)
+    if path == "auto" and not knobs:
+        plan = plan_for(N, C, S, num_groups, cl, x.element_size(), x.device)
+    else:
+        plan = plan_group_norm(N, C, S, num_groups, cl, x.element_size(), _sm_count(x.device), path, **knobs)
     if x.numel() == 0:
         return out
     if C * S >= 2**31:
@@ -348,8 +357,11 @@ def group_norm(
             num_warps=plan.warps,
         )  # fmt: skip
         return out
+    # partials written by the producing bias + residual add (kernels/add_gn_stats.py), if any
+    shared = getattr(x, GN_STATS_ATTR, None)
+    part = shared.take(x, num_groups, plan) if shared is not None and add is None else None
     if plan.grouped:
-        return _launch_grouped(x, out, w, b, a, a_sn, plan, N, C, S, num_groups, eps, aff)
+        return _launch_grouped(x, out, w, b, a, a_sn, plan, N, C, S, num_groups, eps, aff, part)
     flags = dict(GB=plan.gb, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s)
     if plan.path != "split":
         _gn_fused_kernel[(plan.n_cb, N)](
@@ -359,12 +371,13 @@ def group_norm(
         return out
     P, per_chunk = plan.chunks, plan.tiles_per_chunk
     chunk = per_chunk * plan.block_s
-    part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
     grid = (plan.n_cb, P, N)
-    _gn_stats_kernel[grid](
-        x, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, a_sn, **flags, HAS_ADD=aff["HAS_ADD"],
-        num_warps=plan.warps,
-    )  # fmt: skip
+    if part is None:
+        part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
+        _gn_stats_kernel[grid](
+            x, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, a_sn, **flags,
+            HAS_ADD=aff["HAS_ADD"], num_warps=plan.warps,
+        )  # fmt: skip
     _gn_norm_kernel[grid](
         x, out, w, b, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, eps, cpg, a_sn, **flags, **aff,
         BLOCK_P=triton.next_power_of_2(P), num_warps=plan.warps,
@@ -375,16 +388,18 @@ def group_norm(
 def _launch_grouped(
     x: torch.Tensor, out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, a_sn: int,
     plan: GroupNormPlan, N: int, C: int, S: int, G: int, eps: float, aff: dict[str, bool],
+    part: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
     P, per_chunk = plan.chunks, plan.tiles_per_chunk
     chunk = per_chunk * plan.block_s
-    part = torch.empty((2, N, P, plan.block_g), device=x.device, dtype=torch.float32)
     blocks = dict(BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, BLOCK_K=plan.block_k)
     # CPG is a compile-time constant here: Triton then proves g·CPG alignment and vectorises the rows
     blocks = dict(CPG=C // G, **blocks)
-    _gn_rows_cl_stats_kernel[(P, N)](
-        x, a, part, C, S, G, P, chunk, per_chunk, a_sn, HAS_ADD=aff["HAS_ADD"], **blocks, num_warps=plan.warps
-    )  # fmt: skip
+    if part is None:
+        part = torch.empty((2, N, P, plan.block_g), device=x.device, dtype=torch.float32)
+        _gn_rows_cl_stats_kernel[(P, N)](
+            x, a, part, C, S, G, P, chunk, per_chunk, a_sn, HAS_ADD=aff["HAS_ADD"], **blocks, num_warps=plan.warps
+        )  # fmt: skip
     _gn_rows_cl_norm_kernel[(P, N)](
         x, out, w, b, a, part, C, S, G, P, chunk, per_chunk, eps, a_sn, **aff, **blocks,
         BLOCK_P=triton.next_power_of_2(P), num_warps=plan.warps,

@@ -137,7 +137,8 @@ class ResnetBlock2D(nn.Module):
             bias = bias + self.conv_shortcut.bias
         else:
             shortcut = x
-        return ops.bias_add_op(h, bias, residual=shortcut, inplace=True)
+        # the next block normalises this with the same group count: hand it the statistics
+        return ops.bias_add_op(h, bias, residual=shortcut, inplace=True, next_groups=self.norm1.num_groups)
 
 
 class Downsample2D(nn.Module):
@@ -234,7 +235,9 @@ class Attention(nn.Module):
         if self.group_norm is not None:
             out = out.transpose(1, 2).reshape(b, c, h, w)  # [B, HW, C] -> [B, C, H, W]
             if fused:
-                return ops.bias_add_op(out, proj.bias, residual=residual, inplace=True)
+                return ops.bias_add_op(
+                    out, proj.bias, residual=residual, inplace=True, next_groups=self.group_norm.num_groups
+                )
             return out + residual
         return out
 

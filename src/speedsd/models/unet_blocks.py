@@ -118,7 +118,7 @@ class Transformer2D(nn.Module):
         if not self.linear_projection:
             t = self.proj_out(t, with_bias=not fused)
         if fused:
-            return ops.bias_add_op(t, self.proj_out.bias, residual=x, inplace=True)
+            return ops.bias_add_op(t, self.proj_out.bias, residual=x, inplace=True, next_groups=self.norm.num_groups)
         return t + x
 
 
