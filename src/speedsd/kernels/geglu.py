@@ -102,12 +102,11 @@ def gelu(x: torch.Tensor, approximate: str = "none", *, out: torch.Tensor | None
 # ---- GEGLU on a materialized projection ----------------------------------------------------------
 
 
-# h [M, 2F] (row stride sh, unit column stride), b [2F] -> y [M, F]:
-#   v = h[m, f] + b[f],  g = h[m, F + f] + b[F + f]  (fp32; without HAS_B b = 0);  y[m, f] = v · GELU(g)
+# h [M, 2F] (row stride sh, unit column stride) -> y [M, F]:  y[m, f] = h[m, f] · GELU(h[m, F + f])
 @triton.jit
 def _geglu_kernel(
-    h_ptr, b_ptr, y_ptr, M, Fdim, sh,
-    HAS_B: tl.constexpr, APPROX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+    h_ptr, y_ptr, M, Fdim, sh,
+    APPROX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):  # fmt: skip
     rf = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,29 +115,15 @@ def _geglu_kernel(
     hp = h_ptr + rows * sh + rf[None, :]
     v = tl.load(hp, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(hp + Fdim, mask=mask, other=0.0).to(tl.float32)
-    if HAS_B:
-        v += tl.load(b_ptr + rf, mask=rf < Fdim, other=0.0).to(tl.float32)[None, :]
-        g += tl.load(b_ptr + Fdim + rf, mask=rf < Fdim, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows * Fdim + rf[None, :], (v * _gelu(g, APPROX)).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def geglu(
-    h: torch.Tensor,
-    approximate: str = "none",
-    *,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """h [..., 2F] -> [..., F] = h[..., :F]·GELU(h[..., F:]) in one pass. ``bias`` [2F]: added to h
-    first (in fp32: the projection's bias, when its GEMM ran without one). ``out``: contiguous [..., F]."""
+def geglu(h: torch.Tensor, approximate: str = "none", *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h [..., 2F] -> [..., F] = h[..., :F]·GELU(h[..., F:]) in one pass. ``out``: contiguous [..., F]."""
     _check_float(h, "h")
     a = _approx(approximate)
     if h.dim() < 1 or h.shape[-1] % 2:
         raise ValueError(f"geglu needs an even last dim, got shape {tuple(h.shape)}")
-    if bias is not None and (bias.shape != (h.shape[-1],) or bias.device != h.device):
-        raise ValueError(
-            f"bias must be a [{h.shape[-1]}] tensor on {h.device}, got {tuple(bias.shape)} on {bias.device}"
-        )
     f = h.shape[-1] // 2
     lead = h.shape[:-1]
     h2 = h.reshape(-1, 2 * f)  # [..., 2F] -> [M, 2F] (a view when possible)
@@ -153,11 +138,7 @@ def geglu(
         block_f = min(triton.next_power_of_2(f), 512)
         block_m = max(1, 4096 // block_f)
         grid = (triton.cdiv(f, block_f), triton.cdiv(m, block_m))
-        b = bias.contiguous() if bias is not None else h2
-        _geglu_kernel[grid](
-            h2, b, out, m, f, h2.stride(0), HAS_B=bias is not None, APPROX=a, BLOCK_M=block_m, BLOCK_F=block_f,
-            num_warps=8,
-        )  # fmt: skip
+        _geglu_kernel[grid](h2, out, m, f, h2.stride(0), APPROX=a, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=8)
     return out
 
 
@@ -248,10 +229,6 @@ def ff_heuristic_config(m: int, f: int, k: int) -> dict[str, int]:
 # M = 128 (30 vs 33); in between cuBLAS's GEMM plus our one-pass GEGLU wins (M = 2048: 38 vs 53;
 # M = 512: 35 vs 47). Autotuning picked worse configs than the heuristic in 3 of 4 shapes.
 FUSED_MIN_M, FUSED_MAX_SMALL_M = 4096, 256
-# The cuBLAS plan's bias: in the GEGLU pass (True) or in cuBLASLt's GEMM epilogue (False). On the H100
-# the epilogue kernel cuBLAS picks at M = 2048 is preceded by a memset node in the graph (~7 µs with its
-# gaps, bench/results/gap_pairs_h100.txt); set from the graph-replay A/B in bench/results/.
-CUBLAS_BIAS_IN_GEGLU = False
 
 
 def ff_plan(m: int) -> str:
@@ -304,9 +281,6 @@ def feed_forward_geglu(
     flags = dict(HAS_B=bias is not None, APPROX=a, IEEE=x.dtype == torch.float32)
     if config is None and x.is_cuda:
         if ff_plan(m) == "cublas":
-            if CUBLAS_BIAS_IN_GEGLU:  # the bias-free GEMM; the GEGLU pass adds the bias
-                h = torch.nn.functional.linear(x2, w)  # [M, 2F]
-                return geglu(h, approximate, bias=bias, out=out.view(m, f)).view(out.shape)
             h = torch.nn.functional.linear(x2, w, bias)  # [M, 2F]
             return geglu(h, approximate, out=out.view(m, f)).view(out.shape)
         config = "heuristic"
