@@ -111,9 +111,11 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, hand_over: bool = True) -> torch.Tensor:
+        """``hand_over``: the output's next reader is a GroupNorm (of this block's group count), which
+        may then take its statistics from the closing add (fused epilogues)."""
         if ops.current().fused_epilogues:
-            return self._forward_fused(x, temb)
+            return self._forward_fused(x, temb, hand_over)
         h = self.conv1(self.norm1(x, silu=True))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
@@ -121,7 +123,7 @@ class ResnetBlock2D(nn.Module):
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return shortcut + h
 
-    def _forward_fused(self, x: torch.Tensor, temb: torch.Tensor | TimeAdds | None) -> torch.Tensor:
+    def _forward_fused(self, x: torch.Tensor, temb: torch.Tensor | TimeAdds | None, hand_over: bool) -> torch.Tensor:
         # conv1's bias and the time embedding enter norm2 as one [B, C] pre-add; conv2's (and the
         # shortcut conv's) bias and the residual are one pass written over conv2's output.
         h = self.conv1(self.norm1(x, silu=True), with_bias=False)
@@ -137,8 +139,8 @@ class ResnetBlock2D(nn.Module):
             bias = bias + self.conv_shortcut.bias
         else:
             shortcut = x
-        # the next block normalises this with the same group count: hand it the statistics
-        return ops.bias_add_op(h, bias, residual=shortcut, inplace=True, next_groups=self.norm1.num_groups)
+        groups = self.norm1.num_groups if hand_over else None
+        return ops.bias_add_op(h, bias, residual=shortcut, inplace=True, next_groups=groups)
 
 
 class Downsample2D(nn.Module):

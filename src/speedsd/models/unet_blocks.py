@@ -99,7 +99,8 @@ class Transformer2D(nn.Module):
             self.proj_out = Conv2d(inner, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, spec) for _ in range(spec.layers)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, hand_over: bool = True) -> torch.Tensor:
+        """``hand_over``: the output's next reader is a GroupNorm (see ResnetBlock2D.forward)."""
         b, _, h, w = x.shape
         fused = ops.current().fused_epilogues  # proj_out's bias and the residual: one pass at the end
         t = self.norm(x)
@@ -118,7 +119,8 @@ class Transformer2D(nn.Module):
         if not self.linear_projection:
             t = self.proj_out(t, with_bias=not fused)
         if fused:
-            return ops.bias_add_op(t, self.proj_out.bias, residual=x, inplace=True, next_groups=self.norm.num_groups)
+            groups = self.norm.num_groups if hand_over else None
+            return ops.bias_add_op(t, self.proj_out.bias, residual=x, inplace=True, next_groups=groups)
         return t + x
 
 
@@ -158,10 +160,12 @@ class DownBlock2D(nn.Module):
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
+        last = len(self.resnets) - 1
+        to_norm = not len(self.downsamplers)  # after the last layer: the next block's GroupNorm or a conv
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = resnet(x, temb, hand_over=bool(len(self.attentions)) or i < last or to_norm)
             if len(self.attentions):
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, context, hand_over=i < last or to_norm)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -180,7 +184,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         x = self.attentions[0](x, context)
-        return self.resnets[1](x, temb)
+        return self.resnets[1](x, temb, hand_over=False)  # the up path concatenates it with a skip first
 
 
 class UpBlock2D(nn.Module):
@@ -223,11 +227,14 @@ class UpBlock2D(nn.Module):
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """``skips`` in down-path order; they are consumed from the end."""
+        # a layer's output meets a concat or the upsampler next, except the UNet's last (conv_norm_out)
+        last = len(self.resnets) - 1
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips[-1 - i]], dim=1)  # [B, C, H, W] ++ [B, Cs, H, W] -> [B, C+Cs, H, W]
-            x = resnet(x, temb)
+            to_norm = i == last and not len(self.upsamplers)
+            x = resnet(x, temb, hand_over=bool(len(self.attentions)) or to_norm)
             if len(self.attentions):
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, context, hand_over=to_norm)
         for up in self.upsamplers:
             x = up(x, upsample_size)
         return x

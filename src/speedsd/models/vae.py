@@ -113,8 +113,9 @@ class _Block(nn.Module):
             self.upsamplers = nn.ModuleList([Upsample2D(cout)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
+        resample = hasattr(self, "downsamplers") or hasattr(self, "upsamplers")
+        for i, resnet in enumerate(self.resnets):  # the last one feeds a resampling conv, if any
+            x = resnet(x, hand_over=i < len(self.resnets) - 1 or not resample)
         for sampler in getattr(self, "downsamplers", ()):
             x = sampler(x)
         for sampler in getattr(self, "upsamplers", ()):
