@@ -7,11 +7,8 @@ values it already holds in registers, the partials the statistics launch would h
 same layout and chunking (it plans with :func:`speedsd.kernels.group_norm.plan_for`, the plan
 GroupNorm will pick for y). They ride on y (``y._speedsd_gn_stats``); :func:`group_norm` uses them
 instead of launching its statistics kernel when the plan and group count match, never with a
-pre-add, and at most once. Statistics come from the stored (rounded) y (fp32, two-pass per register
-tile, Chan merges), so the normalised output matches GroupNorm's own up to the fp32 rounding of the
-statistics. channels_last (the engine's layout) is read as whole contiguous pixel rows whatever the
-consumer's plan, and the partials are written in the consumer's layout; NCHW uses the consumer's own
-group-block tiling.
+pre-add, and at most once. Statistics come from the stored (rounded) y, tile by tile as the
+statistics kernel computes them, so the normalised output is bit-identical either way.
 
 Staleness: our Triton launchers that write into a tensor in place drop its statistics; a torch
 in-place op is caught by the version counter, except on inference tensors (the engine runs under
@@ -109,16 +106,14 @@ def _add_stats_kernel(
     tl.store(dst + half, m2_g)
 
 
-# channels_last, whole pixel rows: tile [BLOCK_S, BLOCK_G, BLOCK_K] = (position, group, channel in
-# group), one program (p, n) per chunk of positions of the consumer's plan: y = round(x + b[c] + r)
-# stored; per tile per group mean_t, M2_t of the stored values; Chan merge over tiles. The partials go
-# where the consumer's statistics kernel would put them: part[0 | 1, n·n_cb + g // PGB, p, g % PGB]
-# (PGB groups per consumer block, PBG its padded block; the grouped plan has n_cb = 1, PGB = G).
+# channels_last whole pixel rows, tile [BLOCK_S, BLOCK_G, BLOCK_K] (the grouped statistics kernel's
+# grid (p, n)): y = round(x + b[c] + r) stored; per tile per group mean_t, M2_t of the stored values;
+# Chan merge over tiles; part[0 | 1, n, p, g] as _gn_rows_cl_stats_kernel.
 @triton.jit
 def _add_rows_cl_stats_kernel(
     x_ptr, b_ptr, r_ptr, y_ptr, part_ptr,
-    C, S, G, P, chunk, n_iter, n_cb,
-    HAS_B: tl.constexpr, HAS_R: tl.constexpr, PGB: tl.constexpr, PBG: tl.constexpr,
+    C, S, G, P, chunk, n_iter,
+    HAS_B: tl.constexpr, HAS_R: tl.constexpr,
     CPG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
@@ -151,12 +146,9 @@ def _add_rows_cl_stats_kernel(
         d = tl.where(mask, v - t_mean[None, :, None], 0.0)
         t_m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)
         n_g, mean_g, m2_g = _merge(n_g, mean_g, m2_g, nt, t_mean, t_m2)
-    dst = part_ptr + ((n * n_cb + g // PGB) * P + p) * PBG + g % PGB
-    tl.store(dst, mean_g, mask=g < G)
-    tl.store(dst + tl.num_programs(1) * n_cb * P * PBG, m2_g, mask=g < G)
-
-
-PRODUCER_TILE = 8192  # padded elements of one whole-row tile of the channels_last producer
+    dst = part_ptr + (n * P + p) * BLOCK_G + g
+    tl.store(dst, mean_g)
+    tl.store(dst + tl.num_programs(1) * P * BLOCK_G, m2_g)
 
 
 def add_with_group_norm_stats(
@@ -201,20 +193,17 @@ def add_with_group_norm_stats(
     P, per_chunk = plan.chunks, plan.tiles_per_chunk
     chunk = per_chunk * plan.block_s
     cpg = C // num_groups
-    if cl:  # whole contiguous pixel rows, partials in the consumer's layout
-        part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
-        bg, bk = triton.next_power_of_2(num_groups), triton.next_power_of_2(cpg)
-        # a power of two dividing the consumer's chunk (its tile's positions, times per_chunk)
-        block_s = max(1, min(plan.block_s, PRODUCER_TILE // (bg * bk)))
+    if plan.grouped:
+        part = torch.empty((2, N, P, plan.block_g), device=x.device, dtype=torch.float32)
         _add_rows_cl_stats_kernel[(P, N)](
-            x, b, r, y, part, C, S, num_groups, P, chunk, chunk // block_s, plan.n_cb, **flags,
-            PGB=plan.gb, PBG=plan.block_g, CPG=cpg, BLOCK_S=block_s, BLOCK_G=bg, BLOCK_K=bk,
-            num_warps=8 if block_s * bg * bk >= 4096 else 4,
+            x, b, r, y, part, C, S, num_groups, P, chunk, per_chunk, **flags, CPG=cpg, BLOCK_S=plan.block_s,
+            BLOCK_G=plan.block_g, BLOCK_K=plan.block_k, num_warps=plan.warps,
         )  # fmt: skip
     else:
+        sn, sc, ss = (C * S, 1, C) if cl else (C * S, S, 1)
         part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
         _add_stats_kernel[(plan.n_cb, P, N)](
-            x, b, r, y, part, C, S, C * S, S, 1, plan.n_cb, P, chunk, per_chunk, cpg, GB=plan.gb, **flags,
+            x, b, r, y, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, GB=plan.gb, **flags,
             BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, num_warps=plan.warps,
         )  # fmt: skip
     setattr(y, ATTR, GNStats(num_groups, plan, _version(y), part))
