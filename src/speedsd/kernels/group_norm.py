@@ -56,6 +56,7 @@ PATHS = ("auto", "fused", "loop", "split")
 MAX_ROWS_TILE = 49152  # NCHW one-tile (_gn_rows_kernel): padded (RA + RB)·S; 32 warps hold 48 fp32 a thread
 MAX_ONE_TILE = 32768  # padded elements of a group block that one program holds in registers (16 warps: ~100 regs)
 TILE = 4096  # elements per tile in the streaming (loop / split) kernels
+NO_PRODUCE = dict(PRODUCE=False, HAS_B=False, HAS_R=False)  # the statistics kernels' producer mode, off
 
 
 def group_norm_ref(
@@ -375,8 +376,8 @@ def group_norm(
     if part is None:
         part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
         _gn_stats_kernel[grid](
-            x, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, a_sn, **flags,
-            HAS_ADD=aff["HAS_ADD"], num_warps=plan.warps,
+            x, a, part, x, x, x, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, a_sn, **flags,
+            HAS_ADD=aff["HAS_ADD"], **NO_PRODUCE, num_warps=plan.warps,
         )  # fmt: skip
     _gn_norm_kernel[grid](
         x, out, w, b, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, eps, cpg, a_sn, **flags, **aff,
@@ -398,7 +399,8 @@ def _launch_grouped(
     if part is None:
         part = torch.empty((2, N, P, plan.block_g), device=x.device, dtype=torch.float32)
         _gn_rows_cl_stats_kernel[(P, N)](
-            x, a, part, C, S, G, P, chunk, per_chunk, a_sn, HAS_ADD=aff["HAS_ADD"], **blocks, num_warps=plan.warps
+            x, a, part, x, x, x, C, S, G, P, chunk, per_chunk, a_sn, HAS_ADD=aff["HAS_ADD"], **NO_PRODUCE, **blocks,
+            num_warps=plan.warps,
         )  # fmt: skip
     _gn_rows_cl_norm_kernel[(P, N)](
         x, out, w, b, a, part, C, S, G, P, chunk, per_chunk, eps, a_sn, **aff, **blocks,

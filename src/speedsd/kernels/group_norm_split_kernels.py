@@ -22,14 +22,30 @@ from speedsd.kernels.group_norm_kernels import (
 )
 
 
+@triton.jit
+def _add_store(x, bias, r_ptrs, y_ptrs, mask, HAS_B: tl.constexpr, HAS_R: tl.constexpr):
+    # producer mode: y = round(x + bias + r) is stored; returns the stored values in fp32, 0 where masked
+    v = x.to(tl.float32)
+    if HAS_B:
+        v += bias
+    if HAS_R:
+        v += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v_low = v.to(y_ptrs.dtype.element_ty)
+    tl.store(y_ptrs, v_low, mask=mask)
+    return tl.where(mask, v_low.to(tl.float32), 0.0)
+
+
 # Split path, launch 1 of 2. Program (cb, p, n) covers positions [p·chunk, min(S, (p+1)·chunk)):
 #   per-channel (count, mean, M2) over its tiles (Chan merge), then to groups; writes
 #   part[0 | 1, n·n_cb + cb, p, j] = mean_j | M2_j for the GB groups j of the block. Pre-add: mean_c += a_c.
+# PRODUCE (kernels/add_gn_stats.py): x is a block's output before its closing add; each tile first
+#   stores y = round(x + b[c] + r) (y, r: x's strides) and the statistics are those of the stored y.
 @triton.jit
 def _gn_stats_kernel(
-    x_ptr, a_ptr, part_ptr,
+    x_ptr, a_ptr, part_ptr, b_ptr, r_ptr, y_ptr,
     C, S, sn, sc, ss, n_cb, P, chunk, n_iter, CPG, a_sn,
     GB: tl.constexpr, HAS_ADD: tl.constexpr,
+    PRODUCE: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
     cb = tl.program_id(0)
@@ -39,8 +55,11 @@ def _gn_stats_kernel(
     c = cb * (GB * CPG) + cl
     mask_c = (cl < GB * CPG) & (c < C)
     rs = tl.arange(0, BLOCK_S)
-    xb = x_ptr + n.to(tl.int64) * sn
+    off_n = n.to(tl.int64) * sn
     col = c * sc
+    bias = 0.0
+    if HAS_B:
+        bias = tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     s0 = p * chunk  # chunk = n_iter whole tiles: only S bounds a tile (a mask Triton can vectorise)
     n_c = 0.0
     mean_c = tl.zeros([BLOCK_C], tl.float32)
@@ -48,7 +67,11 @@ def _gn_stats_kernel(
     for i in range(0, n_iter):
         s = s0 + i * BLOCK_S + rs
         mask_s = s < S
-        x = tl.load(xb + s[:, None] * ss + col[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0)
+        mask = mask_s[:, None] & mask_c[None, :]
+        offs = off_n + s[:, None] * ss + col[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if PRODUCE:
+            x = _add_store(x, bias, r_ptr + offs, y_ptr + offs, mask, HAS_B, HAS_R)
         ns = tl.maximum(tl.minimum(S - (s0 + i * BLOCK_S), BLOCK_S), 0) * 1.0
         t_mean, t_m2 = _tile_stats(x.to(tl.float32), mask_s, ns)
         n_c, mean_c, m2_c = _merge(n_c, mean_c, m2_c, ns, t_mean, t_m2)
@@ -114,11 +137,13 @@ def _gn_norm_kernel(
 #   per tile per group: mean_t, M2_t (two-pass in registers); Chan merge over tiles;
 #   part[0 | 1, n, p, g] = mean_g | M2_g.
 # Pre-add: mean_t += Σ_k a[g, k] / CPG and cell (g, k) is centred on mean_t − a[g, k].
+# PRODUCE: as in _gn_stats_kernel, the tile's y = round(x + b[c] + r) is stored first.
 @triton.jit
 def _gn_rows_cl_stats_kernel(
-    x_ptr, a_ptr, part_ptr,
+    x_ptr, a_ptr, part_ptr, b_ptr, r_ptr, y_ptr,
     C, S, G, P, chunk, n_iter, a_sn,
-    HAS_ADD: tl.constexpr, CPG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_ADD: tl.constexpr, PRODUCE: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
+    CPG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     p = tl.program_id(0)
     n = tl.program_id(1)
@@ -127,16 +152,23 @@ def _gn_rows_cl_stats_kernel(
     c = g[:, None] * CPG + k[None, :]  # [BG, BK]
     mask_c = (g < G)[:, None] & (k < CPG)[None, :]
     rs = tl.arange(0, BLOCK_S)
-    xb = x_ptr + n.to(tl.int64) * S * C
+    off_n = n.to(tl.int64) * S * C
     s0 = p * chunk
     a = _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD)  # [BG, BK]
+    bias = 0.0
+    if HAS_B:
+        bias = tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :, :]
     n_g = 0.0
     mean_g = tl.zeros([BLOCK_G], tl.float32)
     m2_g = tl.zeros([BLOCK_G], tl.float32)
     for i in range(0, n_iter):
         s = s0 + i * BLOCK_S + rs
         mask = (s < S)[:, None, None] & mask_c[None, :, :]
-        x = tl.load(xb + s[:, None, None] * C + c[None, :, :], mask=mask, other=0.0).to(tl.float32)
+        offs = off_n + s[:, None, None] * C + c[None, :, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if PRODUCE:
+            x = _add_store(x, bias, r_ptr + offs, y_ptr + offs, mask, HAS_B, HAS_R)
+        x = x.to(tl.float32)
         nt = tl.maximum(tl.minimum(S - (s0 + i * BLOCK_S), BLOCK_S), 0) * CPG * 1.0  # values per group
         t_mean = tl.sum(tl.sum(x, axis=2), axis=0) / tl.maximum(nt, 1.0)
         if HAS_ADD:
