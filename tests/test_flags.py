@@ -127,6 +127,22 @@ def test_group_norm_statistics_handed_over_in_the_models(pipe, monkeypatch):
 
 
 @needs_interpreter
+def test_time_adds_computed_ahead_match_the_step(pipe):
+    """A loop's time pre-adds, computed for all steps at once, give the step's own output."""
+    fast = pipe.with_flags(ROWS[2][1])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7)) + 0.3
+    ctx = pipe.encode_text(["a photo of a cat", ""])
+    ts = torch.tensor([801.0, 421.0, 21.0])
+    adds = fast.time_adds(ts)
+    assert adds is not None and adds.shape[0] == 3
+    for i in (0, 2):
+        want = fast.unet_step(x, ts[i], ctx)
+        assert _rel(fast.unet_step(x, ts[i], ctx, time_adds=adds[i]), want) < 1e-6
+    assert _rel(fast.unet_step(x, ts[0], ctx, time_adds=adds[1]), fast.unet_step(x, ts[1], ctx)) < 1e-6
+    assert pipe.with_flags(REFERENCE).time_adds(ts) is None  # the blocks project it themselves then
+
+
+@needs_interpreter
 def test_whole_image_with_every_kernel(pipe):
     """A 1-step image with all CPU-runnable optimizations equals the reference image."""
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))

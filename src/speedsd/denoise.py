@@ -61,10 +61,11 @@ def denoise_steps(
     unet_step = unet_step or pipe.unet_step
     cfg = guidance_scale > 1.0
     num = len(timesteps)
+    adds = pipe.time_adds(t_dev)  # every step's time embedding in one batch, ahead of the loop
     for i, t in enumerate(timesteps):
         x = torch.cat([latents, latents]) if cfg else latents  # [2N, 4, h, w]: uncond half first
         x = sched.scale_model_input(x, t)
-        out = unet_step(x, t_dev[i], emb)
+        out = unet_step(x, t_dev[i], emb) if adds is None else unet_step(x, t_dev[i], emb, time_adds=adds[i])
         if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)

@@ -193,12 +193,18 @@ class Pipeline:
 
     @torch.inference_mode()
     def unet_step(
-        self, latent_model_input: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor, eager: bool = False
+        self,
+        latent_model_input: torch.Tensor,
+        t: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        eager: bool = False,
+        time_adds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One UNet evaluation: [N, 4, h, w] latents (any float dtype) -> model output in latent_dtype.
 
         With ``flags.cuda_graphs`` on CUDA it replays a graph captured per input signature (unless
-        ``eager``: a caller that is itself being captured).
+        ``eager``: a caller that is itself being captured). ``time_adds``: t's row of
+        :meth:`time_adds`, computed ahead for the whole loop.
         """
         self._ensure_layout()
         x = latent_model_input.to(self.device, self.dtype)
@@ -206,7 +212,14 @@ class Pipeline:
             x = x.contiguous(memory_format=torch.channels_last)
         ts = torch.as_tensor(t, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()  # scalar -> [N]
         run = self._unet_graphs if self._unet_graphs is not None and eager is False else self._unet_forward
-        return run(x, ts, text_embeddings.to(self.dtype)).to(self.latent_dtype)
+        extra = () if time_adds is None else (time_adds,)
+        return run(x, ts, text_embeddings.to(self.dtype), *extra).to(self.latent_dtype)
+
+    def time_adds(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """The UNet's per-block time pre-adds of every timestep [S] -> [S, ΣC] (one batch for a whole
+        loop), or None when the flags do not use them."""
+        with ops.using(self.flags):
+            return self.unet.time_adds(timesteps.to(self.device))
 
     @torch.inference_mode()
     def decode_latents(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
@@ -221,9 +234,11 @@ class Pipeline:
         run = self._decode_graphs if self._decode_graphs is not None else self._vae_decode
         return run(z)
 
-    def _unet_forward(self, x: torch.Tensor, ts: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _unet_forward(
+        self, x: torch.Tensor, ts: torch.Tensor, emb: torch.Tensor, adds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         with ops.using(self.flags):
-            return self.unet(x, ts, emb)
+            return self.unet(x, ts, emb, time_adds=adds)
 
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
         with ops.using(self.flags):

@@ -69,9 +69,10 @@ class CrossKV:
 class TimeAdds:
     """Every ResNet block's norm2 pre-add, time_emb_proj(SiLU(temb)) + conv1.bias, from ONE GEMM.
 
-    Built by the UNet once per forward (:meth:`build`): the blocks' time_emb_proj weights are fused
-    rows (views, no copy) of one [ΣC, T] matrix, so 22 SiLU + GEMM + add launches become one of each.
-    ``adds[resnet]`` is that block's [B, C] slice.
+    Built by the UNet once per forward (:meth:`build`), or once per denoising loop for every step's
+    timestep (:meth:`project` over [S, T], then :meth:`split` of each step's row): the blocks'
+    time_emb_proj weights are fused rows (views, no copy) of one [ΣC, T] matrix, so 22 SiLU + GEMM +
+    add launches become one of each. ``adds[resnet]`` is that block's [B, C] slice.
     """
 
     def __init__(self, slices: dict[int, torch.Tensor]) -> None:
@@ -83,6 +84,11 @@ class TimeAdds:
     @staticmethod
     def build(resnets: list[ResnetBlock2D], temb: torch.Tensor, cache: dict[str, object]) -> TimeAdds:
         """``cache``: the caller's dict holding the fused weight and combined bias between calls."""
+        return TimeAdds.split(resnets, TimeAdds.project(resnets, temb, cache))
+
+    @staticmethod
+    def project(resnets: list[ResnetBlock2D], temb: torch.Tensor, cache: dict[str, object]) -> torch.Tensor:
+        """temb [B, T] -> every block's pre-add side by side, [B, ΣC]."""
         projs = [r.time_emb_proj for r in resnets]
         w = fused_rows([p.weight for p in projs], cache.get("w"))  # [ΣC, T]
         biases = [t for r in resnets for t in (r.time_emb_proj.bias, r.conv1.bias)]
@@ -92,8 +98,12 @@ class TimeAdds:
                 cache["b"] = torch.cat([r.time_emb_proj.bias + r.conv1.bias for r in resnets]).detach()
             cache["key"] = key
         cache["w"] = w
-        out = F.linear(F.silu(temb), w, cache["b"])  # [B, ΣC]
-        parts = out.split([p.out_features for p in projs], dim=1)  # strided [B, C] views, no copies
+        return F.linear(F.silu(temb), w, cache["b"])  # [B, ΣC]
+
+    @staticmethod
+    def split(resnets: list[ResnetBlock2D], adds: torch.Tensor) -> TimeAdds:
+        """[B, ΣC] from :meth:`project` -> the blocks' strided [B, C] views, no copies."""
+        parts = adds.split([r.time_emb_proj.out_features for r in resnets], dim=1)
         return TimeAdds({id(r): t for r, t in zip(resnets, parts)})
 
 

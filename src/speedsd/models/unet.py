@@ -335,24 +335,44 @@ class UNet2DCondition(nn.Module):
             scoped["context"], scoped["kv"] = context, kv
         return kv
 
+    def time_adds(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Every ResNet block's time pre-add for each of S timesteps, [S] -> [S, ΣC], in one batch: a
+        denoising loop computes them once and passes row i to step i's :meth:`forward`. None without
+        ``Flags.fused_epilogues`` (then the blocks project the time embedding themselves)."""
+        if not ops.current().fused_epilogues or not self._temb_resnets:
+            return None
+        c = self.config
+        t = timesteps.reshape(-1)
+        emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        temb = self.time_embedding(emb.to(self.conv_in.weight.dtype))  # [S, T]
+        return TimeAdds.project(self._temb_resnets, temb, self._temb_cache)
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
+        time_adds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """sample [B, C_in, h, w], timestep 0-d / [B] / [1] / number, text [B, M, Dc] -> [B, C_out, h, w]."""
+        """sample [B, C_in, h, w], timestep 0-d / [B] / [1] / number, text [B, M, Dc] -> [B, C_out, h, w].
+
+        ``time_adds``: this timestep's row of :meth:`time_adds` ([ΣC], or [B, ΣC]), computed ahead;
+        then ``timestep`` is not read (with fused epilogues; otherwise it is ignored)."""
         c = self.config
         b = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.reshape(-1).expand(b)  # 0-d or [1] -> [B]
-        temb = self.time_embedding(
-            timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype)
-        )
+        fused = ops.current().fused_epilogues
+        if time_adds is not None and fused and self._temb_resnets:
+            temb = TimeAdds.split(self._temb_resnets, time_adds.reshape(-1, time_adds.shape[-1]).expand(b, -1))
+        else:
+            t = torch.as_tensor(timestep, device=sample.device)
+            t = t.reshape(-1).expand(b)  # 0-d or [1] -> [B]
+            temb = self.time_embedding(
+                timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype)
+            )
+            if fused:  # every block's time-embedding projection in one GEMM
+                temb = TimeAdds.build(self._temb_resnets, temb, self._temb_cache)
         if c.center_input_sample:
             sample = 2 * sample - 1.0
-        if ops.current().fused_epilogues:  # every block's time-embedding projection in one GEMM
-            temb = TimeAdds.build(self._temb_resnets, temb, self._temb_cache)
 
         encoder_hidden_states = self._context(encoder_hidden_states)  # a CrossKV with fused_qkv
         x = self.conv_in(sample)
