@@ -237,8 +237,8 @@ class Pipeline:
     def _unet_forward(
         self, x: torch.Tensor, ts: torch.Tensor, emb: torch.Tensor, adds: torch.Tensor | None = None
     ) -> torch.Tensor:
-        with ops.using(self.flags):
-            return self.unet(x, ts, emb, time_adds=adds)
+        with ops.using(self.flags):  # the plain 3-argument call unless the loop computed the time pre-adds
+            return self.unet(x, ts, emb) if adds is None else self.unet(x, ts, emb, time_adds=adds)
 
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
         with ops.using(self.flags):
