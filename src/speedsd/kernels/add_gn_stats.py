@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speedsd.kernels.bias_add import GN_STATS_ATTR, bias_add, bias_add_ref, drop_gn_stats
+from speedsd.kernels.bias_add import FLOATS, GN_STATS_ATTR, bias_add, bias_add_ref, drop_gn_stats, prepare_operands
 from speedsd.kernels.group_norm import GroupNormPlan, plan_for
 from speedsd.kernels.group_norm_split_kernels import _gn_rows_cl_stats_kernel, _gn_stats_kernel
 
@@ -67,8 +67,7 @@ def add_with_group_norm_stats(
     """y = x + bias[c] (+ residual) like :func:`bias_add` for a 4-D x [N, C, H, W], plus the split-path
     GroupNorm(num_groups) statistics of y handed to the GroupNorm that reads y next (module doc).
     ``out``: x itself (in place) or a tensor like x."""
-    floats = (torch.float16, torch.bfloat16, torch.float32)
-    if x.dim() != 4 or num_groups <= 0 or x.shape[1] % num_groups or x.dtype not in floats:
+    if x.dim() != 4 or num_groups <= 0 or x.shape[1] % num_groups or x.dtype not in FLOATS:
         return bias_add(x, bias, residual, out=out)
     N, C, H, W = x.shape
     S = H * W
@@ -78,21 +77,8 @@ def add_with_group_norm_stats(
     plan = plan_for(N, C, S, num_groups, cl, x.element_size(), x.device)
     if plan.path != "split":
         return bias_add(x, bias, residual, out=out)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    if bias is not None and (bias.shape != (C,) or bias.device != x.device):
-        raise ValueError(f"bias must be a [{C}] tensor on {x.device}, got {tuple(bias.shape)} on {bias.device}")
-    if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"residual must match x ({tuple(x.shape)}, {x.dtype}), got {tuple(residual.shape)}")
-        if residual.stride() != x.stride():
-            residual = residual.contiguous(memory_format=fmt)
-    if out is None:
-        out = torch.empty_like(x)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():
-        raise ValueError("out must match x in shape, dtype, device and strides")
-    y = out
-    drop_gn_stats(y)
-    b = bias.contiguous() if bias is not None else x
+    x, bias, residual, y, _ = prepare_operands(x, bias, residual, out)
+    b = bias if bias is not None else x
     r = residual if residual is not None else x
     # GroupNorm's own statistics kernel for this plan, in producer mode (group_norm_split_kernels.py)
     flags = dict(HAS_ADD=False, PRODUCE=True, HAS_B=bias is not None, HAS_R=residual is not None)

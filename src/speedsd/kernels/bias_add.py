@@ -100,21 +100,12 @@ def _block(numel: int, itemsize: int, sm_count: int) -> tuple[int, int]:
     return block, warps
 
 
-def bias_add(
-    x: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y = x + bias[c] (+ residual), fp32 math, rounded once to x.dtype; same shape and strides as x.
-
-    Channel dim: 1 for 4-D x [N, C, H, W] (NCHW-contiguous or channels_last), the last for 1-3-D x
-    [..., C]. ``bias``: [C], any float dtype, or None (y = x + residual). ``residual``: x's shape and
-    dtype; made dense in x's layout if it is not. ``out``: x itself (in place) or a tensor of x's
-    shape, dtype, device and strides; default a new one. A non-dense x is copied first (then ``out``
-    must be None).
-    """
+def prepare_operands(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, out: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.memory_format]:
+    """The checks and layout of :func:`bias_add`'s operands (shared with kernels/add_gn_stats.py):
+    (x made dense, bias contiguous, residual dense in x's layout, out new or checked, x's layout).
+    An ``out`` given loses any GroupNorm statistics riding on it (it is about to be overwritten)."""
     if x.dtype not in FLOATS:
         raise ValueError(f"bias_add supports fp32/fp16/bf16 x, got {x.dtype}")
     if not 1 <= x.dim() <= 4:
@@ -141,6 +132,26 @@ def bias_add(
         raise ValueError("out must match x in shape, dtype, device and strides")
     else:
         drop_gn_stats(out)
+    return x, bias, residual, out, fmt
+
+
+def bias_add(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x + bias[c] (+ residual), fp32 math, rounded once to x.dtype; same shape and strides as x.
+
+    Channel dim: 1 for 4-D x [N, C, H, W] (NCHW-contiguous or channels_last), the last for 1-3-D x
+    [..., C]. ``bias``: [C], any float dtype, or None (y = x + residual). ``residual``: x's shape and
+    dtype; made dense in x's layout if it is not. ``out``: x itself (in place) or a tensor of x's
+    shape, dtype, device and strides; default a new one. A non-dense x is copied first (then ``out``
+    must be None).
+    """
+    x, bias, residual, out, fmt = prepare_operands(x, bias, residual, out)
+    C = x.shape[1] if x.dim() == 4 else x.shape[-1]
     numel = x.numel()
     if numel == 0:
         return out

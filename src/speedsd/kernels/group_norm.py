@@ -332,6 +332,7 @@ def group_norm(
     if unknown:
         raise TypeError(f"group_norm got unexpected keyword arguments {sorted(unknown)}")
     x, sn, sc, ss = _ncs_strides(x)
+    shared = getattr(x, GN_STATS_ATTR, None)  # partials from the producing add (kernels/add_gn_stats.py)
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():
@@ -358,8 +359,6 @@ def group_norm(
             num_warps=plan.warps,
         )  # fmt: skip
         return out
-    # partials written by the producing bias + residual add (kernels/add_gn_stats.py), if any
-    shared = getattr(x, GN_STATS_ATTR, None)
     part = shared.take(x, num_groups, plan) if shared is not None and add is None else None
     if plan.grouped:
         return _launch_grouped(x, out, w, b, a, a_sn, plan, N, C, S, num_groups, eps, aff, part)

@@ -69,8 +69,8 @@ class CrossKV:
 class TimeAdds:
     """Every ResNet block's norm2 pre-add, time_emb_proj(SiLU(temb)) + conv1.bias, from ONE GEMM.
 
-    Built by the UNet once per forward (:meth:`build`), or once per denoising loop for every step's
-    timestep (:meth:`project` over [S, T], then :meth:`split` of each step's row): the blocks'
+    :meth:`project` maps the time embedding to every block's pre-add at once (per forward, or once per
+    denoising loop for every step's timestep), :meth:`split` gives the blocks their views: the blocks'
     time_emb_proj weights are fused rows (views, no copy) of one [ΣC, T] matrix, so 22 SiLU + GEMM +
     add launches become one of each. ``adds[resnet]`` is that block's [B, C] slice.
     """
@@ -82,13 +82,9 @@ class TimeAdds:
         return self._slices[id(resnet)]
 
     @staticmethod
-    def build(resnets: list[ResnetBlock2D], temb: torch.Tensor, cache: dict[str, object]) -> TimeAdds:
-        """``cache``: the caller's dict holding the fused weight and combined bias between calls."""
-        return TimeAdds.split(resnets, TimeAdds.project(resnets, temb, cache))
-
-    @staticmethod
     def project(resnets: list[ResnetBlock2D], temb: torch.Tensor, cache: dict[str, object]) -> torch.Tensor:
-        """temb [B, T] -> every block's pre-add side by side, [B, ΣC]."""
+        """temb [B, T] -> every block's pre-add side by side, [B, ΣC]. ``cache``: the caller's dict
+        holding the fused weight and combined bias between calls."""
         projs = [r.time_emb_proj for r in resnets]
         w = fused_rows([p.weight for p in projs], cache.get("w"))  # [ΣC, T]
         biases = [t for r in resnets for t in (r.time_emb_proj.bias, r.conv1.bias)]

@@ -339,13 +339,19 @@ class UNet2DCondition(nn.Module):
         """Every ResNet block's time pre-add for each of S timesteps, [S] -> [S, ΣC], in one batch: a
         denoising loop computes them once and passes row i to step i's :meth:`forward`. None without
         ``Flags.fused_epilogues`` (then the blocks project the time embedding themselves)."""
+        return self._time_adds(timesteps.reshape(-1), self.conv_in.weight.dtype)
+
+    def _time_adds(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         if not ops.current().fused_epilogues or not self._temb_resnets:
             return None
+        return TimeAdds.project(self._temb_resnets, self._time_embedding(t, dtype), self._temb_cache)
+
+    def _time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Timesteps [B] -> time_embedding(sinusoid) [B, T] in ``dtype``."""
         c = self.config
-        t = timesteps.reshape(-1)
-        emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        temb = self.time_embedding(emb.to(self.conv_in.weight.dtype))  # [S, T]
-        return TimeAdds.project(self._temb_resnets, temb, self._temb_cache)
+        return self.time_embedding(
+            timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(dtype)
+        )
 
     def forward(
         self,
@@ -360,17 +366,15 @@ class UNet2DCondition(nn.Module):
         then ``timestep`` is not read (with fused epilogues; otherwise it is ignored)."""
         c = self.config
         b = sample.shape[0]
-        fused = ops.current().fused_epilogues
-        if time_adds is not None and fused and self._temb_resnets:
-            temb = TimeAdds.split(self._temb_resnets, time_adds.reshape(-1, time_adds.shape[-1]).expand(b, -1))
-        else:
+        if not (ops.current().fused_epilogues and self._temb_resnets):
+            time_adds = None  # the blocks project the time embedding themselves
+        if time_adds is None:
             t = torch.as_tensor(timestep, device=sample.device)
             t = t.reshape(-1).expand(b)  # 0-d or [1] -> [B]
-            temb = self.time_embedding(
-                timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype)
-            )
-            if fused:  # every block's time-embedding projection in one GEMM
-                temb = TimeAdds.build(self._temb_resnets, temb, self._temb_cache)
+            time_adds = self._time_adds(t, sample.dtype)  # every block's projection in one GEMM (fused)
+            temb = self._time_embedding(t, sample.dtype) if time_adds is None else None
+        if time_adds is not None:
+            temb = TimeAdds.split(self._temb_resnets, time_adds.reshape(-1, time_adds.shape[-1]).expand(b, -1))
         if c.center_input_sample:
             sample = 2 * sample - 1.0
 
