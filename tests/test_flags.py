@@ -28,11 +28,17 @@ ROWS = [
     (
         "+kernels, flash, channels-last, fused QKV, fused epilogues",
         KERNELS.replace(
-            attention="flash", channels_last=True, fused_qkv=True, fused_epilogues=True, subpixel_upsample=True
+            attention="flash",
+            channels_last=True,
+            fused_qkv=True,
+            fused_epilogues=True,
+            subpixel_upsample=True,
+            igemm_conv=True,
         ),
     ),
     ("fused epilogues only, NCHW", ops.Flags(attention="sdpa", fused_epilogues=True)),
     ("sub-pixel upsample convs only, NCHW", ops.Flags(attention="sdpa", subpixel_upsample=True)),
+    ("implicit-GEMM convs only, NCHW", ops.Flags(attention="sdpa", igemm_conv=True)),
 ]
 
 
@@ -65,6 +71,26 @@ def winograd_everywhere(monkeypatch):
     monkeypatch.setattr(winograd, "load_table", lambda: Every())
 
 
+@pytest.fixture
+def igemm_everywhere(monkeypatch):
+    """Make the conv table pick the Triton implicit GEMM (split 3) for every conv it can run."""
+    from speedsd import conv_table
+    from speedsd.kernels.conv_igemm import IgemmConfig
+
+    def choose(x_shape, n, kernel, stride, padding, dtype, device):
+        return IgemmConfig(32, 32, 16, 3, 4, 2) if x_shape[1] % 16 == 0 else None
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    calls: list = []
+    real = ops.conv2d_igemm
+    monkeypatch.setattr(conv_table, "choose", choose)
+    monkeypatch.setattr(ops, "conv2d_igemm", counted)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def subpixel_everywhere(monkeypatch):
     """The tiny models' upsamplers see 2x2..8x8 inputs: let the sub-pixel form take all of them."""
@@ -81,7 +107,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @needs_interpreter
 @pytest.mark.parametrize("name,flags", ROWS, ids=[n for n, _ in ROWS])
-def test_flags_match_reference(pipe, name, flags):
+def test_flags_match_reference(pipe, name, flags, igemm_everywhere):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 8, 8, generator=g) + 0.3
     z = torch.randn(1, 4, 8, 8, generator=g) * 3 + 0.5
@@ -93,6 +119,7 @@ def test_flags_match_reference(pipe, name, flags):
     got_eps, got_img = fast.unet_step(x, t, ctx), fast.decode_latents(z)
     assert _rel(got_eps, want_eps) < 1e-4, name
     assert _rel(got_img, want_img) < 1e-4, name
+    assert bool(igemm_everywhere) == flags.igemm_conv, "the Triton conv ran iff its flag is on"
     got_ctx = fast.encode_text(["a photo of a cat", ""])
     assert _rel(got_ctx, ctx) < 1e-4, name
 

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from speedsd import conv_table
 from speedsd.kernels.add_gn_stats import add_with_group_norm_stats
 from speedsd.kernels.bias_add import bias_add, bias_add_ref
+from speedsd.kernels.conv_igemm import conv2d_igemm
 from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
 from speedsd.kernels.group_norm import group_norm, group_norm_ref
@@ -55,6 +57,9 @@ class Flags:
     # nearest-2x upsampling + 3x3 conv as four 2x2 "phase" convs on the small input (4/9 of the FLOPs,
     # no upsampled tensor) and one Triton interleave, on inputs of >= SUBPIXEL_MIN_PIXELS pixels
     subpixel_upsample: bool = False
+    # convs cuDNN runs far below the card's rate (the UNet's 8x8 convs, 3/4-channel output convs) as a
+    # Triton implicit GEMM (split-K where the output is one tile), where the per-card table measured it faster
+    igemm_conv: bool = False
     cuda_graphs: bool = False  # UNet step / VAE decode replayed from captured CUDA graphs
 
     def __post_init__(self) -> None:
@@ -81,6 +86,7 @@ PRESETS: dict[str, Flags] = {
         fused_qkv=True,
         fused_epilogues=True,
         subpixel_upsample=True,
+        igemm_conv=True,
         cuda_graphs=True,
     ),
 }
@@ -283,10 +289,22 @@ def pick_attention(q: torch.Tensor, k: torch.Tensor) -> str:
     return choose(q.shape, k.shape, q.dtype)
 
 
+def _igemm_conv(x: torch.Tensor, conv: torch.nn.Conv2d, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The implicit-GEMM Triton conv where the per-card table measured it faster than cuDNN, else None."""
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size != (k, k) or conv.stride != (s, s):
+        return None
+    if not isinstance(p, tuple) or p != (p[0], p[0]) or x.dim() != 4:
+        return None
+    cfg = conv_table.choose(tuple(x.shape), conv.out_channels, k, s, p[0], x.dtype, x.device)
+    return None if cfg is None else conv2d_igemm(x, conv.weight, bias, s, p[0], cfg)
+
+
 def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) -> torch.Tensor:
     """A conv layer's forward; ``with_bias=False`` leaves conv.bias to the caller (who fuses it).
 
-    3x3 stride-1 pad-1 layers may run as Winograd per the layer table. With ``fused_epilogues``, 1x1
+    3x3 stride-1 pad-1 layers may run as Winograd per the layer table; with ``igemm_conv``, the convs
+    the per-card conv table names run as the Triton implicit GEMM. With ``fused_epilogues``, 1x1
     convs on channels_last input run as one GEMM over the pixels with the bias in its epilogue, and
     other convs add their bias with one vectorised pass instead of torch's broadcast add.
     """
@@ -297,6 +315,10 @@ def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) ->
             out = winograd_conv3x3_module(x, conv, bias=with_bias)
             if out is not None:  # None: the table says cuDNN wins on this layer
                 return out
+    if flags.igemm_conv and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        out = _igemm_conv(x, conv, bias)
+        if out is not None:
+            return out
     if not flags.fused_epilogues:
         return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and x.is_contiguous(memory_format=torch.channels_last):

@@ -1,0 +1,187 @@
+"""The implicit-GEMM Triton conv vs cuDNN on the SD convs cuDNN runs below the card's rate.
+
+    python -m speedsd.bench.kernels_conv --out bench/results [--table src/speedsd/data/conv_table.json]
+
+Shapes: the UNet's 8² and 16² convs at 64x64 latents with classifier-free guidance (batch 2; M = 128 or
+512 output pixels, 1280 output channels), its 4-channel output conv, and the VAE's 3-channel output
+conv at 512². fp16, channels_last, no bias (the engine fuses conv biases downstream).
+
+Search: every tile shape x (warps, stages) with the default K split, then the best few over K splits;
+a per-shape time budget bounds the Triton compiles. Clock: CUDA-graph replay (what the engine pays),
+with as many weight copies cycled as keep them out of L2 (in a UNet step every conv reads its own
+weights from memory). Correct: error vs an fp32 (TF32 off) conv <= 2x torch's fp16 error.
+``--table`` records per card the winner (Triton only where it is correct and faster) for ``conv_table``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from speedsd.bench import common
+
+ci = importlib.import_module("speedsd.kernels.conv_igemm")
+IgemmConfig = ci.IgemmConfig
+
+# (label, (B, C, H, W), N, kernel, stride, padding, calls per UNet step or VAE decode)
+SHAPES = [
+    ("unet 8² 1280->1280", (2, 1280, 8, 8), 1280, 3, 1, 1, 11),
+    ("unet 8² 2560->1280", (2, 2560, 8, 8), 1280, 3, 1, 1, 3),
+    ("unet 16²->8² stride 2", (2, 1280, 16, 16), 1280, 3, 2, 1, 1),
+    ("unet 16² 1280->1280", (2, 1280, 16, 16), 1280, 3, 1, 1, 8),
+    ("unet 32²->16² stride 2", (2, 640, 32, 32), 640, 3, 2, 1, 1),
+    ("unet conv_out 320->4", (2, 320, 64, 64), 4, 3, 1, 1, 1),
+    ("vae conv_out 128->3", (1, 128, 512, 512), 3, 3, 1, 1, 1),
+]
+SMOKE = [("smoke 4² 32->48", (2, 32, 4, 4), 48, 3, 1, 1, 1), ("smoke N=3", (1, 16, 8, 8), 3, 3, 1, 1, 1)]
+TILES_WIDE = [(32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128)]
+TILES_NARROW = [(64, 16), (128, 16), (256, 16)]
+LAUNCH = [(4, 3), (4, 4), (8, 3), (8, 4)]
+SPLITS = [1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 15, 16, 18, 20]
+L2_BYTES = 50 * 2**20
+
+
+def _configs(n: int, c: int, m: int, taps: int, device: torch.device) -> list[IgemmConfig]:
+    tiles = TILES_NARROW if n <= 16 else TILES_WIDE
+    out = []
+    for bm, bn in tiles:
+        for bk in (16, 32, 64, 128):
+            if c % bk or (bk < 64 and c % 64 == 0):  # narrow K-blocks only where C needs them
+                continue
+            for warps, stages in LAUNCH:
+                base = ci.default_config(m, n, c, taps, device)
+                tiles_mn = math.ceil(m / bm) * math.ceil(n / bn)
+                split = max(1, min(base.split * base.block_m * base.block_n // (bm * bn), taps * c // bk // 4, 16))
+                split = split if tiles_mn < 2 * 132 else 1
+                out.append(IgemmConfig(bm, bn, bk, split, warps, stages))
+    return out
+
+
+def _time_conv(fn_for_weight: Any, weights: list[torch.Tensor], smoke: bool) -> float:
+    """Per-call ms, cycling through ``weights`` call by call (graph replay on a GPU)."""
+    state = {"i": 0}
+
+    def call() -> None:
+        fn_for_weight(weights[state["i"] % len(weights)])
+        state["i"] += 1
+
+    if smoke:
+        return common.median_ms(call, warmup=1, rep=2)
+    return common.graph_ms(call, calls=2 * len(weights), reps=5)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def bench_shape(row: tuple, device: str, smoke: bool, budget_s: float) -> dict[str, Any]:
+    label, shape, n, k, stride, pad, calls = row
+    dev = torch.device(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(shape, generator=g) + 0.5).to(dev, dtype).contiguous(memory_format=torch.channels_last)
+    w0 = torch.randn(n, shape[1], k, k, generator=g) / math.sqrt(shape[1] * k * k)
+    copies = max(1, min(8, math.ceil(3 * L2_BYTES / (w0.numel() * 2)))) if device == "cuda" else 1
+    weights = [(w0 + 1e-3 * i).to(dev, dtype).contiguous(memory_format=torch.channels_last) for i in range(copies)]
+    prev_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref = F.conv2d(x.float(), weights[0].float(), None, stride, pad)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev_tf32
+    torch_err = _rel(F.conv2d(x, weights[0], None, stride, pad), ref)
+    cudnn_ms = _time_conv(lambda w: F.conv2d(x, w, None, stride, pad), weights, smoke)
+    b, c, h, wd = shape
+    m = b * ci.output_size(h, k, stride, pad) * ci.output_size(wd, k, stride, pad)
+    results: dict[str, float] = {}
+    t0 = time.monotonic()
+
+    def run(cfg: IgemmConfig, budgeted: bool = False) -> None:
+        if cfg.key() in results or (budgeted and time.monotonic() - t0 > budget_s):  # compiles bounded
+            return
+        try:
+            results[cfg.key()] = _time_conv(lambda w: ci.conv2d_igemm(x, w, None, stride, pad, cfg), weights, smoke)
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a big tile: skip that config
+            print(f"  {label} {cfg.key()}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+
+    cands = _configs(n, c, m, k * k, dev)
+    for cfg in cands[:4] if smoke else cands:
+        run(cfg, budgeted=True)
+    ranked = sorted(results, key=results.get)[:3]
+    for key in ranked:  # the best tile shapes over K splits (split is a launch argument: no recompile)
+        for split in SPLITS[:3] if smoke else SPLITS:
+            run(dataclasses.replace(IgemmConfig.parse(key), split=split))
+    best = min(results, key=results.get) if results else None
+    two_kernel_ms = None
+    if best is not None and IgemmConfig.parse(best).split > 1:  # the same launch, partials summed by a 2nd kernel
+        run(dataclasses.replace(IgemmConfig.parse(best), last_sums=False))
+        two_kernel_ms = results.pop(dataclasses.replace(IgemmConfig.parse(best), last_sums=False).key(), None)
+    err = None
+    if best is not None:
+        err = _rel(ci.conv2d_igemm(x, weights[0], None, stride, pad, IgemmConfig.parse(best)), ref)
+    ok = err is not None and err <= 2 * torch_err + (1e-5 if dtype == torch.float32 else 1e-7)
+    best_ms = results.get(best, float("nan")) if best else float("nan")
+    return {
+        "label": label, "x_shape": list(shape), "n": n, "kernel": k, "stride": stride, "padding": pad,
+        "calls": calls, "weight_copies": copies, "cudnn_ms": cudnn_ms, "best_config": best, "best_ms": best_ms,
+        "two_kernel_sum_ms": two_kernel_ms, "configs_timed": len(results), "search_s": time.monotonic() - t0,
+        "rel_err": err, "torch_rel_err": torch_err,
+        "ok": ok, "tflops_cudnn": 2 * m * n * c * k * k / cudnn_ms / 1e9,
+        "all_ms": dict(sorted(results.items(), key=lambda kv: kv[1])[:12]),
+    }  # fmt: skip
+
+
+def table_entries(rows: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
+    from speedsd.conv_table import shape_key
+
+    out = {}
+    for r in rows:
+        faster = r["ok"] and r["best_ms"] < r["cudnn_ms"]
+        key = shape_key(tuple(r["x_shape"]), r["n"], r["kernel"], r["stride"], r["padding"], dtype)
+        out[key] = {
+            "best": "igemm" if faster else "cudnn", "config": r["best_config"],
+            "graph_ms": {"cudnn": r["cudnn_ms"], "igemm": r["best_ms"]}, "measured_at": common.git_commit(),
+        }  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = common.kernel_bench_args("kernels_conv", __doc__)
+    ap.add_argument("--table", default=None, help="merge this card's winners into this conv_table JSON")
+    ap.add_argument("--budget-s", type=float, default=30.0, help="search time per shape")
+    args = ap.parse_args(argv)
+    device, smoke = common.device_and_smoke(args.smoke)
+    rows = []
+    for row in SMOKE if smoke else SHAPES:
+        r = bench_shape(row, device, smoke, args.budget_s)
+        rows.append(r)
+        print(f"{r['label']}: cuDNN {r['cudnn_ms'] * 1e3:.1f} us, best {r['best_config']} "
+              f"{r['best_ms'] * 1e3:.1f} us ({r['configs_timed']} configs, {r['search_s']:.0f} s) ok={r['ok']}",
+              flush=True)  # fmt: skip
+    md_rows = [
+        [r["label"], r["calls"], r["cudnn_ms"] * 1e3, r["tflops_cudnn"], r["best_config"], r["best_ms"] * 1e3,
+         (r["two_kernel_sum_ms"] or float("nan")) * 1e3,
+         r["cudnn_ms"] / r["best_ms"], (r["cudnn_ms"] - min(r["best_ms"], r["cudnn_ms"])) * 1e3 * r["calls"],
+         r["rel_err"], r["torch_rel_err"], r["ok"]]
+        for r in rows
+    ]  # fmt: skip
+    header = ["conv", "calls", "cuDNN µs", "cuDNN TFLOP/s", "Triton config", "Triton µs", "2-kernel sum µs", "speedup",
+              "saved µs (x calls)", "rel err", "torch fp16 rel err", "ok"]  # fmt: skip
+    md = "## Implicit-GEMM Triton conv vs cuDNN (fp16 channels_last, graph replay, weights cycled out of L2)\n\n"
+    md += common.md_table(header, md_rows)
+    if args.table and not smoke:
+        from speedsd.conv_table import merge_into
+
+        merge_into(Path(args.table), torch.cuda.get_device_name(), table_entries(rows, torch.float16))
+    return common.publish(args.out, "kernels_conv", {"rows": rows}, md, all(r["ok"] for r in rows))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
