@@ -418,3 +418,37 @@ def test_img2img_tensor_equals_pil(sd1: Pair) -> None:
     a = sd1.ours.img2img(PROMPT, Image.fromarray(arr), **kw)
     b = sd1.ours.img2img(PROMPT, t, **kw)
     assert torch.equal(a, b)
+
+
+def _stand_in_unet(x: torch.Tensor, ts: torch.Tensor, emb: torch.Tensor, *adds: torch.Tensor) -> torch.Tensor:
+    v = emb.float().mean((1, 2)).view(-1, 1, 1, 1) + ts.float().view(-1, 1, 1, 1) * 1e-3  # [B, 1, 1, 1]
+    return (x.float() * 0.9 + v).to(x.dtype)
+
+
+def test_replaced_unet_step_bypasses_the_plumbing_kernels(monkeypatch) -> None:
+    """With fused_epilogues the loop makes the UNet input and combines its output with its own kernels
+    (speedsd.denoise), but a unet_step replaced on the instance (a wrapper) or overridden in a subclass
+    is still called as before: with the [2N] fp32 latents, and the same result."""
+    from speedsd import denoise
+
+    flags = ops.PRESETS["reference"].replace(fused_epilogues=True, channels_last=True)
+    pipe = speedsd.load("random:tiny", device="cpu", dtype=torch.float16, flags=flags)
+    monkeypatch.setattr(pipe, "_unet_forward", _stand_in_unet)
+    kw = dict(steps=2, height=32, width=32, seed=4, output="latent", scheduler="euler", guidance_scale=6.0)
+    direct = pipe("a cat", **kw)
+    seen = []
+    orig = pipe.unet_step
+    monkeypatch.setattr(pipe, "unet_step", lambda x, t, e, **k: seen.append((x.shape, x.dtype)) or orig(x, t, e, **k))
+    wrapped = pipe("a cat", **kw)
+    side = 32 // pipe.vae_scale
+    assert seen == [((2, 4, side, side), torch.float32)] * 2  # uncond + cond, fp32 as the loop holds them
+    torch.testing.assert_close(wrapped, direct, atol=0, rtol=0)
+
+    class Sub(Pipeline):
+        def unet_step(self, *a, **k):
+            return super().unet_step(*a, **k)
+
+    sched, x = pipe.make_scheduler("ddim"), torch.randn(1, 4, 16, 16)
+    assert denoise.fused_plumbing(Pipeline(pipe.components, flags=flags), sched, x)
+    assert not denoise.fused_plumbing(Sub(pipe.components, flags=flags), sched, x)
+    assert not denoise.fused_plumbing(pipe, sched, x)  # the instance's replaced unet_step

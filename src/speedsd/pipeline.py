@@ -206,14 +206,32 @@ class Pipeline:
         ``eager``: a caller that is itself being captured). ``time_adds``: t's row of
         :meth:`time_adds`, computed ahead for the whole loop.
         """
-        self._ensure_layout()
         x = latent_model_input.to(self.device, self.dtype)
         if self.flags.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ts = torch.as_tensor(t, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()  # scalar -> [N]
+        return self._unet_model_step(x, ts, text_embeddings.to(self.dtype), eager, time_adds).to(self.latent_dtype)
+
+    # The loop (speedsd.denoise) bypasses unet_step for :meth:`_unet_model_step` only while ``unet_step``
+    # is this function: one replaced on the instance or overridden in a subclass is called as before.
+    _plain_unet_step = unet_step
+
+    @torch.inference_mode()
+    def _unet_model_step(
+        self,
+        x: torch.Tensor,
+        ts: torch.Tensor,
+        emb: torch.Tensor,
+        eager: bool = False,
+        time_adds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`unet_step` on inputs already made for the model: x [B, 4, h, w] in the model dtype,
+        device and layout, ts [B], emb in the model dtype. Returns the raw model output (model dtype):
+        the denoising loop prepares and combines these with its own kernels (kernels/guidance.py)."""
+        self._ensure_layout()
         run = self._unet_graphs if self._unet_graphs is not None and eager is False else self._unet_forward
         extra = () if time_adds is None else (time_adds,)
-        return run(x, ts, text_embeddings.to(self.dtype), *extra).to(self.latent_dtype)
+        return run(x, ts, emb, *extra)
 
     def time_adds(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """The UNet's per-block time pre-adds of every timestep [S] -> [S, ΣC] (one batch for a whole
