@@ -91,6 +91,9 @@ def matmul_tflops(n: int = 8192) -> float:
 
 
 def git_commit() -> str:
+    """The code's commit: $SPEEDSD_COMMIT when set (a tree copied without its git metadata), else git's."""
+    if os.environ.get("SPEEDSD_COMMIT"):
+        return os.environ["SPEEDSD_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[3]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
@@ -104,7 +107,7 @@ def environment() -> dict[str, Any]:
     """Card, versions, date and commit: what every committed result names."""
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": os.environ.get("SPEEDSD_COMMIT") or git_commit(),
+        "commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
