@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import speedsd
+from interp_bounds import needs_interpreter
 from speedsd import denoise, ops
 from speedsd.models.layers import CrossKV
 from speedsd.models.unet import UNet2DCondition
@@ -79,6 +80,7 @@ def fused_fp32():
     return speedsd.load("random:tiny", device="cpu", dtype=torch.float32, flags=FUSED)
 
 
+@needs_interpreter  # CPU tensors through the kernels; on a GPU, test_graphs and the bench cover them
 @pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("scheduler", PLUMBING_SCHEDULERS)
 def test_fused_plumbing_matches_torch_path(fused_fp32, monkeypatch, scheduler: str, guidance: float) -> None:
@@ -94,6 +96,7 @@ def test_fused_plumbing_matches_torch_path(fused_fp32, monkeypatch, scheduler: s
     assert torch.isfinite(got).all() and got.abs().mean() > 0.1
 
 
+@needs_interpreter  # CPU tensors through the kernels; on a GPU, test_graphs and the bench cover them
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("guidance", [7.5, 1.0], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("scheduler", PLUMBING_SCHEDULERS)
@@ -180,6 +183,7 @@ def _count_one_step(pipe, monkeypatch, fused: bool, scheduler: str, guidance: fl
     return mode.ops
 
 
+@needs_interpreter  # CPU tensors through the kernels; on a GPU, test_graphs and the bench cover them
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 def test_fused_plumbing_launches_fewer_kernels(monkeypatch, scheduler: str) -> None:
     """fp16 model, channels_last, CFG on: the torch path's cat, cast, channels_last copy, timestep
@@ -199,6 +203,7 @@ def test_fused_plumbing_launches_fewer_kernels(monkeypatch, scheduler: str) -> N
     assert "_local_scalar_dense" not in fused_ops  # no host sync (the whole-loop graph captures this)
 
 
+@needs_interpreter  # CPU tensors through the kernels; on a GPU, test_graphs and the bench cover them
 def test_fused_plumbing_only_for_known_input_scalings() -> None:
     """A sampler whose scale_model_input the kernel path does not know keeps the torch path."""
     pipe = speedsd.load("random:tiny", device="cpu", dtype=torch.float32, flags=FUSED)
@@ -215,6 +220,7 @@ def test_fused_plumbing_only_for_known_input_scalings() -> None:
     assert not denoise.fused_plumbing(pipe, make_scheduler("ddim"), x.double())
 
 
+@needs_interpreter  # CPU tensors through the kernels; on a GPU, test_graphs and the bench cover them
 def test_whole_loop_capture_runs_the_kernel_path(monkeypatch) -> None:
     """denoise_graphed's loop calls denoise_steps(eager=True): that path uses the kernels too."""
     pipe = speedsd.load("random:tiny", device="cpu", dtype=torch.float16, flags=FUSED)

@@ -15,6 +15,7 @@ import torch
 
 import speedsd
 from checkpoints import make_diffusers_folder
+from interp_bounds import needs_interpreter
 from speedsd import ops
 from speedsd.pipeline import Pipeline
 
@@ -425,6 +426,7 @@ def _stand_in_unet(x: torch.Tensor, ts: torch.Tensor, emb: torch.Tensor, *adds: 
     return (x.float() * 0.9 + v).to(x.dtype)
 
 
+@needs_interpreter  # CPU tensors through the kernels
 def test_replaced_unet_step_bypasses_the_plumbing_kernels(monkeypatch) -> None:
     """With fused_epilogues the loop makes the UNet input and combines its output with its own kernels
     (speedsd.denoise), but a unet_step replaced on the instance (a wrapper) or overridden in a subclass
