@@ -6,7 +6,6 @@ Runs under the Triton interpreter on CPU; the SD shapes themselves are timed and
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 import pytest
@@ -94,26 +93,8 @@ def test_second_kernel_sum_equals_last_split_sum():
         assert int(ci._COUNTERS[x.device][-1].abs().sum()) == 0
 
 
-@pytest.mark.parametrize("label,shape,n,k,stride,pad", [s[:6] for s in SHAPES[:4]], ids=IDS[:4])
-def test_weight_by_tma_equals_pointer_loads(label, shape, n, k, stride, pad):
-    """Weight tiles by TMA descriptor (a channels_last weight viewed as [N, KH·KW·C]) read the same
-    numbers as pointer loads; an NCHW weight falls back to pointer loads."""
-    x, w, b = _inputs(shape, n, k, torch.float16)
-    cfg = SPLIT4 if n >= 32 else IgemmConfig(32, 16, 16, 1, 4, 2)
-    want = ci.conv2d_igemm(x, w, b, stride, pad, config=cfg)
-    tma = dataclasses.replace(cfg, tma=True)
-    torch.testing.assert_close(ci.conv2d_igemm(x, w, b, stride, pad, config=tma), want, atol=0, rtol=0)
-    w_nchw = w.contiguous()
-    torch.testing.assert_close(ci.conv2d_igemm(x, w_nchw, b, stride, pad, config=tma), want, atol=0, rtol=0)
-
-
 def test_config_key_round_trips():
-    for cfg in (
-        IgemmConfig(128, 16, 64, 5, 8, 4),
-        IgemmConfig(32, 64, 32, 3, 4, 2, last_sums=False),
-        IgemmConfig(64, 128, 128, 6, 4, 4, tma=True),
-        IgemmConfig(64, 128, 128, 6, 4, 4, last_sums=False, tma=True),
-    ):
+    for cfg in (IgemmConfig(128, 16, 64, 5, 8, 4), IgemmConfig(32, 64, 32, 3, 4, 2, last_sums=False)):
         assert IgemmConfig.parse(cfg.key()) == cfg
     with pytest.raises(ValueError, match="config key"):
         IgemmConfig.parse("m64n64")

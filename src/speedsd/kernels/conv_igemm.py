@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from speedsd.kernels.softmax_attention import dot_precision
 
@@ -53,20 +52,19 @@ class IgemmConfig:
     warps: int = 4
     stages: int = 3
     last_sums: bool = True  # split > 1: the tile's last split sums the partials (else a second kernel)
-    tma: bool = False  # weight tiles by TMA (Hopper+; a channels_last weight), else by pointer loads
 
     def key(self) -> str:
-        tail = ("" if self.last_sums else "r") + ("t" if self.tma else "")
+        tail = "" if self.last_sums else "r"
         return f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split}w{self.warps}p{self.stages}{tail}"
 
     @staticmethod
     def parse(key: str) -> IgemmConfig:
         """Inverse of :meth:`key` (the per-card table stores configs as these strings)."""
-        m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)s(\d+)w(\d+)p(\d+)(r?)(t?)", key)
+        m = re.fullmatch(r"m(\d+)n(\d+)k(\d+)s(\d+)w(\d+)p(\d+)(r?)", key)
         if m is None:
             raise ValueError(f"not an implicit-GEMM conv config key: {key!r}")
-        *sizes, two_kernel, tma = m.groups()
-        return IgemmConfig(*map(int, sizes), last_sums=not two_kernel, tma=bool(tma))
+        *sizes, tail = m.groups()
+        return IgemmConfig(*map(int, sizes), last_sums=not tail)
 
 
 # y (or the split's fp32 partial) [M, N] = Σ over this program's K-blocks of A[m-tile, k-block] @
@@ -78,7 +76,7 @@ def _conv_igemm_kernel(
     sxb, sxc, sxh, sxw, swn, swc, swh, sww,
     kb_per,
     KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    PARTIAL: tl.constexpr, LAST_SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, W_TMA: tl.constexpr,
+    PARTIAL: tl.constexpr, LAST_SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -97,8 +95,7 @@ def _conv_igemm_kernel(
     oy = r // Wo
     ox = r - oy * Wo
     x_row = x_ptr + b * sxb  # [BLOCK_M] pointers to each output pixel's image
-    if not W_TMA:
-        w_col = w_ptr + offs_n * swn  # [BLOCK_N] pointers to each output channel's filter
+    w_col = w_ptr + offs_n * swn  # [BLOCK_N] pointers to each output channel's filter
     c_blocks = C // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, kb_per):
@@ -112,11 +109,8 @@ def _conv_igemm_kernel(
         ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         a_ptrs = (x_row + iy * sxh + ix * sxw)[:, None] + c[None, :] * sxc  # [BLOCK_M, BLOCK_K]
         a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
-        if W_TMA:  # w_ptr is a descriptor of the weight as [N, KH·KW·C]
-            wt = tl.trans(w_ptr.load([pid_n * BLOCK_N, kb * BLOCK_K]))  # [BLOCK_N, BLOCK_K] -> [BLOCK_K, BLOCK_N]
-        else:
-            w_ptrs = (w_col + ky * swh + kx * sww)[None, :] + c[:, None] * swc  # [BLOCK_K, BLOCK_N]
-            wt = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        w_ptrs = (w_col + ky * swh + kx * sww)[None, :] + c[:, None] * swc  # [BLOCK_K, BLOCK_N]
+        wt = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         acc = tl.dot(a, wt, acc, input_precision=PREC)
     mask = m_ok[:, None] & n_ok[None, :]
     mn = offs_m[:, None] * N + offs_n[None, :]
@@ -223,15 +217,10 @@ def conv2d_igemm(
     counters = _counters(x.device, tiles) if last_sums else parts
     has_bias = bias is not None
     b_arg = bias if has_bias else weight
-    w_arg = weight
-    w_tma = cfg.tma and weight.is_contiguous(memory_format=torch.channels_last) and (kh * kw * c) % 8 == 0
-    if w_tma:  # [N, C, KH, KW] channels_last is [N, KH·KW·C] row-major: k = (ky·KW + kx)·C + c, as the kernel counts
-        w2 = weight.permute(0, 2, 3, 1).reshape(n, kh * kw * c)  # a view
-        w_arg = TensorDescriptor.from_tensor(w2, [cfg.block_n, cfg.block_k])
     _conv_igemm_kernel[(tiles, split)](
-        x, w_arg, b_arg, y, parts, counters, m, n, c, h, w, ho, wo, *x.stride(), *weight.stride(), k_blocks // split,
+        x, weight, b_arg, y, parts, counters, m, n, c, h, w, ho, wo, *x.stride(), *weight.stride(), k_blocks // split,
         KW=kw, STRIDE=stride, PAD=padding, PARTIAL=partial, LAST_SUMS=last_sums, HAS_BIAS=has_bias,
-        PREC=dot_precision(x.dtype), W_TMA=w_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PREC=dot_precision(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     if partial and not last_sums:
