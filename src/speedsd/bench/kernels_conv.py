@@ -41,9 +41,10 @@ SHAPES = [
     ("vae conv_out 128->3", (1, 128, 512, 512), 3, 3, 1, 1, 1),
 ]
 SMOKE = [("smoke 4² 32->48", (2, 32, 4, 4), 48, 3, 1, 1, 1), ("smoke N=3", (1, 16, 8, 8), 3, 3, 1, 1, 1)]
-TILES_WIDE = [(32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128)]
+# candidates, the likeliest first (the per-shape budget may stop the search early)
+TILES_WIDE = [(64, 128), (128, 64), (128, 128), (64, 64), (32, 128)]
 TILES_NARROW = [(64, 16), (128, 16), (256, 16)]
-LAUNCH = [(4, 3), (4, 4), (8, 3), (8, 4)]
+LAUNCH = [(4, 4), (8, 4), (4, 3), (8, 3)]
 SPLITS = [1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 15, 16, 18, 20]
 L2_BYTES = 50 * 2**20
 
@@ -52,7 +53,7 @@ def _configs(n: int, c: int, m: int, taps: int, device: torch.device) -> list[Ig
     tiles = TILES_NARROW if n <= 16 else TILES_WIDE
     out = []
     for bm, bn in tiles:
-        for bk in (16, 32, 64, 128):
+        for bk in (128, 64, 32, 16):
             if c % bk or (bk < 64 and c % 64 == 0):  # narrow K-blocks only where C needs them
                 continue
             for warps, stages in LAUNCH:
