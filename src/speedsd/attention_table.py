@@ -41,10 +41,16 @@ def choose(q_shape: torch.Size, k_shape: torch.Size, dtype: torch.dtype, card: s
     return "partial" if d > 256 else "sdpa"
 
 
-def merge_into(path: Path, card: str, table: dict) -> None:
-    """Record one card's measured table in the JSON (other cards' entries are kept)."""
+def write_card_table(path: Path, card: str, table: dict) -> None:
+    """Record one card's measured entries in a per-card JSON, ``{"cards": {card: table}}`` (other cards'
+    entries are kept). The attention and conv tables share this format."""
     data = json.loads(path.read_text()) if path.exists() else {}
     data.setdefault("cards", {})[card] = table
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def merge_into(path: Path, card: str, table: dict) -> None:
+    """Record one card's measured attention table (see :func:`write_card_table`)."""
+    write_card_table(path, card, table)
     _table.cache_clear()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from speedsd.attention_table import write_card_table
 from speedsd.kernels.conv_igemm import IgemmConfig
 
 TABLE_PATH = Path(__file__).parent / "data" / "conv_table.json"
@@ -46,9 +47,6 @@ def choose(
 
 
 def merge_into(path: Path, card: str, table: dict) -> None:
-    """Record one card's measured entries in the JSON (other cards' entries are kept)."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("cards", {})[card] = table
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    """Record one card's measured conv table (other cards' entries are kept)."""
+    write_card_table(path, card, table)
     _table.cache_clear()

@@ -48,6 +48,22 @@ def cfg_combine_ref(out: torch.Tensor, guidance_scale: float, out_dtype: torch.d
     return (uncond + guidance_scale * (cond - uncond)).to(out_dtype).contiguous()
 
 
+@triton.jit
+def _strided(o, C, H, W, s0, s1, s2, s3, CL: tl.constexpr):
+    # element o of an [N, C, H, W] tensor stored densely (channels_last order when CL, else NCHW) ->
+    # its offset in a tensor of strides (s0, s1, s2, s3)
+    if CL:
+        c = o % C
+        w = (o // C) % W
+        y = (o // (C * W)) % H
+    else:
+        w = o % W
+        y = (o // W) % H
+        c = (o // (H * W)) % C
+    n = o // (C * H * W)
+    return n * s0 + c * s1 + y * s2 + w * s3
+
+
 # x[r·N + n, c, y, w] = round(fp32(latents[n, c, y, w]) · scale) for each copy r < (2 if DUP else 1).
 # o runs over one half of x's dense storage (the batch is outermost in NCHW and NHWC storage, so the
 # second copy sits numel_half further on). (n, c, y, w) of o: NCHW  o = ((n·C + c)·H + y)·W + w,
@@ -63,16 +79,7 @@ def _cfg_input_kernel(
     if SAME:
         src = o
     else:
-        if CL:
-            c = o % C
-            w = (o // C) % W
-            y = (o // (C * W)) % H
-        else:
-            w = o % W
-            y = (o // W) % H
-            c = (o // (H * W)) % C
-        n = o // (C * H * W)
-        src = n * s0 + c * s1 + y * s2 + w * s3
+        src = _strided(o, C, H, W, s0, s1, s2, s3, CL)
     x = tl.load(src_ptr + src, mask=mask, other=0.0).to(tl.float32)
     if SCALED:
         x = x * scale
@@ -96,11 +103,7 @@ def _cfg_combine_kernel(
     if SAME:
         src = o
     else:
-        w = o % W
-        y = (o // W) % H
-        c = (o // (H * W)) % C
-        n = o // (C * H * W)
-        src = n * s0 + c * s1 + y * s2 + w * s3
+        src = _strided(o, C, H, W, s0, s1, s2, s3, False)
     u = tl.load(src_ptr + src, mask=mask, other=0.0).to(tl.float32)
     cond = tl.load(src_ptr + cond_off + src, mask=mask, other=0.0).to(tl.float32)
     y_out = u + g * (cond - u)
