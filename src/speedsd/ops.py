@@ -71,8 +71,9 @@ class Flags:
 
 
 # Named presets. "baseline" is the paper's starting point; "reference" is the plain-torch engine as a
-# user would write it (SDPA attention); "fast" is the fastest correct set measured on the H200. It
-# leaves Winograd off: the per-layer table's two winning layers changed the image time by < 0.05 ms
+# user would write it (SDPA attention); "fast" is the fastest correct set measured on the H200 and H100
+# (per-card tables pick the attention kernel and the implicit-GEMM convs shape by shape). It leaves
+# Winograd off: the per-layer table's two winning layers changed the image time by < 0.05 ms
 # end to end (bench/results/e2e.md) while their transformed filters held 146 MiB of extra memory.
 PRESETS: dict[str, Flags] = {
     "baseline": Flags(),
