@@ -114,8 +114,9 @@ def fused_plumbing(pipe: Any, sched: Any, latents: torch.Tensor) -> bool:
     overridden: wrappers and tests see its plain inputs), a sampler scaling listed in
     :data:`INPUT_SCALINGS`, fp32/fp16/bf16 models and latents on the model's device where Triton runs
     (ops' rule: CUDA, or the interpreter; elsewhere the flag raises as every fused kernel does)."""
-    cls = type(pipe)
-    own_step = "unet_step" not in vars(pipe) and getattr(cls, "unet_step", None) is getattr(cls, "_plain_unet_step", 0)
+    from speedsd.pipeline import Pipeline  # (pipeline imports this module)
+
+    own_step = "unet_step" not in vars(pipe) and getattr(type(pipe), "unet_step", None) is Pipeline.unet_step
     return (
         own_step
         and pipe.flags.fused_epilogues

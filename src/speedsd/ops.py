@@ -121,8 +121,13 @@ def using(flags: Flags) -> Iterator[Flags]:
         set_flags(prev)
 
 
+def _triton_runs(x: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on ``x``: a CUDA tensor, or any under the interpreter."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _kernel_ok(x: torch.Tensor, what: str) -> bool:
-    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if _triton_runs(x):
         return True
     raise RuntimeError(
         f"the {what} kernel was asked for on a {x.device.type} tensor; Triton kernels need CUDA "
@@ -214,7 +219,7 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
         and conv.padding == (1, 1)
     ):
         w4 = _subpixel_weight_for(conv, x.dtype)
-        if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        if _triton_runs(x):
             return subpixel_upsample_conv(x, w4, conv.bias)
         return phase_interleave_ref(F.conv2d(x, w4, None, padding=1), conv.bias)  # torch's interleave
     return conv2d_op(upsample_nearest2x_op(x), conv)
@@ -312,11 +317,11 @@ def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) ->
     flags = current()
     bias = conv.bias if with_bias else None
     if flags.winograd and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1):
-        if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        if _triton_runs(x):
             out = winograd_conv3x3_module(x, conv, bias=with_bias)
             if out is not None:  # None: the table says cuDNN wins on this layer
                 return out
-    if flags.igemm_conv and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if flags.igemm_conv and _triton_runs(x):
         out = _igemm_conv(x, conv, bias)
         if out is not None:
             return out

@@ -212,10 +212,6 @@ class Pipeline:
         ts = torch.as_tensor(t, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()  # scalar -> [N]
         return self._unet_model_step(x, ts, text_embeddings.to(self.dtype), eager, time_adds).to(self.latent_dtype)
 
-    # The loop (speedsd.denoise) bypasses unet_step for :meth:`_unet_model_step` only while ``unet_step``
-    # is this function: one replaced on the instance or overridden in a subclass is called as before.
-    _plain_unet_step = unet_step
-
     @torch.inference_mode()
     def _unet_model_step(
         self,

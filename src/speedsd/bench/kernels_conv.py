@@ -52,16 +52,15 @@ L2_BYTES = 50 * 2**20
 def _configs(n: int, c: int, m: int, taps: int, device: torch.device) -> list[IgemmConfig]:
     tiles = TILES_NARROW if n <= 16 else TILES_WIDE
     out = []
+    base = ci.default_config(m, n, c, taps, device)
     for bm, bn in tiles:
+        tiles_mn = math.ceil(m / bm) * math.ceil(n / bn)
         for bk in (128, 64, 32, 16):
             if c % bk or (bk < 64 and c % 64 == 0):  # narrow K-blocks only where C needs them
                 continue
-            for warps, stages in LAUNCH:
-                base = ci.default_config(m, n, c, taps, device)
-                tiles_mn = math.ceil(m / bm) * math.ceil(n / bn)
-                split = max(1, min(base.split * base.block_m * base.block_n // (bm * bn), taps * c // bk // 4, 16))
-                split = split if tiles_mn < 2 * 132 else 1
-                out.append(IgemmConfig(bm, bn, bk, split, warps, stages))
+            split = max(1, min(base.split * base.block_m * base.block_n // (bm * bn), taps * c // bk // 4, 16))
+            split = split if tiles_mn < 2 * 132 else 1
+            out.extend(IgemmConfig(bm, bn, bk, split, warps, stages) for warps, stages in LAUNCH)
     return out
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from speedsd.kernels.device import sm_count
 from speedsd.kernels.softmax_attention import dot_precision
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -150,9 +151,9 @@ def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """The device's SMs (cached, kernels/device.py); an H100's 132 under the interpreter, so the CPU
+    tests split K as the GPU would."""
+    return sm_count(device) if device.type == "cuda" else 132
 
 
 def default_config(m: int, n: int, c: int, taps: int, device: torch.device) -> IgemmConfig:
