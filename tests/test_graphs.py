@@ -27,6 +27,27 @@ def test_graph_cache_replays_and_recaptures():
     torch.testing.assert_close(g(x, y), fn(x, y))
 
 
+def test_capture_after_runs_new_signatures_eagerly_first():
+    calls = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return x * 2 + 1
+
+    g = GraphCache(fn, capture_after=1)
+    x = torch.randn(8, device="cuda") + 0.5
+    assert torch.equal(g(x), x * 2 + 1) and g.captures == 0 and len(calls) == 1  # eager
+    assert torch.equal(g(x), x * 2 + 1) and g.captures == 1 and len(calls) == 3  # warm-up + capture
+    y = torch.randn(8, device="cuda") - 0.5
+    assert torch.equal(g(y), y * 2 + 1) and len(calls) == 3  # replayed: fn not called
+    z = torch.randn(5, device="cuda")
+    assert torch.equal(g(z), z * 2 + 1) and g.captures == 1 and len(calls) == 4  # new shape: eager again
+    g.reset()
+    assert torch.equal(g(y), y * 2 + 1) and g.captures == 1 and len(calls) == 5  # after reset: eager first
+    with pytest.raises(ValueError, match="capture_after"):
+        GraphCache(fn, capture_after=-1)
+
+
 def test_graph_output_is_not_aliased():
     g = GraphCache(lambda x: x * 2)
     a = g(torch.ones(4, device="cuda"))
@@ -41,7 +62,7 @@ def test_engine_graphs_match_eager_and_fidelity():
 
     pipe = speedsd.load("random:tiny", device="cuda", dtype=torch.float16, flags=ops.PRESETS["fast"])
     eager = pipe.with_flags(ops.PRESETS["fast"].replace(cuda_graphs=False))
-    for size in (64, 96, 64):
+    for size in (64, 96, 64, 64):  # 64: the first image runs eagerly, the second captures, the third replays
         kw = dict(steps=3, height=size, width=size, seed=7, output="tensor")
         torch.testing.assert_close(pipe("a cat", **kw), eager("a cat", **kw), atol=2e-3, rtol=0)
 

@@ -167,7 +167,8 @@ def denoise_graphed(
     """The whole loop (every UNet step, CFG and sampler update) replayed from ONE CUDA graph.
 
     The sampler's per-step numbers are Python floats, so a graph is captured per (sampler, its
-    config, timesteps, guidance) and input shapes; each capture runs the loop once eagerly first.
+    config, timesteps, guidance) and input shapes. The first call of a key runs the loop eagerly, the
+    second captures it (after an eager warm-up on the capture stream), later ones replay.
     Samplers that draw noise are never captured. None: capture failed, use the per-step path.
     """
     key = (type(sched).__name__, repr(sched.config), tuple(int(t) for t in timesteps), float(guidance_scale))
@@ -186,7 +187,8 @@ def denoise_graphed(
             with pipe.unet.context_scope():
                 return denoise_steps(pipe, s, timesteps, x, e, guidance_scale, None, None, ts, eager=True)
 
-        cache = GraphCache(loop, max_entries=2, pool=pipe._pool, eager_fallback=False)
+        # the first image with these settings runs the loop eagerly; the second captures it
+        cache = GraphCache(loop, max_entries=2, pool=pipe._pool, eager_fallback=False, capture_after=1)
         pipe._loop_graphs[key] = cache
         if len(pipe._loop_graphs) > MAX_LOOP_GRAPHS:
             pipe._loop_graphs.popitem(last=False)

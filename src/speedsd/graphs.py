@@ -78,14 +78,23 @@ class GraphCache:
         warmup: int = 1,
         pool: tuple[int, int] | None = None,
         eager_fallback: bool = True,
+        capture_after: int = 0,
     ) -> None:
         """``pool``: a ``torch.cuda.graph_pool_handle()`` shared with other caches whose graphs never run
         concurrently with these (the UNet step and the VAE decode), so their activations share memory.
         ``eager_fallback=False``: a failed capture raises instead of running ``fn`` eagerly (for callers
-        with a better fallback of their own)."""
+        with a better fallback of their own). ``capture_after``: run a new signature eagerly on its
+        first ``capture_after`` calls and capture on the next one. For a function called once per image
+        (the whole denoising loop, the VAE decode) 1 makes the first image cost one eager run instead
+        of a warm-up run, a capture and a replay: a process that makes one image never records graphs
+        it would not replay, and the second image pays for the capture instead."""
+        if capture_after < 0:
+            raise ValueError(f"capture_after must be >= 0, got {capture_after}")
         self.fn = fn
         self.max_entries = max_entries
         self.warmup = warmup
+        self.capture_after = capture_after
+        self._calls: OrderedDict[Signature, int] = OrderedDict()  # eager calls so far, per uncaptured signature
         self._entries: OrderedDict[Signature, _Entry] = OrderedDict()
         self._shared_pool = pool
         self._pool = pool
@@ -97,6 +106,7 @@ class GraphCache:
         """Drop every captured graph (after weights or flags change)."""
         self._entries.clear()
         self._eager.clear()
+        self._calls.clear()
         self._pool = self._shared_pool
 
     def __len__(self) -> int:
@@ -109,7 +119,14 @@ class GraphCache:
         if key in self._eager:
             return self.fn(*args)
         entry = self._entries.get(key)
+        if entry is None and self._calls.get(key, 0) < self.capture_after:
+            self._calls[key] = self._calls.get(key, 0) + 1
+            self._calls.move_to_end(key)
+            if len(self._calls) > 4 * self.max_entries:
+                self._calls.popitem(last=False)
+            return self.fn(*args)
         if entry is None:
+            self._calls.pop(key, None)
             try:
                 entry = self._capture(args)
             except RuntimeError as e:  # a library call refused capture: run this signature eagerly

@@ -107,9 +107,10 @@ class Pipeline:
         if self.flags.cuda_graphs and self.device.type == "cuda":
             pool = torch.cuda.graph_pool_handle()  # these run one after another: one memory pool
             self._pool = pool
-            self._text_graphs = GraphCache(self._text_forward, max_entries=4, pool=pool)
+            # once-per-image functions run eagerly on their first call (see GraphCache's capture_after)
+            self._text_graphs = GraphCache(self._text_forward, max_entries=4, pool=pool, capture_after=1)
             self._unet_graphs = GraphCache(self._unet_forward, pool=pool)
-            self._decode_graphs = GraphCache(self._vae_decode, max_entries=4, pool=pool)
+            self._decode_graphs = GraphCache(self._vae_decode, max_entries=4, pool=pool, capture_after=1)
         self._layout_version = -1
         self._ensure_layout()
 

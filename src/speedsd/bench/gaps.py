@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = speedsd.load(a.model)
     kw = dict(steps=a.steps, height=a.size, width=a.size, seed=0, output="tensor")
     image = lambda: pipe("a photograph of an astronaut riding a horse", **kw)
-    image(), image()  # captures, then one replay
+    image(), image(), image()  # eager, captures, then one replay
     torch.cuda.synchronize()
     r = kernel_gaps(image)
     print(f"kernels {r['kernels']}  span {r['span_us'] / 1e3:.2f} ms  busy {r['busy_us'] / 1e3:.2f} ms")
