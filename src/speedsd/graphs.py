@@ -124,7 +124,7 @@ class GraphCache:
             self._calls.move_to_end(key)
             if len(self._calls) > 4 * self.max_entries:
                 self._calls.popitem(last=False)
-            return self.fn(*args)
+            return self._eager_on_warmup_stream(args)
         if entry is None:
             self._calls.pop(key, None)
             try:
@@ -150,6 +150,18 @@ class GraphCache:
         # The output buffer is overwritten by the next replay: callers that keep it (PNDM's history)
         # must not alias it, so hand out a copy (tiny next to the step itself).
         return entry.output.clone()
+
+    def _eager_on_warmup_stream(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``fn(*args)`` eagerly on the stream the warm-ups and captures use: cuBLAS keeps a workspace
+        per stream (32 MiB on Hopper), so an eager run on the current stream would add one for good."""
+        current = torch.cuda.current_stream(args[0].device)
+        stream = _warmup_stream(args[0].device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            out = self.fn(*args)
+        current.wait_stream(stream)
+        out.record_stream(current)  # made on the side stream, used and freed on the current one
+        return out
 
     def _capture(self, args: tuple[torch.Tensor, ...]) -> _Entry:
         static = [a.detach().clone(memory_format=torch.preserve_format) for a in args]
