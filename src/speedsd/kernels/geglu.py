@@ -224,11 +224,13 @@ def ff_heuristic_config(m: int, f: int, k: int) -> dict[str, int]:
     return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)
 
 
-# Measured on the H200 (bench/results/kernels.md, CUDA-graph replay, SD-1.4 UNet feed-forwards):
-# the fused kernel with the heuristic tiles wins at M = 8192 (53 µs vs cuBLAS+geglu 80, torch 99) and
-# M = 128 (30 vs 33); in between cuBLAS's GEMM plus our one-pass GEGLU wins (M = 2048: 38 vs 53;
-# M = 512: 35 vs 47). Autotuning picked worse configs than the heuristic in 3 of 4 shapes.
-FUSED_MIN_M, FUSED_MAX_SMALL_M = 4096, 256
+# Measured (CUDA-graph replay, SD-1.4 UNet feed-forwards): the fused kernel with the heuristic tiles
+# wins at M = 8192 (H200 ff_sweep_h200.json: 49.7 µs vs cuBLAS with the bias + geglu 52.6; H100
+# ff_epilogue_ab_h100.json: 49.2 vs 60.1); cuBLAS's GEMM plus our one-pass GEGLU wins below (M = 2048:
+# 35.0 vs 47.6, M = 512: 30.0 vs 41.5, M = 128: 10.4 vs 14.2 on the H200; 13.1 vs 14.3 at M = 128 on the
+# H100). A sweep of 49-90 tile/warp/stage configs a shape (ff_sweep_h200.json) found at most 5 % over the
+# heuristic at M = 8192 and none that beat cuBLAS below it.
+FUSED_MIN_M, FUSED_MAX_SMALL_M = 4096, 0
 
 
 def ff_plan(m: int) -> str:
