@@ -146,15 +146,25 @@ def group_norm_op(
     eps: float,
     silu: bool = False,
     add: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """GroupNorm(x + add) over [N, C, *spatial] with an optional SiLU fused after the affine.
 
     ``add``: None, or a [C] / [N, C] vector broadcast over the spatial dims (a conv bias plus the time
     embedding), added inside the kernel so x + add is never written.
+    ``inplace``: x is dead after this call, so the kernel may write the result over it (every kernel
+    path reads a value before writing it; kernels/group_norm.py). The reference path and non-dense x
+    return a new tensor: callers rebind (``h = norm(h, inplace=True)``) so x is freed either way.
     """
     if current().group_norm and _kernel_ok(x, "group_norm"):
-        return group_norm(x, num_groups, weight, bias, eps, silu=silu, add=add)
+        out = x if inplace and _dense(x) else None
+        return group_norm(x, num_groups, weight, bias, eps, silu=silu, add=add, out=out)
     return group_norm_ref(x, num_groups, weight, bias, eps, silu=silu, add=add)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """NCHW-contiguous or channels_last: a layout the kernels read directly (no copy)."""
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -221,7 +231,7 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
         w4 = _subpixel_weight_for(conv, x.dtype)
         if _triton_runs(x):
             return subpixel_upsample_conv(x, w4, conv.bias)
-        return phase_interleave_ref(F.conv2d(x, w4, None, padding=1), conv.bias)  # torch's interleave
+        return subpixel_upsample_conv(x, w4, conv.bias, interleave=phase_interleave_ref)  # torch's interleave
     return conv2d_op(upsample_nearest2x_op(x), conv)
 
 

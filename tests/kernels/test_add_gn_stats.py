@@ -86,6 +86,23 @@ def test_shared_statistics_match_group_norm_bit_for_bit(monkeypatch, forced_plan
     assert not hasattr(y, ags.ATTR)  # consumed
 
 
+@pytest.mark.parametrize("forced_plan", list(PLANS), indirect=True)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_group_norm_in_place_takes_the_statistics_first(monkeypatch, forced_plan, layout):
+    """GroupNorm writing over the tensor that carries the statistics (the VAE decoder's norm1)."""
+    if forced_plan == "grouped" and layout == "nchw":
+        pytest.skip("the grouped plan is channels_last only")
+    h, b, r = _inputs((1, 24, 7, 5), layout, torch.float32)
+    w, gb = _affine(24, torch.float32)
+    y = ags.add_with_group_norm_stats(h, b, r, 4)
+    want = gn.group_norm(y.clone(), 4, w, gb, 1e-5, silu=True)  # a clone carries none: its own statistics
+    monkeypatch.setattr(gn, "_gn_stats_kernel", _NoLaunch())
+    monkeypatch.setattr(gn, "_gn_rows_cl_stats_kernel", _NoLaunch())
+    got = gn.group_norm(y, 4, w, gb, 1e-5, silu=True, out=y)
+    assert got is y and torch.equal(got, want)
+    assert not hasattr(y, ags.ATTR)  # y now holds other values: its statistics are gone
+
+
 @pytest.mark.parametrize("forced_plan", ["grouped"], indirect=True)
 def test_in_place_and_stale_statistics_are_not_used(forced_plan):
     h, b, r = _inputs((2, 64, 8, 8), "channels_last", torch.float32)

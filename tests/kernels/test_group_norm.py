@@ -316,3 +316,41 @@ def test_pre_add_bad_arguments_raise():
             group_norm(x, 4, add=bad.to(DEVICE))
     with pytest.raises(ValueError, match="add must be"):
         group_norm(x, 4, add=torch.ones(12, device="meta"))
+
+
+# ---- in place (out=x): ResnetBlock2D's norm2 over conv1's output, the VAE decoder's norm1 over its input
+
+
+@pytest.mark.parametrize("with_add", [False, True], ids=["plain", "pre-add"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_in_place_is_bit_identical(path, layout, with_add):
+    """Every kernel (one-tile rows / blocks, two-sweep loop, split, grouped split) over its own input."""
+    shape, groups = (2, 24, 5, 7), 4
+    x = _input(shape, layout)
+    w, b = _affine(shape[1])
+    add = _add(shape[0], shape[1], "NC", torch.float32) if with_add else None
+    want = group_norm(x, groups, w, b, 1e-5, True, add=add, **PATHS[path])
+    y = group_norm(x, groups, w, b, 1e-5, True, add=add, out=x, **PATHS[path])
+    assert y is x and torch.equal(y, want)
+
+
+def test_ops_in_place_only_where_the_kernel_writes():
+    from speedsd import ops
+
+    x = _input((2, 16, 4, 6), "channels_last")
+    w, b = _affine(16)
+    want = F.silu(F.group_norm(x, 4, w, b, 1e-6))
+    with ops.using(ops.Flags(group_norm=True)):
+        x1 = x.clone()
+        y = ops.group_norm_op(x1, 4, w, b, 1e-6, silu=True, inplace=True)
+        assert y is x1
+        torch.testing.assert_close(y, want, atol=2e-5, rtol=2e-5)
+        x2 = _input((2, 16, 4, 12), "nchw")[..., ::2]  # not dense: the kernel reads a copy, x2 stays
+        x2_before = x2.clone()
+        y = ops.group_norm_op(x2, 4, w, b, 1e-6, silu=True, inplace=True)
+        assert y is not x2 and torch.equal(x2, x2_before)
+        torch.testing.assert_close(y, F.silu(F.group_norm(x2, 4, w, b, 1e-6)), atol=2e-5, rtol=2e-5)
+    x3 = x.clone()
+    y = ops.group_norm_op(x3, 4, w, b, 1e-6, silu=True, inplace=True)  # the reference: a new tensor
+    assert y is not x3 and torch.equal(x3, x) and torch.equal(y, want)

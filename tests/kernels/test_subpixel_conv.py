@@ -6,12 +6,14 @@ Runs under the Triton interpreter on CPU: small shapes with SD's ratios and odd 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from interp_bounds import bounds_checked
 from precision import INTERPRET
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,3 +212,103 @@ def test_bad_arguments_raise():
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             fn()
+
+
+# ---- one phase at a time (the low-memory form above PHASE_SPLIT_BYTES) ---------------------------
+
+
+def _one_phase(p, k, c, layout):
+    return p[:, k * c : (k + 1) * c].contiguous(memory_format=FORMATS[layout])  # [N, C, H+1, W+1]
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype,dname", DTYPES, ids=[d for _, d in DTYPES])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("label,shape", [SHAPES[i] for i in (0, 3, 6)], ids=[SHAPE_IDS[i] for i in (0, 3, 6)])
+def test_interleave_one_phase_at_a_time_equals_all_phases(label, shape, layout, dtype, dname, with_bias):
+    n, _, c, h, w = shape
+    p = _phase_input(n, c, h, w, dtype, layout)
+    bias = _randn((c,), dtype, mean=0.3, std=1.0) if with_bias else None
+    want = sc.phase_interleave(p, bias)
+    y = torch.full_like(want, float("nan"))  # poisoned: each call must write exactly its own phase
+    y6 = y.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # [N, C, H, 2, W, 2] view: [..., a, :, b] is phase 2a+b
+    for k in range(4):
+        pk = _one_phase(p, k, c, layout)
+        with bounds_checked() if INTERPRET else contextlib.nullcontext():  # every active lane inside p_k, bias, y
+            assert sc.phase_interleave(pk, bias, phase=k, out=y) is y
+        a, b = divmod(k, 2)
+        assert not torch.isnan(y6[:, :, :, a, :, b]).any()
+        for later in range(k + 1, 4):  # not written yet
+            assert torch.isnan(y6[:, :, :, later // 2, :, later % 2]).all()
+    assert torch.equal(_bits(y), _bits(want))
+    ref = None
+    for k in range(4):  # the torch reference in the same form
+        ref = sc.phase_interleave_ref(_one_phase(p, k, c, layout), bias, phase=k, out=ref)
+    assert ref.stride() == want.stride()
+    if not (INTERPRET and dtype == torch.bfloat16 and with_bias):  # interpreter truncates to bf16 (above)
+        assert torch.equal(_bits(ref), _bits(want))
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("label,shape", [SHAPES[i] for i in (2, 5)], ids=[SHAPE_IDS[i] for i in (2, 5)])
+def test_upsample_conv_by_phase_is_bit_identical(label, shape, layout, with_bias):
+    """Four phase convs (W4's row blocks) + one-phase interleaves == one conv + the four-phase interleave."""
+    x, weight, bias = _problem(shape, torch.float32, layout, with_bias)
+    w4 = sc.subpixel_weight(weight)
+    one = sc.subpixel_upsample_conv(x, w4, bias, by_phase=False)
+    split = sc.subpixel_upsample_conv(x, w4, bias, by_phase=True)
+    assert split.stride() == one.stride()
+    if DEVICE == "cuda":  # cuDNN may pick another algorithm for Co than for 4·Co output channels (the fp16
+        # SD shapes are checked for bit equality by bench/kernels_subpixel and bench/memory_probe trace)
+        torch.testing.assert_close(split, one, atol=1e-5, rtol=1e-5)
+        return
+    assert torch.equal(split, one)
+    ref = sc.subpixel_upsample_conv(x, w4, bias, by_phase=True, interleave=sc.phase_interleave_ref)
+    assert torch.equal(ref, sc.subpixel_upsample_conv(x, w4, bias, by_phase=False, interleave=sc.phase_interleave_ref))
+    assert torch.equal(ref, one)
+
+
+def test_phase_split_threshold(monkeypatch):
+    """By default the split follows the size of P [N, 4·Co, H+1, W+1] against PHASE_SPLIT_BYTES."""
+    x, weight, bias = _problem((1, 8, 6, 3, 4), torch.float32, "channels_last", True)
+    w4 = sc.subpixel_weight(weight)
+    p_bytes = 4 * 6 * 4 * 5 * 4
+    calls = []
+
+    def counting(p, bias, **kw):
+        calls.append(kw.get("phase"))
+        return sc.phase_interleave(p, bias, **kw)
+
+    for limit, want in [(p_bytes, [None]), (p_bytes - 1, [0, 1, 2, 3])]:
+        monkeypatch.setattr(sc, "PHASE_SPLIT_BYTES", limit)
+        calls.clear()
+        sc.subpixel_upsample_conv(x, w4, bias, interleave=counting)
+        assert calls == want
+    calls.clear()
+    sc.subpixel_upsample_conv(x.contiguous(), w4, bias, interleave=counting)  # NCHW: one conv unless asked
+    assert calls == [None]
+    # SD's VAE decoder at 512²: the last upsampler (P 129 MiB) splits, the one before (65 MiB) does not
+    monkeypatch.undo()
+
+    def meta(c, hw):
+        return torch.empty(1, c, hw, hw, dtype=torch.float16, device="meta", memory_format=torch.channels_last)
+
+    assert sc.splits_by_phase(meta(256, 256), 256) and not sc.splits_by_phase(meta(256, 256).contiguous(), 256)
+    assert not sc.splits_by_phase(meta(512, 128), 512)
+
+
+def test_phase_bad_arguments_raise():
+    p = _phase_input(1, 6, 3, 3, torch.float32, "channels_last", poison=False)
+    y = sc.phase_interleave(p, None)
+    cases = [
+        (lambda: sc.phase_interleave(p[:, :6], None, phase=4), "phase must be 0..3"),
+        (lambda: sc.phase_interleave(p[:, :6, 0], None, phase=1), r"phase 1's p \[N, C, H\+1, W\+1\]"),
+        (lambda: sc.phase_interleave(p[:, :6], None, phase=0, out=y[:, :, :4]), r"out must be a dense \[1, 6, 6, 6\]"),
+        (lambda: sc.phase_interleave(p[:, :6], None, phase=0, out=y.half()), "out must be"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn()
+    with pytest.raises(ValueError, match="out must be a dense"):
+        sc.phase_interleave(p[:, :6], None, phase=0, out=torch.empty(1, 6, 6, 12)[..., ::2])

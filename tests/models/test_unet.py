@@ -166,6 +166,23 @@ def test_other_flags_match_diffusers(flags: ops.Flags) -> None:
     assert _rel(got, want) <= RTOL
 
 
+@torch.no_grad()
+def test_fused_path_leaves_inputs_unchanged() -> None:
+    """The fused path's norms write in place over the blocks' own tensors only: the inputs stay as they
+    were, and so do the skip connections (else the output would leave diffusers')."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (CUDA machines: tests/test_graphs.py)")
+    ref, ours = _models("sd1-tiny")
+    x, ctx = _inputs(TINY_SD1, 2, 8, 8)
+    t = torch.tensor([400, 30])
+    want = ref(x, t, ctx).sample
+    x0, ctx0, t0 = x.clone(), ctx.clone(), t.clone()
+    with ops.using(ops.PRESETS["fast"].replace(cuda_graphs=False)):
+        got = ours(x, t, ctx)
+    assert torch.equal(x, x0) and torch.equal(ctx, ctx0) and torch.equal(t, t0)
+    assert _rel(got, want) <= RTOL
+
+
 # ---- config ------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,9 @@ Shapes (N, C, H=W) of the upsampler inputs (C -> C conv after nearest 2x): the V
 weights channels_last too. Per shape:
 
   (a) "up+conv": ``upsample_nearest2x(x)`` (speedsd's kernel), then ``F.conv2d(u, W, b, padding=1)``
-  (b) "subpixel": ``subpixel_upsample_conv(x, W4, b)``, W4 = ``subpixel_weight(W)`` prepared once
+  (b) "subpixel": ``subpixel_upsample_conv(x, W4, b)``, W4 = ``subpixel_weight(W)`` prepared once; it runs
+      the four phase convs one at a time where P exceeds ``PHASE_SPLIT_BYTES`` (the VAE's 256² input):
+      both forms are also timed on every shape, "one conv" (``by_phase=False``) and "by phase" (``True``)
   (c) "conv only": ``F.conv2d(x, W4, None, padding=1)``, the conv inside (b)
   (d) "torch": ``F.interpolate`` + ``F.conv2d`` (for reference)
 
@@ -87,6 +89,12 @@ def bench_shape(model: str, n: int, c: int, h: int, device: str) -> dict[str, An
     def ours_b() -> torch.Tensor:
         return sc.subpixel_upsample_conv(x, w4, b)
 
+    def one_conv() -> torch.Tensor:
+        return sc.subpixel_upsample_conv(x, w4, b, by_phase=False)
+
+    def by_phase() -> torch.Tensor:
+        return sc.subpixel_upsample_conv(x, w4, b, by_phase=True)
+
     def conv_c() -> torch.Tensor:
         return F.conv2d(x, w4, None, padding=1)
 
@@ -108,13 +116,23 @@ def bench_shape(model: str, n: int, c: int, h: int, device: str) -> dict[str, An
         "rel_err_a": rel_a,
         "rel_err_b": rel_b,
         "correct": bool(ok),
+        "b_by_phase": sc.splits_by_phase(x, c),
+        "phases_bit_identical": bool(torch.equal(one_conv(), by_phase())),  # cuDNN: Co vs 4·Co output channels
     }
     timer = _timer(device)
     prev = torch.backends.cudnn.benchmark
     try:
         for algo in ALGOS if device == "cuda" else ALGOS[:1]:
             torch.backends.cudnn.benchmark = algo == "benchmark"
-            t = {k: timer(fn) for k, fn in (("a", ours_a), ("b", ours_b), ("c", conv_c), ("torch", torch_d))}
+            fns = (
+                ("a", ours_a),
+                ("b", ours_b),
+                ("one", one_conv),
+                ("phases", by_phase),
+                ("c", conv_c),
+                ("torch", torch_d),
+            )
+            t = {k: timer(fn) for k, fn in fns}
             row[algo] = {
                 **{f"{k}_us": v for k, v in t.items()},
                 "speedup_b_vs_a": t["a"] / t["b"],
@@ -144,7 +162,11 @@ def run(device: str = "cuda", smoke: bool = False) -> dict[str, Any]:
                 _print(r)
     finally:
         torch.backends.cudnn.allow_tf32 = prev_tf32
-    summary: dict[str, Any] = {"correct": f"{sum(r['correct'] for r in rows)}/{len(rows)}", "errors": len(errors)}
+    summary: dict[str, Any] = {
+        "correct": f"{sum(r['correct'] for r in rows)}/{len(rows)}",
+        "phases_bit_identical": f"{sum(r['phases_bit_identical'] for r in rows)}/{len(rows)}",
+        "errors": len(errors),
+    }
     for algo in ALGOS:
         sel = [r[algo] for r in rows if algo in r]
         if sel:
@@ -158,9 +180,11 @@ def _print(r: dict[str, Any]) -> None:
             t = r[algo]
             print(
                 f"{r['model']:5s} {r['shape']:>15s} {algo:9s} up+conv {t['a_us']:8.1f} us  "
-                f"subpixel {t['b_us']:8.1f} us (conv {t['c_us']:8.1f})  torch {t['torch_us']:8.1f} us  "
+                f"subpixel {t['b_us']:8.1f} us (conv {t['c_us']:8.1f}; one conv {t['one_us']:8.1f}, by phase "
+                f"{t['phases_us']:8.1f}{', used' if r['b_by_phase'] else ''})  torch {t['torch_us']:8.1f} us  "
                 f"x{t['speedup_b_vs_a']:4.2f}  "
-                f"max err a {r['max_err_a']:.2e} b {r['max_err_b']:.2e}  ok={r['correct']}",
+                f"max err a {r['max_err_a']:.2e} b {r['max_err_b']:.2e}  ok={r['correct']}  "
+                f"phases bit-identical={r['phases_bit_identical']}",
                 flush=True,
             )
 
@@ -169,8 +193,9 @@ def _f(v: Any, nd: int = 1) -> Any:
     return "-" if v is None else round(v, nd) if isinstance(v, float) else v
 
 
-COLS = ["model", "shape", "cuDNN algo", "(a) up+conv us", "(b) subpixel us", "(c) conv of (b) us", "torch us",
-        "a/b", "TFLOP/s a", "TFLOP/s b", "max err a", "max err b", "rel err a", "rel err b", "ok"]  # fmt: skip
+COLS = ["model", "shape", "cuDNN algo", "(a) up+conv us", "(b) subpixel us", "(b) by phase?", "(b) one conv us",
+        "(b) by phase us", "(c) one conv's conv us", "torch us", "a/b", "TFLOP/s a", "TFLOP/s b", "max err a",
+        "max err b", "rel err a", "rel err b", "ok"]  # fmt: skip
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -180,7 +205,8 @@ def markdown(res: dict[str, Any]) -> str:
             if algo in r:
                 t = r[algo]
                 table.append(
-                    [r["model"], r["shape"], algo, _f(t["a_us"]), _f(t["b_us"]), _f(t["c_us"]), _f(t["torch_us"]),
+                    [r["model"], r["shape"], algo, _f(t["a_us"]), _f(t["b_us"]), r["b_by_phase"], _f(t["one_us"]),
+                     _f(t["phases_us"]), _f(t["c_us"]), _f(t["torch_us"]),
                      _f(t["speedup_b_vs_a"], 2), _f(t["tflops_a"]), _f(t["tflops_b"]), f"{r['max_err_a']:.2e}",
                      f"{r['max_err_b']:.2e}", f"{r['rel_err_a']:.2e}", f"{r['rel_err_b']:.2e}", r["correct"]]
                 )  # fmt: skip
@@ -196,6 +222,7 @@ def markdown(res: dict[str, Any]) -> str:
             "## Sub-pixel upsample-conv (fp16 channels_last): (a) upsample_nearest2x + conv3x3 vs "
             "(b) subpixel_upsample_conv (CUDA-graph replay)\n",
             f"Correct: {s['correct']} (errors vs fp64 over the top/bottom {BAND}-row bands; ok: rel err b <= 2 a).\n",
+            f"By phase bit-identical to one conv: {s['phases_bit_identical']} shapes.\n",
             *sums,
             "",
             common.md_table(COLS, table),

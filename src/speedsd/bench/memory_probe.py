@@ -2,8 +2,9 @@
 
     python -m speedsd.bench.memory_probe <variant>     # prints one line: RESULT {json}
 
-Variants: ``current`` (the default pipeline), ``trace`` (also logs memory around every graph capture
-and the eager live peaks of the VAE decode and a UNet step), ``decode_first`` (the VAE decode graph
+Variants: ``current`` (the default pipeline), ``trace`` (also logs memory around every graph capture,
+the eager live peaks of the VAE decode and a UNet step, and the decode's live peak and image per
+decoder order: ``vae_orders``, see _decoder_orders), ``decode_first`` (the VAE decode graph
 captured before the denoising loop's), ``eager_vae`` (no VAE decode graph), ``nographs``; run with
 PYTORCH_CUDA_ALLOC_CONF set for allocator variants. Reports the first image's peak allocated and
 reserved memory, what the allocator holds afterwards, and the reserved/allocated MiB per memory pool
@@ -123,6 +124,7 @@ def main() -> None:
             fn()
             torch.cuda.synchronize()
             res[name + "_live_peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / MiB)
+        res["vae_orders"] = _decoder_orders(p, z)
         # where in the decoder the live set peaks
         marks = []
         hooks = [
@@ -141,6 +143,37 @@ def main() -> None:
             h.remove()
         res["vae_marks"] = marks
     print("RESULT " + json.dumps(res))
+
+
+def _decoder_orders(p, z: torch.Tensor) -> dict:
+    """Eager VAE decode live peak (MiB over what was allocated before) per order: ``plain`` (the decoder
+    keeps its activations, one conv per upsampler), ``owned`` (Owned boxes: blocks overwrite and free
+    them), ``phases`` (upsamplers above PHASE_SPLIT_BYTES one phase at a time), ``both`` (the default);
+    and whether each image is bit-identical to plain's (cuDNN runs four convs of Co channels for one of
+    4·Co: equal as long as it keeps the same reduction order)."""
+    from speedsd.kernels import subpixel_conv
+
+    split, consume = subpixel_conv.PHASE_SPLIT_BYTES, p.vae.decoder.consume
+    out, ref = {}, None
+    try:
+        for name, owned, phases in [("plain", 0, 0), ("owned", 1, 0), ("phases", 0, 1), ("both", 1, 1)]:
+            p.vae.decoder.consume = bool(owned)
+            subpixel_conv.PHASE_SPLIT_BYTES = split if phases else 2**62
+            p._vae_decode(z)  # warm (cuDNN plans, folded weights)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            img = p._vae_decode(z)
+            torch.cuda.synchronize()
+            row = {"live_peak_mib": round((torch.cuda.max_memory_allocated() - base) / MiB, 1)}
+            ref = img if ref is None else ref
+            row["bit_identical"] = bool(torch.equal(img, ref))
+            row["max_abs_diff"] = float((img.float() - ref.float()).abs().max())
+            out[name] = row
+    finally:
+        subpixel_conv.PHASE_SPLIT_BYTES, p.vae.decoder.consume = split, consume
+    return out
 
 
 if __name__ == "__main__":

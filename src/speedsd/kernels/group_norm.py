@@ -311,8 +311,10 @@ def group_norm(
     """GroupNorm over x [N, C, *spatial] (+ SiLU), same shape, dtype and memory format as x.
 
     ``add``: None, or a float [C] / [N, C] tensor on x's device: normalise x + add[n, c] (broadcast
-    over the spatial dims, in fp32; x is not modified, nothing extra is written; see the module doc).
-    ``out``: write here (same shape, dtype, device and strides as x). ``path``: "auto" (the measured
+    over the spatial dims, in fp32; the sum is never written; see the module doc).
+    ``out``: write here (same shape, dtype, device and strides as x), x itself included (in place: every
+    path loads an element before storing it and never after; statistics come from an earlier sweep or
+    launch or a hand-over read first; programs own disjoint elements). ``path``: "auto" (the measured
     :data:`TUNED` plan for this shape on CUDA, else :func:`plan_group_norm`'s heuristic), or force
     "fused" / "loop" / "split". ``knobs``: :func:`plan_group_norm`'s ``programs``, ``tile``, ``warps``,
     ``gb``, ``grouped`` (tests reach multi-chunk, multi-tile cases on small shapes; the bench sweeps them).

@@ -12,7 +12,9 @@ per b the same way, giving W_ab [Co, Ci, 2, 2]. With W4 = cat(W_00, W_01, W_10, 
 exactly in exact arithmetic (the zero padding agrees: x's rows -1 and H are zero exactly where the
 upsampled image's padding is). The conv does 4/9 of the FLOPs and the 4x-larger upsampled tensor is
 never materialised; ``phase_interleave`` is the one bandwidth-bound pass that scatters P's phases into y
-and adds the bias (fp32, one rounding to P's dtype).
+and adds the bias (fp32, one rounding to P's dtype). Above :data:`PHASE_SPLIT_BYTES` of P the four phase
+convs run one at a time (W4's row blocks, views), each scattered into y by a one-phase interleave before
+the next: the same bytes moved, a quarter of P live.
 
   * channels_last P ([N, H+1, W+1, 4, C] storage): a program takes one low-res row i, a [BLOCK_W,
     BLOCK_C] tile of (j, c), and all four phases: each phase's tile is a run of BLOCK_C contiguous
@@ -27,6 +29,8 @@ Program bases are int64; offsets inside a tile are int32 (checked in the launche
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -35,7 +39,12 @@ import triton.language as tl
 from speedsd.kernels.device import sm_count as _sm_count
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-TILE = 1024  # elements of one phase tile; a program moves four
+TILE = 1024  # elements of one phase tile; a program moves four (one 4·TILE tile with ``phase``)
+# P (all four phases) above this many bytes: the phase convs run one at a time, each scattered into y
+# before the next (live: x + y + P/4 instead of x + y + P). SD's VAE decoder at 512²: its last
+# upsampler (P 129 MiB; 289 -> 192 MiB live) splits; the one before (P 65 MiB, its output half the
+# last one's, never the decoder's peak) and every UNet upsampler up to 1024² images keep one conv.
+PHASE_SPLIT_BYTES = 96 * 2**20
 
 
 def _fold(t: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
@@ -66,35 +75,42 @@ def subpixel_upsample_conv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torc
     return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
 
-def phase_interleave_ref(p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def phase_interleave_ref(
+    p: torch.Tensor, bias: torch.Tensor | None, *, phase: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Plain torch (four strided copies): p [N, 4·C, H+1, W+1] -> y [N, C, 2H, 2W] in p's memory format.
 
     y[n, c, 2i+a, 2j+b] = p[n, (2a+b)·C + c, i+a, j+b] (+ bias[c], added in fp32 (fp64 for fp64 p), one rounding).
+    ``phase`` / ``out``: as :func:`phase_interleave` (one phase's p [N, C, H+1, W+1] into y's (a, b) positions).
     """
-    N, C4, H1, W1 = p.shape
-    C, H, W = C4 // 4, H1 - 1, W1 - 1
-    cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    y = torch.empty((N, C, 2 * H, 2 * W), dtype=p.dtype, device=p.device, memory_format=fmt)
+    N, Cp, H1, W1 = p.shape
+    C, H, W = Cp // (4 if phase is None else 1), H1 - 1, W1 - 1
+    y = out
+    if y is None:
+        cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        y = torch.empty((N, C, 2 * H, 2 * W), dtype=p.dtype, device=p.device, memory_format=fmt)
     y6 = y.unflatten(3, (W, 2)).unflatten(2, (H, 2))  # [N, C, 2H, 2W] -> [N, C, H, 2, W, 2] (a view)
     acc = torch.promote_types(p.dtype, torch.float32)
-    for a in (0, 1):
-        for b in (0, 1):
-            k = 2 * a + b
-            src = p[:, k * C : (k + 1) * C, a : a + H, b : b + W]
-            if bias is not None:
-                src = src.to(acc) + bias.to(acc).view(1, C, 1, 1)
-            y6[:, :, :, a, :, b] = src
+    for k in range(4) if phase is None else (phase,):
+        a, b = divmod(k, 2)
+        c0 = k * C if phase is None else 0
+        src = p[:, c0 : c0 + C, a : a + H, b : b + W]
+        if bias is not None:
+            src = src.to(acc) + bias.to(acc).view(1, C, 1, 1)
+        y6[:, :, :, a, :, b] = src
     return y
 
 
 # channels_last: p [N, H+1, W+1, 4, C] storage, y [N, 2H, 2W, C]; program (row = n·H + i, block of (j, c)):
 #   y[n, 2i+a, 2j+b, c] = p[n, i+a, j+b, 2a+b, c] (+ bias[c], fp32 sum, one rounding)   for a, b in {0, 1}
 # (output row n·2H + 2i + a = 2·row + a). Each p element is read once, by exactly one program.
+# PHASE = k >= 0: p is phase k = 2a+b alone, [N, H+1, W+1, C] storage, and only that (a, b) is written
+# (PHASE = -1 compiles to the four-phase code above: the `if` and the offsets are compile-time).
 @triton.jit
 def _interleave_cl_kernel(
     p_ptr, b_ptr, y_ptr, H, W, C, n_cb,
-    HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PHASE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     n = row // H
@@ -104,18 +120,21 @@ def _interleave_cl_kernel(
     j = wb * BLOCK_W + tl.arange(0, BLOCK_W)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (j < W)[:, None] & (c < C)[None, :]
-    p0 = p_ptr + (n * (H + 1) + i) * (W + 1) * (4 * C)  # p[n, i, 0, 0, 0]
+    p0 = p_ptr + (n * (H + 1) + i) * (W + 1) * (4 * C if PHASE < 0 else C)  # p[n, i, 0, 0, 0]
+    PC = 4 * C if PHASE < 0 else C  # channels of one p pixel
     y0 = y_ptr + 2 * row * (2 * W * C)  # y[n, 2i, 0, 0]
     if HAS_BIAS:
         bias = tl.load(b_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
     for a in tl.static_range(2):
         for b in tl.static_range(2):
-            src = a * (W + 1) * (4 * C) + (j + b)[:, None] * (4 * C) + ((2 * a + b) * C + c)[None, :]
-            v = tl.load(p0 + src, mask=mask)
-            if HAS_BIAS:
-                v = (v.to(tl.float32) + bias).to(y_ptr.dtype.element_ty)
-            dst = a * (2 * W * C) + (2 * j + b)[:, None] * C + c[None, :]
-            tl.store(y0 + dst, v, mask=mask)
+            if PHASE < 0 or PHASE == 2 * a + b:
+                k = 2 * a + b if PHASE < 0 else 0  # the phase's channel block in a p pixel (compile-time)
+                src = a * (W + 1) * PC + (j + b)[:, None] * PC + (k * C + c)[None, :]
+                v = tl.load(p0 + src, mask=mask)
+                if HAS_BIAS:
+                    v = (v.to(tl.float32) + bias).to(y_ptr.dtype.element_ty)
+                dst = a * (2 * W * C) + (2 * j + b)[:, None] * C + c[None, :]
+                tl.store(y0 + dst, v, mask=mask)
 
 
 # NCHW: p [N, 4, C, H+1, W+1] storage, y [N, C, 2H, 2W]; rows r = (n·C + c)·H + i (R = N·C·H); program
@@ -124,10 +143,12 @@ def _interleave_cl_kernel(
 # Per a the b = 0 and b = 1 tiles [BR, BW] are joined to [BR, BW, 2] and read as [BR, 2·BW] (column
 # 2j + b): one contiguous segment of output row (n, c, 2i + a). Row bases are int64 vectors; ``plane`` =
 # C·(H+1)·(W+1) is one phase's channels (passed in: an int64 argument once it exceeds int32).
+# PHASE = k = 2a+b >= 0: p is phase k alone, [N, C, H+1, W+1]; its [BR, BW] tile is stored to columns
+# 2j + b of output rows 2i + a (every other element: the other phase of the row fills the gaps).
 @triton.jit
 def _interleave_nchw_kernel(
     p_ptr, b_ptr, y_ptr, R, C, H, W, plane,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, PHASE: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] int64
     j0 = tl.program_id(1) * BLOCK_W
@@ -143,15 +164,24 @@ def _interleave_nchw_kernel(
     mask2 = rmask[:, None] & (jj < 2 * W)[None, :]
     if HAS_BIAS:
         bias = tl.load(b_ptr + c, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    row0 = p_row  # phase (a, 0), row i + a: a = 0 here; a = 1 is 2·plane + (W + 1) further
-    for a in tl.static_range(2):
-        v0 = tl.load(p_ptr + row0[:, None] + j[None, :], mask=mask)
-        v1 = tl.load(p_ptr + (row0 + plane)[:, None] + (j + 1)[None, :], mask=mask)  # phase (a, 1), column j + 1
-        v = tl.reshape(tl.join(v0, v1), (BLOCK_R, 2 * BLOCK_W))  # [BR, BW] x 2 -> [BR, BW, 2] -> [BR, 2·BW]
+    if PHASE < 0:  # (p_row and mask2 are dead code otherwise)
+        row0 = p_row  # phase (a, 0), row i + a: a = 0 here; a = 1 is 2·plane + (W + 1) further
+        for a in tl.static_range(2):
+            v0 = tl.load(p_ptr + row0[:, None] + j[None, :], mask=mask)
+            v1 = tl.load(p_ptr + (row0 + plane)[:, None] + (j + 1)[None, :], mask=mask)  # phase (a, 1), column j + 1
+            v = tl.reshape(tl.join(v0, v1), (BLOCK_R, 2 * BLOCK_W))  # [BR, BW] x 2 -> [BR, BW, 2] -> [BR, 2·BW]
+            if HAS_BIAS:
+                v = (v.to(tl.float32) + bias).to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + (y_row + a * (2 * W))[:, None] + jj[None, :], v, mask=mask2)
+            row0 = row0 + plane + plane + (W + 1)  # int64 + int32 adds: no int32 product of plane
+    else:
+        a: tl.constexpr = PHASE // 2
+        b: tl.constexpr = PHASE % 2
+        src = (nc * (H + 1) + i + a) * (W + 1) + b  # p[n, c, i + a, b]
+        v = tl.load(p_ptr + src[:, None] + j[None, :], mask=mask)
         if HAS_BIAS:
             v = (v.to(tl.float32) + bias).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + (y_row + a * (2 * W))[:, None] + jj[None, :], v, mask=mask2)
-        row0 = row0 + plane + plane + (W + 1)  # int64 + int32 adds: no int32 product of plane
+        tl.store(y_ptr + (y_row + a * (2 * W) + b)[:, None] + (2 * j)[None, :], v, mask=mask)
 
 
 # ---- launchers -----------------------------------------------------------------------------------
@@ -170,29 +200,53 @@ def _shrink(block: int, programs: int, target: int) -> int:
     return block
 
 
-def phase_interleave(p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def phase_interleave(
+    p: torch.Tensor, bias: torch.Tensor | None, *, phase: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """P [N, 4·C, H+1, W+1] (the sub-pixel conv output) -> y [N, C, 2H, 2W] in p's memory format.
 
     y[n, c, 2i+a, 2j+b] = P[n, (2a+b)·C + c, i+a, j+b] (+ bias[c]: fp32 sum, one rounding to p.dtype).
     p: fp32/fp16/bf16, channels_last or NCHW-contiguous (anything else is copied to NCHW first).
     bias: [C], any float dtype, on p's device, or None (then y is a bit-exact copy).
+    ``phase`` k = 2a + b: p is phase k's conv output alone, [N, C, H+1, W+1], and only y's (a, b)
+    positions are written (four calls fill y: the same values as one call on their concatenation).
+    ``out``: write into this y ([N, C, 2H, 2W], p's dtype and device, NCHW-contiguous or channels_last;
+    its layout then rules and p is brought to it) and return it.
     """
+    per = 4 if phase is None else 1
+    what = "p [N, 4·C, H+1, W+1]" if phase is None else f"phase {phase}'s p [N, C, H+1, W+1]"
+    if phase is not None and phase not in range(4):
+        raise ValueError(f"phase must be 0..3 (2a + b) or None, got {phase!r}")
     if p.dim() != 4:
-        raise ValueError(f"phase_interleave expects p [N, 4·C, H+1, W+1], got shape {tuple(p.shape)}")
+        raise ValueError(f"phase_interleave expects {what}, got shape {tuple(p.shape)}")
     if p.dtype not in FLOATS:
         raise ValueError(f"phase_interleave supports fp32/fp16/bf16 p, got {p.dtype}")
-    N, C4, H1, W1 = p.shape
-    if C4 % 4 or C4 == 0 or H1 < 1 or W1 < 1:
-        raise ValueError(f"p must have 4·C > 0 channels and H+1, W+1 >= 1, got shape {tuple(p.shape)}")
-    C, H, W = C4 // 4, H1 - 1, W1 - 1
+    N, Cp, H1, W1 = p.shape
+    if Cp % per or Cp == 0 or H1 < 1 or W1 < 1:
+        raise ValueError(f"p must have {'4·' if per == 4 else ''}C > 0 channels and H+1, W+1 >= 1, got shape "
+                         f"{tuple(p.shape)}")  # fmt: skip
+    C, H, W = Cp // per, H1 - 1, W1 - 1
     if bias is not None and (bias.shape != (C,) or bias.device != p.device or not bias.is_floating_point()):
         raise ValueError(f"bias must be a float [{C}] tensor on {p.device}, got {tuple(bias.shape)} {bias.dtype} "
                          f"on {bias.device}")  # fmt: skip
-    cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-    if not cl and not p.is_contiguous():
+    if out is None:
+        cl = _is_channels_last(p)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        y = torch.empty((N, C, 2 * H, 2 * W), dtype=p.dtype, device=p.device, memory_format=fmt)
+    else:
+        dense = out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)
+        if out.shape != (N, C, 2 * H, 2 * W) or out.dtype != p.dtype or out.device != p.device or not dense:
+            raise ValueError(f"out must be a dense [{N}, {C}, {2 * H}, {2 * W}] {p.dtype} tensor on {p.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")  # fmt: skip
+        cl, y = _is_channels_last(out), out
+    if cl and not p.is_contiguous(memory_format=torch.channels_last):
+        p = p.contiguous(memory_format=torch.channels_last)
+    elif not cl and not p.is_contiguous():
         p = p.contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    y = torch.empty((N, C, 2 * H, 2 * W), dtype=p.dtype, device=p.device, memory_format=fmt)
     if y.numel() == 0:
         return y
     if bias is not None and not bias.is_contiguous():
@@ -200,34 +254,58 @@ def phase_interleave(p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
     has_bias = bias is not None
     b_arg = bias if has_bias else p
     target = 4 * _sm_count(p.device)
+    k, tile = (-1, TILE) if phase is None else (phase, 4 * TILE)  # a program moves 4·TILE elements either way
     if cl:
         block_c = min(triton.next_power_of_2(C), 128)
         n_cb = triton.cdiv(C, block_c)
-        block_w = max(1, min(triton.next_power_of_2(W), TILE // block_c))
+        block_w = max(1, min(triton.next_power_of_2(W), tile // block_c))
         block_w = _shrink(block_w, N * H * n_cb * triton.cdiv(W, block_w), target)
         _check_int32(16 * (W + 1) * C)  # also the masked lanes past W (block_w <= 2W)
         warps = max(1, min(4, block_w * block_c // 256))
         grid = (N * H, triton.cdiv(W, block_w) * n_cb)
         _interleave_cl_kernel[grid](p, b_arg, y, H, W, C, n_cb, HAS_BIAS=has_bias, BLOCK_W=block_w,
-                                    BLOCK_C=block_c, num_warps=warps)  # fmt: skip
+                                    BLOCK_C=block_c, PHASE=k, num_warps=warps)  # fmt: skip
     else:
         R = N * C * H
         block_w = min(triton.next_power_of_2(W), 256)
-        block_r = max(1, min(triton.next_power_of_2(R), TILE // block_w))
+        block_r = max(1, min(triton.next_power_of_2(R), tile // block_w))
         block_r = _shrink(block_r, triton.cdiv(R, block_r) * triton.cdiv(W, block_w), target)
         _check_int32(4 * W + 2 * block_w)
         warps = max(1, min(4, block_r * block_w // 256))
         grid = (triton.cdiv(R, block_r), triton.cdiv(W, block_w))
         _interleave_nchw_kernel[grid](p, b_arg, y, R, C, H, W, C * H1 * W1, HAS_BIAS=has_bias, BLOCK_R=block_r,
-                                      BLOCK_W=block_w, num_warps=warps)  # fmt: skip
+                                      BLOCK_W=block_w, PHASE=k, num_warps=warps)  # fmt: skip
     return y
 
 
-def subpixel_upsample_conv(x: torch.Tensor, weight4: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def splits_by_phase(x: torch.Tensor, out_channels: int) -> bool:
+    """Whether :func:`subpixel_upsample_conv` runs the phase convs one at a time for x [N, Ci, H, W]:
+    x is channels_last and the four-phase output P [N, 4·Co, H+1, W+1] would exceed
+    :data:`PHASE_SPLIT_BYTES`. (channels_last: a phase writes whole pixels, runs of Co channels, so y
+    takes the same full sectors as from one launch. NCHW: a phase fills every other element of y's
+    rows, half of each sector per launch; it stays one conv unless asked, ``by_phase=True``.)"""
+    n, _, h, w = x.shape
+    p_bytes = n * 4 * out_channels * (h + 1) * (w + 1) * x.element_size()
+    return _is_channels_last(x) and p_bytes > PHASE_SPLIT_BYTES
+
+
+def subpixel_upsample_conv(
+    x: torch.Tensor,
+    weight4: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    by_phase: bool | None = None,
+    interleave: Callable[..., torch.Tensor] = phase_interleave,
+) -> torch.Tensor:
     """conv2d(interpolate(x, 2, "nearest"), W, bias, padding=1) from W4 = subpixel_weight(W).
 
     x [N, Ci, H, W] fp32/fp16/bf16; weight4 [4·Co, Ci, 2, 2] in x's dtype; bias [Co] or None.
     Returns [N, Co, 2H, 2W] in the conv output's memory format (channels_last for channels_last x).
+    ``by_phase``: run phase k's conv (weight4's rows k·Co..(k+1)·Co, a view) and scatter it into y
+    before the next one, so one phase's output is live at a time, not all four; None: when
+    :func:`splits_by_phase` says so. Each output value is the same dot product and the same one-rounding
+    bias add either way. ``interleave``: :func:`phase_interleave`, or :func:`phase_interleave_ref` where
+    Triton cannot run.
     """
     if x.dim() != 4:
         raise ValueError(f"subpixel_upsample_conv expects x [N, Ci, H, W], got shape {tuple(x.shape)}")
@@ -243,5 +321,12 @@ def subpixel_upsample_conv(x: torch.Tensor, weight4: torch.Tensor, bias: torch.T
     if weight4.dtype != x.dtype or weight4.device != x.device:
         raise ValueError(f"weight4 must match x's dtype and device ({x.dtype}, {x.device}), got "
                          f"{weight4.dtype}, {weight4.device}")  # fmt: skip
-    p = F.conv2d(x, weight4, None, padding=1)  # [N, Ci, H, W] -> [N, 4·Co, H+1, W+1]
-    return phase_interleave(p, bias)
+    co = weight4.shape[0] // 4
+    if not (splits_by_phase(x, co) if by_phase is None else by_phase):
+        p = F.conv2d(x, weight4, None, padding=1)  # [N, Ci, H, W] -> [N, 4·Co, H+1, W+1]
+        return interleave(p, bias)
+    # phase k's conv [N, Ci, H, W] -> [N, Co, H+1, W+1]: freed when interleave returns, before the next conv
+    y = interleave(F.conv2d(x, weight4[:co], None, padding=1), bias, phase=0)
+    for k in range(1, 4):
+        y = interleave(F.conv2d(x, weight4[k * co : (k + 1) * co], None, padding=1), bias, phase=k, out=y)
+    return y

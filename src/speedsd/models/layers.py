@@ -14,12 +14,49 @@ from torch import nn
 from speedsd import ops
 
 
+class Owned:
+    """A tensor handed over to a callee, which may overwrite it and frees it as soon as it is dead.
+
+    ``x = block(x)`` keeps the input alive in the caller's frame until ``block`` returns. With a box,
+    ``x = Owned(block(x))`` (x already a box), the caller holds only the box and the callee
+    :meth:`take` s the tensor out. Only for tensors nothing else references (a model's own
+    intermediates): the VAE decoder hands its activations down so; the UNet (its ResNet inputs are
+    also skip connections) and the encoder (its input is the caller's image) do not.
+    """
+
+    __slots__ = ("_t",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._t: torch.Tensor | None = t
+
+    def take(self) -> torch.Tensor:
+        """The tensor; the box is empty afterwards (a tensor is handed over once)."""
+        if self._t is None:
+            raise RuntimeError("this Owned box was already taken")
+        t, self._t = self._t, None
+        return t
+
+    @staticmethod
+    def unbox(x: torch.Tensor | Owned) -> torch.Tensor:
+        return x.take() if isinstance(x, Owned) else x
+
+    @staticmethod
+    def like(x: torch.Tensor | Owned, out: torch.Tensor) -> torch.Tensor | Owned:
+        """``out``, boxed if the input ``x`` came boxed: ownership passes on the way it came in."""
+        return Owned(out) if isinstance(x, Owned) else out
+
+
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose forward (optionally with a fused SiLU) goes through the dispatch module."""
 
-    def forward(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
-        """GroupNorm(x + add) (+ SiLU); ``add`` is a [C] or [N, C] vector (see ops.group_norm_op)."""
-        return ops.group_norm_op(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, add=add)
+    def forward(
+        self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None, inplace: bool = False
+    ) -> torch.Tensor:
+        """GroupNorm(x + add) (+ SiLU); ``add`` is a [C] or [N, C] vector; ``inplace``: x is dead after
+        this call and the kernel may write over it (see ops.group_norm_op)."""
+        return ops.group_norm_op(
+            x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, add=add, inplace=inplace
+        )
 
 
 class LayerNorm(nn.LayerNorm):
@@ -117,31 +154,59 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, hand_over: bool = True) -> torch.Tensor:
-        """``hand_over``: the output's next reader is a GroupNorm (of this block's group count), which
+    def forward(
+        self, x: torch.Tensor | Owned, temb: torch.Tensor | None = None, hand_over: bool = True
+    ) -> torch.Tensor:
+        """``x``: the input, or an :class:`Owned` box handing it over: with a conv shortcut, the shortcut
+        runs first, norm1 writes over x and x is freed once conv1 has read it (live at most: x, the
+        shortcut, conv1's output; else x, norm1's and conv1's outputs, and x to the end). An identity
+        shortcut keeps x as the residual. norm2 always writes over conv1's output. Same ops and values.
+        ``hand_over``: the output's next reader is a GroupNorm (of this block's group count), which
         may then take its statistics from the closing add (fused epilogues)."""
         if ops.current().fused_epilogues:
             return self._forward_fused(x, temb, hand_over)
-        h = self.conv1(self.norm1(x, silu=True))
+        if isinstance(x, Owned) and self.conv_shortcut is not None:
+            x = x.take()
+            shortcut = self.conv_shortcut(x)
+            h = self.norm1(x, silu=True, inplace=True)
+            del x  # dead: norm1 wrote over it (the reference path made h anew; then x goes here)
+        else:
+            x, shortcut = Owned.unbox(x), None
+            h = self.norm1(x, silu=True)
+        h = self.conv1(h)
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
-        h = self.conv2(self.norm2(h, silu=True))
-        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        h = self.norm2(h, silu=True, inplace=True)
+        h = self.conv2(h)
+        if shortcut is None:
+            shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return shortcut + h
 
-    def _forward_fused(self, x: torch.Tensor, temb: torch.Tensor | TimeAdds | None, hand_over: bool) -> torch.Tensor:
+    def _forward_fused(
+        self, x: torch.Tensor | Owned, temb: torch.Tensor | TimeAdds | None, hand_over: bool
+    ) -> torch.Tensor:
         # conv1's bias and the time embedding enter norm2 as one [B, C] pre-add; conv2's (and the
         # shortcut conv's) bias and the residual are one pass written over conv2's output.
-        h = self.conv1(self.norm1(x, silu=True), with_bias=False)
+        if isinstance(x, Owned) and self.conv_shortcut is not None:  # the order of forward's doc
+            x = x.take()
+            shortcut = self.conv_shortcut(x, with_bias=False)
+            h = self.norm1(x, silu=True, inplace=True)
+            del x
+        else:
+            x, shortcut = Owned.unbox(x), None
+            h = self.norm1(x, silu=True)
+        h = self.conv1(h, with_bias=False)
         add = self.conv1.bias
         if isinstance(temb, TimeAdds):
             add = temb[self]
         elif self.time_emb_proj is not None and temb is not None:
             add = self.time_emb_proj(F.silu(temb)) + add  # [B, C]
-        h = self.conv2(self.norm2(h, silu=True, add=add), with_bias=False)
+        h = self.norm2(h, silu=True, add=add, inplace=True)
+        h = self.conv2(h, with_bias=False)
         bias = self.conv2.bias
         if self.conv_shortcut is not None:
-            shortcut = self.conv_shortcut(x, with_bias=False)
+            if shortcut is None:
+                shortcut = self.conv_shortcut(x, with_bias=False)
             bias = bias + self.conv_shortcut.bias
         else:
             shortcut = x

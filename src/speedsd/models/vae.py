@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 from speedsd import ops
-from speedsd.models.layers import Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, qkv_groups
+from speedsd.models.layers import (
+    Attention,
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    Owned,
+    ResnetBlock2D,
+    Upsample2D,
+    qkv_groups,
+)
 
 _EPS = 1e-6  # every GroupNorm in the SD VAE
 
@@ -92,10 +101,11 @@ class MidBlock(nn.Module):
         attn = [Attention(channels, heads=1, dim_head=channels, bias=True, norm_groups=groups, norm_eps=_EPS)]
         self.attentions = nn.ModuleList(attn if add_attention else [])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
-        for attn in self.attentions:
-            x = attn(x)
+    def forward(self, x: torch.Tensor | Owned) -> torch.Tensor:
+        """``x`` in an :class:`Owned` box: the block may overwrite and free it (see Decoder.forward)."""
+        x = Owned.like(x, self.resnets[0](x))
+        for attn in self.attentions:  # (its input is also its residual)
+            x = Owned.like(x, attn(Owned.unbox(x)))
         return self.resnets[1](x)
 
 
@@ -112,10 +122,12 @@ class _Block(nn.Module):
         elif resample == "up":
             self.upsamplers = nn.ModuleList([Upsample2D(cout)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Owned) -> torch.Tensor:
+        """``x`` in an :class:`Owned` box: the block may overwrite and free it (see Decoder.forward)."""
         resample = hasattr(self, "downsamplers") or hasattr(self, "upsamplers")
         for i, resnet in enumerate(self.resnets):  # the last one feeds a resampling conv, if any
-            x = resnet(x, hand_over=i < len(self.resnets) - 1 or not resample)
+            x = Owned.like(x, resnet(x, hand_over=i < len(self.resnets) - 1 or not resample))
+        x = Owned.unbox(x)
         for sampler in getattr(self, "downsamplers", ()):
             x = sampler(x)
         for sampler in getattr(self, "upsamplers", ()):
@@ -160,12 +172,26 @@ class Decoder(nn.Module):
         )
         self.conv_norm_out = GroupNorm(g, chans[-1], eps=_EPS)
         self.conv_out = Conv2d(chans[-1], cfg.out_channels, 3, padding=1)
+        self.consume = True  # hand activations down in Owned boxes (forward); not a parameter
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        """Every activation after conv_in is the decoder's own, so with ``consume`` (the default) each
+        goes down in an :class:`Owned` box: the blocks overwrite and free their inputs once dead, and
+        no caller frame holds them (ResnetBlock2D.forward). SD at 512², fp16: the live peak goes from
+        six [1, 128, 512, 512] tensors (384 MiB: the last level's input kept by this frame while its
+        second block runs) to four (256 MiB: the last level's first block's x, shortcut and conv1
+        output), with the last upsampler run by phases (kernels/subpixel_conv.py). ``consume = False``:
+        the plain order, for comparisons (tests, bench/memory_probe); the image is the same."""
+        box = Owned if self.consume else _plain
+        x = box(self.conv_in(z))
+        x = box(self.mid_block(x))
         for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+            x = box(block(x))
+        return self.conv_out(self.conv_norm_out(Owned.unbox(x), silu=True, inplace=self.consume))
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class AutoencoderKL(nn.Module):
