@@ -7,7 +7,15 @@ pipe = speedsd.load("path/to/model")  # or "random:sd1.4"
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# cuBLAS keeps a workspace per stream: 32 MiB each on Hopper by default, held for the whole process and
+# live while the VAE decode peaks. 8 x 16 KiB made SD's GEMMs no slower (H200, bench/results/
+# ab_cublas_workspace_h200.txt) and takes the first image's peak from weights + 308 MiB to weights + 275
+# MiB. ":16:8" is also one of the two settings torch.use_deterministic_algorithms accepts. A value the
+# user set wins; it only takes effect if cuBLAS has not run yet in this process.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")
 
 __version__ = "0.1.0"
 __all__ = ["Pipeline", "load"]
