@@ -2,9 +2,9 @@
 
 A UNet step at 512² is ~1,000 kernel launches; eager PyTorch spends more time launching them than the
 GPU spends running them. ``GraphCache(fn)`` records ``fn`` into a CUDA graph the first time it sees a
-given (shape, dtype, device) signature of its tensor arguments and replays it afterwards: a new
-resolution costs one capture (milliseconds plus the Triton JIT of any new kernel specialization),
-not a minutes-long compile.
+given (shape, dtype, device) signature of its tensor arguments (or, with ``capture_after=k``, after k
+eager calls of it) and replays it afterwards: a new resolution costs one capture (milliseconds plus
+the Triton JIT of any new kernel specialization), not a minutes-long compile.
 
 Rules for ``fn``: tensors in, one tensor out; no host synchronisation inside (no ``.item()``, no
 data-dependent Python branches); the same Python-side behaviour on every call for a signature.
