@@ -119,12 +119,13 @@ class GraphCache:
         if key in self._eager:
             return self.fn(*args)
         entry = self._entries.get(key)
-        if entry is None and self._calls.get(key, 0) < self.capture_after:
-            self._calls[key] = self._calls.get(key, 0) + 1
+        seen = self._calls.get(key, 0)
+        if entry is None and seen < self.capture_after:
+            self._calls[key] = seen + 1
             self._calls.move_to_end(key)
             if len(self._calls) > 4 * self.max_entries:
                 self._calls.popitem(last=False)
-            return self._eager_on_warmup_stream(args)
+            return self._on_warmup_stream(args)
         if entry is None:
             self._calls.pop(key, None)
             try:
@@ -151,9 +152,10 @@ class GraphCache:
         # must not alias it, so hand out a copy (tiny next to the step itself).
         return entry.output.clone()
 
-    def _eager_on_warmup_stream(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """``fn(*args)`` eagerly on the stream the warm-ups and captures use: cuBLAS keeps a workspace
-        per stream (32 MiB on Hopper), so an eager run on the current stream would add one for good."""
+    def _on_warmup_stream(self, args: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+        """``fn(*args)`` eagerly on the stream the warm-ups and captures use (a signature's eager calls
+        and the warm-up before its capture): cuBLAS keeps a workspace per stream (32 MiB on Hopper), so
+        an eager run on the current stream would add one for good."""
         current = torch.cuda.current_stream(args[0].device)
         stream = _warmup_stream(args[0].device)
         stream.wait_stream(current)
@@ -165,12 +167,9 @@ class GraphCache:
 
     def _capture(self, args: tuple[torch.Tensor, ...]) -> _Entry:
         static = [a.detach().clone(memory_format=torch.preserve_format) for a in args]
+        for _ in range(self.warmup):  # Triton JIT, cuDNN/cuBLAS plans, lazy caches
+            self._on_warmup_stream(static)
         stream = _warmup_stream(args[0].device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: Triton JIT, cuDNN/cuBLAS plans, lazy caches
-            for _ in range(self.warmup):
-                self.fn(*static)
-        torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -165,14 +165,7 @@ class ResnetBlock2D(nn.Module):
         may then take its statistics from the closing add (fused epilogues)."""
         if ops.current().fused_epilogues:
             return self._forward_fused(x, temb, hand_over)
-        if isinstance(x, Owned) and self.conv_shortcut is not None:
-            x = x.take()
-            shortcut = self.conv_shortcut(x)
-            h = self.norm1(x, silu=True, inplace=True)
-            del x  # dead: norm1 wrote over it (the reference path made h anew; then x goes here)
-        else:
-            x, shortcut = Owned.unbox(x), None
-            h = self.norm1(x, silu=True)
+        x, h, shortcut = self._norm1(x, shortcut_bias=True)
         h = self.conv1(h)
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
@@ -182,19 +175,24 @@ class ResnetBlock2D(nn.Module):
             shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         return shortcut + h
 
+    def _norm1(
+        self, x: torch.Tensor | Owned, shortcut_bias: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(x, SiLU(norm1(x)), None), or for an Owned x with a conv shortcut (None, the same written over
+        x, the shortcut conv computed first): the order of forward's doc; no reference to x is kept."""
+        if isinstance(x, Owned) and self.conv_shortcut is not None:
+            x = x.take()
+            shortcut = self.conv_shortcut(x, with_bias=shortcut_bias)
+            return None, self.norm1(x, silu=True, inplace=True), shortcut
+        x = Owned.unbox(x)
+        return x, self.norm1(x, silu=True), None
+
     def _forward_fused(
         self, x: torch.Tensor | Owned, temb: torch.Tensor | TimeAdds | None, hand_over: bool
     ) -> torch.Tensor:
         # conv1's bias and the time embedding enter norm2 as one [B, C] pre-add; conv2's (and the
         # shortcut conv's) bias and the residual are one pass written over conv2's output.
-        if isinstance(x, Owned) and self.conv_shortcut is not None:  # the order of forward's doc
-            x = x.take()
-            shortcut = self.conv_shortcut(x, with_bias=False)
-            h = self.norm1(x, silu=True, inplace=True)
-            del x
-        else:
-            x, shortcut = Owned.unbox(x), None
-            h = self.norm1(x, silu=True)
+        x, h, shortcut = self._norm1(x, shortcut_bias=False)
         h = self.conv1(h, with_bias=False)
         add = self.conv1.bias
         if isinstance(temb, TimeAdds):
