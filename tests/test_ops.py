@@ -73,3 +73,77 @@ def test_subpixel_without_interpreter_uses_torch_interleave(monkeypatch) -> None
     with ops.using(ops.Flags(subpixel_upsample=True)):
         got = ops.upsample_conv_op(x, conv)
     torch.testing.assert_close(got.double(), _want(x, conv), atol=2e-5, rtol=2e-5)
+
+
+# ---- norm_silu_conv_op: the output heads ----------------------------------------------------------
+
+
+def _head(c: int, co: int, groups: int) -> tuple[torch.nn.GroupNorm, Conv2d]:
+    g = torch.Generator().manual_seed(1)
+    norm = torch.nn.GroupNorm(groups, c, eps=1e-6)
+    conv = Conv2d(c, co, 3, padding=1)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(c, generator=g) * 0.5 + 1.0)
+        norm.bias.copy_(torch.randn(c, generator=g) * 0.5)
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / (3 * c**0.5))
+        conv.bias.copy_(torch.randn(co, generator=g) + 0.5)
+    return norm, conv
+
+
+def _force_split(monkeypatch) -> None:
+    import importlib
+
+    gn = importlib.import_module("speedsd.kernels.group_norm")
+    gna = importlib.import_module("speedsd.kernels.group_norm_affine")
+
+    def plan_for(n, c, s, groups, cl, itemsize, device):
+        return gn.plan_group_norm(n, c, s, groups, cl, itemsize, 4, path="split", tile=64, programs=6)
+
+    monkeypatch.setattr(gn, "plan_for", plan_for)
+    monkeypatch.setattr(gna, "plan_for", plan_for)
+
+
+HEAD_FLAGS = {  # label -> (flags, the narrow conv runs, GroupNorm is folded into it)
+    "reference": (ops.Flags(), False, False),
+    "group_norm": (ops.Flags(group_norm=True), False, False),
+    "narrow": (ops.Flags(igemm_conv=True), True, False),
+    "narrow+fold": (ops.Flags(igemm_conv=True, group_norm=True), True, True),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("label", list(HEAD_FLAGS))
+def test_norm_silu_conv_op_paths(monkeypatch, label: str) -> None:
+    """Every flag set draws conv(silu(GroupNorm(x))); the narrow conv and the fold run where they should
+    (the fold never normalises x in memory: group_norm_op must not run)."""
+    _force_split(monkeypatch)
+    flags, narrow, fold = HEAD_FLAGS[label]
+    norm, conv = _head(32, 3, 8)
+    x = (torch.randn(2, 32, 9, 7) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(
+        F.silu(F.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double(), 1e-6)),
+        conv.weight.double(),
+        conv.bias.double(),
+        padding=1,
+    )
+    calls = {"narrow": 0, "gn": 0}
+    real_narrow, real_gn = ops.conv3x3_narrow, ops.group_norm_op
+    monkeypatch.setattr(ops, "conv3x3_narrow", lambda *a, **k: calls.__setitem__("narrow", 1) or real_narrow(*a, **k))
+    monkeypatch.setattr(ops, "group_norm_op", lambda *a, **k: calls.__setitem__("gn", 1) or real_gn(*a, **k))
+    with ops.using(flags):
+        got = ops.norm_silu_conv_op(x, norm, conv)
+    assert calls == {"narrow": int(narrow), "gn": int(not fold)}
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+def test_norm_silu_conv_op_keeps_cudnn_for_wide_or_strided_convs(monkeypatch) -> None:
+    norm, _ = _head(16, 3, 4)
+    wide = Conv2d(16, 9, 3, padding=1)  # 9 > MAX_CO output channels
+    strided = Conv2d(16, 3, 3, stride=2, padding=1)
+    x = torch.randn(1, 16, 6, 6) + 0.5
+    monkeypatch.setattr(ops, "conv3x3_narrow", lambda *a, **k: pytest.fail("narrow conv on an unsupported conv"))
+    with ops.using(ops.Flags(igemm_conv=True, group_norm=True)):
+        for conv in (wide, strided):
+            want = conv(F.silu(F.group_norm(x, 4, norm.weight, norm.bias, 1e-6)))
+            torch.testing.assert_close(ops.norm_silu_conv_op(x, norm, conv), want, atol=2e-5, rtol=2e-5)

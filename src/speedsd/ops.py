@@ -31,7 +31,9 @@ from speedsd.kernels.conv_igemm import conv2d_igemm
 from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
 from speedsd.kernels.group_norm import group_norm, group_norm_ref
+from speedsd.kernels.group_norm_affine import group_norm_scale_shift
 from speedsd.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
+from speedsd.kernels.narrow_conv import MAX_CO, conv3x3_narrow
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
 from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsample_conv, subpixel_weight
 from speedsd.kernels.upsample import upsample_nearest2x, upsample_nearest2x_ref
@@ -57,8 +59,10 @@ class Flags:
     # nearest-2x upsampling + 3x3 conv as four 2x2 "phase" convs on the small input (4/9 of the FLOPs,
     # no upsampled tensor) and one Triton interleave, on inputs of >= SUBPIXEL_MIN_PIXELS pixels
     subpixel_upsample: bool = False
-    # convs cuDNN runs far below the card's rate (the UNet's 8x8 convs, 3/4-channel output convs) as a
-    # Triton implicit GEMM (split-K where the output is one tile), where the per-card table measured it faster
+    # convs cuDNN runs far below the card's rate as Triton kernels: the UNet's 8x8 convs as an implicit
+    # GEMM (split-K where the output is one tile) where the per-card table measured it faster, and the
+    # output heads' 3x3 convs to <= 8 channels as the narrow conv (with group_norm: GroupNorm+SiLU folded
+    # into its prologue)
     igemm_conv: bool = False
     cuda_graphs: bool = False  # UNet step / VAE decode replayed from captured CUDA graphs
 
@@ -314,6 +318,34 @@ def _igemm_conv(x: torch.Tensor, conv: torch.nn.Conv2d, bias: torch.Tensor | Non
         return None
     cfg = conv_table.choose(tuple(x.shape), conv.out_channels, k, s, p[0], x.dtype, x.device)
     return None if cfg is None else conv2d_igemm(x, conv.weight, bias, s, p[0], cfg)
+
+
+def norm_silu_conv_op(
+    x: torch.Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d, inplace: bool = False
+) -> torch.Tensor:
+    """conv(silu(norm(x))): a model's output head. With ``igemm_conv``, a 3x3 stride-1 conv to <= 8
+    channels runs as the narrow Triton conv (x read once, the nine taps in one GEMM); with ``group_norm``
+    too, GroupNorm is folded into its prologue as a per-(sample, channel) affine (x·scale + shift, from the
+    split path's statistics), so the normalised tensor is never written. ``inplace``: x is dead after
+    this call (group_norm_op's, where GroupNorm runs on its own)."""
+    flags = current()
+    gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)
+    if flags.igemm_conv and _triton_runs(x) and _narrow_ok(x, conv):
+        folded = group_norm_scale_shift(x, *gn) if flags.group_norm else None
+        if folded is not None:
+            return conv3x3_narrow(x, conv.weight, conv.bias, scale=folded[0], shift=folded[1], silu=True)
+        return conv3x3_narrow(group_norm_op(x, *gn, silu=True, inplace=inplace), conv.weight, conv.bias)
+    return conv2d_op(group_norm_op(x, *gn, silu=True, inplace=inplace), conv)
+
+
+def _narrow_ok(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return (
+        geometry == ((3, 3), (1, 1), (1, 1), (1, 1), 1)
+        and conv.out_channels <= MAX_CO
+        and x.dim() == 4
+        and x.dtype == conv.weight.dtype
+    )
 
 
 def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) -> torch.Tensor:

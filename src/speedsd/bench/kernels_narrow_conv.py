@@ -56,7 +56,11 @@ CONFIGS = [
     nc.FUSED_8x16,
     nc.FUSED_8x8,
     nc.TWO_PASS,
-    _R(nc.TWO_PASS, block_k=32, stages=3),
+    nc.TWO_PASS_K32,
+    _R(nc.TWO_PASS_K32, block_m=64),
+    _R(nc.TWO_PASS_K32, block_m=256, warps=8),
+    _R(nc.TWO_PASS_K32, warps=8),
+    _R(nc.TWO_PASS_K32, block_p=1024),
 ]
 GROUPS = 32
 L2_BYTES = 50 * 2**20  # an H100's or H200's L2

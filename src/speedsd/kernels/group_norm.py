@@ -362,49 +362,56 @@ def group_norm(
         )  # fmt: skip
         return out
     part = shared.take(x, num_groups, plan) if shared is not None and add is None else None
-    if plan.grouped:
-        return _launch_grouped(x, out, w, b, a, a_sn, plan, N, C, S, num_groups, eps, aff, part)
-    flags = dict(GB=plan.gb, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s)
     if plan.path != "split":
+        flags = dict(GB=plan.gb, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s)
         _gn_fused_kernel[(plan.n_cb, N)](
             x, out, w, b, a, C, S, sn, sc, ss, plan.tiles_per_chunk, eps, cpg, a_sn, ONE_TILE=plan.one_tile,
             **flags, **aff, num_warps=plan.warps,
         )  # fmt: skip
         return out
+    if part is None:
+        part = split_partials(x, num_groups, plan, add=a if add is not None else None, add_sn=a_sn)
     P, per_chunk = plan.chunks, plan.tiles_per_chunk
     chunk = per_chunk * plan.block_s
-    grid = (plan.n_cb, P, N)
-    if part is None:
-        part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
-        _gn_stats_kernel[grid](
-            x, a, part, x, x, x, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, cpg, a_sn, **flags,
-            HAS_ADD=aff["HAS_ADD"], **NO_PRODUCE, num_warps=plan.warps,
-        )  # fmt: skip
-    _gn_norm_kernel[grid](
-        x, out, w, b, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, eps, cpg, a_sn, **flags, **aff,
-        BLOCK_P=triton.next_power_of_2(P), num_warps=plan.warps,
-    )  # fmt: skip
-    return out
-
-
-def _launch_grouped(
-    x: torch.Tensor, out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, a_sn: int,
-    plan: GroupNormPlan, N: int, C: int, S: int, G: int, eps: float, aff: dict[str, bool],
-    part: torch.Tensor | None,
-) -> torch.Tensor:  # fmt: skip
-    P, per_chunk = plan.chunks, plan.tiles_per_chunk
-    chunk = per_chunk * plan.block_s
-    blocks = dict(BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, BLOCK_K=plan.block_k)
-    # CPG is a compile-time constant here: Triton then proves g·CPG alignment and vectorises the rows
-    blocks = dict(CPG=C // G, **blocks)
-    if part is None:
-        part = torch.empty((2, N, P, plan.block_g), device=x.device, dtype=torch.float32)
-        _gn_rows_cl_stats_kernel[(P, N)](
-            x, a, part, x, x, x, C, S, G, P, chunk, per_chunk, a_sn, HAS_ADD=aff["HAS_ADD"], **NO_PRODUCE, **blocks,
+    if plan.grouped:
+        _gn_rows_cl_norm_kernel[(P, N)](
+            x, out, w, b, a, part, C, S, num_groups, P, chunk, per_chunk, eps, a_sn, **aff, CPG=cpg,
+            BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, BLOCK_K=plan.block_k, BLOCK_P=triton.next_power_of_2(P),
             num_warps=plan.warps,
         )  # fmt: skip
-    _gn_rows_cl_norm_kernel[(P, N)](
-        x, out, w, b, a, part, C, S, G, P, chunk, per_chunk, eps, a_sn, **aff, **blocks,
-        BLOCK_P=triton.next_power_of_2(P), num_warps=plan.warps,
+        return out
+    _gn_norm_kernel[(plan.n_cb, P, N)](
+        x, out, w, b, a, part, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, eps, cpg, a_sn, GB=plan.gb,
+        BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s, **aff, BLOCK_P=triton.next_power_of_2(P),
+        num_warps=plan.warps,
     )  # fmt: skip
     return out
+
+
+def split_partials(
+    x: torch.Tensor, num_groups: int, plan: GroupNormPlan, add: torch.Tensor | None = None, add_sn: int = 0
+) -> torch.Tensor:
+    """A split plan's statistics launch over a dense x [N, C, *spatial]: per-chunk (mean, M2) partials
+    [2, N·n_cb, P, BLOCK_G] (grouped plans: one block of every group) of x + add[n, c] (``add``: rows of C
+    values, ``add_sn`` apart; see :func:`_add_rows`)."""
+    x, sn, sc, ss = _ncs_strides(x)
+    N, C = x.shape[:2]
+    S = max(math.prod(x.shape[2:]), 1)
+    P, per_chunk = plan.chunks, plan.tiles_per_chunk
+    chunk = per_chunk * plan.block_s
+    a = add if add is not None else x
+    part = torch.empty((2, N * plan.n_cb, P, plan.block_g), device=x.device, dtype=torch.float32)
+    if plan.grouped:
+        # CPG is a compile-time constant here: Triton then proves g·CPG alignment and vectorises the rows
+        _gn_rows_cl_stats_kernel[(P, N)](
+            x, a, part, x, x, x, C, S, num_groups, P, chunk, per_chunk, add_sn, HAS_ADD=add is not None,
+            **NO_PRODUCE, CPG=C // num_groups, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, BLOCK_K=plan.block_k,
+            num_warps=plan.warps,
+        )  # fmt: skip
+        return part
+    _gn_stats_kernel[(plan.n_cb, P, N)](
+        x, a, part, x, x, x, C, S, sn, sc, ss, plan.n_cb, P, chunk, per_chunk, C // num_groups, add_sn,
+        GB=plan.gb, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s, HAS_ADD=add is not None,
+        **NO_PRODUCE, num_warps=plan.warps,
+    )  # fmt: skip
+    return part

@@ -86,9 +86,7 @@ def _gn_stats_kernel(
 
 
 # Split path, launch 2 of 2. Program (cb, p, n) (visited in reverse order) merges the P partials of
-# its groups, with chunk counts n_q = (min(S, (q+1)·chunk) − q·chunk)·CPG:
-#   mean = Σ_q n_q·mean_q / (S·CPG);  M2 = Σ_q M2_q + n_q·(mean_q − mean)²
-# then writes y = x·scale + shift (+SiLU) over its chunk. Pre-add: shift += a·scale.
+# its groups (_merged_scale_shift), then writes y = x·scale + shift (+SiLU) over its chunk. Pre-add: shift += a·scale.
 @triton.jit
 def _gn_norm_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, a_ptr, part_ptr,
@@ -103,20 +101,10 @@ def _gn_norm_kernel(
     cl = tl.arange(0, BLOCK_C)
     c = cb * (GB * CPG) + cl
     mask_c = (cl < GB * CPG) & (c < C)
-
-    q = tl.arange(0, BLOCK_P)
-    gj = tl.arange(0, BLOCK_G)
-    mask_q = q < P
-    n_q = tl.where(mask_q, tl.minimum(S, (q + 1) * chunk) - q * chunk, 0) * 1.0  # positions per chunk
-    half = n_cb * tl.num_programs(2) * P * BLOCK_G
-    src = part_ptr + (n * n_cb + cb) * P * BLOCK_G + q[:, None] * BLOCK_G + gj[None, :]
-    mean_q = tl.load(src, mask=mask_q[:, None], other=0.0)
-    m2_q = tl.load(src + half, mask=mask_q[:, None], other=0.0)
-    mean_g = tl.sum(n_q[:, None] * mean_q, axis=0) / S
-    d = mean_q - mean_g[None, :]
-    m2_g = tl.sum(m2_q + (n_q * CPG)[:, None] * d * d, axis=0)
-    onehot = _onehot(BLOCK_C, BLOCK_G, CPG, GB, mask_c)
-    scale, shift = _scale_shift(mean_g, m2_g, S * CPG * 1.0, eps, onehot, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
+    scale, shift = _merged_scale_shift(
+        part_ptr, w_ptr, b_ptr, (n * n_cb + cb) * P, n_cb * tl.num_programs(2) * P, P, chunk, S, eps, CPG, c,
+        mask_c, GB, HAS_W, HAS_B, BLOCK_C, BLOCK_G, BLOCK_P,
+    )  # fmt: skip
     shift = _plus(shift, _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD) * scale, HAS_ADD)
 
     rs = tl.arange(0, BLOCK_S)
@@ -129,6 +117,51 @@ def _gn_norm_kernel(
         offs = off_n + s[:, None] * ss + col[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merged_scale_shift(
+    part_ptr, w_ptr, b_ptr, row0, rows, P, chunk, S, eps, CPG, c, mask_c,
+    GB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # the P partials of one group block (rows row0 .. row0 + P of part[0 | 1], ``rows`` rows a half), with
+    # chunk counts n_q = (min(S, (q+1)·chunk) − q·chunk)·CPG merged (Chan), to the channels' y = x·scale + shift:
+    #   mean = Σ_q n_q·mean_q / (S·CPG);  M2 = Σ_q M2_q + n_q·(mean_q − mean)²
+    q = tl.arange(0, BLOCK_P)
+    gj = tl.arange(0, BLOCK_G)
+    mask_q = q < P
+    n_q = tl.where(mask_q, tl.minimum(S, (q + 1) * chunk) - q * chunk, 0) * 1.0  # positions per chunk
+    src = part_ptr + (row0 + q[:, None]) * BLOCK_G + gj[None, :]
+    mean_q = tl.load(src, mask=mask_q[:, None], other=0.0)
+    m2_q = tl.load(src + rows * BLOCK_G, mask=mask_q[:, None], other=0.0)
+    mean_g = tl.sum(n_q[:, None] * mean_q, axis=0) / S
+    d = mean_q - mean_g[None, :]
+    m2_g = tl.sum(m2_q + (n_q * CPG)[:, None] * d * d, axis=0)
+    onehot = _onehot(BLOCK_C, BLOCK_G, CPG, GB, mask_c)
+    return _scale_shift(mean_g, m2_g, S * CPG * 1.0, eps, onehot, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
+
+
+# GroupNorm as a per-(sample, channel) affine for a consumer's prologue (kernels/group_norm_affine.py).
+# Program (cb, n): its group block's merged partials (as in _gn_norm_kernel) -> scale[n, c], shift[n, c]
+# fp32, y = x·scale + shift. Grouped (whole-row) partials are one block of all G groups (n_cb = 1).
+@triton.jit
+def _gn_scale_shift_kernel(
+    part_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, n_cb, P, chunk, eps, CPG,
+    GB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    cb = tl.program_id(0)
+    n = tl.program_id(1)
+    cl = tl.arange(0, BLOCK_C)
+    c = cb * (GB * CPG) + cl
+    mask_c = (cl < GB * CPG) & (c < C)
+    scale, shift = _merged_scale_shift(
+        part_ptr, w_ptr, b_ptr, (n * n_cb + cb) * P, n_cb * tl.num_programs(1) * P, P, chunk, S, eps, CPG, c,
+        mask_c, GB, HAS_W, HAS_B, BLOCK_C, BLOCK_G, BLOCK_P,
+    )  # fmt: skip
+    tl.store(scale_ptr + n * C + c, scale, mask=mask_c)
+    tl.store(shift_ptr + n * C + c, shift, mask=mask_c)
 
 
 # channels_last, whole pixel rows: a tile is [BLOCK_S, BLOCK_G, BLOCK_K] = (position, group, channel in

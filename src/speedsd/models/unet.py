@@ -394,4 +394,4 @@ class UNet2DCondition(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if len(up.upsamplers) else None
             x = up(x, mine, temb, encoder_hidden_states, size)
 
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+        return ops.norm_silu_conv_op(x, self.conv_norm_out, self.conv_out)

@@ -155,7 +155,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+        return ops.norm_silu_conv_op(x, self.conv_norm_out, self.conv_out)
 
 
 class Decoder(nn.Module):
@@ -187,7 +187,7 @@ class Decoder(nn.Module):
         x = box(self.mid_block(x))
         for block in self.up_blocks:
             x = box(block(x))
-        return self.conv_out(self.conv_norm_out(Owned.unbox(x), silu=True, inplace=self.consume))
+        return ops.norm_silu_conv_op(Owned.unbox(x), self.conv_norm_out, self.conv_out, inplace=self.consume)
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
