@@ -192,12 +192,12 @@ def test_in_bounds(cname, config):
 
 def test_default_config():
     cpu = torch.device("cpu")  # picks as for an H100's 132 SMs
-    assert nc.default_config(1, 128, 3, 512, 512, cpu) == nc.TWO_PASS_K32  # large: measured faster
-    assert nc.default_config(1, 128, 3, 128, 128, cpu).method == "fused"  # 16384 pixels: small
-    assert nc.default_config(1, 16, 3, 256, 256, cpu).block_k == 16
-    assert nc.default_config(2, 320, 4, 64, 64, cpu).tile_h == 8  # 16x16: 50 programs, 8x8: 242
-    assert nc.default_config(2, 320, 4, 64, 64, cpu).maxnreg is None  # Co = 4: Z 64 columns wide
+    assert nc.default_config(1, 128, 3, 512, 512, cpu) == nc.TWO_PASS_K32  # measured fastest on SD's shapes
+    assert nc.default_config(2, 320, 4, 64, 64, cpu) == nc.TWO_PASS_K32
     assert nc.default_config(1, 16, 3, 5, 5, cpu).block_k == 16
+    assert nc.fused_config(1, 512, 512, 3, cpu) == nc.FUSED_16x16  # 1369 tiles: the least halo
+    assert nc.fused_config(2, 64, 64, 4, cpu).tile_h == 8  # 16x16: 50 programs, 8x8: 242
+    assert nc.fused_config(2, 64, 64, 4, cpu).maxnreg is None  # Co = 4: Z 64 columns wide
 
 
 def _bad_calls():

@@ -45,7 +45,7 @@ def ablation() -> list[tuple[str, ops.Flags]]:
     f = f.replace(subpixel_upsample=True)
     rows.append(("+sub-pixel upsample convs", f))
     f = f.replace(igemm_conv=True)
-    rows.append(("+implicit-GEMM convs (split-K 8², 3/4-channel out)", f))
+    rows.append(("+Triton convs for cuDNN's slow shapes (split-K 8², GroupNorm-folded output heads)", f))
     f = f.replace(cuda_graphs=True)
     rows.append(("+CUDA graphs", f))
     return rows
@@ -120,7 +120,7 @@ def variants(default: ops.Flags) -> list[tuple[str, ops.Flags]]:
          default.replace(winograd=not default.winograd)),
         ("default, no fused epilogues", default.replace(fused_epilogues=False)),
         ("default, no sub-pixel upsample convs", default.replace(subpixel_upsample=False)),
-        ("default, no implicit-GEMM convs", default.replace(igemm_conv=False)),
+        ("default, no Triton convs", default.replace(igemm_conv=False)),
         ("default, no GroupNorm/GELU kernels", default.replace(group_norm=False, gelu=False)),
     ]  # fmt: skip
 

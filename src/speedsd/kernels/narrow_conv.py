@@ -19,7 +19,7 @@ Two methods (``NarrowConvConfig.method``):
 * ``"two_pass"`` (the reference design): kernel 1 writes Z in fp32 [N·H·W, 9·Co] (dense: 108 B a
   pixel at Co = 3), kernel 2 sums the nine shifted taps, adds the bias and writes y. HBM traffic at the
   VAE's 512²: x 64 MiB + Z 27 MiB written and read again + y 1.5 MiB ≈ 120 MiB, ~30 µs at 4 TB/s.
-* ``"fused"`` (one kernel, :func:`default_config`'s pick for small images): a program owns a
+* ``"fused"`` (one kernel; :func:`fused_config` picks its tile): a program owns a
   TILE_H x TILE_W tile of pixels (power-of-2 sides) whose outer ring is a halo: it forms Z for all
   TILE_H·TILE_W pixels in registers, shifts it with ``tl.gather`` along the pixel axis
   (Z[m + (ky−1)·TILE_W + kx − 1, n]; for sm_90 Triton 3.6 lowers it to warp shuffles after one layout
@@ -90,14 +90,12 @@ FUSED_8x32 = NarrowConvConfig(tile_h=8, tile_w=32)
 FUSED_8x16 = NarrowConvConfig(tile_h=8, tile_w=16, warps=4, maxnreg=None)
 FUSED_8x8 = NarrowConvConfig(tile_h=8, tile_w=8, warps=4, maxnreg=None)
 TWO_PASS = NarrowConvConfig(method="two_pass", block_k=64, warps=4, stages=2, maxnreg=None)
-TWO_PASS_K32 = NarrowConvConfig(method="two_pass", block_k=32, warps=4, stages=3, maxnreg=None)
-# Measured on an H200 (bench/results/kernels_narrow_conv_h200.md, with the prologue): at the VAE's 512²
-# the two-pass design (TWO_PASS_K32 61 µs) beat every fused tile (>= 92 µs: the gather's shuffles and
-# the halo cost more than Z's round trip through L2), at 256² too (18 vs >= 27 µs); at the UNet's
-# 2 x 64² the 8x8 fused tile won (15.6 vs 16.1 µs; 7.5 vs 9.9 without the prologue). Above this many
-# pixels (all samples) default_config takes TWO_PASS_K32.
-FUSED_MAX_PIXELS = 16384
-# default_config's candidates, the least halo first: a 16x16 tile computes 256 pixels' Z for 196 outputs
+# Measured on an H200 with the prologue (bench/results/kernels_narrow_conv_h200.md): the two-pass design
+# in 64-pixel GEMM blocks won at the VAE's 512² (61.5 µs; every fused tile >= 92: the gather's shuffles
+# and the halo cost more than Z's round trip, which stays mostly in L2), at 256² (18.5 vs >= 27) and at
+# the UNet's 2 x 64² (13.1 vs 15.7 for the best fused tile, 8x8). default_config's pick everywhere.
+TWO_PASS_K32 = NarrowConvConfig(method="two_pass", block_m=64, block_k=32, warps=4, stages=3, maxnreg=None)
+# fused_config's candidates, the least halo first: a 16x16 tile computes 256 pixels' Z for 196 outputs
 # (1.31x), 8x16 1.52x, 8x8 1.78x
 FUSED_BY_HALO = (FUSED_16x16, FUSED_8x16, FUSED_8x8)
 
@@ -274,16 +272,17 @@ def _tiles(size: int, tile: int) -> int:
 
 
 def default_config(n: int, c: int, co: int, h: int, w: int, device: torch.device) -> NarrowConvConfig:
-    """Above FUSED_MAX_PIXELS pixels the two-pass design (measured faster there); else the fused tile
-    with the least halo that still gives every SM a program (small images, e.g. the UNet's 64² latents,
-    trade halo for parallelism; else the smallest tile); block_k 32 (16 for C <= 16). Above 3 output
-    channels (Z 64-128 columns wide) no register cap: 128 would spill."""
-    if n * h * w > FUSED_MAX_PIXELS:
-        return dataclasses.replace(TWO_PASS_K32, block_k=16 if c <= 16 else 32)
+    """The measured winner on every SD shape (TWO_PASS_K32), block_k 16 for C <= 16."""
+    return dataclasses.replace(TWO_PASS_K32, block_k=16 if c <= 16 else 32)
+
+
+def fused_config(n: int, h: int, w: int, co: int, device: torch.device) -> NarrowConvConfig:
+    """The fused tile with the least halo that still gives every SM a program (small images trade halo
+    for parallelism). Above 3 output channels (Z 64-128 columns wide) no register cap: 128 would spill."""
     sms = sm_count(device) if device.type == "cuda" else 132  # the CPU tests pick as an H100 would
     fits = [t for t in FUSED_BY_HALO if n * _tiles(h, t.tile_h) * _tiles(w, t.tile_w) >= sms]
     best = fits[0] if fits else FUSED_BY_HALO[-1]
-    return dataclasses.replace(best, block_k=16 if c <= 16 else 32, maxnreg=best.maxnreg if 9 * co <= 32 else None)
+    return dataclasses.replace(best, maxnreg=best.maxnreg if 9 * co <= 32 else None)
 
 
 def _is_pow2(v: int) -> bool:
