@@ -23,6 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CFG = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4, sample_size=64)
 FUSED = ops.PRESETS["fast"].replace(cuda_graphs=False)  # the GPU path: kernels, fused epilogues, sub-pixel
+# The decoder body's orders, measured without the narrow output-head conv: at this size its fp32 tap
+# products (27 values a pixel) outweigh the 8-channel activations and would set every order's peak.
+# At SD's size they do not (test_sd_decoder_at_512_peak_live_bytes, with the head on).
+BODY = FUSED.replace(igemm_conv=False)
 LATENT = 8  # -> a 64x64 image
 ORDERS = {"plain": (False, False), "owned": (True, False), "phases": (False, True), "both": (True, True)}
 
@@ -56,7 +60,7 @@ def test_decoder_peak_live_bytes_and_bit_identity(vae, monkeypatch):
     monkeypatch.setattr(ops, "SUBPIXEL_MIN_PIXELS", 0)  # the sub-pixel upsamplers at these small sizes too
     z = _latents()
     z0 = z.clone()
-    with ops.using(FUSED):
+    with ops.using(BODY):
         vae.decode(z)  # warm: the weight folds of the first call are not activations
         out = {order: _decode(vae, z, order, monkeypatch) for order in ORDERS}
     vae.decoder.consume = True
@@ -102,9 +106,11 @@ def test_reference_flags_consume_is_bit_identical(vae, layout):
     assert torch.equal(got, want)
 
 
-def _shape_only_kernels(monkeypatch) -> None:
+def _shape_only_kernels(monkeypatch) -> dict[str, int]:
     """Meta tensors cannot run kernels: the launchers become stand-ins that allocate what the real ones
-    do (their output, or nothing with ``out=``). GroupNorm's split partials (KiBs) are left out."""
+    do (their output, or nothing with ``out=``). GroupNorm's split partials (KiBs) are left out.
+    Returns the narrow conv's call count."""
+    calls = {"narrow": 0}
 
     def gn(x, *args, out=None, **kwargs):
         return torch.empty_like(x) if out is None else out
@@ -117,24 +123,39 @@ def _shape_only_kernels(monkeypatch) -> None:
         shape = (n, c // (4 if phase is None else 1), 2 * h1 - 2, 2 * w1 - 2)
         return torch.empty(shape, dtype=p.dtype, device=p.device) if out is None else out
 
+    def narrow(x, weight, bias=None, **kwargs):  # the two-pass narrow conv: fp32 tap products, then y
+        n, _, h, w = x.shape
+        co = weight.shape[0]
+        calls["narrow"] += 1
+        taps = torch.empty((n * h * w, 9 * co), dtype=torch.float32, device=x.device)
+        y = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device)
+        del taps
+        return y
+
+    def scale_shift(x, *args):
+        return torch.empty(x.shape[:2], device=x.device), torch.empty(x.shape[:2], device=x.device)
+
     real = sc.subpixel_upsample_conv
+    monkeypatch.setattr(ops, "conv3x3_narrow", narrow)
+    monkeypatch.setattr(ops, "group_norm_scale_shift", scale_shift)
     monkeypatch.setattr(ops, "group_norm", gn)
     monkeypatch.setattr(ops, "bias_add", add)
     monkeypatch.setattr(ops, "add_with_group_norm_stats", add)
     monkeypatch.setattr(ops, "subpixel_upsample_conv", lambda x, w4, b: real(x, w4, b, interleave=interleave))
     monkeypatch.setattr(sc, "_is_channels_last", lambda t: True)  # meta convs drop channels_last strides
+    return calls
 
 
 @needs_interpreter  # (the kernel flags need it to dispatch on non-CUDA tensors)
 def test_sd_decoder_at_512_peak_live_bytes(monkeypatch):
     """SD's VAE at 512², fp16: 6 -> 4 tensors of [1, 128, 512, 512] (64 MiB) at the peak."""
-    _shape_only_kernels(monkeypatch)
+    calls = _shape_only_kernels(monkeypatch)
     with torch.device("meta"):
         model = AutoencoderKL(VAEConfig()).half().eval()
     z = torch.empty(1, 4, 64, 64, dtype=torch.float16, device="meta")
     MiB, split = 2**20, sc.PHASE_SPLIT_BYTES
     peaks = {}
-    flags = FUSED.replace(igemm_conv=False, fused_qkv=False)  # (no conv table or weight fusion on meta)
+    flags = FUSED.replace(fused_qkv=False)  # (no weight fusion on meta; no conv table entries for it either)
     with torch.inference_mode(), ops.using(flags):
         model.decode(z)
         for order, (consume, phases) in ORDERS.items():
@@ -150,4 +171,6 @@ def test_sd_decoder_at_512_peak_live_bytes(monkeypatch):
     assert peaks["owned"] == x / 4 + p + x + z_held  # 289: the last upsampler as one conv
     assert peaks["phases"] == x + 3 * u + z_held  # 320: the last level's input held by the decoder
     assert peaks["plain"] == x / 4 + p + x + u + z_held  # 353: that, and the decoder holds its block's input
+    assert calls["narrow"] == 5  # the output head ran the narrow conv (the warm-up + 4 orders): its x
+    # (64 MiB), fp32 tap products (27 MiB) and y stay below every order's peak
     # before this order (norm2 not in place either) the level's second block ran conv2 at x + 4u = 384
