@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from forced_plans import force_plans
 from interp_bounds import needs_interpreter
 from speedsd import ops
 from speedsd.models.layers import Conv2d
@@ -90,19 +91,6 @@ def _head(c: int, co: int, groups: int) -> tuple[torch.nn.GroupNorm, Conv2d]:
     return norm, conv
 
 
-def _force_split(monkeypatch) -> None:
-    import importlib
-
-    gn = importlib.import_module("speedsd.kernels.group_norm")
-    gna = importlib.import_module("speedsd.kernels.group_norm_affine")
-
-    def plan_for(n, c, s, groups, cl, itemsize, device):
-        return gn.plan_group_norm(n, c, s, groups, cl, itemsize, 4, path="split", tile=64, programs=6)
-
-    monkeypatch.setattr(gn, "plan_for", plan_for)
-    monkeypatch.setattr(gna, "plan_for", plan_for)
-
-
 HEAD_FLAGS = {  # label -> (flags, the narrow conv runs, GroupNorm is folded into it)
     "reference": (ops.Flags(), False, False),
     "group_norm": (ops.Flags(group_norm=True), False, False),
@@ -116,7 +104,7 @@ HEAD_FLAGS = {  # label -> (flags, the narrow conv runs, GroupNorm is folded int
 def test_norm_silu_conv_op_paths(monkeypatch, label: str) -> None:
     """Every flag set draws conv(silu(GroupNorm(x))); the narrow conv and the fold run where they should
     (the fold never normalises x in memory: group_norm_op must not run)."""
-    _force_split(monkeypatch)
+    force_plans(monkeypatch, path="split", tile=64, programs=6)
     flags, narrow, fold = HEAD_FLAGS[label]
     norm, conv = _head(32, 3, 8)
     x = (torch.randn(2, 32, 9, 7) * 2 + 0.5).contiguous(memory_format=torch.channels_last)

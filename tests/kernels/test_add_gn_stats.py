@@ -13,33 +13,20 @@ import math
 import pytest
 import torch
 
+from forced_plans import SPLIT_PLANS, SPLIT_SHAPES, force_plans
+
 gn = importlib.import_module("speedsd.kernels.group_norm")
 ags = importlib.import_module("speedsd.kernels.add_gn_stats")
 ba = importlib.import_module("speedsd.kernels.bias_add")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (label, shape, groups)
-SHAPES = [
-    ("sd-ratio 2x64x8x8 G32", (2, 64, 8, 8), 32),
-    ("odd C48 G8 3x48x7x5", (3, 48, 7, 5), 8),
-    ("odd C40 G4 1x40x9x11", (1, 40, 9, 11), 4),
-]
-PLANS = {  # forced split plans: channels_last whole rows ("grouped") and group blocks
-    "grouped": dict(path="split", tile=64, programs=6, grouped=True),
-    "blocks": dict(path="split", tile=64, programs=6, grouped=False, warps=2),
-}
+SHAPES, PLANS = SPLIT_SHAPES, SPLIT_PLANS
 
 
 @pytest.fixture
 def forced_plan(monkeypatch, request):
-    knobs = PLANS[request.param]
-
-    def plan_for(n, c, s, groups, cl, itemsize, device):
-        return gn.plan_group_norm(n, c, s, groups, cl, itemsize, 4, **knobs)
-
-    monkeypatch.setattr(gn, "plan_for", plan_for)
-    monkeypatch.setattr(ags, "plan_for", plan_for)
+    force_plans(monkeypatch, **PLANS[request.param])
     return request.param
 
 

@@ -11,35 +11,22 @@ import importlib
 import pytest
 import torch
 
+from forced_plans import SPLIT_PLANS, SPLIT_SHAPES, force_plans
+
 gn = importlib.import_module("speedsd.kernels.group_norm")
 gna = importlib.import_module("speedsd.kernels.group_norm_affine")
 ags = importlib.import_module("speedsd.kernels.add_gn_stats")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (label, shape, groups)
-SHAPES = [
-    ("sd-ratio 2x64x8x8 G32", (2, 64, 8, 8), 32),
-    ("odd C48 G8 3x48x7x5", (3, 48, 7, 5), 8),
-    ("odd C40 G4 1x40x9x11", (1, 40, 9, 11), 4),
-]
-PLANS = {  # forced split plans: channels_last whole rows ("grouped") and group blocks
-    "grouped": dict(path="split", tile=64, programs=6, grouped=True),
-    "blocks": dict(path="split", tile=64, programs=6, grouped=False, warps=2),
-}
+SHAPES, PLANS = SPLIT_SHAPES, SPLIT_PLANS
 # (label, dtype, atol, rtol) on scale and shift against fp64 statistics of the same input
 DTYPES = [("fp32", torch.float32, 1e-5, 1e-5), ("fp16", torch.float16, 1e-5, 1e-5)]
 
 
 @pytest.fixture
 def forced_plan(monkeypatch, request):
-    knobs = PLANS[request.param]
-
-    def plan_for(n, c, s, groups, cl, itemsize, device):
-        return gn.plan_group_norm(n, c, s, groups, cl, itemsize, 4, **knobs)
-
-    for module in (gn, gna, ags):
-        monkeypatch.setattr(module, "plan_for", plan_for)
+    force_plans(monkeypatch, **PLANS[request.param])
     return request.param
 
 
@@ -82,8 +69,7 @@ def test_folded_affine_is_group_norm(affine, forced_plan):
 
 def test_large_mean_small_spread(monkeypatch):
     """mean 300, std 0.1: the merged statistics stay two-pass stable (rstd ~10, so shift ~ -3000)."""
-    knobs = PLANS["blocks"]
-    monkeypatch.setattr(gna, "plan_for", lambda n, c, s, g, cl, i, d: gn.plan_group_norm(n, c, s, g, cl, i, 4, **knobs))
+    force_plans(monkeypatch, **PLANS["blocks"])
     x = _input((2, 16, 9, 7), "nchw", torch.float32, mean=300.0, std=0.1)
     scale, shift = gna.group_norm_scale_shift(x, 4, None, None, 1e-5)
     want = gna.group_norm_scale_shift_ref(x.double(), 4, None, None, 1e-5)
