@@ -37,15 +37,65 @@ def test_capture_after_runs_new_signatures_eagerly_first():
     g = GraphCache(fn, capture_after=1)
     x = torch.randn(8, device="cuda") + 0.5
     assert torch.equal(g(x), x * 2 + 1) and g.captures == 0 and len(calls) == 1  # eager
-    assert torch.equal(g(x), x * 2 + 1) and g.captures == 1 and len(calls) == 3  # warm-up + capture
+    assert torch.equal(g(x), x * 2 + 1) and g.captures == 1 and len(calls) == 2  # captured: the eager call warmed up
     y = torch.randn(8, device="cuda") - 0.5
-    assert torch.equal(g(y), y * 2 + 1) and len(calls) == 3  # replayed: fn not called
+    assert torch.equal(g(y), y * 2 + 1) and len(calls) == 2  # replayed: fn not called
     z = torch.randn(5, device="cuda")
-    assert torch.equal(g(z), z * 2 + 1) and g.captures == 1 and len(calls) == 4  # new shape: eager again
+    assert torch.equal(g(z), z * 2 + 1) and g.captures == 1 and len(calls) == 3  # new shape: eager again
     g.reset()
-    assert torch.equal(g(y), y * 2 + 1) and g.captures == 1 and len(calls) == 5  # after reset: eager first
+    assert torch.equal(g(y), y * 2 + 1) and g.captures == 1 and len(calls) == 4  # after reset: eager first
+    g2 = GraphCache(fn, warmup=2, capture_after=1)  # more warm-ups asked than eager calls made: the rest run
+    g2(x)
+    g2(x)
+    assert g2.captures == 1 and len(calls) == 4 + 1 + 1 + 1  # eager, one more warm-up, capture
     with pytest.raises(ValueError, match="capture_after"):
         GraphCache(fn, capture_after=-1)
+
+
+def test_prepare_captures_only_what_the_next_call_would():
+    calls = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return x - 1
+
+    g = GraphCache(fn, capture_after=1)
+    x = torch.randn(6, device="cuda") + 0.5
+    assert not g.prepare(x) and g.captures == 0 and not calls  # the first call runs eagerly: nothing to do
+    assert torch.equal(g(x), x - 1) and len(calls) == 1
+    assert g.prepare(torch.zeros(6, device="cuda")) and g.captures == 1 and len(calls) == 2  # captured
+    assert not g.prepare(x) and g.captures == 1  # already captured
+    assert torch.equal(g(x), x - 1) and len(calls) == 2  # the real values replay the prepared graph
+    assert not g.prepare(torch.zeros(2, 3, device="cuda"))  # an unseen signature: its first call is eager
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        g.prepare(torch.zeros(6))
+
+
+def test_decode_graph_is_captured_before_the_loop(monkeypatch):
+    """The second image captures text, then the VAE decode, then the loop (one shared pool: the loop's
+    blocks come out of the decode's freed segments); the replays equal the eager images."""
+    import speedsd
+    from speedsd import ops
+
+    order = []
+    capture = GraphCache._capture
+
+    def spy(self, args, warmup):
+        order.append(self.fn.__name__)
+        assert warmup == 0  # the first image's eager calls warmed each signature up
+        return capture(self, args, warmup)
+
+    monkeypatch.setattr(GraphCache, "_capture", spy)
+    pipe = speedsd.load("random:tiny", device="cuda", dtype=torch.float16, flags=ops.PRESETS["fast"])
+    eager = pipe.with_flags(ops.PRESETS["fast"].replace(cuda_graphs=False))
+    kw = dict(steps=3, height=64, width=64, seed=11, output="tensor")
+    images = [pipe("a cat", **kw) for _ in range(3)]  # eager, captures, replays
+    assert order == ["_text_forward", "_vae_decode", "loop"]
+    assert torch.equal(images[1], images[2])
+    torch.testing.assert_close(images[1], eager("a cat", **kw), atol=2e-3, rtol=0)
+    pipe("a cat", **{**kw, "height": 96, "output": "latent"})  # latents only: no decode, nothing prepared
+    pipe("a cat", **{**kw, "height": 96, "output": "latent"})
+    assert order == ["_text_forward", "_vae_decode", "loop", "loop"]
 
 
 def test_graph_output_is_not_aliased():

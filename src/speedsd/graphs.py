@@ -127,22 +127,9 @@ class GraphCache:
                 self._calls.popitem(last=False)
             return self._on_warmup_stream(args)
         if entry is None:
-            self._calls.pop(key, None)
-            try:
-                entry = self._capture(args)
-            except RuntimeError as e:  # a library call refused capture: run this signature eagerly
-                if not self.eager_fallback:
-                    torch.cuda.synchronize()
-                    raise
-                warnings.warn(
-                    f"CUDA graph capture failed ({str(e).splitlines()[0][:120]}); running eagerly", stacklevel=2
-                )
-                torch.cuda.synchronize()
-                self._eager.add(key)
+            entry = self._capture_entry(key, args)
+            if entry is None:  # the capture failed: this signature runs eagerly from now on
                 return self.fn(*args)
-            self._entries[key] = entry
-            if len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
         for dst, src in zip(entry.inputs, args):
@@ -151,6 +138,40 @@ class GraphCache:
         # The output buffer is overwritten by the next replay: callers that keep it (PNDM's history)
         # must not alias it, so hand out a copy (tiny next to the step itself).
         return entry.output.clone()
+
+    def prepare(self, *args: torch.Tensor) -> bool:
+        """Capture ``args``' signature now if its next call would capture it; True if it did.
+
+        Only the signature of ``args`` matters (their values feed any warm-up run): the pipeline
+        captures the VAE decode before the denoising loop this way, so the loop's capture, sharing
+        the pool, carves its blocks out of the decode's large freed segments instead of the decode
+        needing segments of its own (see ``Pipeline._prepare_decode``)."""
+        if not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+            raise ValueError("GraphCache takes CUDA tensors only")
+        key = _signature(args)
+        if key in self._eager or key in self._entries or self._calls.get(key, 0) < self.capture_after:
+            return False
+        return self._capture_entry(key, args) is not None
+
+    def _capture_entry(self, key: Signature, args: tuple[torch.Tensor, ...]) -> _Entry | None:
+        """Capture and cache ``key``; None (the signature marked eager) where capture failed and
+        ``eager_fallback`` allows it."""
+        eager_runs = self._calls.pop(key, 0)
+        try:
+            entry = self._capture(args, warmup=max(0, self.warmup - eager_runs))
+        except RuntimeError as e:  # a library call refused capture: run this signature eagerly
+            if not self.eager_fallback:
+                torch.cuda.synchronize()
+                raise
+            msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            warnings.warn(f"CUDA graph capture failed ({msg}); running eagerly", stacklevel=3)
+            torch.cuda.synchronize()
+            self._eager.add(key)
+            return None
+        self._entries[key] = entry
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return entry
 
     def _on_warmup_stream(self, args: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
         """``fn(*args)`` eagerly on the stream the warm-ups and captures use (a signature's eager calls
@@ -165,9 +186,13 @@ class GraphCache:
         out.record_stream(current)  # made on the side stream, used and freed on the current one
         return out
 
-    def _capture(self, args: tuple[torch.Tensor, ...]) -> _Entry:
+    def _capture(self, args: tuple[torch.Tensor, ...], warmup: int) -> _Entry:
+        """``warmup`` eager runs first (Triton JIT, cuDNN/cuBLAS plans, lazy caches): none where this
+        signature's ``capture_after`` eager calls, on the same stream, already did that. (A warm-up
+        there would only cost time and, with a graph of the shared pool already held, raise the
+        reserved peak by the warm-up's activations: ~100 MiB for a 512² loop.)"""
         static = [a.detach().clone(memory_format=torch.preserve_format) for a in args]
-        for _ in range(self.warmup):  # Triton JIT, cuDNN/cuBLAS plans, lazy caches
+        for _ in range(warmup):
             self._on_warmup_stream(static)
         stream = _warmup_stream(args[0].device)
         if self._pool is None:

@@ -42,9 +42,9 @@ def main() -> None:
     if v == "trace":
         real = graphs.GraphCache._capture
 
-        def cap(self, args):
+        def cap(self, args, **kw):
             rec(f"before capture {getattr(self.fn, '__name__', '?')} {tuple(args[0].shape)}")
-            out = real(self, args)
+            out = real(self, args, **kw)
             rec(f"after capture {getattr(self.fn, '__name__', '?')}")
             return out
 
