@@ -49,7 +49,7 @@ def test_generate_writes_pngs_with_parameters(model: str, tmp_path, capsys) -> N
     out = tmp_path / "fox.png"
     argv = ["generate", "a red fox", "--model", model, "--negative", "blurry", "--steps", "3", "--seed", "42"]
     argv += ["--size", "48x32", "--scheduler", "euler_a", "--guidance", "6", "--num-images", "2", "-o", str(out)]
-    rc, stdout, err = run_main(capsys, argv)
+    rc, stdout, err = run_main(capsys, argv + ["--device", "cpu"])  # the CPU pipeline below draws the reference
     assert rc == 0, err
     paths = [out, tmp_path / "fox-1.png"]
     assert stdout.split() == [str(p) for p in paths]

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from speedsd.bench import e2e
 
 
@@ -29,7 +31,8 @@ def test_bench_runs_on_tiny_model(tmp_path):
     data = json.loads((tmp_path / "tiny.json").read_text())
     row = data["ablation"][0]
     assert row["row"] == "baseline" and row["image_ms"] > 0 and row["unet_step_ms"] > 0
-    assert data["environment"]["card"].startswith("cpu")
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    assert data["environment"]["card"].startswith(card)
     md = (tmp_path / "tiny.md").read_text()
     assert "| baseline |" in md
     assert (tmp_path / "tiny.png").stat().st_size > 1000  # the bar chart
