@@ -393,14 +393,10 @@ class Pipeline:
         return g
 
     def _prepare_decode(self, shape: tuple[int, ...], output: str, tiled_decode: bool | None) -> None:
-        """Before the denoising loop: capture the VAE decode graph now if this image's decode would.
-
-        Both graphs draw on one memory pool. Captured after the loop (the order they run in), the
-        decode's 64-128 MiB activations found only the loop's smaller freed blocks and took ~290 MiB of
-        new segments on top of the loop's ~96 (`bench/results/memory_probe_pools_h200.txt`); captured
-        first, the loop's blocks are carved out of the decode's freed segments. Safe for the same reason
-        sharing the pool is: neither graph keeps anything in its scratch between replays, and every
-        replay's output is handed out as a copy."""
+        """Capture the VAE decode graph before the loop's if this image's decode would capture: in their
+        shared pool the loop's blocks then come out of the decode's large freed segments (captured after
+        the loop, the decode's 64-128 MiB activations needed segments of their own: 392 -> 336 MiB at 512²,
+        `bench/results/graph_capture_order_ab_h200.txt`)."""
         if self._decode_graphs is None or output == "latent" or self._tiled(shape, tiled_decode):
             return
         z = torch.zeros(shape, device=self.device, dtype=self.dtype)  # decode_latents' input signature
