@@ -75,28 +75,11 @@ def err_breakdown(out: torch.Tensor, ref: torch.Tensor, h: int, d: int) -> dict:
 
 
 def graph_time_us(fn, reps: int = REPS, iters: int = ITERS) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1000.0 / reps)
-    return sorted(ts)[len(ts) // 2]
+    """Per-call µs of fn replayed from a CUDA graph of `reps` back-to-back calls; median of `iters` replays."""
+    sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "src"))  # speedsd (bench.common.graph_ms)
+    from speedsd.bench.common import graph_ms
+
+    return graph_ms(fn, calls=reps, reps=iters) * 1000
 
 
 def cached(cache: str | None, key: str, fn, device: str = "cuda"):
