@@ -399,9 +399,10 @@ class Pipeline:
         `bench/results/graph_capture_order_ab_h200.txt`)."""
         if self._decode_graphs is None or output == "latent" or self._tiled(shape, tiled_decode):
             return
-        z = torch.zeros(shape, device=self.device, dtype=self.dtype)  # decode_latents' input signature
-        if self.flags.channels_last:
-            z = z.contiguous(memory_format=torch.channels_last)
+        # decode_latents' input signature; the values only feed a warm-up, which the first image's eager
+        # decode normally made unnecessary: no fill or layout copy launched every image
+        fmt = torch.channels_last if self.flags.channels_last else torch.contiguous_format
+        z = torch.empty(shape, device=self.device, dtype=self.dtype, memory_format=fmt)
         self._ensure_layout()
         self._decode_graphs.prepare(z)
 

@@ -4,8 +4,9 @@
 
 Variants: ``current`` (the default pipeline), ``trace`` (also logs memory around every graph capture,
 the eager live peaks of the VAE decode and a UNet step, and the decode's live peak and image per
-decoder order: ``vae_orders``, see _decoder_orders), ``decode_first`` (the VAE decode graph
-captured before the denoising loop's), ``eager_vae`` (no VAE decode graph), ``nographs``; run with
+decoder order: ``vae_orders``, see _decoder_orders), ``eager_vae`` (no VAE decode graph), ``nographs``
+(the pipeline itself captures the VAE decode graph before the loop's since 29e8180, which retired the
+``decode_first`` variant of `memory_probe.md`'s older rows); run with
 PYTORCH_CUDA_ALLOC_CONF set for allocator variants. Reports the first image's peak allocated and
 reserved memory, what the allocator holds afterwards, and the reserved/allocated MiB per memory pool
 ((0, 0) is the general pool, others are CUDA-graph pools). Results: bench/results/memory_probe.md.
@@ -57,9 +58,6 @@ def main() -> None:
     weights = sum(t.numel() * t.element_size() for m in p.models() for t in m.parameters()) / MiB
     rec("loaded")
     torch.cuda.reset_peak_memory_stats()
-    if v == "decode_first":
-        p.decode_latents(torch.zeros(1, 4, 64, 64, device="cuda"))
-        rec("decode graph first")
     if v == "eager_vae":
         p._decode_graphs = None
     t0 = time.perf_counter()
