@@ -1,7 +1,8 @@
 """Per-shape choice of attention implementation for ``Flags(attention="auto")``.
 
 The choice is measured, not guessed: ``python -m speedsd.bench.kernels --attention-table
-src/speedsd/data/attention_table.json`` times flash / partial / SDPA on each SD attention shape and
+src/speedsd/data/attention_table.json`` times flash / partial / SDPA (and the Gluon kernel on the shapes
+it takes: fp16 d=40 self-attention on sm_90, measured on fused-QKV views) on each SD attention shape and
 records the fastest correct one per card. Shapes are matched on (heads, Nq, Nk, head dim); the batch
 only scales the work. Unknown card or shape: SDPA (PyTorch picks its best backend), except head dims
 SDPA's fused backends reject (> 256), which go to our partially fused softmax.
@@ -16,6 +17,9 @@ from pathlib import Path
 import torch
 
 TABLE_PATH = Path(__file__).parent / "data" / "attention_table.json"
+# what an entry may name: each is a Flags.attention mode ("gluon" falls back to SDPA where its kernel
+# does not apply, e.g. without fused QKV)
+CHOICES = ("flash", "partial", "sdpa", "gluon")
 
 
 @functools.lru_cache(maxsize=8)
@@ -25,14 +29,17 @@ def _table(card: str, path: str) -> dict[tuple[int, int, int, int], str]:
         return {}
     data = json.loads(p.read_text())
     out: dict[tuple[int, int, int, int], str] = {}
-    for entry in data.get("cards", {}).get(card, {}).values():
+    for label, entry in data.get("cards", {}).get(card, {}).items():
+        if entry["best"] not in CHOICES:
+            raise ValueError(f"{path}: {card} / {label}: unknown attention choice {entry['best']!r}")
         _, h, nq, d = entry["q_shape"]
         out[(h, nq, entry["k_shape"][2], d)] = entry["best"]
     return out
 
 
 def choose(q_shape: torch.Size, k_shape: torch.Size, dtype: torch.dtype, card: str | None = None) -> str:
-    """'flash', 'partial' or 'sdpa' for q [B, H, Nq, D], k [B, H, Nk, D]."""
+    """'flash', 'partial', 'sdpa' or 'gluon' (only where the table says so) for q [B, H, Nq, D],
+    k [B, H, Nk, D]."""
     card = card or torch.cuda.get_device_name()
     _, h, nq, d = q_shape
     best = _table(card, str(TABLE_PATH)).get((h, nq, k_shape[2], d))

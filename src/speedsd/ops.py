@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from speedsd import conv_table
 from speedsd.kernels.add_gn_stats import add_with_group_norm_stats
+from speedsd.kernels.attention_gluon import attention_gluon
 from speedsd.kernels.bias_add import bias_add, bias_add_ref
 from speedsd.kernels.conv_igemm import conv2d_igemm
 from speedsd.kernels.flash_attention import flash_attention
@@ -39,7 +40,7 @@ from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsampl
 from speedsd.kernels.upsample import upsample_nearest2x, upsample_nearest2x_ref
 from speedsd.kernels.winograd import winograd_conv3x3_module
 
-ATTENTION_MODES = ("math", "sdpa", "partial", "flash", "auto")
+ATTENTION_MODES = ("math", "sdpa", "partial", "flash", "gluon", "auto")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class Flags:
 
     group_norm: bool = False  # fused Triton GroupNorm (+SiLU) in one launch
     gelu: bool = False  # fused Triton GELU / GEGLU feed-forward
-    attention: str = "math"  # math (materialized softmax) | sdpa | partial | flash | auto
+    # math (materialized softmax) | sdpa | partial | flash | auto | gluon (the Hopper d=40 fused-QKV
+    # self-attention kernel where it applies, SDPA elsewhere)
+    attention: str = "math"
     winograd: bool = False  # Winograd 3x3 conv where the per-layer table picks it
     channels_last: bool = False  # NHWC activations end to end
     fused_qkv: bool = False  # one GEMM for the self-attention Q, K, V projections
@@ -281,11 +284,17 @@ def attention_op(
     """softmax(q kᵀ · scale) v for q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D].
 
     ``upcast`` computes the scores in fp32 (SD 2.x's upcast_attention); the Triton kernels always
-    accumulate in fp32, so it only changes the reference paths.
+    accumulate in fp32, so it only changes the reference paths. "gluon" runs the Gluon kernel where it
+    applies (fp16 fused-QKV d=40 self-attention on sm_90, kernels/attention_gluon.py) and SDPA elsewhere.
     """
     mode = current().attention
     if mode == "auto":
         mode = pick_attention(q, k)
+    if mode == "gluon":
+        out = attention_gluon(q, k, v, scale=scale)
+        if out is not None:
+            return out
+        mode = "sdpa"
     if mode == "math":
         return attention_ref(q, k, v, scale=scale, upcast=upcast)
     if mode == "sdpa":

@@ -35,3 +35,28 @@ def test_table_falls_back_to_do_bench_and_skips_wrong_results():
     table = ka.best_attention_table(rows)
     assert table["self 1024 d80"]["best"] == "sdpa"
     assert table["self 256 d160"]["best"] == "sdpa"  # flash was fastest but failed its accuracy check
+
+
+def test_table_takes_gluon_where_it_is_fastest_and_correct():
+    rows = _rows("self 4096 d40", {"flash": (0.184, 0.180), "sdpa": (0.156, 0.150), "gluon": (0.160, 0.144)})
+    rows += _rows("self 16384 d40", {"flash": (2.9, 2.8), "sdpa": (2.3, 2.2), "gluon": (2.1, 2.0)}, ok={"gluon": False})
+    rows += _rows("cross 4096x77 d40", {"flash": (0.02, 0.010), "sdpa": (0.01, 0.012)})
+    table = ka.best_attention_table(rows)
+    assert table["self 4096 d40"]["best"] == "gluon"
+    assert table["self 4096 d40"]["graph_ms"] == {"flash": 0.180, "sdpa": 0.150, "gluon": 0.144}
+    assert table["self 16384 d40"]["best"] == "sdpa"  # gluon fastest but failed its accuracy check
+    assert table["cross 4096x77 d40"]["best"] == "flash"
+
+
+def test_gluon_shapes_get_fused_qkv_views_with_the_same_values():
+    import torch
+
+    from speedsd.kernels.attention_gluon import fused_qkv_views
+
+    labels = [s[0] for s in ka.SHAPES + ka.LONG_SHAPES if ka.gluon_shape(*s[3:])]
+    assert labels == ["self 4096 d40", "self 16384 d40"]
+    sep = ka.make_qkv(2, 2, 128, 128, 40, device="cpu")
+    fused = ka.make_qkv(2, 2, 128, 128, 40, device="cpu", fused=True)
+    assert fused_qkv_views(*fused) and not fused_qkv_views(*sep)
+    for a, b in zip(sep, fused):
+        assert torch.equal(a, b)

@@ -1,12 +1,14 @@
-"""Attention kernels on the SD-1.4 shapes: ours (flash, partially fused softmax) vs materialized
-softmax and every SDPA backend; correctness, median time, TFLOP/s, peak memory.
+"""Attention kernels on the SD-1.4 shapes: ours (flash, partially fused softmax, and the Gluon kernel
+where it applies) vs materialized softmax and every SDPA backend; correctness, median time, TFLOP/s,
+peak memory.
 
     python -m speedsd.bench.kernels_attention --out DIR            # ~1-2 min on an H100
     python -m speedsd.bench.kernels_attention --out DIR --sweep    # + flash block-size sweep (~4 min)
 
 The sweep prints a ``TUNED_CONFIGS`` table to paste into speedsd/kernels/flash_attention.py.
-:func:`best_attention_table` gives, per shape, the fastest of {flash, partial, sdpa}: the data behind
-``Flags(attention="auto")``.
+:func:`best_attention_table` gives, per shape, the fastest of {flash, partial, sdpa, gluon}: the data
+behind ``Flags(attention="auto")``. On the shapes the Gluon kernel takes (gluon_shape: the d=40
+self-attention) every variant reads fused-QKV views, the only layout it takes (sm_90 only).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from speedsd.bench.common import do_bench_ms, graph_ms, md_table, rel_err, write_results
+from speedsd.kernels import attention_gluon as ag
 from speedsd.kernels.flash_attention import MAX_FLASH_HEAD_DIM, FlashConfig, flash_attention, flash_config
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
 
@@ -40,18 +43,35 @@ SHAPES: list[tuple[str, int, int, int, int, int]] = [
 # 1024² image: the first UNet level attends over 16384 tokens (materialized variants skipped: 8.6 GB S).
 LONG_SHAPES = [("self 16384 d40", 2, 8, 16384, 16384, 40)]
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-OURS = ("flash", "partial")
+OURS = ("flash", "partial", "gluon")
+CANDIDATES = ("flash", "partial", "sdpa", "gluon")  # what the auto-attention table chooses from
 
 
-def make_qkv(B: int, H: int, Nq: int, Nk: int, D: int, device: str = "cuda", dtype=torch.float16):
-    """Head-split views of [B, N, H·D] projections, as the model produces them."""
+def make_qkv(B: int, H: int, Nq: int, Nk: int, D: int, device: str = "cuda", dtype=torch.float16, fused: bool = False):
+    """Head-split views of [B, N, H·D] projections, as the model produces them; ``fused`` (Nq == Nk):
+    the same values as views of one [B, N, 3·H·D] (the model's fused QKV projection)."""
     g = torch.Generator(device=device).manual_seed(0)
 
-    def heads(n: int, std: float) -> torch.Tensor:
-        t = torch.randn(B, n, H * D, device=device, dtype=dtype, generator=g) * std + 0.3  # [B, N, H·D]
-        return t.unflatten(-1, (H, D)).transpose(1, 2)  # -> [B, H, N, D] view
+    def proj(n: int, std: float) -> torch.Tensor:
+        return torch.randn(B, n, H * D, device=device, dtype=dtype, generator=g) * std + 0.3  # [B, N, H·D]
 
-    return heads(Nq, 1.5), heads(Nk, 1.5), heads(Nk, 1.0)
+    ts = [proj(Nq, 1.5), proj(Nk, 1.5), proj(Nk, 1.0)]
+    if fused:
+        assert Nq == Nk, "fused QKV is self-attention"
+        ts = torch.cat(ts, dim=-1).chunk(3, dim=-1)  # 3 x [B, N, H·D] -> [B, N, 3·H·D] -> 3 column blocks
+    return tuple(t.unflatten(-1, (H, D)).transpose(1, 2) for t in ts)  # -> [B, H, N, D] views
+
+
+def gluon_shape(Nq: int, Nk: int, D: int) -> bool:
+    """A shape the Gluon kernel takes (given fused-QKV fp16 views on an sm_90 GPU)."""
+    return Nq == Nk and D == ag.HEAD_DIM and Nq % ag.BLOCK_N == 0
+
+
+def _gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = ag.attention_gluon(q, k, v)
+    if out is None:  # never time the SDPA fallback as "gluon"
+        raise RuntimeError("attention_gluon declined these inputs (layout, dtype, shape or device)")
+    return out
 
 
 def variants(long: bool = False) -> dict[str, Callable[..., torch.Tensor]]:
@@ -71,6 +91,7 @@ def variants(long: bool = False) -> dict[str, Callable[..., torch.Tensor]]:
         "flash": flash_attention,
         "partial": attention_partial_softmax,
         "sdpa": F.scaled_dot_product_attention,  # torch's default dispatch (what Flags(attention="sdpa") runs)
+        "gluon": _gluon,  # kept by bench_shape only where attention_gluon_supported
     }
     if not long:
         out["math"] = attention_ref  # materialized softmax, the paper's baseline
@@ -107,14 +128,20 @@ def bench_shape(
     label: str, B: int, H: int, Nq: int, Nk: int, D: int, names: tuple[str, ...] | None = None, long: bool = False
 ) -> list[dict[str, Any]]:
     """Every variant on one shape: first all correctness checks (each in its own try), then timings
-    (do_bench with L2 flush, CUDA-graph replay, peak memory), each variant's failure kept in its row."""
-    q, k, v = make_qkv(B, H, Nq, Nk, D)
+    (do_bench with L2 flush, CUDA-graph replay, peak memory), each variant's failure kept in its row.
+    On shapes the Gluon kernel takes, every variant reads fused-QKV views (``layout`` in the rows)."""
+    fused = gluon_shape(Nq, Nk, D)
+    q, k, v = make_qkv(B, H, Nq, Nk, D, fused=fused)
     flops = 4 * B * H * Nq * Nk * D
     ref = None if long else attention_ref(q.float(), k.float(), v.float())  # fp32 materialized reference
     fns = {n: f for n, f in variants(long).items() if names is None or n in names}
+    if not (fused and ag.attention_gluon_supported(q, k)):
+        fns.pop("gluon", None)
     rows: dict[str, dict[str, Any]] = {}
     for name, fn in fns.items():  # phase 1: correctness
         row: dict[str, Any] = {"shape": label, "B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "variant": name}
+        if fused:
+            row["layout"] = "fused qkv"
         rows[name] = row
         try:
             out = fn(q, k, v)
@@ -168,7 +195,8 @@ def _best(rows: list[dict[str, Any]], pool: tuple[str, ...], clock: str = "ms") 
 
 
 def best_attention_table(rows: list[dict[str, Any]] | None = None, device: str = "cuda") -> dict[str, dict[str, Any]]:
-    """Per shape, the fastest correct one of {flash, partial, sdpa}; measures them if ``rows`` is None.
+    """Per shape, the fastest correct one of {flash, partial, sdpa, gluon} (gluon: only measured on the
+    shapes it takes); measures them if ``rows`` is None.
 
     Timed by CUDA-graph replay, the engine's clock: do_bench includes the Python launch (which made the
     Triton kernels lose every small shape), and the graph includes what a launch costs inside a graph
@@ -177,16 +205,16 @@ def best_attention_table(rows: list[dict[str, Any]] | None = None, device: str =
     winner and each candidate's do_bench ms and graph-replay ms."""
     assert device == "cuda", "attention timings need a CUDA device"
     if rows is None:
-        rows = [r for s in SHAPES for r in bench_shape(*s, names=("flash", "partial", "sdpa"))]
+        rows = [r for s in SHAPES for r in bench_shape(*s, names=CANDIDATES)]
     table: dict[str, dict[str, Any]] = {}
     for label, B, H, Nq, Nk, D in SHAPES + LONG_SHAPES:
         mine = [r for r in rows if r["shape"] == label]
         # D > 256: "flash" is the partial kernel behind one more Python call; a coin flip between the two
-        pool = ("partial", "sdpa") if D > MAX_FLASH_HEAD_DIM else ("flash", "partial", "sdpa")
+        pool = ("partial", "sdpa") if D > MAX_FLASH_HEAD_DIM else CANDIDATES
         best = _best(mine, pool, clock="graph")
         if best is None:
             continue
-        cands = [r for r in mine if r["variant"] in ("flash", "partial", "sdpa")]
+        cands = [r for r in mine if r["variant"] in CANDIDATES]
         table[label] = {
             "q_shape": [B, H, Nq, D],
             "k_shape": [B, H, Nk, D],
@@ -315,7 +343,7 @@ def markdown(res: dict[str, Any]) -> str:
         ]
         for k, v in res["summary"].items()
     ]
-    cands = ("flash", "partial", "sdpa")
+    cands = CANDIDATES
     best = [
         [k, v["best"]] + [v["ms"][n] * 1e3 if n in v["ms"] else "—" for n in cands]
         for k, v in res["best_attention"].items()
@@ -334,8 +362,8 @@ def markdown(res: dict[str, Any]) -> str:
             ["shape", "best sdpa", "flash / best sdpa", "flash x math", "partial x math", "partial mem / math", "ok"],
             summ,
         ),
-        "## Fastest of {flash, partial, sdpa} (µs)",
-        md_table(["shape", "best", "flash µs", "partial µs", "sdpa µs"], best),
+        "## Fastest of {flash, partial, sdpa, gluon} (µs)",
+        md_table(["shape", "best", "flash µs", "partial µs", "sdpa µs", "gluon µs"], best),
     ]
     if "sweep" in res:
         lines = ["## Flash block-size sweep (best 5 per shape, ms)"]

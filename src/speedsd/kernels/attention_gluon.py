@@ -1,0 +1,224 @@
+"""Gluon (warp-specialized, TMA + wgmma) FlashAttention forward for SD's d=40 self-attention, Hopper only.
+
+One problem, specialised: the UNet's first-level self-attention with fused QKV (``Flags(fused_qkv=True)``),
+where q, k, v [B, H, N, 40] fp16 are head-split views of the column blocks of one contiguous
+qkv [B, N, 3·H·40] (models/layers.py Attention.forward: ``F.linear(...).chunk(3, -1)``, then
+``unflatten(-1, (H, D)).transpose(1, 2)``). The kernel reads qkv through TMA descriptors over
+[B·N, 3·H·40] and writes out [B, N, H·40]; it is returned as the [B, H, N, 40] view, so the caller's
+``transpose(1, 2).flatten(2)`` is free. N must be a multiple of the key tile (128); query tiles of
+192 rows may run past N (masked). Kernel and its math: kernels/attention_gluon_kernels.py.
+
+:func:`attention_gluon` returns None (the caller falls back to SDPA) for anything else that is valid
+attention input: another device, card, dtype, head dim, layout, cross-attention or N; it raises
+ValueError only for input no attention could take (mismatched shapes, dtypes, devices, bad scale).
+
+Measured once, as the prototype (bench/prototypes/gluon_attn, variant ws3_pp_narrow): 143.6 µs vs
+cuDNN SDPA 149.3 µs on an H200 at B=2, H=8, N=4096 (CUDA-graph replay). Not yet run from this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+LOG2E = 1.4426950408889634
+HEAD_DIM = 40
+NUM_CONSUMERS = 3  # consumer warpgroups per CTA, 64 query rows each (fixed by the kernel)
+
+
+@dataclass(frozen=True)
+class GluonAttentionConfig:
+    block_n: int = 128  # keys per K/V tile; N must be a multiple
+    stages: int = 3  # K/V SMEM ring depth
+    producer_regs: int = 24  # setmaxnreg of the 1-warp TMA producer
+    consumer_regs: int = 160  # setmaxnreg of the two worker consumer warpgroups
+
+    @property
+    def block_m(self) -> int:  # query rows per CTA
+        return 64 * NUM_CONSUMERS
+
+
+# The configuration measured on the H200 (prototype variant ws3_pp_narrow); 100.8 KB of shared memory,
+# 128 registers a thread, no spills (ptxas for sm_90).
+HOPPER_D40 = GluonAttentionConfig()
+BLOCK_N = HOPPER_D40.block_n
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> ModuleType | None:
+    """The Gluon kernel module, or None where this Triton has no Gluon/Hopper API."""
+    try:
+        from speedsd.kernels import attention_gluon_kernels
+    except ImportError:
+        return None
+    return attention_gluon_kernels
+
+
+@functools.lru_cache(maxsize=8)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def _device_ok(device: torch.device) -> bool:
+    """A Hopper (sm_90: H100/H200) CUDA device and a Triton with Gluon."""
+    if device.type != "cuda":
+        return False
+    return _is_sm90(device.index if device.index is not None else torch.cuda.current_device()) and (
+        _kernels() is not None
+    )
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> float:
+    """ValueError for input that no attention implementation takes; returns the scale."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-d q/k/v [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] or v.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q/k/v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q/k/v devices differ: {q.device}, {k.device}, {v.device}")
+    if k.shape[2] == 0:
+        raise ValueError("attention over zero keys")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return scale
+
+
+def _shape_ok(q: torch.Tensor, k: torch.Tensor, block_n: int) -> bool:
+    B, H, N, D = q.shape
+    return (
+        q.dtype == k.dtype == torch.float16
+        and q.shape == k.shape  # self-attention: Nq == Nk
+        and D == HEAD_DIM
+        and N > 0
+        and N % block_n == 0
+        and 0 < B * H <= 65535  # grid axis 1
+    )
+
+
+def fused_qkv_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k, v [B, H, N, D] are exactly the head-split column blocks of one contiguous
+    qkv [B, N, 3·H·D]: one storage, k and v starting H·D and 2·H·D elements after q, strides
+    (N·3·H·D, D, 3·H·D, 1), q 16-byte aligned (TMA). Metadata only: no device or dtype check."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        return False
+    B, H, N, D = q.shape
+    hd = H * D
+    strides = (N * 3 * hd, D, 3 * hd, 1)
+    storage = q.untyped_storage().data_ptr()
+    return (
+        all(t.stride() == strides for t in (q, k, v))
+        and k.untyped_storage().data_ptr() == storage
+        and v.untyped_storage().data_ptr() == storage
+        and k.storage_offset() == q.storage_offset() + hd
+        and v.storage_offset() == q.storage_offset() + 2 * hd
+        and q.data_ptr() % 16 == 0
+    )
+
+
+def attention_gluon_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the kernel handles this problem on this machine: fp16 self-attention (q.shape == k.shape)
+    with D = 40 and N a multiple of 128 on an sm_90 GPU with Gluon. The layout is checked by
+    :func:`attention_gluon` (:func:`fused_qkv_views`); elsewhere it returns None."""
+    if q.dim() != 4 or k.dim() != 4:
+        return False
+    return _shape_ok(q, k, BLOCK_N) and _device_ok(q.device)
+
+
+def attention_gluon(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    config: GluonAttentionConfig = HOPPER_D40,
+) -> torch.Tensor | None:
+    """softmax(q kᵀ·scale) v for fused-QKV views q, k, v [B, H, N, 40] fp16 -> [B, H, N, 40] (a view of a
+    contiguous [B, N, H·40]: ``out`` when given); None where the kernel does not apply (module docstring)."""
+    scale = _check(q, k, v, scale)
+    B, H, N, D = q.shape
+    if out is not None and (
+        out.shape != (B, N, H * D) or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous()
+    ):
+        raise ValueError(f"out must be a contiguous [B, N, H·D] = {(B, N, H * D)} {q.dtype} tensor on {q.device}")
+    if not (_shape_ok(q, k, config.block_n) and fused_qkv_views(q, k, v) and _device_ok(q.device)):
+        return None
+    if out is None:
+        out = torch.empty(B, N, H * D, device=q.device, dtype=q.dtype)  # [B, N, H·D]
+    # the qkv block the views come from: [B·N, 3·H·D], starting at q
+    qkv2d = q.as_strided((B * N, 3 * H * D), (3 * H * D, 1))
+    _launch(qkv2d, out, N, H, scale * LOG2E, config)
+    return out.unflatten(-1, (H, D)).transpose(1, 2)  # [B, N, H·D] -> [B, H, N, D] view
+
+
+def _descriptors(qkv2d: torch.Tensor, block_n: int) -> tuple:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    def desc(rows: int, cols: int) -> TensorDescriptor:
+        # rows of 128 / 64 / 32 B -> 128 / 64 / 32 B swizzle
+        lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float16)
+        return TensorDescriptor.from_tensor(qkv2d, [rows, cols], lay)
+
+    return desc(64, 64), desc(block_n, 32), desc(block_n, 16)
+
+
+def _launch(qkv2d: torch.Tensor, out: torch.Tensor, N: int, H: int, qk_c: float, cfg: GluonAttentionConfig) -> None:
+    kern = _kernels()
+    assert kern is not None
+    B = qkv2d.shape[0] // N
+    grid = ((N + cfg.block_m - 1) // cfg.block_m, B * H)
+    with torch.cuda.device(out.device):
+        kern.attn_fwd_d40_kernel[grid](
+            *_descriptors(qkv2d, cfg.block_n), out, N, H, qk_c,
+            cfg.stages, cfg.producer_regs, cfg.consumer_regs, num_warps=4,
+        )  # fmt: skip
+
+
+def attention_gluon_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Plain torch: SDPA in fp32, result in q's dtype (any layout, device, shape)."""
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+    return out.to(q.dtype)
+
+
+def compile_sm90(config: GluonAttentionConfig = HOPPER_D40, capability: int = 90):  # -> CompiledKernel
+    """Compile the kernel ahead of time for ``capability`` without a GPU (the tests' ptxas check; in a
+    process without TRITON_INTERPRET=1). The signature is what a launch on the GPU specialises: out
+    16-byte aligned, N % 16 == 0."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kern = _kernels()
+    if kern is None:
+        raise RuntimeError("this Triton has no Gluon Hopper API")
+    if triton.knobs.runtime.interpret:  # triton's own @jit helpers (gl.max ...) were built for the interpreter
+        raise RuntimeError("compile_sm90 needs a process started without TRITON_INTERPRET=1")
+    fn = kern.attn_fwd_d40_kernel
+
+    def desc_ty(rows: int, cols: int) -> str:
+        lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float16)
+        return f"tensordesc<fp16[{rows}, {cols}],{lay!r}>"
+
+    const = {"STAGES": config.stages, "PRODUCER_REGS": config.producer_regs, "CONSUMER_REGS": config.consumer_regs}
+    sig = {
+        "q_desc": desc_ty(64, 64),
+        "ka_desc": desc_ty(config.block_n, 32),
+        "kb_desc": desc_ty(config.block_n, 16),
+        "o_ptr": "*fp16",
+        "n_ctx": "i32",
+        "H": "i32",
+        "qk_c": "fp32",
+        **{name: "constexpr" for name in const},
+    }
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("o_ptr", "n_ctx")}
+    src = GluonASTSource(fn, sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
