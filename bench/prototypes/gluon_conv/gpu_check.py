@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -217,6 +218,7 @@ class Results:
     def __init__(self, path: str) -> None:
         self.path = path
         self.payload = dict(env=environment(), rows=[], failures=[])
+        self.lock = threading.Lock()  # phase 1's smoke threads report rows concurrently
 
     def add(self, row: dict) -> None:
         self.payload["rows"].append(row)
@@ -227,10 +229,11 @@ class Results:
         self.write()
 
     def write(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.payload, f, indent=1)
-        os.replace(tmp, self.path)
+        with self.lock:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.payload, f, indent=1)
+            os.replace(tmp, self.path)
 
 
 def run_child(args: list[str], timeout: float, on_row) -> tuple[int | None, str]:
