@@ -43,7 +43,7 @@ def compile_variant(cfg: ag.AttnConfig):
         fn = ag._attn_ws_kernel
         const = dict(NC=cfg.nc, STAGES=cfg.stages, EXP=cfg.exp_code, ROWSUM=cfg.rowsum, QK_K=cfg.qk_k,
                      PV_N=cfg.pv_n, PP_SYNC=cfg.pp_sync, NARROW=cfg.narrow, PRODUCER_REGS=cfg.producer_regs,
-                     CONSUMER_REGS=cfg.consumer_regs)  # fmt: skip
+                     CONSUMER_REGS=cfg.consumer_regs, LAZY=cfg.lazy)  # fmt: skip
         num_warps = 4
     sig.update({k: "constexpr" for k in const})
     # what the JIT would specialise on the GPU: o_ptr 16-B aligned, n_ctx % 16 == 0

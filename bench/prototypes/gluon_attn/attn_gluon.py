@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = 1.4426950408889634
+LAZY_TAU = gl.constexpr(8.0)  # lazy rescale threshold (log2 units): P stays <= 256
 HEAD_D = gl.constexpr(40)  # real head dim
 DP = gl.constexpr(64)  # head dim as loaded by TMA (box width); columns >= 40 are other heads' data or 0
 # two fp32 -> one f16x2 (element 0 in the low half), then one MUFU op for both exponentials
@@ -92,9 +93,18 @@ def _rows_blocked(warps):
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qk_c, EXP: gl.constexpr, ROWSUM: gl.constexpr):
-    """One online-softmax step on a fp32 score tile s [BM, BN] (wgmma layout). Returns fp16 P."""
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_c)
+def _softmax(s, m_i, l_i, qk_c, EXP: gl.constexpr, ROWSUM: gl.constexpr, LAZY: gl.constexpr):
+    """One online-softmax step on a fp32 score tile s [BM, BN] (wgmma layout). Returns fp16 P, alpha, the new
+    max, l and `need` (LAZY: whether this warpgroup moved its max, i.e. O must be rescaled; else True)."""
+    m_cand = gl.maximum(m_i, gl.max(s, axis=1) * qk_c)
+    if LAZY:
+        # FA4 lazy rescale: keep the stale max unless some row of this warpgroup grew by > LAZY_TAU (log2 of
+        # 256): P <= 2^8 then (fp16-safe), and O, l keep matching scales, so O / l is unchanged (exact).
+        need = gl.max(m_cand - m_i, axis=0) > LAZY_TAU  # one scalar per warpgroup; +inf on the first block
+        m_new = gl.where(need, m_cand, m_i)
+    else:
+        need = True
+        m_new = m_cand
     alpha = gl.exp2(m_i - m_new)
     x = s * qk_c - gl.expand_dims(m_new, 1)  # <= 0; one FFMA per score
     if EXP == 1:
@@ -110,7 +120,7 @@ def _softmax(s, m_i, l_i, qk_c, EXP: gl.constexpr, ROWSUM: gl.constexpr):
         if ROWSUM == 0:
             l_i = l_i * alpha + gl.sum(p32, axis=1)
         p = p32.to(gl.float16)
-    return p, alpha, m_new, l_i
+    return p, alpha, m_new, l_i, need
 
 
 @gluon.jit
@@ -235,7 +245,7 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
             n_kv, qk_c,
             WS: gl.constexpr, WG: gl.constexpr, NC: gl.constexpr, STAGES: gl.constexpr, EXP: gl.constexpr,
             ROWSUM: gl.constexpr, QK_K: gl.constexpr, PV_N: gl.constexpr, PP_SYNC: gl.constexpr,
-            NARROW: gl.constexpr):  # fmt: skip
+            NARROW: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
     """Full key loop for the query rows in q_view; returns (o, o2, l) unnormalised.
 
     WS=True: consumer partition; stage release by mbarrier.arrive(kv_empty) (count NC), optional turn ring.
@@ -270,7 +280,7 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
     if PP_SYNC:
         mbarrier.arrive(turn.index(NEXT))
     s = warpgroup_mma_wait(0, deps=(s_tok,))
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_c, EXP, ROWSUM)
+    p, alpha, m_i, l_i, need = _softmax(s, m_i, l_i, qk_c, EXP, ROWSUM, LAZY)
     p = gl.convert_layout(p, p_layout)
 
     for j in range(1, n_kv):
@@ -285,7 +295,7 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
         if PP_SYNC:
             mbarrier.arrive(turn.index(NEXT))
         s = warpgroup_mma_wait(N_OUT, deps=(s_tok,))
-        p_new, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_c, EXP, ROWSUM)  # overlaps P_{j-1} V_{j-1}
+        p_new, alpha, m_i, l_i, need = _softmax(s, m_i, l_i, qk_c, EXP, ROWSUM, LAZY)  # overlaps P_{j-1} V_{j-1}
         o, o2, l_acc = _wait_pv(o, o2, l_acc, p, PV_N, ROWSUM)
         if WS:
             mbarrier.arrive(kv_empty.index(sp))  # this consumer is done with K/V stage sp
@@ -294,7 +304,11 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
             if j - 1 + STAGES < n_kv:
                 _load_kv(descs, kbufs, vbufs, k_ready.index(sp), v_ready.index(sp), kv_row + (j - 1 + STAGES) * BN,
                          k_col, v_col, sp, NARROW)  # fmt: skip
-        o, o2, l_acc = _rescale(o, o2, l_acc, alpha, PV_N, ROWSUM)
+        if LAZY:
+            if need:  # warpgroup-uniform branch: most blocks skip the O / L rescale
+                o, o2, l_acc = _rescale(o, o2, l_acc, alpha, PV_N, ROWSUM)
+        else:
+            o, o2, l_acc = _rescale(o, o2, l_acc, alpha, PV_N, ROWSUM)
         p = gl.convert_layout(p_new, p_layout)
 
     # epilogue: O += P_last V_last
@@ -360,7 +374,7 @@ def _ws_consumer(q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready,
                  turn, q_row, rows_left, q_col, o_stride, n_kv, qk_c,
                  WG: gl.constexpr, NC: gl.constexpr, STAGES: gl.constexpr, EXP: gl.constexpr,
                  ROWSUM: gl.constexpr, QK_K: gl.constexpr, PV_N: gl.constexpr, PP_SYNC: gl.constexpr,
-                 NARROW: gl.constexpr):  # fmt: skip
+                 NARROW: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
     BM: gl.constexpr = q_smem.shape[1]
     q_view = q_smem.index(WG)
     row0 = q_row + WG * BM
@@ -369,7 +383,7 @@ def _ws_consumer(q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready,
     mbarrier.wait(q_bar.index(WG), 0)
     _zero_q_pad(q_view, gl.num_warps())
     o, o2, l = _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, descs, 0, 0, 0,
-                       n_kv, qk_c, True, WG, NC, STAGES, EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW)  # fmt: skip
+                       n_kv, qk_c, True, WG, NC, STAGES, EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)  # fmt: skip
     _store_out(o, o2, l, o_ptr, row0, rows_left - WG * BM, q_col, o_stride, PV_N)
 
 
@@ -377,7 +391,7 @@ def _ws_consumer(q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready,
 def _attn_ws_kernel(q_desc, kv_desc, kva_desc, kvb_desc, o_ptr, n_ctx, H, qk_c,
                     NC: gl.constexpr, STAGES: gl.constexpr, EXP: gl.constexpr, ROWSUM: gl.constexpr,
                     QK_K: gl.constexpr, PV_N: gl.constexpr, PP_SYNC: gl.constexpr, NARROW: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):  # fmt: skip
+                    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = kv_desc.block_type.shape[0]
     pid_m = gl.program_id(0)
@@ -418,7 +432,7 @@ def _attn_ws_kernel(q_desc, kv_desc, kva_desc, kvb_desc, o_ptr, n_ctx, H, qk_c,
             [
                 (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
                                 kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 0, NC, STAGES,
-                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW)),
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
                 (_ws_producer, pargs),
             ],
             [1],
@@ -429,32 +443,52 @@ def _attn_ws_kernel(q_desc, kv_desc, kva_desc, kvb_desc, o_ptr, n_ctx, H, qk_c,
             [
                 (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
                                 kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 0, NC, STAGES,
-                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW)),
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
                 (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
                                 kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 1, NC, STAGES,
-                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW)),
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
                 (_ws_producer, pargs),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
         )  # fmt: skip
-    else:
-        gl.static_assert(NC == 3, "NC must be 1, 2 or 3")
+    elif NC == 3:
         gl.warp_specialize(
             [
                 (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
                                 kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 0, NC, STAGES,
-                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW)),
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
                 (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
                                 kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 1, NC, STAGES,
-                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW)),
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
                 (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
                                 kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 2, NC, STAGES,
-                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW)),
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
                 (_ws_producer, pargs),
             ],
             [4, 4, 1],
             [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
+        )  # fmt: skip
+    else:
+        gl.static_assert(NC == 4, "NC must be 1, 2, 3 or 4")
+        gl.warp_specialize(
+            [
+                (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
+                                kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 0, NC, STAGES,
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
+                (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
+                                kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 1, NC, STAGES,
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
+                (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
+                                kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 2, NC, STAGES,
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
+                (_ws_consumer, (q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready,
+                                kv_empty, q_bar, turn, q_row, rows_left, q_col, hd, n_kv, qk_c, 3, NC, STAGES,
+                                EXP, ROWSUM, QK_K, PV_N, PP_SYNC, NARROW, LAZY)),
+                (_ws_producer, pargs),
+            ],
+            [4, 4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
         )  # fmt: skip
 
 
@@ -509,7 +543,7 @@ def _attn_plain_kernel(q_desc, kv_desc, kva_desc, kvb_desc, o_ptr, n_ctx, H, qk_
     _zero_q_pad(q_smem, num_warps)
     o, o2, l = _attend(q_smem, kbufs, vbufs, ones_smem, k_ready, v_ready, k_ready, k_ready, descs, kv_row,
                        hd + q_col, 2 * hd + q_col, n_kv, qk_c, False, 0, 1, STAGES, EXP, ROWSUM, QK_K, PV_N,
-                       False, NARROW)  # fmt: skip
+                       False, NARROW, False)  # fmt: skip
     _store_out(o, o2, l, o_ptr, q_row, rows_left, q_col, hd, PV_N)
 
 
@@ -533,6 +567,7 @@ class AttnConfig:
     pv_n: int = 64  # 48: P V into a 32- and a 16-column accumulator instead of one 64-column one
     pp_sync: bool = False  # ws: turn barrier ring between consumers (ping-pong wgmma issue)
     narrow: bool = False  # K/V loaded as 32 + 16 columns (2 TMA boxes each) instead of 64: ~22% less L2->SMEM
+    lazy: bool = False  # ws: FA4 lazy rescale (O, L rescaled only when a warpgroup's max grew by > 8 in log2)
     producer_regs: int = 24
     consumer_regs: int = 240  # worker consumers; the default partition gets what is left of 64K / CTA
     maxnreg: int | None = None  # None: compiler default
@@ -575,6 +610,23 @@ VARIANTS: dict[str, AttnConfig] = {
     "ws2_s2": _v(stages=2),
     "ws2_s4": _v(stages=4),
 }
+# tuning round 2 (README "Round 2"): the round-1 winner ws3_pp_narrow + one change each, then composites
+_BEST = dict(**_WS3, pp_sync=True, **_N48, narrow=True)
+_WS4 = dict(nc=4, consumer_regs=112, pp_sync=True, **_N48, narrow=True)  # 256 rows / CTA: 4096 = 16 tiles exactly
+VARIANTS.update(
+    {
+        "ws3_pp_narrow_fadd": _v(**_BEST, rowsum=0),  # row sums by FADDs: no P @ ones wgmmas (8 m64n8k16 per block)
+        "ws3_pp_narrow_lazy": _v(**_BEST, lazy=True),
+        "ws3_pp_narrow_e16": _v(**_BEST, exp="f16x2"),  # data point only: sm_90 SASS has 2 MUFU.EX2.F16 per f16x2
+        "ws3_pp_narrow_bn64": _v(**_BEST, block_n=64, stages=6),
+        "ws4_pp_narrow_bn64": _v(**_WS4, block_n=64, stages=6),
+        "ws4_pp_narrow_bn64_fadd": _v(**_WS4, block_n=64, stages=6, rowsum=0),
+        "ws4_pp_narrow_bn64_lazy": _v(**_WS4, block_n=64, stages=6, lazy=True),
+        "ws3_pp_narrow_fadd_lazy": _v(**_BEST, rowsum=0, lazy=True),
+    }
+)
+# what gpu_check runs by default: the round-1 baseline first, then round 2
+ROUND2 = ["ws3_pp_narrow"] + [k for k in VARIANTS if k.startswith(("ws3_pp_narrow_", "ws4_"))]
 
 
 LAST_KERNEL = None  # CompiledKernel of the last launch (n_regs, n_spills, metadata.shared) for diagnostics
@@ -632,6 +684,6 @@ def attention_d40(qkv: torch.Tensor, H: int, D: int, out: torch.Tensor | None = 
     else:
         LAST_KERNEL = _attn_ws_kernel[grid](
             *descs, out, N, H, qk_c, cfg.nc, cfg.stages, cfg.exp_code, cfg.rowsum, cfg.qk_k, cfg.pv_n,
-            cfg.pp_sync, cfg.narrow, cfg.producer_regs, cfg.consumer_regs, num_warps=4, **opts,
+            cfg.pp_sync, cfg.narrow, cfg.producer_regs, cfg.consumer_regs, cfg.lazy, num_warps=4, **opts,
         )  # fmt: skip
     return out

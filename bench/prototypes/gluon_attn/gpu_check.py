@@ -1,7 +1,12 @@
 """GPU correctness + timing of every attn_gluon variant next to cuDNN SDPA (SD 64x64 latent: B=2, H=8, N=4096, D=40).
 
-usage:  python gpu_check.py OUT.json [variant ...]       (GPU; one subprocess per variant, killed after --timeout)
+usage:  python gpu_check.py OUT.json [variant ...]       (GPU; default: attn_gluon.ROUND2, i.e. the round-1 best
+                                                          ws3_pp_narrow + the round-2 variants; --all: every variant)
         python gpu_check.py --dry-run OUT.json            (CPU: exercises everything except the CUDA parts)
+
+Phase 1 compiles (JIT) and smoke-checks every variant on the small odd shape in parallel subprocesses (--jobs,
+killed after --compile-timeout; the Triton cache then serves phase 2); a variant that fails there is not measured.
+Phase 2 measures one variant at a time, each in its own subprocess killed after --timeout.
 
 Per variant (child process): random non-zero-mean qkv (randn*1.5+0.3, fp16), output poisoned with NaN, one call,
 max |err| vs fp64 SDPA, PASS iff no NaN and err <= 2x the error of torch's fp16 SDPA on the same inputs; plus a
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -89,13 +95,14 @@ def cached(cache: str | None, key: str, fn, device: str = "cuda"):
         return torch.load(path, map_location=device)
     val = fn()
     if path:
-        torch.save(val, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.{os.getpid()}.tmp"  # phase-1 children may race: each writes its own file
+        torch.save(val, tmp)
+        os.replace(tmp, path)
     return val
 
 
-def child(name: str, dry: bool, cache: str | None = None) -> dict:
-    """Run one variant; returns a result row (never raises)."""
+def child(name: str, dry: bool, cache: str | None = None, smoke_only: bool = False) -> dict:
+    """Run one variant; returns a result row (never raises). smoke_only: compile + small shape only (phase 1)."""
     sys.path.insert(0, HERE)
     row: dict = dict(name=name)
     t0 = time.time()
@@ -108,6 +115,11 @@ def child(name: str, dry: bool, cache: str | None = None) -> dict:
         if dry:  # CPU: launcher input checks + reference math on a tiny shape
             if os.environ.get("GPU_CHECK_TEST_HANG") == name:  # exercise the parent's timeout path
                 time.sleep(3600)
+            if smoke_only:
+                import triton  # noqa: F401  (the import cost a real phase-1 child pays before compiling)
+
+                row["status"] = "smoke-ok"
+                return row
             qkv = make_qkv(1, 128, 2, D, dev)
             try:
                 ag.attention_d40(qkv, 2, D, config=name)
@@ -133,6 +145,11 @@ def child(name: str, dry: bool, cache: str | None = None) -> dict:
         row["small_err"] = max_err(out_s, ref_s)
         row["small_err_sdpa16"] = err16_s
         del ref_s
+        if smoke_only:
+            ok_s = row["small_nan"] == 0 and row["small_err"] <= 2 * max(err16_s, 1e-3)
+            row["status"] = "smoke-ok" if ok_s else "smoke-WRONG"
+            row["child_s"] = round(time.time() - t0, 1)
+            return row
 
         qkv = make_qkv(B, N, H, D, dev)
         ref = cached(cache, "big", lambda: reference(qkv, H, D))
@@ -169,11 +186,29 @@ def child(name: str, dry: bool, cache: str | None = None) -> dict:
     return row
 
 
-def _all_variants() -> list[str]:
+def _variants(everything: bool) -> list[str]:
     sys.path.insert(0, HERE)
     import attn_gluon as ag
 
-    return list(ag.VARIANTS)
+    return list(ag.VARIANTS) if everything else list(ag.ROUND2)
+
+
+def _run_child(cmd: list[str], name: str, timeout: float) -> dict:
+    """One child process; its RESULT row, or a row saying why there is none (timeout: killed)."""
+    t0 = time.time()
+    with tempfile.TemporaryFile("w+") as log:
+        try:
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout)
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT:")]
+            if lines:
+                row = json.loads(lines[-1][len("RESULT:") :])
+            else:
+                log.seek(0)
+                row = dict(name=name, status=f"child died rc={p.returncode}", stderr_tail=log.read()[-1500:])
+        except subprocess.TimeoutExpired:
+            row = dict(name=name, status=f"TIMEOUT after {timeout:.0f}s (hang/deadlock?)")
+    row["wall_s"] = round(time.time() - t0, 1)
+    return row
 
 
 def _kinds() -> dict[str, str]:
@@ -198,20 +233,40 @@ def main() -> int:
     ap.add_argument("variants", nargs="*")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per variant (child is killed after)")
-    ap.add_argument("--budget", type=float, default=285.0, help="seconds for all variants")
+    ap.add_argument("--budget", type=float, default=285.0, help="seconds for all variants (both phases)")
+    ap.add_argument("--all", action="store_true", help="every variant in attn_gluon.VARIANTS (default: ROUND2)")
+    ap.add_argument("--jobs", type=int, default=8, help="phase 1: parallel compile + smoke children")
+    ap.add_argument("--compile-timeout", type=float, default=150.0, help="phase 1: seconds per child")
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print("RESULT:" + json.dumps(child(a.child, a.dry_run, a.cache)), flush=True)
+        print("RESULT:" + json.dumps(child(a.child, a.dry_run, a.cache, a.smoke)), flush=True)
         return 0
-    names = a.variants or _all_variants()
+    names = a.variants or _variants(a.all)
     res = header(a.dry_run)
     t_end = time.time() + a.budget
     cache = tempfile.mkdtemp(prefix="gluon_attn_ref_")
     kinds = _kinds()
+    base = [sys.executable, os.path.abspath(__file__), a.out, "--cache", cache] + (["--dry-run"] if a.dry_run else [])
+    # phase 1: JIT compile + small-shape smoke check, in parallel (the Triton cache then serves phase 2)
+    t1 = time.time()
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        smoke = dict(zip(names, pool.map(lambda n: _run_child(base + ["--child", n, "--smoke"], n, a.compile_timeout),
+                                         names)))  # fmt: skip
+    res["phase1_s"] = round(time.time() - t1, 1)
+    res["phase1"] = {n: {k: r.get(k) for k in ("status", "small_err", "small_err_sdpa16", "wall_s", "error")}
+                     for n, r in smoke.items()}  # fmt: skip
+    print(f"phase 1 (compile + smoke, {a.jobs} jobs) {res['phase1_s']} s: "
+          + ", ".join(f"{n}={r.get('status')}" for n, r in smoke.items()), flush=True)  # fmt: skip
     ws_timeouts = 0
     for name in names:
+        if smoke[name].get("status") != "smoke-ok":
+            row = dict(smoke[name], name=name, status=f"phase 1: {smoke[name].get('status')}")
+            res["rows"].append(row)
+            print(_fmt(row), flush=True)
+            continue
         left = t_end - time.time()
         if left < 15:
             res["rows"].append(dict(name=name, status="skipped (budget)"))
@@ -219,22 +274,8 @@ def main() -> int:
         if ws_timeouts >= 2 and kinds.get(name) == "ws":  # the WS protocol hangs: keep the time for the rest
             res["rows"].append(dict(name=name, status="skipped (2 ws variants timed out)"))
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), a.out, "--child", name, "--cache", cache]
-        cmd += ["--dry-run"] if a.dry_run else []
-        t0 = time.time()
-        with tempfile.TemporaryFile("w+") as log:
-            try:
-                p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=min(a.timeout, left))
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT:")]
-                if lines:
-                    row = json.loads(lines[-1][len("RESULT:") :])
-                else:
-                    log.seek(0)
-                    row = dict(name=name, status=f"child died rc={p.returncode}", stderr_tail=log.read()[-1500:])
-            except subprocess.TimeoutExpired:
-                row = dict(name=name, status=f"TIMEOUT after {min(a.timeout, left):.0f}s (hang/deadlock?)")
-                ws_timeouts += kinds.get(name) == "ws"
-        row["wall_s"] = round(time.time() - t0, 1)
+        row = _run_child(base + ["--child", name], name, min(a.timeout, left))
+        ws_timeouts += row["status"].startswith("TIMEOUT") and kinds.get(name) == "ws"
         res["rows"].append(row)
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
