@@ -2,11 +2,11 @@
 
 CPU: the launcher's contract (it takes exactly the fused-QKV views Attention.forward makes, returns None
 for other valid input, raises ValueError for invalid input), the plumbing to the kernel with the device
-check and the launch faked, the sm_90 ahead-of-time compile (ptxas: no spills, wgmma, TMA) and
-ops.attention_op's "gluon" mode falling back to SDPA. Gluon kernels do not run under the interpreter,
-so every numerical check of the kernel is a GPU test (sm_90 only): accuracy against fp64 SDPA within
-2x torch fp16 SDPA's error on NaN-poisoned outputs, the fallbacks, and the SD level-0 Attention layer
-replayed from a CUDA graph.
+check and the launch faked, the supported sizes and query tiles, and ops.attention_op's "gluon" mode
+falling back to SDPA (the sm_90 ahead-of-time compile: test_attention_gluon_aot.py). Gluon kernels do
+not run under the interpreter, so every numerical check of the kernel is a GPU test (sm_90 only): accuracy
+against fp64 SDPA within 2x torch fp16 SDPA's error on NaN-poisoned outputs (partial 256-row query tiles
+included), the fallbacks, and the SD level-0 Attention layer replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +36,7 @@ def heads(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.unflatten(-1, (H, -1)).transpose(1, 2)  # [B, N, H·D] -> [B, H, N, D]
 
 
-B, H, N, D = 2, 4, 256, 40  # CPU layout cases (N: two key tiles)
+B, H, N, D = 2, 4, 256, 40  # CPU layout cases (N: four key tiles, one query tile)
 
 
 def _separate():
@@ -154,7 +148,8 @@ def test_launcher_plumbing(fake_gpu):
         pytest.param(lambda: fused(B, 5, N, D=64), id="d64"),
         pytest.param(lambda: fused(B, H, N, D=80), id="d80"),
         pytest.param(lambda: fused(B, H, 200), id="N200-not-a-key-tile-multiple"),
-        pytest.param(lambda: fused(B, H, 64), id="N64-below-a-key-tile"),
+        pytest.param(lambda: fused(B, H, 96), id="N96-not-a-key-tile-multiple"),
+        pytest.param(lambda: fused(B, H, 32), id="N32-below-a-key-tile"),
         pytest.param(lambda: (fused(B, H, 128)[0], *fused(B, H, N)[1:]), id="cross-attention"),
     ],
 )
@@ -192,94 +187,28 @@ def test_bad_scale_and_out_raise(scale, fake_gpu):
     assert not fake_gpu
 
 
+@pytest.mark.parametrize(
+    "n, tiles",
+    [
+        pytest.param(64, 1, id="N64-one-key-tile"),
+        pytest.param(576, 3, id="N576-last-tile-64-rows"),
+        pytest.param(640, 3, id="N640-last-tile-128-rows"),
+        pytest.param(4096, 16, id="N4096-sd512"),
+        pytest.param(16384, 64, id="N16384-sd1024"),
+    ],
+)
+def test_supported_sizes_and_query_tiles(n, tiles):
+    """Every multiple of the 64-key tile is taken; 256-row query tiles (4 consumers x 64 rows) cover N."""
+    q = torch.empty(2, 8, n, 40, dtype=torch.float16, device="meta")
+    assert ag._shape_ok(q, q, ag.BLOCK_N) and ag.BLOCK_N == 64 and ag.HOPPER_D40.block_m == 256
+    assert ag.launch_grid(2, 8, n) == (tiles, 16)
+    assert (tiles - 1) * 256 < n <= tiles * 256
+
+
 def test_cpu_tensors_are_not_supported():
     q, k, v = fused(B, H, N)
     assert not ag.attention_gluon_supported(q, k)
     assert ag.attention_gluon(q, k, v) is None
-
-
-# ---- ahead-of-time compile for sm_90 (no GPU needed) ------------------------------------------------
-
-
-def _nvidia_tool(name: str) -> str | None:
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    return str(path) if path.exists() else None
-
-
-# Run in a child process without TRITON_INTERPRET: under the interpreter (conftest sets it on CPU) Triton's
-# own @jit helpers (gl.max, ...) are interpreter functions that no compiler can call.
-_AOT_CHILD = """
-import sys
-from pathlib import Path
-from speedsd.kernels import attention_gluon as ag
-out = Path(sys.argv[1])
-for name, cfg in [("main", ag.HOPPER_D40), ("regs96", ag.GluonAttentionConfig(consumer_regs=96))]:
-    k = ag.compile_sm90(cfg)
-    (out / f"{name}.ptx").write_text(k.asm["ptx"])
-    (out / f"{name}.cubin").write_bytes(k.asm["cubin"])
-    (out / f"{name}.meta").write_text(f"{k.metadata.num_warps} {k.metadata.shared}")
-"""
-
-
-@pytest.fixture(scope="module")
-def sm90_kernels(tmp_path_factory):
-    """{"main": HOPPER_D40, "regs96": a control with too few consumer registers}: name -> (ptx, cubin,
-    num_warps, shared bytes), compiled for sm_90 by ptxas."""
-    if ag._kernels() is None:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    if _nvidia_tool("ptxas") is None and not os.environ.get("TRITON_PTXAS_PATH"):
-        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
-    out = tmp_path_factory.mktemp("aot")
-    src = str(Path(ag.__file__).parents[2])  # the speedsd under test
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _AOT_CHILD, str(out)], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = {}
-    for name in ("main", "regs96"):
-        warps, shared = (int(x) for x in (out / f"{name}.meta").read_text().split())
-        res[name] = ((out / f"{name}.ptx").read_text(), (out / f"{name}.cubin").read_bytes(), warps, shared)
-    return res
-
-
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    tool = _nvidia_tool("cuobjdump")
-    if tool is None:
-        pytest.skip("Triton's bundled cuobjdump is not installed")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
-
-
-def _spills(cubin: bytes) -> tuple[int, int, str]:
-    """(stack bytes, local-memory loads/stores in the SASS, the resource line) of a compiled kernel."""
-    usage = _cuobjdump(cubin, "-res-usage")
-    stack = re.search(r"STACK:(\d+)", usage)
-    sass = _cuobjdump(cubin, "-sass")
-    assert "HGMMA" in sass
-    return int(stack.group(1)) if stack else -1, len(re.findall(r"\b(LDL|STL)\b", sass)), usage
-
-
-def test_aot_compile_sm90(sm90_kernels):
-    ptx, cubin, warps, shared = sm90_kernels["main"]
-    assert ".target sm_90a" in ptx
-    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
-    assert re.search(r"ex2\.approx(\.ftz)?\.f32", ptx) and "ex2.approx.f16x2" not in ptx  # fp32 exp2 on the MUFU
-    regs = {int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)}
-    assert {ag.HOPPER_D40.producer_regs, ag.HOPPER_D40.consumer_regs} <= regs
-    assert warps == 16  # 3 consumer warpgroups + the producer warp's group
-    assert shared <= 227 * 1024
-    stack, local_ops, usage = _spills(cubin)
-    assert stack == 0 and local_ops == 0 and "LOCAL:0" in usage, usage
-
-
-def test_aot_spill_check_sees_spills(sm90_kernels):
-    """Control: 96 registers for the consumers do not hold a warpgroup's tiles; the check must say so."""
-    stack, local_ops, _ = _spills(sm90_kernels["regs96"][1])
-    assert stack > 0 and local_ops > 0
 
 
 # ---- dispatch --------------------------------------------------------------------------------------
@@ -331,9 +260,11 @@ def _require_hopper() -> None:
 
 GPU_SHAPES = [
     pytest.param((2, 8, 4096), id="sd-level0-B2-H8-N4096"),
+    pytest.param((1, 2, 16384), id="sd-1024px-N16384"),
     pytest.param((1, 8, 640), id="odd-N640-partial-query-tile"),
+    pytest.param((2, 8, 576), id="odd-N576-last-tile-one-consumer"),
     pytest.param((3, 5, 384), id="odd-B3-H5-N384"),
-    pytest.param((2, 8, 128), id="one-key-tile-N128"),
+    pytest.param((2, 8, 64), id="one-key-tile-N64"),
 ]
 
 

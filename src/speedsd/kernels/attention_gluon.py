@@ -5,15 +5,19 @@ where q, k, v [B, H, N, 40] fp16 are head-split views of the column blocks of on
 qkv [B, N, 3·H·40] (models/layers.py Attention.forward: ``F.linear(...).chunk(3, -1)``, then
 ``unflatten(-1, (H, D)).transpose(1, 2)``). The kernel reads qkv through TMA descriptors over
 [B·N, 3·H·40] and writes out [B, N, H·40]; it is returned as the [B, H, N, 40] view, so the caller's
-``transpose(1, 2).flatten(2)`` is free. N must be a multiple of the key tile (128); query tiles of
-192 rows may run past N (masked). Kernel and its math: kernels/attention_gluon_kernels.py.
+``transpose(1, 2).flatten(2)`` is free. N must be a multiple of the key tile (64); query tiles of
+256 rows may run past N (N = 640, 4160 ...: rows past N are computed, never stored). Kernel and its
+math: kernels/attention_gluon_kernels.py.
 
 :func:`attention_gluon` returns None (the caller falls back to SDPA) for anything else that is valid
 attention input: another device, card, dtype, head dim, layout, cross-attention or N; it raises
 ValueError only for input no attention could take (mismatched shapes, dtypes, devices, bad scale).
 
-Measured once, as the prototype (bench/prototypes/gluon_attn, variant ws3_pp_narrow): 143.6 µs vs
-cuDNN SDPA 149.3 µs on an H200 at B=2, H=8, N=4096 (CUDA-graph replay). Not yet run from this file.
+Measured as the prototype (bench/prototypes/gluon_attn, round 2, variant ws4_pp_narrow_bn64_fadd): 136.9 µs
+vs 143.6 for round 1's ws3_pp_narrow (this file's previous kernel) and 150.1 for cuDNN SDPA, on an H200 at
+B=2, H=8, N=4096 (CUDA-graph replay; bench/results/attention_gluon_probe_r2_h200.txt). This file's kernel
+compiles to the prototype variant's SASS (same instruction mnemonics and counts; tests check registers
+and spills); not yet timed from this file.
 """
 
 from __future__ import annotations
@@ -28,23 +32,25 @@ import torch.nn.functional as F
 
 LOG2E = 1.4426950408889634
 HEAD_DIM = 40
-NUM_CONSUMERS = 3  # consumer warpgroups per CTA, 64 query rows each (fixed by the kernel)
+PROTOTYPE_VARIANT = "ws4_pp_narrow_bn64_fadd"  # bench/prototypes/gluon_attn: what was timed (module docstring)
+NUM_CONSUMERS = 4  # consumer warpgroups per CTA, 64 query rows each (fixed by the kernel)
 
 
 @dataclass(frozen=True)
 class GluonAttentionConfig:
-    block_n: int = 128  # keys per K/V tile; N must be a multiple
-    stages: int = 3  # K/V SMEM ring depth
+    block_n: int = 64  # keys per K/V tile; N must be a multiple
+    stages: int = 6  # K/V SMEM ring depth
     producer_regs: int = 24  # setmaxnreg of the 1-warp TMA producer
-    consumer_regs: int = 160  # setmaxnreg of the two worker consumer warpgroups
+    consumer_regs: int = 112  # setmaxnreg of the three worker consumer warpgroups (the default one gets the rest)
 
     @property
     def block_m(self) -> int:  # query rows per CTA
         return 64 * NUM_CONSUMERS
 
 
-# The configuration measured on the H200 (prototype variant ws3_pp_narrow); 100.8 KB of shared memory,
-# 128 registers a thread, no spills (ptxas for sm_90).
+# The configuration measured on the H200 (prototype variant ws4_pp_narrow_bn64_fadd); 107.0 KB of shared
+# memory, 96 registers a thread at launch (setmaxnreg: producer 24, worker consumers 112, default consumer
+# 120), no spills (ptxas for sm_90).
 HOPPER_D40 = GluonAttentionConfig()
 BLOCK_N = HOPPER_D40.block_n
 
@@ -125,7 +131,7 @@ def fused_qkv_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def attention_gluon_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the kernel handles this problem on this machine: fp16 self-attention (q.shape == k.shape)
-    with D = 40 and N a multiple of 128 on an sm_90 GPU with Gluon. The layout is checked by
+    with D = 40 and N a multiple of 64 on an sm_90 GPU with Gluon. The layout is checked by
     :func:`attention_gluon` (:func:`fused_qkv_views`); elsewhere it returns None."""
     if q.dim() != 4 or k.dim() != 4:
         return False
@@ -170,13 +176,18 @@ def _descriptors(qkv2d: torch.Tensor, block_n: int) -> tuple:
     return desc(64, 64), desc(block_n, 32), desc(block_n, 16)
 
 
+def launch_grid(B: int, H: int, N: int, cfg: GluonAttentionConfig = HOPPER_D40) -> tuple[int, int]:
+    """(query tiles of block_m rows per (batch, head), B·H): one CTA each; the last tile of a batch may
+    run past N (N = 640: 3 tiles of 256, 128 rows past N; its consumers 2 and 3 store nothing)."""
+    return (N + cfg.block_m - 1) // cfg.block_m, B * H
+
+
 def _launch(qkv2d: torch.Tensor, out: torch.Tensor, N: int, H: int, qk_c: float, cfg: GluonAttentionConfig) -> None:
     kern = _kernels()
     assert kern is not None
     B = qkv2d.shape[0] // N
-    grid = ((N + cfg.block_m - 1) // cfg.block_m, B * H)
     with torch.cuda.device(out.device):
-        kern.attn_fwd_d40_kernel[grid](
+        kern.attn_fwd_d40_kernel[launch_grid(B, H, N, cfg)](
             *_descriptors(qkv2d, cfg.block_n), out, N, H, qk_c,
             cfg.stages, cfg.producer_regs, cfg.consumer_regs, num_warps=4,
         )  # fmt: skip
