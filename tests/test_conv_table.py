@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from speedsd import conv_table
 from speedsd.bench.kernels_conv import table_entries
+from speedsd.kernels.conv_gluon import GluonConvConfig, variant
 from speedsd.kernels.conv_igemm import IgemmConfig
 
+WS2 = str(variant("ws2", 256))
 
-def _row(shape, n, best_ms, cudnn_ms, ok=True, config="m64n128k128s6w8p4"):
-    return {"x_shape": list(shape), "n": n, "kernel": 3, "stride": 1, "padding": 1, "ok": ok,
-            "best_config": config, "best_ms": best_ms, "cudnn_ms": cudnn_ms}  # fmt: skip
+
+def _row(shape, n, best_ms, cudnn_ms, ok=True, config="m64n128k128s6w8p4", gluon=None):
+    """A kernels_conv result row; ``gluon``: (ms, ok) of the best Gluon variant, as bench_gluon reports it."""
+    row = {"x_shape": list(shape), "n": n, "kernel": 3, "stride": 1, "padding": 1, "ok": ok,
+           "best_config": config, "best_ms": best_ms, "cudnn_ms": cudnn_ms}  # fmt: skip
+    if gluon is not None:
+        row.update(gluon_config=WS2, gluon_ms=gluon[0], gluon_ok=gluon[1])
+    return row
 
 
 def test_recorded_winners_are_chosen_per_card(tmp_path, monkeypatch):
@@ -40,12 +50,66 @@ def test_recorded_winners_are_chosen_per_card(tmp_path, monkeypatch):
 
 
 def test_committed_table_parses():
-    """Every entry of the shipped table names a valid launch shape."""
+    """Every entry of the shipped table names a valid choice and config."""
     conv_table._table.cache_clear()
-    import json
-
     data = json.loads(conv_table.TABLE_PATH.read_text())
     for card, entries in data["cards"].items():
         for key, e in entries.items():
-            assert e["best"] in ("igemm", "cudnn"), (card, key)
-            IgemmConfig.parse(e["config"])
+            assert e["best"] in conv_table.CHOICES, (card, key)
+            if e["best"] == "gluon":
+                GluonConvConfig.parse(e["config"])
+            elif e["config"] is not None:  # igemm's best launch shape, also where cuDNN won
+                IgemmConfig.parse(e["config"])
+            if "gluon_config" in e:
+                GluonConvConfig.parse(e["gluon_config"])
+        conv_table._table(card, str(conv_table.TABLE_PATH))  # loads without error
+
+
+GLUON_ROWS = [  # (igemm ms, igemm ok, gluon (ms, ok), cuDNN ms) -> recorded best
+    pytest.param(0.30, True, (0.20, True), 0.25, "gluon", id="gluon-fastest"),
+    pytest.param(0.30, True, (0.20, False), 0.25, "cudnn", id="gluon-fastest-but-wrong"),
+    pytest.param(0.15, True, (0.20, True), 0.25, "igemm", id="igemm-fastest"),
+    pytest.param(0.15, False, (0.20, True), 0.25, "gluon", id="igemm-wrong-gluon-next"),
+    pytest.param(0.30, True, (0.25, True), 0.25, "cudnn", id="tie-goes-to-cudnn"),
+]
+
+
+@pytest.mark.parametrize("igemm_ms, igemm_ok, gluon, cudnn_ms, best", GLUON_ROWS)
+def test_gluon_entries_are_recorded_and_chosen(tmp_path, monkeypatch, igemm_ms, igemm_ok, gluon, cudnn_ms, best):
+    path = tmp_path / "conv_table.json"
+    monkeypatch.setattr(conv_table, "TABLE_PATH", path)
+    monkeypatch.setattr(conv_table, "card_name", lambda device: "Card A")
+    row = _row((1, 256, 256, 256), 256, igemm_ms, cudnn_ms, ok=igemm_ok, gluon=gluon)
+    (entry,) = table_entries([row], torch.float16).values()
+    assert entry["best"] == best and entry["gluon_config"] == WS2
+    assert entry["graph_ms"] == {"cudnn": cudnn_ms, "igemm": igemm_ms, "gluon": gluon[0]}
+    assert entry["config"] == (WS2 if best == "gluon" else "m64n128k128s6w8p4")
+    conv_table.merge_into(path, "Card A", table_entries([row], torch.float16))
+    got = conv_table.choose((1, 256, 256, 256), 256, 3, 1, 1, torch.float16, torch.device("cpu"))
+    want = {"gluon": GluonConvConfig.parse(WS2), "igemm": IgemmConfig.parse("m64n128k128s6w8p4"), "cudnn": None}
+    assert got == want[best]
+
+
+def test_rows_without_gluon_keep_their_entries():
+    (entry,) = table_entries([_row((2, 1280, 8, 8), 1280, 0.020, 0.023)], torch.float16).values()
+    assert entry["best"] == "igemm" and "gluon_config" not in entry and set(entry["graph_ms"]) == {"cudnn", "igemm"}
+
+
+def test_subset_run_keeps_the_cards_other_entries(tmp_path):
+    path = tmp_path / "conv_table.json"
+    base = table_entries([_row((2, 1280, 8, 8), 1280, 0.020, 0.023)], torch.float16)
+    vae = table_entries([_row((1, 256, 256, 256), 256, 0.3, 0.25, gluon=(0.2, True))], torch.float16)
+    conv_table.merge_into(path, "Card A", base)
+    conv_table.merge_into(path, "Card B", base)
+    conv_table.merge_into(path, "Card A", vae, keep=True)
+    cards = json.loads(path.read_text())["cards"]
+    assert set(cards["Card A"]) == set(base) | set(vae) and set(cards["Card B"]) == set(base)
+    conv_table.merge_into(path, "Card A", vae)  # a full run replaces the card's entries
+    assert set(json.loads(path.read_text())["cards"]["Card A"]) == set(vae)
+
+
+def test_unknown_choice_raises(tmp_path):
+    path = tmp_path / "conv_table.json"
+    path.write_text(json.dumps({"cards": {"Card A": {"k": {"best": "winograd", "config": None}}}}))
+    with pytest.raises(ValueError, match="unknown conv choice"):
+        conv_table._table("Card A", str(path))

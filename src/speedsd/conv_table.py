@@ -1,9 +1,13 @@
-"""Per-card, per-shape choice between cuDNN and the implicit-GEMM Triton conv (``Flags.igemm_conv``).
+"""Per-card, per-shape choice between cuDNN, the implicit-GEMM Triton conv and the Gluon 3x3 conv
+(``Flags.igemm_conv``).
 
 Measured, not guessed: ``python -m speedsd.bench.kernels_conv --table src/speedsd/data/conv_table.json``
 times every candidate launch shape of :func:`speedsd.kernels.conv_igemm.conv2d_igemm` on the SD convs
-that cuDNN runs below the card's rate, against cuDNN, in CUDA-graph replay, and records per card the
-winner and its launch shape. A card or shape not in the table runs cuDNN.
+that cuDNN runs below the card's rate, and on sm_90 cards the variants of
+:func:`speedsd.kernels.conv_gluon.conv3x3_gluon` on the VAE decoder's big 3x3 convs, against cuDNN, in
+CUDA-graph replay, and records per card the winner ("best": "cudnn", "igemm" or "gluon") and its config
+(``config``: the winner's, or the best implicit-GEMM one where cuDNN won). A card or shape not in the
+table runs cuDNN.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from pathlib import Path
 import torch
 
 from speedsd.attention_table import write_card_table
+from speedsd.kernels.conv_gluon import GluonConvConfig
 from speedsd.kernels.conv_igemm import IgemmConfig
 
 TABLE_PATH = Path(__file__).parent / "data" / "conv_table.json"
+# what an entry's "best" may name, and how its "config" string parses for the Triton/Gluon kernels
+CHOICES = ("cudnn", "igemm", "gluon")
+_PARSE = {"igemm": IgemmConfig.parse, "gluon": GluonConvConfig.parse}
 
 
 def shape_key(x_shape: tuple[int, ...], n: int, kernel: int, stride: int, padding: int, dtype: torch.dtype) -> str:
@@ -26,12 +34,18 @@ def shape_key(x_shape: tuple[int, ...], n: int, kernel: int, stride: int, paddin
 
 
 @functools.lru_cache(maxsize=8)
-def _table(card: str, path: str) -> dict[str, IgemmConfig]:
+def _table(card: str, path: str) -> dict[str, IgemmConfig | GluonConvConfig]:
     p = Path(path)
     if not p.exists():
         return {}
     entries = json.loads(p.read_text()).get("cards", {}).get(card, {})
-    return {key: IgemmConfig.parse(e["config"]) for key, e in entries.items() if e.get("best") == "igemm"}
+    out: dict[str, IgemmConfig | GluonConvConfig] = {}
+    for key, e in entries.items():
+        if e.get("best") not in CHOICES:
+            raise ValueError(f"{path}: {card} / {key}: unknown conv choice {e.get('best')!r}")
+        if e["best"] in _PARSE:
+            out[key] = _PARSE[e["best"]](e["config"])
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -41,12 +55,16 @@ def card_name(device: torch.device) -> str:
 
 def choose(
     x_shape: tuple[int, ...], n: int, kernel: int, stride: int, padding: int, dtype: torch.dtype, device: torch.device
-) -> IgemmConfig | None:
-    """The measured launch shape when the Triton conv beat cuDNN on this device's card and shape, else None."""
+) -> IgemmConfig | GluonConvConfig | None:
+    """The measured config when the implicit-GEMM (IgemmConfig) or the Gluon conv (GluonConvConfig) beat
+    cuDNN on this device's card and shape, else None."""
     return _table(card_name(device), str(TABLE_PATH)).get(shape_key(x_shape, n, kernel, stride, padding, dtype))
 
 
-def merge_into(path: Path, card: str, table: dict) -> None:
-    """Record one card's measured conv table (other cards' entries are kept)."""
+def merge_into(path: Path, card: str, table: dict, keep: bool = False) -> None:
+    """Record one card's measured conv table (other cards' entries are kept). ``keep``: update this card's
+    entries with ``table`` (a run over a subset of the shapes) instead of replacing them."""
+    if keep and path.exists():
+        table = {**json.loads(path.read_text()).get("cards", {}).get(card, {}), **table}
     write_card_table(path, card, table)
     _table.cache_clear()

@@ -28,6 +28,7 @@ from speedsd import conv_table
 from speedsd.kernels.add_gn_stats import add_with_group_norm_stats
 from speedsd.kernels.attention_gluon import attention_gluon
 from speedsd.kernels.bias_add import bias_add, bias_add_ref
+from speedsd.kernels.conv_gluon import GluonConvConfig, conv3x3_gluon, conv_gluon_supported
 from speedsd.kernels.conv_igemm import conv2d_igemm
 from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
@@ -319,13 +320,16 @@ def pick_attention(q: torch.Tensor, k: torch.Tensor) -> str:
 
 
 def _igemm_conv(x: torch.Tensor, conv: torch.nn.Conv2d, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The implicit-GEMM Triton conv where the per-card table measured it faster than cuDNN, else None."""
+    """The implicit-GEMM Triton conv or the Gluon 3x3 conv where the per-card table measured it faster than
+    cuDNN, else None (also for a Gluon entry its kernel cannot take here, e.g. not channels_last)."""
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size != (k, k) or conv.stride != (s, s):
         return None
     if not isinstance(p, tuple) or p != (p[0], p[0]) or x.dim() != 4:
         return None
     cfg = conv_table.choose(tuple(x.shape), conv.out_channels, k, s, p[0], x.dtype, x.device)
+    if isinstance(cfg, GluonConvConfig):
+        return conv3x3_gluon(x, conv.weight, bias, cfg) if conv_gluon_supported(x, conv, bias, cfg) else None
     return None if cfg is None else conv2d_igemm(x, conv.weight, bias, s, p[0], cfg)
 
 

@@ -1,16 +1,20 @@
-"""The implicit-GEMM Triton conv vs cuDNN on the SD convs cuDNN runs below the card's rate.
+"""The implicit-GEMM Triton conv and the Gluon 3x3 conv vs cuDNN on SD convs.
 
     python -m speedsd.bench.kernels_conv --out bench/results [--table src/speedsd/data/conv_table.json]
+        [--shapes all|base|vae] [--budget-s 30]
 
-Shapes: the UNet's 8² and 16² convs at 64x64 latents with classifier-free guidance (batch 2; M = 128 or
-512 output pixels, 1280 output channels), its 4-channel output conv, and the VAE's 3-channel output
-conv at 512². fp16, channels_last, no bias (the engine fuses conv biases downstream).
+Shapes ("base"): the UNet's 8² and 16² convs at 64x64 latents with classifier-free guidance (batch 2;
+M = 128 or 512 output pixels, 1280 output channels), its 4-channel output conv, and the VAE's 3-channel
+output conv at 512²; ("vae"): the VAE decoder's ResNet 3x3 convs at 512² output, where on sm_90 the Gluon
+conv's variants (kernels/conv_gluon.py VARIANTS, fitted to Co) are timed too. fp16, channels_last, no bias
+(the engine fuses conv biases downstream: ResNet convs run with ``with_bias=False``).
 
 Search: every tile shape x (warps, stages) with the default K split, then the best few over K splits;
 a per-shape time budget bounds the Triton compiles. Clock: CUDA-graph replay (what the engine pays),
 with as many weight copies cycled as keep them out of L2 (in a UNet step every conv reads its own
 weights from memory). Correct: error vs an fp32 (TF32 off) conv <= 2x torch's fp16 error.
-``--table`` records per card the winner (Triton only where it is correct and faster) for ``conv_table``.
+``--table`` records per card the winner among cuDNN / implicit GEMM / Gluon (a kernel only where it is
+correct and faster) for ``conv_table``; with ``--shapes`` other than all, the card's other entries are kept.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from speedsd.bench import common
 
 ci = importlib.import_module("speedsd.kernels.conv_igemm")
+cg = importlib.import_module("speedsd.kernels.conv_gluon")
 IgemmConfig = ci.IgemmConfig
 
 # (label, (B, C, H, W), N, kernel, stride, padding, calls per UNet step or VAE decode)
@@ -40,6 +45,17 @@ SHAPES = [
     ("unet conv_out 320->4", (2, 320, 64, 64), 4, 3, 1, 1, 1),
     ("vae conv_out 128->3", (1, 128, 512, 512), 3, 3, 1, 1, 1),
 ]
+# the VAE decoder's 3x3 stride-1 ResNet convs (SD 1.x/2.x, 512² image); calls per decode (the upsamplers'
+# convs run as sub-pixel phase convs on their small input with Flags.subpixel_upsample)
+VAE_SHAPES = [
+    ("vae 512² 128->128", (1, 128, 512, 512), 128, 3, 1, 1, 5),
+    ("vae 512² 256->128", (1, 256, 512, 512), 128, 3, 1, 1, 1),
+    ("vae 256² 256->256", (1, 256, 256, 256), 256, 3, 1, 1, 5),
+    ("vae 256² 512->256", (1, 512, 256, 256), 256, 3, 1, 1, 1),
+    ("vae 128² 512->512", (1, 512, 128, 128), 512, 3, 1, 1, 6),
+    ("vae 64² 512->512", (1, 512, 64, 64), 512, 3, 1, 1, 10),
+]
+VAE_SPLITS = [1, 2]  # thousands of output tiles: K splits only add partial sums
 SMOKE = [("smoke 4² 32->48", (2, 32, 4, 4), 48, 3, 1, 1, 1), ("smoke N=3", (1, 16, 8, 8), 3, 3, 1, 1, 1)]
 # candidates, the likeliest first (the per-shape budget may stop the search early)
 TILES_WIDE = [(64, 128), (128, 64), (128, 128), (64, 64), (32, 128)]
@@ -81,7 +97,34 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def bench_shape(row: tuple, device: str, smoke: bool, budget_s: float) -> dict[str, Any]:
+def bench_gluon(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor, torch_err: float) -> dict[str, Any]:
+    """Every Gluon variant fitted to Co: checked on a NaN-poisoned output (error <= 2x torch fp16's), timed
+    like the other candidates; the fastest correct one."""
+    n = weights[0].shape[0]
+    res: dict[str, Any] = {"gluon_config": None, "gluon_ms": float("nan"), "gluon_ok": False, "gluon_all": {}}
+    for name in cg.VARIANTS:
+        cfg = cg.variant(name, n)
+        if str(cfg) in res["gluon_all"]:
+            continue
+        try:
+            out = torch.full_like(ref, float("nan"), dtype=x.dtype, memory_format=torch.channels_last)
+            err = _rel(cg.conv3x3_gluon(x, weights[0], None, cfg, out=out), ref)
+            ms = _time_conv(lambda w, cfg=cfg: cg.conv3x3_gluon(x, w, None, cfg), weights, False)
+        except Exception as e:  # noqa: BLE001 - report the variant and go on
+            print(f"  gluon {name} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            continue
+        ok = err <= 2 * torch_err + 1e-7  # NaN (an unwritten output) fails
+        res["gluon_all"][str(cfg)] = {"variant": name, "ms": ms, "rel_err": err, "ok": ok}
+        if ok and not ms >= res["gluon_ms"]:
+            res.update(gluon_config=str(cfg), gluon_ms=ms, gluon_ok=True, gluon_rel_err=err)
+    return res
+
+
+def bench_shape(
+    row: tuple, device: str, smoke: bool, budget_s: float, splits: list[int] = SPLITS, gluon: bool = False
+) -> dict[str, Any]:
+    """cuDNN and the implicit-GEMM search on one shape; with ``gluon`` (sm_90 GPU, 3x3 stride 1 pad 1 only)
+    the Gluon variants too."""
     label, shape, n, k, stride, pad, calls = row
     dev = torch.device(device)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -116,7 +159,7 @@ def bench_shape(row: tuple, device: str, smoke: bool, budget_s: float) -> dict[s
         run(cfg, budgeted=True)
     ranked = sorted(results, key=results.get)[:3]
     for key in ranked:  # the best tile shapes over K splits (split is a launch argument: no recompile)
-        for split in SPLITS[:3] if smoke else SPLITS:
+        for split in splits[:3] if smoke else splits:
             run(dataclasses.replace(IgemmConfig.parse(key), split=split))
     best = min(results, key=results.get) if results else None
     two_kernel_ms = None
@@ -128,13 +171,18 @@ def bench_shape(row: tuple, device: str, smoke: bool, budget_s: float) -> dict[s
         err = _rel(ci.conv2d_igemm(x, weights[0], None, stride, pad, IgemmConfig.parse(best)), ref)
     ok = err is not None and err <= 2 * torch_err + (1e-5 if dtype == torch.float32 else 1e-7)
     best_ms = results.get(best, float("nan")) if best else float("nan")
+    extra = {}
+    if gluon and not smoke and (k, stride, pad) == (3, 1, 1) and cg._device_ok(dev):
+        t1 = time.monotonic()
+        extra = bench_gluon(x, weights, ref, torch_err)
+        extra["gluon_search_s"] = time.monotonic() - t1
     return {
         "label": label, "x_shape": list(shape), "n": n, "kernel": k, "stride": stride, "padding": pad,
         "calls": calls, "weight_copies": copies, "cudnn_ms": cudnn_ms, "best_config": best, "best_ms": best_ms,
         "two_kernel_sum_ms": two_kernel_ms, "configs_timed": len(results), "search_s": time.monotonic() - t0,
         "rel_err": err, "torch_rel_err": torch_err,
         "ok": ok, "tflops_cudnn": 2 * m * n * c * k * k / cudnn_ms / 1e9,
-        "all_ms": dict(sorted(results.items(), key=lambda kv: kv[1])[:12]),
+        "all_ms": dict(sorted(results.items(), key=lambda kv: kv[1])[:12]), **extra,
     }  # fmt: skip
 
 
@@ -143,44 +191,60 @@ def table_entries(rows: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, A
 
     out = {}
     for r in rows:
-        faster = r["ok"] and r["best_ms"] < r["cudnn_ms"]
+        ms = {"cudnn": r["cudnn_ms"], "igemm": r["best_ms"]}
+        correct = {"cudnn": True, "igemm": r["ok"]}
+        if r.get("gluon_config") is not None:
+            ms["gluon"], correct["gluon"] = r["gluon_ms"], r["gluon_ok"]
+        best = min((c for c in ms if correct[c]), key=ms.get)  # a tie goes to cuDNN
         key = shape_key(tuple(r["x_shape"]), r["n"], r["kernel"], r["stride"], r["padding"], dtype)
         out[key] = {
-            "best": "igemm" if faster else "cudnn", "config": r["best_config"],
-            "graph_ms": {"cudnn": r["cudnn_ms"], "igemm": r["best_ms"]}, "measured_at": common.git_commit(),
+            "best": best, "config": r["gluon_config"] if best == "gluon" else r["best_config"],
+            "graph_ms": ms, "measured_at": common.git_commit(),
         }  # fmt: skip
+        if "gluon" in ms:
+            out[key]["gluon_config"] = r["gluon_config"]
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = common.kernel_bench_args("kernels_conv", __doc__)
     ap.add_argument("--table", default=None, help="merge this card's winners into this conv_table JSON")
-    ap.add_argument("--budget-s", type=float, default=30.0, help="search time per shape")
+    ap.add_argument("--budget-s", type=float, default=30.0, help="implicit-GEMM search time per shape")
+    shapes_help = "base: the UNet/output-head convs; vae: the VAE decoder's 3x3 convs (+ Gluon on sm_90)"
+    ap.add_argument("--shapes", choices=("all", "base", "vae"), default="all", help=shapes_help)
     args = ap.parse_args(argv)
     device, smoke = common.device_and_smoke(args.smoke)
+    plan = [] if args.shapes == "vae" else [(row, SPLITS, False) for row in SHAPES]
+    plan += [] if args.shapes == "base" else [(row, VAE_SPLITS, True) for row in VAE_SHAPES]
     rows = []
-    for row in SMOKE if smoke else SHAPES:
-        r = bench_shape(row, device, smoke, args.budget_s)
+    for row, splits, gluon in [(row, SPLITS, False) for row in SMOKE] if smoke else plan:
+        r = bench_shape(row, device, smoke, args.budget_s, splits, gluon)
         rows.append(r)
+        g = f", gluon {r['gluon_config']} {r['gluon_ms'] * 1e3:.1f} us ok={r['gluon_ok']}" if "gluon_ok" in r else ""
         print(f"{r['label']}: cuDNN {r['cudnn_ms'] * 1e3:.1f} us, best {r['best_config']} "
-              f"{r['best_ms'] * 1e3:.1f} us ({r['configs_timed']} configs, {r['search_s']:.0f} s) ok={r['ok']}",
+              f"{r['best_ms'] * 1e3:.1f} us ({r['configs_timed']} configs, {r['search_s']:.0f} s) ok={r['ok']}{g}",
               flush=True)  # fmt: skip
+    entries = list(table_entries(rows, torch.float16).values())  # rows' order
     md_rows = [
         [r["label"], r["calls"], r["cudnn_ms"] * 1e3, r["tflops_cudnn"], r["best_config"], r["best_ms"] * 1e3,
-         (r["two_kernel_sum_ms"] or float("nan")) * 1e3,
-         r["cudnn_ms"] / r["best_ms"], (r["cudnn_ms"] - min(r["best_ms"], r["cudnn_ms"])) * 1e3 * r["calls"],
-         r["rel_err"], r["torch_rel_err"], r["ok"]]
-        for r in rows
+         (r["two_kernel_sum_ms"] or float("nan")) * 1e3, r["cudnn_ms"] / r["best_ms"],
+         r.get("gluon_config") or "-", r.get("gluon_ms", float("nan")) * 1e3, e["best"],
+         (r["cudnn_ms"] - e["graph_ms"][e["best"]]) * 1e3 * r["calls"], r["rel_err"], r.get("gluon_rel_err"),
+         r["torch_rel_err"], r["ok"] and r.get("gluon_ok", True)]
+        for r, e in zip(rows, entries)
     ]  # fmt: skip
     header = ["conv", "calls", "cuDNN µs", "cuDNN TFLOP/s", "Triton config", "Triton µs", "2-kernel sum µs", "speedup",
-              "saved µs (x calls)", "rel err", "torch fp16 rel err", "ok"]  # fmt: skip
-    md = "## Implicit-GEMM Triton conv vs cuDNN (fp16 channels_last, graph replay, weights cycled out of L2)\n\n"
-    md += common.md_table(header, md_rows)
+              "Gluon config", "Gluon µs", "winner", "saved µs (x calls)", "rel err", "Gluon rel err",
+              "torch fp16 rel err", "ok"]  # fmt: skip
+    md = "## Implicit-GEMM Triton conv and Gluon conv vs cuDNN (fp16 channels_last, graph replay, weights cycled out "
+    md += "of L2)\n\n" + common.md_table(header, md_rows)
     if args.table and not smoke:
         from speedsd.conv_table import merge_into
 
-        merge_into(Path(args.table), torch.cuda.get_device_name(), table_entries(rows, torch.float16))
-    return common.publish(args.out, "kernels_conv", {"rows": rows}, md, all(r["ok"] for r in rows))
+        table = table_entries(rows, torch.float16)
+        merge_into(Path(args.table), torch.cuda.get_device_name(), table, keep=args.shapes != "all")
+    ok = all(r["ok"] and r.get("gluon_ok", True) for r in rows)  # a Gluon row: some variant correct
+    return common.publish(args.out, "kernels_conv", {"rows": rows}, md, ok)
 
 
 if __name__ == "__main__":

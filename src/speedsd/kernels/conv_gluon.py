@@ -1,0 +1,317 @@
+"""Gluon (TMA + wgmma, warp-specialized) 3x3 stride-1 pad-1 conv for Hopper (sm_90): the VAE decoder's big convs.
+
+y = conv3x3(x, w) (+ bias), fp16 channels_last in and out, fp32 accumulation. One TMA producer warp feeds a
+ring of (input box, weight block) slots to one ('ws') or two ('ws2') consumer warpgroups issuing async wgmma;
+persistent (one program per SM walking the tiles) or one tile per program ('_np'). Kernel and its math:
+kernels/conv_gluon_kernels.py.
+
+Measured once, as the prototype (bench/prototypes/gluon_conv, bench/results/conv_gluon_probe_h200.txt; H200,
+no bias, CUDA-graph replay): 'ws2' 118.1 vs cuDNN 118.0 µs at 1x128x512²->128, 220.0 vs 237.7 (256->128 at
+512²), 106.0 vs 111.1 (256 at 256²), 201.1 vs 238.9 (512->256 at 256²), 101.1 vs 105.2 (512 at 128²); slower
+than cuDNN on the UNet's 2x320x64² (38.6 vs 27.9). The per-card conv table (conv_table.py) names it per shape
+where a measurement on that card found it fastest.
+
+:func:`conv3x3_gluon` raises ValueError for anything its kernel cannot take (device, dtype, layout, channel
+counts, alignment); :func:`conv_gluon_supported` answers the same question with False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+SMEM_LIMIT = 232448  # bytes of dynamic shared memory a CTA may use on sm_90 (227 KiB)
+PRODUCER_REGS = 40  # setmaxnreg of the 1-warp TMA producer
+
+
+@dataclass(frozen=True)
+class GluonConvConfig:
+    """An output tile of th x tw pixels by bn channels, K steps of bk channels through a `stages`-deep SMEM
+    ring, `consumers` warpgroups (4 warps each, stacked along the pixels) on one tile, `persistent`: one
+    program per SM walking the tiles (else one tile per program), `epi_split`: the epilogue stores the tile
+    in that many column slabs (less SMEM for the output buffer)."""
+
+    th: int = 8
+    tw: int = 16
+    bn: int = 128
+    bk: int = 64
+    stages: int = 4
+    consumers: int = 1
+    persistent: bool = True
+    epi_split: int = 1
+
+    def __post_init__(self) -> None:
+        pow2 = all(v > 0 and v & (v - 1) == 0 for v in (self.th, self.tw, self.bn, self.epi_split))
+        if not pow2 or self.tw % 8 or self.bk not in (32, 64) or not 16 <= self.bn <= 256:
+            raise ValueError(f"{self}: th, tw, bn, epi_split powers of 2, tw % 8 == 0, bk 32 or 64, bn 16..256")
+        if self.consumers not in (1, 2) or self.bm % (64 * self.consumers) or self.bm > 256:
+            raise ValueError(f"{self}: 1 or 2 consumer warpgroups of a multiple of 64 pixels each, <= 256 pixels")
+        if self.stages < 3 or self.bn % self.epi_split or self.bn // self.epi_split < 16:
+            raise ValueError(f"{self}: >= 3 stages; epi_split must leave slabs of >= 16 channels")
+        if self.smem_bytes() > SMEM_LIMIT:
+            raise ValueError(f"{self} needs {self.smem_bytes()} B of shared memory (> {SMEM_LIMIT})")
+
+    @property
+    def bm(self) -> int:  # output pixels per tile (the GEMM's M)
+        return self.th * self.tw
+
+    @property
+    def warps(self) -> int:
+        return 4 * self.consumers
+
+    def smem_bytes(self) -> int:
+        ring = self.stages * (self.bm + self.bn) * self.bk * 2
+        return ring + self.bm * (self.bn // self.epi_split) * 2 + 2 * self.stages * 8
+
+    def __str__(self) -> str:
+        p = "p" if self.persistent else ""
+        return f"g{self.th}x{self.tw}n{self.bn}k{self.bk}s{self.stages}c{self.consumers}e{self.epi_split}{p}"
+
+    def key(self) -> str:
+        return str(self)
+
+    @staticmethod
+    def parse(key: str) -> GluonConvConfig:
+        """Inverse of ``str`` (the per-card conv table stores configs as these strings)."""
+        m = re.fullmatch(r"g(\d+)x(\d+)n(\d+)k(\d+)s(\d+)c(\d+)e(\d+)(p?)", key)
+        if m is None:
+            raise ValueError(f"not a Gluon conv config key: {key!r}")
+        th, tw, bn, bk, stages, consumers, epi_split = map(int, m.groups()[:-1])
+        return GluonConvConfig(th, tw, bn, bk, stages, consumers, persistent=m.group(8) == "p", epi_split=epi_split)
+
+
+# Named variants, as measured by the prototype. 'ws': one consumer warpgroup on 128 pixels (8 x 16) x 128
+# channels; 'ws2': two on 128 pixels x 256 channels (each warpgroup 64 x 256: 128 accumulator registers a
+# thread), stored in two 128-channel slabs; '_np': one tile per program instead of persistent.
+_WS = GluonConvConfig()
+_WS2 = GluonConvConfig(bn=256, consumers=2, epi_split=2)
+VARIANTS: dict[str, GluonConvConfig] = {
+    "ws": _WS,
+    "ws_np": dataclasses.replace(_WS, persistent=False),
+    "ws2": _WS2,
+    "ws2_np": dataclasses.replace(_WS2, persistent=False),
+}
+DEFAULT_VARIANT = "ws2"
+
+
+def variant(name: str, co: int) -> GluonConvConfig:
+    """The named variant fitted to Co output channels: bn 256 -> 128 pixels (16 x 16) x 128 channels where
+    only 128 divides Co (the same 256-pixel x 128 wgmma work per tile); bn -> 128 or 64 otherwise."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown Gluon conv variant {name!r}; one of {sorted(VARIANTS)}")
+    cfg = VARIANTS[name]
+    if co % cfg.bn == 0:
+        return cfg
+    if cfg.consumers == 2 and co % 128 == 0:
+        return dataclasses.replace(cfg, th=16, tw=16, bn=128)
+    for bn in (128, 64):
+        if co % bn == 0:
+            return dataclasses.replace(cfg, bn=bn, epi_split=1)
+    raise ValueError(f"no {name} tile divides Co={co} (Co must be a multiple of 64)")
+
+
+def resolve(config: GluonConvConfig | str | None, co: int) -> GluonConvConfig:
+    """A config: itself, a VARIANTS name fitted to Co (None: DEFAULT_VARIANT), or a ``str(config)`` key."""
+    if isinstance(config, GluonConvConfig):
+        return config
+    if config is None or config in VARIANTS:
+        return variant(config or DEFAULT_VARIANT, co)
+    return GluonConvConfig.parse(config)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> ModuleType | None:
+    """The Gluon kernel module, or None where this Triton has no Gluon/Hopper API."""
+    try:
+        from speedsd.kernels import conv_gluon_kernels
+    except ImportError:
+        return None
+    return conv_gluon_kernels
+
+
+@functools.lru_cache(maxsize=8)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _device_ok(device: torch.device) -> bool:
+    """A Hopper (sm_90: H100/H200) CUDA device and a Triton with Gluon (TMA and wgmma are sm_90a only)."""
+    return device.type == "cuda" and _is_sm90(_index(device)) and _kernels() is not None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0  # TMA: 16-byte aligned global addresses
+
+
+def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: GluonConvConfig) -> str | None:
+    """Why the kernel cannot compute conv3x3(x, weight) + bias with cfg; None when it can."""
+    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        return f"expects x [N, C, H, W] and weight [Co, C, 3, 3], got {tuple(x.shape)}, {tuple(weight.shape)}"
+    n, c, h, w = x.shape
+    co = weight.shape[0]
+    if x.dtype != torch.float16 or weight.dtype != torch.float16:
+        return f"needs fp16 x and weight, got {x.dtype}, {weight.dtype}"
+    if bias is not None and (
+        bias.shape != (co,) or bias.dtype not in (torch.float16, torch.float32) or not bias.is_contiguous()
+    ):
+        return f"bias must be a contiguous fp16/fp32 [{co}] tensor, got {tuple(bias.shape)} {bias.dtype}"
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        return "x, weight and bias must be on one device"
+    if min(n, c, h, w, co) < 1:
+        return f"empty conv: x {tuple(x.shape)}, Co={co}"
+    if c % cfg.bk or co % cfg.bn:
+        return f"config {cfg}: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.bn}"
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return "needs a channels_last x (its [N, H, W, C] view is the TMA tensor)"
+    if not weight.is_contiguous(memory_format=torch.channels_last):
+        return "needs a channels_last weight (read in place as [Co, 9·C])"
+    if not (_aligned(x) and _aligned(weight)):
+        return "x and weight must start at 16-byte aligned addresses (TMA)"
+    if n * h * w > 2**31 - 1 or 9 * c >= 2**31:
+        return f"too large for 32-bit tile coordinates: x {tuple(x.shape)}"
+    if not _device_ok(x.device):
+        return f"needs an sm_90 (H100/H200) CUDA device and a Triton with Gluon, got {x.device}"
+    return None
+
+
+def conv_gluon_supported(
+    x: torch.Tensor,
+    conv: torch.nn.Conv2d,
+    bias: torch.Tensor | None = None,
+    config: GluonConvConfig | str | None = None,
+) -> bool:
+    """Whether conv3x3_gluon(x, conv.weight, bias, config) runs: conv is a 3x3 stride-1 pad-1 conv (no
+    dilation, one group) and :func:`conv3x3_gluon` would not raise. ``bias``: what the caller will pass
+    (None when it adds conv.bias itself)."""
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if geometry != ((3, 3), (1, 1), (1, 1), (1, 1), 1) or conv.padding_mode != "zeros":
+        return False
+    try:
+        cfg = resolve(config, conv.out_channels)
+    except ValueError:
+        return False
+    return _problem(x, conv.weight, bias, cfg) is None
+
+
+def conv3x3_gluon(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GluonConvConfig | str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """conv2d(x, weight, bias, stride=1, padding=1) -> fp16 [N, Co, H, W] channels_last (``out`` if given).
+
+    x: fp16 [N, C, H, W] channels_last; weight: fp16 [Co, C, 3, 3] channels_last; bias: None or [Co] fp16/fp32
+    (added in fp32 before the fp16 store). config: a GluonConvConfig, its ``str`` key, or a VARIANTS name
+    fitted to Co (None: 'ws2'). C must be a multiple of config.bk, Co of config.bn.
+    """
+    cfg = resolve(config, weight.shape[0] if weight.dim() == 4 else 0)
+    why = _problem(x, weight, bias, cfg)
+    if why is not None:
+        raise ValueError(f"conv3x3_gluon: {why}")
+    n, _, h, w = x.shape
+    co = weight.shape[0]
+    if out is None:
+        out = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    elif (
+        out.shape != (n, co, h, w)
+        or out.dtype != x.dtype
+        or out.device != x.device
+        or not out.is_contiguous(memory_format=torch.channels_last)
+        or not _aligned(out)
+    ):
+        raise ValueError(f"out must be a 16-byte aligned channels_last {x.dtype} [{n}, {co}, {h}, {w}] on {x.device}")
+    _launch(x, weight, bias, out, cfg)
+    return out
+
+
+def _launch_args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, cfg: GluonConvConfig, sms: int
+) -> tuple[tuple[int], tuple, dict]:
+    """(grid, positional args, constexprs + num_warps) of conv3x3_kernel; CPU tensors work too (the AOT
+    compile builds its signature from them)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    n, c, h, w = x.shape
+    co = weight.shape[0]
+    # dense views with canonical strides (channels_last-contiguous tensors may carry any stride on size-1 dims)
+    x_nhwc = x.as_strided((n, h, w, c), (h * w * c, w * c, c, 1))  # [N, C, H, W] -> [N, H, W, C]
+    w_mat = weight.as_strided((co, 9 * c), (9 * c, 1))  # [Co, C, 3, 3] channels_last -> [Co, 9·C]
+    y_nhwc = y.as_strided((n, h, w, co), (h * w * co, w * co, co, 1))
+
+    def desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.float16))
+
+    xd = desc(x_nhwc, [1, cfg.th, cfg.tw, cfg.bk])
+    wd = desc(w_mat, [cfg.bn, cfg.bk])
+    yd = desc(y_nhwc, [1, cfg.th, cfg.tw, cfg.bn // cfg.epi_split])
+    n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.bn
+    num_tiles = n * n_th * n_tw * n_nb
+    grid = (min(sms, num_tiles) if cfg.persistent else num_tiles,)
+    args = (xd, wd, yd, y if bias is None else bias, c, n_th, n_tw, n_nb, num_tiles)  # y: unused bias pointer
+    const = dict(STAGES=cfg.stages, HAS_BIAS=bias is not None, EPI_SPLIT=cfg.epi_split, PRODUCER_REGS=PRODUCER_REGS,
+                 num_warps=cfg.warps)  # fmt: skip
+    return grid, args, const
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, cfg) -> None:
+    kern = _kernels()
+    assert kern is not None
+    grid, args, const = _launch_args(x, weight, bias, y, cfg, _sm_count(_index(x.device)))
+    with torch.cuda.device(x.device):
+        kern.conv3x3_kernel[grid](*args, **const)
+
+
+def conv3x3_gluon_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch: conv2d(x, weight, bias, padding=1) in fp32 (fp64 stays fp64), any device or layout."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    b = None if bias is None else bias.to(acc)
+    return F.conv2d(x.to(acc), weight.to(acc), b, padding=1)
+
+
+def compile_sm90(config: GluonConvConfig, bias_dtype: torch.dtype | None = None, capability: int = 90):
+    """Compile the kernel ahead of time for ``capability`` without a GPU (the tests' ptxas check; in a process
+    without TRITON_INTERPRET=1). Sizes are not specialized, so small CPU stand-ins give the launch's signature;
+    the pointer gets the 16-byte divisibility a GPU launch specialises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    kern = _kernels()
+    if kern is None:
+        raise RuntimeError("this Triton has no Gluon Hopper API")
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("compile_sm90 needs a process started without TRITON_INTERPRET=1")
+    cl = torch.channels_last
+    c, co = 2 * config.bk, 2 * config.bn
+    x = torch.empty((1, c, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
+    wt = torch.empty((co, c, 3, 3), dtype=torch.float16).contiguous(memory_format=cl)
+    y = torch.empty((1, co, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
+    bias = None if bias_dtype is None else torch.empty(co, dtype=bias_dtype)
+    _, args, const = _launch_args(x, wt, bias, y, config, 132)
+    fn = kern.conv3x3_kernel
+    names = fn.arg_names
+    sig = {names[i]: mangle_type(a) for i, a in enumerate(args)}
+    sig.update({k: "constexpr" for k in const})
+    constexprs = {(names.index(k),): v for k, v in const.items()}
+    attrs = {(names.index("bias_ptr"),): [["tt.divisibility", 16]]}
+    src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": config.warps})

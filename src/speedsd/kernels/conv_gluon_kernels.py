@@ -1,0 +1,193 @@
+"""Gluon kernel of :mod:`speedsd.kernels.conv_gluon` (Hopper sm_90 only; imported lazily).
+
+Trimmed from bench/prototypes/gluon_conv/conv_gluon.py to its plain mode (no GroupNorm/SiLU prologue:
+that was 0.26-0.69x of normalize + cuDNN on the H200) with an optional bias in the epilogue. Gluon kernels
+do not run under the CPU interpreter: the tests compile this one for sm_90 ahead of time
+(conv_gluon.compile_sm90).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+# -------------------------------------------------------------------------------------------------------
+# Math: 3x3 stride-1 pad-1 conv, channels_last fp16 in and out, fp32 accumulation:
+#
+#   y[b, oy, ox, n] = bias[n] + Σ_{c, ky, kx} x[b, oy + ky − 1, ox + kx − 1, c] · w[n, c, ky, kx]
+#                     (x = 0 outside the image: the padding)
+#
+# as an implicit GEMM. One output tile = TH x TW pixels of one sample b (the GEMM's M = TH·TW rows) by BN
+# output channels n0 .. n0 + BN:
+#
+#   acc[m, n] = Σ_{cb < C/BK} Σ_{tap < 9} A_tap,cb[m, :] · B_tap,cb[n, :]ᵀ,   m = i·TW + j <-> (oy0 + i, ox0 + j)
+#   A_tap,cb = x[b, oy0 + ky − 1 : +TH, ox0 + kx − 1 : +TW, cb·BK : +BK]    tap = 3·ky + kx
+#              (a 4-D TMA box [1, TH, TW, BK] seen as [TH·TW, BK]; TMA zero-fills every coordinate outside
+#              [N, H, W, C], negative ones included: that is the padding, and the partial tiles at the
+#              image's right and bottom edges)
+#   B_tap,cb = Wm[n0 : +BN, tap·C + cb·BK : +BK]   Wm = the channels_last weight [Co, 3, 3, C] as [Co, 9·C]
+#
+# K runs channel-block-major (cb outer, the 9 taps inner and unrolled). Both wgmma operands come from SMEM.
+# Epilogue: acc (+ bias[n] in fp32) -> fp16 -> SMEM -> TMA store of the [1, TH, TW, BN] box (TMA clips the
+# rows and columns past the image), in EPI_SPLIT column slabs (less SMEM for the output buffer).
+#
+# Protocol (gl.warp_specialize; a STAGES-deep SMEM ring of (A, B) slots, barriers ready[s] and empty[s]):
+#   * producer (worker, 1 warp): for K step `it` of its program (counted over all its tiles), slot
+#     s = it mod STAGES, use u = it div STAGES: wait empty[s] at parity (u & 1) ^ 1 (the consumer freed use
+#     u − 1; a fresh barrier passes parity 1 at once), arm ready[s] with the A + B byte count (TMA counts
+#     zero-filled bytes too), issue both TMA loads into slot s.
+#   * consumer (default partition, 1 or 2 warpgroups stacked along M on one tile): wait ready[s] at parity
+#     u & 1, issue the async wgmma, keep one in flight (warpgroup_mma_wait(1)), then free the slot of step
+#     it − 1, whose wgmma just retired. A tile's last slot is freed after its final wait(0); a tile's first
+#     step frees nothing (the previous tile's last slot is already free). So every slot use is freed once.
+#     The epilogue's TMA store is left in flight (store_wait(0) comes just before the buffer is rewritten),
+#     overlapping the next tile's mainloop while the producer prefetches its K steps.
+# Persistent: grid = min(#SMs, #tiles), program p takes tiles p, p + grid, ...; otherwise one tile each.
+# Tile ids run output-channel block fastest, then tx, ty, b: programs in flight share their A boxes in L2.
+# -------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _tile_coords(t, n_th, n_tw, n_nb, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr):
+    # t = ((b·n_th + ty)·n_tw + tx)·n_nb + nb  ->  (b, oy0, ox0, n0)
+    nb = t % n_nb
+    r = t // n_nb
+    tx = r % n_tw
+    r = r // n_tw
+    ty = r % n_th
+    b = r // n_th
+    return b, ty * TH, tx * TW, nb * BN
+
+
+@gluon.jit
+def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb, num_tiles):
+    TH: gl.constexpr = x_desc.block_type.shape[1]
+    TW: gl.constexpr = x_desc.block_type.shape[2]
+    BK: gl.constexpr = x_desc.block_type.shape[3]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    NBYTES: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+    kc = C // BK
+    it = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, oy0, ox0, n0 = _tile_coords(t, n_th, n_tw, n_nb, TH, TW, BN)
+        for cb in range(kc):
+            c0 = cb * BK
+            for tap in gl.static_range(9):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, NBYTES)
+                # A box at (b, oy0 + ky − 1, ox0 + kx − 1, c0); B box at (n0, tap·C + c0)
+                tma.async_copy_global_to_shared(
+                    x_desc, [b, oy0 + (tap // 3 - 1), ox0 + (tap % 3 - 1), c0], bar, a_bufs.index(s)
+                )
+                tma.async_copy_global_to_shared(w_desc, [n0, tap * C + c0], bar, b_bufs.index(s))
+                it += 1
+
+
+@gluon.jit
+def _release_prev(empty, it, STAGES: gl.constexpr, cb, TAP: gl.constexpr):
+    # wait(1) just retired the wgmma of step it − 1: free its slot, unless step it is its tile's first
+    if TAP == 0:
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=cb > 0)
+    else:
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+
+
+@gluon.jit
+def _split_cols(x, PARTS: gl.constexpr):
+    # [BM, BN] -> PARTS column slabs [BM, BN / PARTS] by halving log2(PARTS) times (register relabeling)
+    xs = (x,)
+    for _ in gl.static_range(PARTS.bit_length() - 1):
+        nxt = ()
+        for j in gl.static_range(len(xs)):
+            v = xs[j]
+            # [M, N] -> [M, 2, N/2] -> [M, N/2, 2] -> two [M, N/2]
+            nxt += v.reshape([v.shape[0], 2, v.shape[1] // 2]).permute((0, 2, 1)).split()
+        xs = nxt
+    return xs
+
+
+@gluon.jit
+def _epilogue(y_desc, c_smem, out, b, oy0, ox0, n0, BM: gl.constexpr, BN: gl.constexpr, EPI_SPLIT: gl.constexpr):
+    # fp16 [BM, BN] -> SMEM -> TMA store at y[b, oy0, ox0, n0 (+ slab)], left in flight
+    SPLIT_N: gl.constexpr = BN // EPI_SPLIT
+    if EPI_SPLIT == 1:
+        tma.store_wait(0)
+        c_smem.reshape([BM, BN]).store(out)  # [1, TH, TW, BN] -> [BM, BN]
+        fence_async_shared()
+        tma.async_copy_shared_to_global(y_desc, [b, oy0, ox0, n0], c_smem)
+    else:
+        parts = _split_cols(out, EPI_SPLIT)
+        for i in gl.static_range(EPI_SPLIT):
+            tma.store_wait(0)
+            c_smem.reshape([BM, SPLIT_N]).store(parts[i])
+            fence_async_shared()
+            tma.async_copy_shared_to_global(y_desc, [b, oy0, ox0, n0 + i * SPLIT_N], c_smem)
+
+
+@gluon.jit
+def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, C, n_th, n_tw, n_nb, num_tiles,
+                   HAS_BIAS: gl.constexpr, EPI_SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
+    TH: gl.constexpr = a_bufs.type.shape[2]
+    TW: gl.constexpr = a_bufs.type.shape[3]
+    BK: gl.constexpr = a_bufs.type.shape[4]
+    BN: gl.constexpr = b_bufs.type.shape[1]
+    BM: gl.constexpr = TH * TW
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    # wgmma m64nBNk16 per warpgroup; warps stacked along M (each warpgroup owns BM / #warpgroups rows)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BN, 16]
+    )
+    kc = C // BK
+    it = 0  # K steps consumed by this program over all its tiles
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, oy0, ox0, n0 = _tile_coords(t, n_th, n_tw, n_nb, TH, TW, BN)
+        acc = gl.zeros([BM, BN], gl.float32, mma_layout)
+        for cb in range(kc):
+            for tap in gl.static_range(9):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                a_view = a_bufs.index(s).reshape([BM, BK])  # [1, TH, TW, BK] -> [BM, BK]
+                b_view = b_bufs.index(s).permute((1, 0))  # [BN, BK] K-major -> [BK, BN]
+                acc = warpgroup_mma(a_view, b_view, acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+                _release_prev(empty, it, STAGES, cb, tap)
+                it += 1
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the tile's last step
+        if HAS_BIAS:
+            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
+        _epilogue(y_desc, c_smem, acc.to(gl.float16), b, oy0, ox0, n0, BM, BN, EPI_SPLIT)
+    tma.store_wait(0)
+
+
+# sizes are not specialized: one compile per (config, bias dtype) serves every layer shape
+@gluon.jit(do_not_specialize=["C", "n_th", "n_tw", "n_nb", "num_tiles"])
+def conv3x3_kernel(x_desc, w_desc, y_desc, bias_ptr, C, n_th, n_tw, n_nb, num_tiles, STAGES: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, EPI_SPLIT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                   num_warps: gl.constexpr):  # fmt: skip
+    # x_desc: [N, H, W, C] boxes [1, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
+    # y_desc: [N, H, W, Co] boxes [1, TH, TW, BN / EPI_SPLIT]; bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS)
+    a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    c_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, C, n_th, n_tw, n_nb, num_tiles,
+                          HAS_BIAS, EPI_SPLIT, num_warps)),
+        (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb, num_tiles)),
+    ], [1], [PRODUCER_REGS])  # fmt: skip

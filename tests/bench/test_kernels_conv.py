@@ -1,0 +1,93 @@
+"""bench.kernels_conv: the VAE shapes it measures and how it picks the Gluon conv's variant.
+
+The search and the table entries it records are in tests/test_conv_table.py; the measurements themselves
+run on the GPU (``python -m speedsd.bench.kernels_conv``).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from speedsd import ops
+from speedsd.bench import kernels_conv as kc
+from speedsd.models.vae import AutoencoderKL, VAEConfig
+
+
+def test_vae_shapes_are_the_decoders_3x3_convs(monkeypatch):
+    """VAE_SHAPES (shape, Co, calls per decode) are the SD decoder's stride-1 3x3 convs with >= 64 channels
+    in and out (conv_in's 4 and conv_out's 3 channels are the implicit GEMM's / cuDNN's), counted on a 512²
+    decode on the meta device; the upsamplers' convs run as sub-pixel phase convs (not counted)."""
+    with torch.device("meta"):
+        vae = AutoencoderKL(VAEConfig()).half()
+    calls: collections.Counter = collections.Counter()
+    real = ops.conv2d_op
+
+    def record(x, conv, with_bias=True):
+        if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and min(x.shape[1], conv.out_channels) >= 64:
+            calls[(tuple(x.shape), conv.out_channels)] += 1
+        return real(x, conv, with_bias)
+
+    def subpixel(x, conv):  # the phase convs' output, without running them
+        return x.new_empty(x.shape[0], conv.out_channels, 2 * x.shape[2], 2 * x.shape[3])
+
+    monkeypatch.setattr(ops, "conv2d_op", record)
+    monkeypatch.setattr(ops, "upsample_conv_op", subpixel)
+    with torch.inference_mode():
+        out = vae.decoder(torch.empty(1, 4, 64, 64, device="meta", dtype=torch.float16))
+    assert out.shape == (1, 3, 512, 512)
+    want = {(shape, n): calls for _, shape, n, k, stride, pad, calls in kc.VAE_SHAPES}
+    assert all(k == 3 and stride == 1 and pad == 1 for _, _, _, k, stride, pad, _ in kc.VAE_SHAPES)
+    assert dict(calls) == want
+
+
+@pytest.fixture
+def fake_variants(monkeypatch):
+    """Variant outputs and times faked on CPU: 'ws' leaves its output unwritten (NaN), 'ws_np' is off by 1%,
+    'ws2' and 'ws2_np' are exact; times by config."""
+    times = {}
+
+    def conv(x, w, bias, cfg, out=None):
+        y = torch.nn.functional.conv2d(x.float(), w.float(), padding=1)
+        name = {str(kc.cg.variant(n, w.shape[0])): n for n in kc.cg.VARIANTS}[str(cfg)]
+        if name == "ws":
+            return out
+        y = y * 1.01 if name == "ws_np" else y
+        return y if out is None else out.copy_(y)
+
+    def time_conv(fn, weights, smoke):
+        fn(weights[0])
+        return times[str(conv.last)]
+
+    def record(x, w, bias, cfg, out=None):
+        conv.last = cfg
+        return conv(x, w, bias, cfg, out)
+
+    monkeypatch.setattr(kc.cg, "conv3x3_gluon", record)
+    monkeypatch.setattr(kc, "_time_conv", time_conv)
+    return times
+
+
+@pytest.mark.parametrize("fastest", ["ws", "ws_np", "ws2", "ws2_np"])
+def test_bench_gluon_picks_the_fastest_correct_variant(fake_variants, fastest):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 64, 6, 8, generator=g) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(256, 64, 3, 3, generator=g) / 24).contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1).float()
+    torch_err = kc._rel(torch.nn.functional.conv2d(x.half().float(), w.half().float(), padding=1), ref)
+    cfgs = {n: str(kc.cg.variant(n, 256)) for n in kc.cg.VARIANTS}
+    for n, key in cfgs.items():
+        fake_variants[key] = 0.1 if n == fastest else {"ws": 0.2, "ws_np": 0.3, "ws2": 0.4, "ws2_np": 0.5}[n]
+    res = kc.bench_gluon(x, [w], ref, torch_err)
+    assert set(res["gluon_all"]) == set(cfgs.values())
+    assert [res["gluon_all"][cfgs[n]]["ok"] for n in kc.cg.VARIANTS] == [False, False, True, True]
+    want = fastest if fastest.startswith("ws2") else "ws2"  # wrong variants never win
+    assert res["gluon_ok"] and res["gluon_config"] == cfgs[want] and res["gluon_ms"] == fake_variants[cfgs[want]]
+
+
+def test_no_gluon_off_sm90():
+    """On this CPU (no sm_90 GPU) a Gluon row is measured like any other: no Gluon keys."""
+    r = kc.bench_shape(kc.SMOKE[0], "cpu", True, 0.0, kc.SPLITS, gluon=True)
+    assert "gluon_config" not in r and "gluon_ok" not in r

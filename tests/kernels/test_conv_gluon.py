@@ -1,0 +1,532 @@
+"""Gluon 3x3 conv (kernels/conv_gluon.py).
+
+CPU: the config's string round trip and validation, the launcher's checks (clear ValueErrors) and the
+predicate (False for the same inputs), the host-side plumbing run against a torch model of the kernel's tile
+walk (TMA boxes with zero fill, clipped stores) on the launcher's own descriptors, the reference, the sm_90
+ahead-of-time compile (ptxas: no spills, no wgmma serialization, wgmma and TMA present) and the conv-table
+dispatch in ops. Gluon kernels do not run under the interpreter, so every numerical check of the kernel is a
+GPU test (sm_90 only): NaN-poisoned outputs, error vs an fp32 reference <= 2x cuDNN fp16's on the VAE
+decoder's shapes and odd ones, writes clipped at the tensor's edge, and a CUDA-graph capture through ops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speedsd import conv_table, ops
+from speedsd.kernels import conv_gluon as cg
+
+CL = torch.channels_last
+
+
+def make(n, c, h, w, co, device="cpu", seed=0, bias_dtype=None):
+    """x = randn·2 + 0.5, weight ~ N(0, 1/(9C)) + 0.01 (fp16, channels_last), bias ~ N(0.3, 1) or None."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.5).half().to(device).contiguous(memory_format=CL)
+    wt = (torch.randn(co, c, 3, 3, generator=g) / (9 * c) ** 0.5 + 0.01).half().to(device).contiguous(memory_format=CL)
+    bias = None if bias_dtype is None else (torch.randn(co, generator=g) + 0.3).to(device, bias_dtype)
+    return x, wt, bias
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("co", [64, 128, 256, 320, 384, 512, 1280])
+@pytest.mark.parametrize("name", list(cg.VARIANTS))
+def test_variants_fit_co_and_round_trip(name, co):
+    cfg = cg.variant(name, co)
+    assert co % cfg.bn == 0 and cfg.persistent == (not name.endswith("_np"))
+    assert cg.GluonConvConfig.parse(str(cfg)) == cfg and cfg.key() == str(cfg)
+    assert cg.resolve(name, co) == cfg and cg.resolve(str(cfg), co) == cfg and cg.resolve(cfg, co) is cfg
+    assert cfg.smem_bytes() <= cg.SMEM_LIMIT
+    if name.startswith("ws2") and co % 256 and co % 128 == 0:  # 256 pixels x 128 channels
+        assert (cfg.th, cfg.tw, cfg.bn) == (16, 16, 128)
+
+
+def test_named_configs():
+    assert str(cg.VARIANTS["ws2"]) == "g8x16n256k64s4c2e2p" and str(cg.VARIANTS["ws_np"]) == "g8x16n128k64s4c1e1"
+    assert cg.resolve(None, 512) == cg.VARIANTS[cg.DEFAULT_VARIANT]
+    for bad in ("ws3", "g8x16n256k64s4c2e2q", "m64n128k128s4w4p3", ""):
+        with pytest.raises(ValueError):
+            cg.resolve(bad, 256)
+    with pytest.raises(ValueError, match="Co=96"):
+        cg.variant("ws2", 96)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(bk=16), "bk 32 or 64"),
+        (dict(tw=12), "powers of 2"),
+        (dict(th=2, tw=8), "multiple of 64"),
+        (dict(consumers=3), "1 or 2 consumer"),
+        (dict(consumers=2, th=4), "multiple of 64"),
+        (dict(bn=512), "bn 16..256"),
+        (dict(stages=2), ">= 3 stages"),
+        (dict(epi_split=3), "powers of 2"),
+        (dict(bn=32, epi_split=4), "slabs of >= 16"),
+        (dict(bn=256, consumers=2, stages=5), "shared memory"),
+    ],
+)
+def test_invalid_configs_raise(fields, match):
+    with pytest.raises(ValueError, match=match):
+        cg.GluonConvConfig(**fields)
+
+
+# ---- launcher checks and predicate -----------------------------------------------------------------
+
+
+def _misaligned():
+    x, wt, _ = make(1, 64, 6, 8, 128)
+    buf = torch.empty(x.numel() + 8, dtype=torch.float16)
+    return buf[1 : 1 + x.numel()].view(1, 6, 8, 64).permute(0, 3, 1, 2), wt, None  # channels_last, 2 B off
+
+
+BAD = [
+    pytest.param(lambda x, w, b: (x[0], w, b), "expects x", id="3d-x"),
+    pytest.param(lambda x, w, b: (x, w[:, :32], b), "expects x", id="weight-C-differs"),
+    pytest.param(lambda x, w, b: (x, w[..., :1, :1], b), "expects x", id="1x1-weight"),
+    pytest.param(lambda x, w, b: (x.float(), w.float(), b), "fp16", id="fp32"),
+    pytest.param(lambda x, w, b: (x.bfloat16(), w.bfloat16(), b), "fp16", id="bf16"),
+    pytest.param(lambda x, w, b: (x, w, torch.ones(64).half()), "bias must be", id="bias-length"),
+    pytest.param(lambda x, w, b: (x, w, torch.ones(128).bfloat16()), "bias must be", id="bias-bf16"),
+    pytest.param(lambda x, w, b: (x, w, torch.ones(256).half()[::2]), "bias must be", id="bias-strided"),
+    pytest.param(lambda x, w, b: (x, w, torch.ones(128, device="meta").half()), "one device", id="bias-device"),
+    pytest.param(lambda x, w, b: (x[:, :, :0], w, b), "empty", id="empty"),
+    pytest.param(lambda x, w, b: (x[:, :32], w[:, :32], b), "multiple of 64", id="C32"),
+    pytest.param(lambda x, w, b: (x.contiguous(), w, b), "channels_last x", id="nchw-x"),
+    pytest.param(lambda x, w, b: (x, w.contiguous(), b), "channels_last weight", id="nchw-weight"),
+    pytest.param(lambda x, w, b: _misaligned(), "16-byte aligned", id="misaligned-x"),
+    pytest.param(lambda x, w, b: (x, w, b), "sm_90", id="cpu-device"),
+]
+
+
+@pytest.mark.parametrize("args, match", BAD)
+def test_launcher_raises_clear_errors(args, match):
+    x, w, b = args(*make(2, 64, 6, 8, 128))
+    with pytest.raises(ValueError, match=match):
+        cg.conv3x3_gluon(x, w, b)
+    conv = torch.nn.Conv2d(x.shape[1], w.shape[0], 3, padding=1, bias=False) if w.dim() == 4 else None
+    if conv is not None and conv.weight.shape == w.shape:
+        conv.weight.data = w
+        assert not cg.conv_gluon_supported(x, conv, b)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend an sm_90 device with 3 SMs: the launch runs a torch model of the kernel's tile walk."""
+    calls = []
+
+    def launch(x, weight, bias, y, cfg):
+        calls.append(cfg)
+        _emulate(x, weight, bias, y, cfg, sms=3)
+
+    monkeypatch.setattr(cg, "_device_ok", lambda device: True)
+    monkeypatch.setattr(cg, "_launch", launch)
+    return calls
+
+
+def _emulate(x, weight, bias, y, cfg, sms):
+    """The kernel's work on the launcher's own descriptors: every program walks tiles p, p + grid, ... (or one
+    each); a tile's 9·C/BK K steps read [TH, TW, BK] boxes (zero outside [N, H, W, C], as TMA fills) and
+    [BN, BK] weight blocks; the fp32 sum (+ bias) is stored as fp16, clipped at the tensor's edge."""
+    grid, args, const = cg._launch_args(x, weight, bias, y, cfg, sms)
+    xd, wd, yd, bias_ptr, c, n_th, n_tw, n_nb, num_tiles = args
+    assert xd.block_shape == [1, cfg.th, cfg.tw, cfg.bk] and wd.block_shape == [cfg.bn, cfg.bk]
+    assert yd.block_shape == [1, cfg.th, cfg.tw, cfg.bn // cfg.epi_split] and const["num_warps"] == cfg.warps
+    assert const["HAS_BIAS"] == (bias is not None) and (bias is None or bias_ptr is bias)
+    x_nhwc, w_mat, y_nhwc = xd.base, wd.base, yd.base
+    _, h, w, _ = x_nhwc.shape
+    xp = F.pad(x_nhwc.float(), (0, 0, 1, cfg.tw + 1, 1, cfg.th + 1))  # zero fill around [H, W]
+    seen = []
+    for p in range(grid[0]):
+        for t in range(p, num_tiles, grid[0]) if cfg.persistent else [p]:
+            seen.append(t)
+            nb, r = t % n_nb, t // n_nb
+            tx, r = r % n_tw, r // n_tw
+            ty, b = r % n_th, r // n_th
+            oy0, ox0, n0 = ty * cfg.th, tx * cfg.tw, nb * cfg.bn
+            acc = torch.zeros(cfg.bm, cfg.bn)
+            for cb in range(c // cfg.bk):
+                for tap in range(9):
+                    ky, kx = divmod(tap, 3)  # box at (oy0 + ky − 1, ox0 + kx − 1): + 1 in the padded xp
+                    c0 = cb * cfg.bk
+                    box = xp[b, oy0 + ky : oy0 + ky + cfg.th, ox0 + kx : ox0 + kx + cfg.tw, c0 : c0 + cfg.bk]
+                    blk = w_mat[n0 : n0 + cfg.bn, tap * c + c0 : tap * c + c0 + cfg.bk].float()
+                    acc += box.reshape(cfg.bm, cfg.bk) @ blk.T  # [TH·TW, BK] @ [BK, BN]
+            if bias is not None:
+                acc += bias_ptr[n0 : n0 + cfg.bn].float()
+            tile = acc.half().view(cfg.th, cfg.tw, cfg.bn)[: h - oy0, : w - ox0]  # clipped at the edge
+            y_nhwc[b, oy0 : oy0 + cfg.th, ox0 : ox0 + cfg.tw, n0 : n0 + cfg.bn] = tile
+    assert sorted(seen) == list(range(num_tiles)), "every tile exactly once"
+
+
+CPU_CASES = [
+    pytest.param((2, 64, 12, 20, 128), "ws2", None, id="B2-partial-tiles-ws2-16x16"),
+    pytest.param((1, 128, 9, 17, 256), "ws2_np", torch.float16, id="H9W17-ws2np-fp16-bias"),
+    pytest.param((2, 64, 10, 8, 128), "ws", torch.float32, id="B2-ws-fp32-bias"),
+    pytest.param((1, 64, 5, 7, 320), "ws_np", None, id="tile-larger-than-image-Co320"),
+]
+
+
+@pytest.mark.parametrize("shape, name, bias_dtype", CPU_CASES)
+def test_launcher_plumbing_against_tile_model(shape, name, bias_dtype, fake_gpu):
+    n, c, h, w, co = shape
+    x, wt, bias = make(n, c, h, w, co, bias_dtype=bias_dtype)
+    out = torch.full((n, co, h, w), float("nan"), dtype=torch.float16).contiguous(memory_format=CL)
+    res = cg.conv3x3_gluon(x, wt, bias, name, out=out)
+    assert fake_gpu == [cg.variant(name, co)] and res is out
+    assert not out.isnan().any(), "unwritten outputs"
+    ref = cg.conv3x3_gluon_ref(x.double(), wt.double(), None if bias is None else bias.double())
+    err = (res.double() - ref).abs().max().item()
+    err16 = F.conv2d(x.float(), wt.float(), None if bias is None else bias.float(), padding=1).half().double() - ref
+    assert err <= 2 * err16.abs().max().item() + 1e-6, err
+    fresh = cg.conv3x3_gluon(x, wt, bias, name)
+    assert fresh.is_contiguous(memory_format=CL) and torch.equal(fresh, res)
+    conv = torch.nn.Conv2d(c, co, 3, padding=1).half()
+    conv.weight.data = wt
+    assert cg.conv_gluon_supported(x, conv, bias, name)
+
+
+def test_out_and_geometry_checks(fake_gpu):
+    x, wt, _ = make(1, 64, 6, 8, 128)
+    for out in (torch.empty(1, 128, 6, 8).half(), torch.empty(1, 128, 6, 8).contiguous(memory_format=CL),
+                torch.empty(1, 64, 6, 8).half().contiguous(memory_format=CL)):  # fmt: skip
+        with pytest.raises(ValueError, match="out must be"):
+            cg.conv3x3_gluon(x, wt, out=out)
+    conv = torch.nn.Conv2d(64, 128, 3, padding=1, bias=False).half()
+    conv.weight.data = wt
+    assert cg.conv_gluon_supported(x, conv) and not cg.conv_gluon_supported(x, conv, config="ws3")
+    for kw in (dict(stride=2), dict(padding=0), dict(dilation=2, padding=2), dict(padding_mode="reflect")):
+        other = torch.nn.Conv2d(64, 128, 3, **{"padding": 1, **kw}).half()
+        other.weight.data = wt
+        assert not cg.conv_gluon_supported(x, other), kw
+    grouped = torch.nn.Conv2d(64, 128, 3, padding=1, groups=2).half().to(memory_format=CL)
+    assert not cg.conv_gluon_supported(x, grouped)
+    assert not fake_gpu
+
+
+def test_launch_grid():
+    """Persistent: min(#SMs, #tiles) programs; otherwise one a tile (8 x 16 tiles of 300 x 50 px, 2 x 2 Co)."""
+    x, wt, _ = make(2, 64, 300, 50, 512)
+    y = torch.empty(2, 512, 300, 50).half().contiguous(memory_format=CL)
+    tiles = 2 * 38 * 4 * 2
+    for name, grid in (("ws2", 132), ("ws2_np", tiles)):
+        g, args, _ = cg._launch_args(x, wt, None, y, cg.variant(name, 512), 132)
+        assert g == (grid,) and args[4:] == (64, 38, 4, 2, tiles) and args[3] is y
+
+
+def test_reference_is_the_conv():
+    x, wt, bias = make(2, 64, 5, 7, 64, bias_dtype=torch.float32)
+    ref = cg.conv3x3_gluon_ref(x, wt, bias)
+    assert ref.dtype == torch.float32
+    # the sum over the nine taps of shifted inputs, written out
+    xp = F.pad(x.double(), (1, 1, 1, 1))
+    want = (
+        sum(
+            torch.einsum("bchw,oc->bohw", xp[:, :, ky : ky + 5, kx : kx + 7], wt[:, :, ky, kx].double())
+            for ky in range(3)
+            for kx in range(3)
+        )
+        + bias.double()[:, None, None]
+    )
+    torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ---- ahead-of-time compile for sm_90 (no GPU needed) ------------------------------------------------
+
+
+def _nvidia_tool(name: str) -> str | None:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(path) if path.exists() else None
+
+
+# (name, config, bias dtype): the engine's case (ws2, no bias), the 16 x 16 x 128 fitting with an fp16 bias,
+# 'ws' with an fp32 bias ('_np' variants compile to the same kernel: persistence is the grid), and a control:
+# one warpgroup on a 128 x 256 tile needs 256 accumulator registers a thread, which must spill.
+AOT = {
+    "ws2": (cg.variant("ws2", 256), None),
+    "ws2_co128_bias16": (cg.variant("ws2", 128), torch.float16),
+    "ws_bias32": (cg.variant("ws", 128), torch.float32),
+    "control": (cg.GluonConvConfig(bn=256, epi_split=2), None),
+}
+# Run in a child process without TRITON_INTERPRET (conftest sets it on CPU).
+_AOT_CHILD = """
+import sys, torch
+from pathlib import Path
+from speedsd.kernels import conv_gluon as cg
+out = Path(sys.argv[1])
+for name, key, bias in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
+    cfg = cg.GluonConvConfig.parse(key)
+    k = cg.compile_sm90(cfg, None if bias == "-" else getattr(torch, bias))
+    (out / f"{name}.ptx").write_text(k.asm["ptx"])
+    (out / f"{name}.cubin").write_bytes(k.asm["cubin"])
+    (out / f"{name}.meta").write_text(f"{k.metadata.num_warps} {k.metadata.shared}")
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_kernels(tmp_path_factory):
+    """name -> (ptx, cubin, num_warps, shared bytes, ptxas -v log) for AOT's configs, compiled for sm_90."""
+    if cg._kernels() is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    ptxas = _nvidia_tool("ptxas")
+    if ptxas is None:
+        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
+    out = tmp_path_factory.mktemp("aot")
+    src = str(Path(cg.__file__).parents[2])  # the speedsd under test
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    argv = [a for name, (cfg, b) in AOT.items() for a in (name, str(cfg), str(b).removeprefix("torch.") if b else "-")]
+    r = subprocess.run([sys.executable, "-c", _AOT_CHILD, str(out), *argv], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = {}
+    for name in AOT:
+        warps, shared = (int(v) for v in (out / f"{name}.meta").read_text().split())
+        ptx = (out / f"{name}.ptx").read_text()
+        cmd = [ptxas, "-v", "--gpu-name", "sm_90a", str(out / f"{name}.ptx"), "-o", str(out / f"{name}.re.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True)
+        res[name] = (ptx, (out / f"{name}.cubin").read_bytes(), warps, shared, log.stdout + log.stderr)
+    return res
+
+
+def _sass(cubin: bytes) -> str:
+    tool = _nvidia_tool("cuobjdump")
+    if tool is None:
+        pytest.skip("Triton's bundled cuobjdump is not installed")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _spills(log: str) -> tuple[int, int]:
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert m, log
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.parametrize("name", [n for n in AOT if n != "control"])
+def test_aot_compile_sm90(name, sm90_kernels):
+    cfg, bias = AOT[name]
+    ptx, cubin, warps, shared, log = sm90_kernels[name]
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor.4d.shared::cluster.global" in ptx  # TMA loads of the input boxes
+    assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx  # ... and of the weight blocks
+    assert "cp.async.bulk.tensor.4d.global.shared::cta" in ptx  # TMA store of the output tile
+    assert ("ld.global" in ptx) == (bias is not None)  # the bias is the only global load
+    assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+{cg.PRODUCER_REGS}\b", ptx)  # the producer
+    assert warps == cfg.warps + 4 and shared <= cg.SMEM_LIMIT  # + the producer warp's group
+    assert _spills(log) == (0, 0), log
+    assert "serialized" not in log, log  # ptxas C7510-C7515: wgmma pipeline broken
+    sass = _sass(cubin)
+    assert "HGMMA" in sass and not re.search(r"\b(LDL|STL)\b", sass)
+
+
+def test_aot_checks_see_spills_and_serialization(sm90_kernels):
+    """Control: the checks above must fail on a kernel that spills and serializes its wgmmas."""
+    _, cubin, _, _, log = sm90_kernels["control"]
+    assert _spills(log)[0] > 0 and "serialized" in log
+    assert re.search(r"\b(LDL|STL)\b", _sass(cubin))
+
+
+# ---- dispatch through ops and the conv table --------------------------------------------------------
+
+
+@pytest.fixture
+def gluon_table(tmp_path, monkeypatch):
+    """A conv table naming the Gluon conv (ws2) for 1x64x6x8->128 fp16 on this machine's card ("cpu")."""
+    cfg = cg.variant("ws2", 128)
+    key = conv_table.shape_key((1, 64, 6, 8), 128, 3, 1, 1, torch.float16)
+    path = tmp_path / "conv_table.json"
+    entry = {"best": "gluon", "config": str(cfg), "gluon_config": str(cfg), "graph_ms": {}}
+    path.write_text(json.dumps({"cards": {conv_table.card_name(torch.device("cpu")): {key: entry}}}))
+    monkeypatch.setattr(conv_table, "TABLE_PATH", path)
+    conv_table._table.cache_clear()
+    yield cfg
+    conv_table._table.cache_clear()
+
+
+def _conv(bias=True):
+    conv = torch.nn.Conv2d(64, 128, 3, padding=1, bias=bias).half()
+    with torch.no_grad():
+        conv.weight.copy_(make(1, 64, 6, 8, 128)[1])
+        if bias:
+            conv.bias.add_(0.5)
+    return conv.to(memory_format=CL)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_table_entry_routes_to_gluon(gluon_table, monkeypatch, with_bias):
+    calls = []
+    marker = torch.zeros(1)
+
+    def fake(x, weight, bias=None, config=None, out=None):
+        calls.append((x, weight, bias, config))
+        return marker
+
+    monkeypatch.setattr(ops, "conv_gluon_supported", lambda *a: True)
+    monkeypatch.setattr(ops, "conv3x3_gluon", fake)
+    conv = _conv()
+    x = make(1, 64, 6, 8, 128)[0]
+    assert conv_table.choose((1, 64, 6, 8), 128, 3, 1, 1, torch.float16, x.device) == gluon_table
+    with ops.using(ops.Flags(igemm_conv=True)):
+        assert ops.conv2d_op(x, conv, with_bias=with_bias) is marker
+        ((cx, cw, cb, cfg),) = calls
+        assert cx is x and cw is conv.weight and cfg == gluon_table
+        assert cb is (conv.bias if with_bias else None)
+        assert ops.conv2d_op(make(1, 64, 6, 9, 128)[0], conv) is not marker  # other shape: no entry
+    with ops.using(ops.Flags()):
+        assert ops.conv2d_op(x, conv) is not marker  # flag off: cuDNN
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-epilogues"])
+def test_unsupported_gluon_entry_falls_back_to_cudnn(gluon_table, fused):
+    """On this CPU the predicate says no (no sm_90): the conv runs as F.conv2d, bias handled as without."""
+    conv = _conv()
+    x = make(1, 64, 6, 8, 128)[0]
+    assert not cg.conv_gluon_supported(x, conv, conv.bias, gluon_table)
+    with ops.using(ops.Flags(igemm_conv=True, fused_epilogues=fused)):
+        got = ops.conv2d_op(x, conv)
+    with ops.using(ops.Flags(fused_epilogues=fused)):
+        want = ops.conv2d_op(x, conv)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got.float(), F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1),
+                               atol=2e-2, rtol=2e-2)  # fmt: skip
+
+
+# ---- GPU (sm_90) -----------------------------------------------------------------------------------
+
+
+def _require_hopper() -> None:
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and cg._kernels()):
+        pytest.skip("needs an sm_90 GPU (H100/H200) and a Triton with Gluon")
+
+
+@pytest.fixture
+def no_tf32():
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # an fp32 reference, not TF32
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+def _check_gpu(shape, config, bias_dtype, seed=0):
+    """NaN-poisoned out fully written; max abs and relative error vs fp32 <= 2x cuDNN fp16's."""
+    n, c, h, w, co = shape
+    x, wt, bias = make(n, c, h, w, co, device="cuda", seed=seed, bias_dtype=bias_dtype)
+    out = torch.full((n, co, h, w), float("nan"), device="cuda", dtype=torch.float16).contiguous(memory_format=CL)
+    res = cg.conv3x3_gluon(x, wt, bias, config, out=out)
+    torch.cuda.synchronize()
+    assert res is out and not out.isnan().any(), "unwritten outputs"
+    b32 = None if bias is None else bias.float()
+    ref = F.conv2d(x.float(), wt.float(), b32, padding=1)
+    cudnn = F.conv2d(x, wt, None if bias is None else bias.half(), padding=1)
+    for metric in (lambda d: d.abs().max(), lambda d: d.norm() / ref.norm()):
+        err, err16 = metric(res.float() - ref).item(), metric(cudnn.float() - ref).item()
+        assert err <= 2 * err16, (err, err16)
+    return x, wt, bias, res
+
+
+VAE_SHAPES = [
+    pytest.param((1, 128, 512, 512, 128), id="vae-512-128to128"),
+    pytest.param((1, 256, 512, 512, 128), id="vae-512-256to128"),
+    pytest.param((1, 256, 256, 256, 256), id="vae-256-256to256"),
+    pytest.param((1, 512, 256, 256, 256), id="vae-256-512to256"),
+    pytest.param((1, 512, 128, 128, 512), id="vae-128-512to512"),
+    pytest.param((1, 512, 64, 64, 512), id="vae-64-512to512"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ws2", "ws"])
+@pytest.mark.parametrize("shape", VAE_SHAPES)
+def test_gpu_vae_shapes(shape, name, no_tf32):
+    _require_hopper()
+    _check_gpu(shape, name, None)
+
+
+ODD_SHAPES = [
+    pytest.param((2, 128, 24, 40, 128), id="B2-H24-W40-Co128"),
+    pytest.param((1, 256, 13, 37, 256), id="H13-W37"),
+    pytest.param((2, 320, 24, 40, 320), id="B2-Co320-bn64"),
+    pytest.param((3, 192, 9, 33, 384), id="B3-C192-Co384"),
+    pytest.param((1, 64, 5, 7, 64), id="tile-larger-than-image"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias_dtype", [None, torch.float16], ids=["no-bias", "bias16"])
+@pytest.mark.parametrize("name", list(cg.VARIANTS))
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_gpu_odd_shapes(shape, name, bias_dtype, no_tf32):
+    _require_hopper()
+    _check_gpu(shape, name, bias_dtype, seed=sum(shape))
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_bias_and_clipped_writes(no_tf32):
+    """Stores are clipped at the tensor's edge: an out inside a larger buffer keeps its neighbours."""
+    _require_hopper()
+    n, c, h, w, co = 1, 128, 13, 21, 256
+    x, wt, bias, res = _check_gpu((n, c, h, w, co), "ws2", torch.float32)
+    buf = torch.full((3 * h * w * co,), 7.0, device="cuda", dtype=torch.float16)
+    out = buf[h * w * co : 2 * h * w * co].view(n, h, w, co).permute(0, 3, 1, 2)  # channels_last view
+    cg.conv3x3_gluon(x, wt, bias, "ws2", out=out)
+    torch.cuda.synchronize()
+    assert torch.equal(out, res)
+    assert (buf[: h * w * co] == 7).all() and (buf[2 * h * w * co :] == 7).all()
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_in_cuda_graph(monkeypatch, tmp_path, no_tf32):
+    """A table entry naming the Gluon conv serves ops.conv2d_op inside a captured CUDA graph; replays see new
+    inputs; a non-channels_last input falls back to cuDNN."""
+    _require_hopper()
+    shape = (1, 256, 64, 64)
+    cfg = cg.variant("ws2", 256)
+    key = conv_table.shape_key(shape, 256, 3, 1, 1, torch.float16)
+    path = tmp_path / "conv_table.json"
+    path.write_text(json.dumps({"cards": {torch.cuda.get_device_name(): {key: {"best": "gluon", "config": str(cfg)}}}}))
+    monkeypatch.setattr(conv_table, "TABLE_PATH", path)
+    conv_table._table.cache_clear()
+    served = []
+    real = ops.conv3x3_gluon
+    monkeypatch.setattr(ops, "conv3x3_gluon", lambda *a, **kw: served.append(a[3]) or real(*a, **kw))
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).cuda().half().to(memory_format=CL)
+    static = make(*shape, 256, device="cuda")[0]
+    flags = ops.Flags(igemm_conv=True, fused_epilogues=True, channels_last=True)
+    try:
+        with torch.inference_mode(), ops.using(flags):
+            y = ops.conv2d_op(static, conv, with_bias=False)  # warm-up (compile) outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = ops.conv2d_op(static, conv, with_bias=False)
+            for seed in (1, 2):
+                static.copy_(make(*shape, 256, device="cuda", seed=seed)[0])
+                graph.replay()
+                torch.cuda.synchronize()
+                ref = F.conv2d(static.float(), conv.weight.float(), padding=1)
+                err = (y.float() - ref).abs().max().item()
+                err16 = (F.conv2d(static, conv.weight, padding=1).float() - ref).abs().max().item()
+                assert not y.isnan().any() and err <= 2 * err16, (seed, err, err16)
+            assert served == [cfg, cfg]
+            nchw = static.contiguous()
+            assert torch.equal(ops.conv2d_op(nchw, conv, with_bias=False), F.conv2d(nchw, conv.weight, padding=1))
+            assert len(served) == 2
+    finally:
+        conv_table._table.cache_clear()
