@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from interp_bounds import needs_interpreter
 from speedsd import conv_table, ops
 from speedsd.kernels import conv_gluon as cg
 
@@ -369,6 +370,7 @@ def _conv(bias=True):
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@needs_interpreter  # CPU tensors through the dispatch; on a GPU the graph test below routes through ops
 def test_table_entry_routes_to_gluon(gluon_table, monkeypatch, with_bias):
     calls = []
     marker = torch.zeros(1)
@@ -393,6 +395,7 @@ def test_table_entry_routes_to_gluon(gluon_table, monkeypatch, with_bias):
     assert len(calls) == 1
 
 
+@needs_interpreter  # CPU tensors through the kernels (bias_add); a GPU machine runs no interpreter
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-epilogues"])
 def test_unsupported_gluon_entry_falls_back_to_cudnn(gluon_table, fused):
     """On this CPU the predicate says no (no sm_90): the conv runs as F.conv2d, bias handled as without."""
