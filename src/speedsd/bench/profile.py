@@ -16,7 +16,7 @@ from speedsd.bench import common
 
 CATEGORIES: list[tuple[str, str]] = [
     ("groupnorm", r"group_norm|groupnorm|_gn_"),
-    ("attention", r"flash|fmha|attention|_scores_kernel|_pv_kernel|softmax|cudnn_?sdpa|sdpa"),
+    ("attention", r"flash|fmha|attention|attn|_scores_kernel|_pv_kernel|softmax|cudnn_?sdpa|sdpa"),
     ("geglu/gelu", r"geglu|gelu"),
     ("winograd", r"winograd"),
     ("conv", r"conv|implicit|dgrad|wgrad|fprop|nhwc|xmma_fprop|cudnn"),

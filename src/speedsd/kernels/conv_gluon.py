@@ -9,7 +9,10 @@ Measured once, as the prototype (bench/prototypes/gluon_conv, bench/results/conv
 no bias, CUDA-graph replay): 'ws2' 118.1 vs cuDNN 118.0 µs at 1x128x512²->128, 220.0 vs 237.7 (256->128 at
 512²), 106.0 vs 111.1 (256 at 256²), 201.1 vs 238.9 (512->256 at 256²), 101.1 vs 105.2 (512 at 128²); slower
 than cuDNN on the UNet's 2x320x64² (38.6 vs 27.9). The per-card conv table (conv_table.py) names it per shape
-where a measurement on that card found it fastest.
+where a measurement on that card found it fastest: on the H200 (bench/results/kernels_conv_vae_h200.md, weights
+cycled out of L2) 512 at 64² 27.8 vs 31.1 µs (10 calls a decode), 512 at 128² 98.3 vs 102.1 (6), 256 at 256²
+105.1 vs 106.6 (5); cuDNN keeps the other three. The whole decode, fresh processes alternating
+(ab_vae_gluon_conv_h200.txt): 4.95 / 4.86 / 4.96 -> 4.92 / 4.78 / 4.89 ms.
 
 :func:`conv3x3_gluon` raises ValueError for anything its kernel cannot take (device, dtype, layout, channel
 counts, alignment); :func:`conv_gluon_supported` answers the same question with False.
