@@ -45,7 +45,7 @@ def ablation() -> list[tuple[str, ops.Flags]]:
     f = f.replace(subpixel_upsample=True)
     rows.append(("+sub-pixel upsample convs", f))
     f = f.replace(igemm_conv=True)
-    rows.append(("+Triton convs for cuDNN's slow shapes (split-K 8², GroupNorm-folded output heads)", f))
+    rows.append(("+Triton/Gluon convs for cuDNN's slow shapes (split-K 8², GroupNorm-folded heads, VAE)", f))
     f = f.replace(cuda_graphs=True)
     rows.append(("+CUDA graphs", f))
     return rows
