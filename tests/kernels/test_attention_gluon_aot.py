@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from gluon_aot import cuobjdump, nvidia_tool, run_compile_child
 from speedsd.kernels import attention_gluon as ag
 
-
-def _nvidia_tool(name: str) -> str | None:
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    return str(path) if path.exists() else None
-
-
-# Run in a child process without TRITON_INTERPRET: under the interpreter (conftest sets it on CPU) Triton's
-# own @jit helpers (gl.max, ...) are interpreter functions that no compiler can call.
+# compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child)
 _AOT_CHILD = """
 import sys
 from pathlib import Path
@@ -55,15 +44,10 @@ def sm90_kernels(tmp_path_factory):
     ag.PROTOTYPE_VARIANT, or None where the prototype is not in this checkout."""
     if ag._kernels() is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    if _nvidia_tool("ptxas") is None and not os.environ.get("TRITON_PTXAS_PATH"):
+    if nvidia_tool("ptxas") is None and not os.environ.get("TRITON_PTXAS_PATH"):
         pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
     out = tmp_path_factory.mktemp("aot")
-    src = str(Path(ag.__file__).parents[2])  # the speedsd under test
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-c", _AOT_CHILD, str(out), str(PROTOTYPE)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_compile_child(_AOT_CHILD, ag.__file__, str(out), str(PROTOTYPE))
     res = {"proto": (out / "proto.cubin").read_bytes() if (out / "proto.cubin").exists() else None}
     for name in ("main", "regs96"):
         warps, shared = (int(x) for x in (out / f"{name}.meta").read_text().split())
@@ -71,21 +55,11 @@ def sm90_kernels(tmp_path_factory):
     return res
 
 
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    tool = _nvidia_tool("cuobjdump")
-    if tool is None:
-        pytest.skip("Triton's bundled cuobjdump is not installed")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
-
-
 def _spills(cubin: bytes) -> tuple[int, int, str]:
     """(stack bytes, local-memory loads/stores in the SASS, the resource line) of a compiled kernel."""
-    usage = _cuobjdump(cubin, "-res-usage")
+    usage = cuobjdump(cubin, "-res-usage")
     stack = re.search(r"STACK:(\d+)", usage)
-    sass = _cuobjdump(cubin, "-sass")
+    sass = cuobjdump(cubin, "-sass")
     assert "HGMMA" in sass
     return int(stack.group(1)) if stack else -1, len(re.findall(r"\b(LDL|STL)\b", sass)), usage
 
@@ -109,7 +83,7 @@ def test_aot_compile_sm90(sm90_kernels):
 
 def _opcodes(cubin: bytes) -> list[str]:
     """The SASS instruction sequence, mnemonics with modifiers only (operands hold parameter offsets)."""
-    sass = _cuobjdump(cubin, "-sass")
+    sass = cuobjdump(cubin, "-sass")
     return re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass, flags=re.M)
 
 

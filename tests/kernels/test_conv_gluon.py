@@ -2,22 +2,16 @@
 
 CPU: the config's string round trip and validation, the launcher's checks (clear ValueErrors) and the
 predicate (False for the same inputs), the host-side plumbing run against a torch model of the kernel's tile
-walk (TMA boxes with zero fill, clipped stores) on the launcher's own descriptors, the reference, the sm_90
-ahead-of-time compile (ptxas: no spills, no wgmma serialization, wgmma and TMA present) and the conv-table
-dispatch in ops. Gluon kernels do not run under the interpreter, so every numerical check of the kernel is a
-GPU test (sm_90 only): NaN-poisoned outputs, error vs an fp32 reference <= 2x cuDNN fp16's on the VAE
-decoder's shapes and odd ones, writes clipped at the tensor's edge, and a CUDA-graph capture through ops.
+walk (TMA boxes with zero fill, clipped stores) on the launcher's own descriptors, the reference and the
+conv-table dispatch in ops; the sm_90 ahead-of-time compile is test_conv_gluon_aot.py. Gluon kernels do not
+run under the interpreter, so every numerical check of the kernel is a GPU test (sm_90 only): NaN-poisoned
+outputs, error vs an fp32 reference <= 2x cuDNN fp16's on the VAE decoder's shapes and odd ones, writes
+clipped at the tensor's edge, and a CUDA-graph capture through ops.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -242,105 +236,6 @@ def test_reference_is_the_conv():
         + bias.double()[:, None, None]
     )
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)
-
-
-# ---- ahead-of-time compile for sm_90 (no GPU needed) ------------------------------------------------
-
-
-def _nvidia_tool(name: str) -> str | None:
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    return str(path) if path.exists() else None
-
-
-# (name, config, bias dtype): the engine's case (ws2, no bias), the 16 x 16 x 128 fitting with an fp16 bias,
-# 'ws' with an fp32 bias ('_np' variants compile to the same kernel: persistence is the grid), and a control:
-# one warpgroup on a 128 x 256 tile needs 256 accumulator registers a thread, which must spill.
-AOT = {
-    "ws2": (cg.variant("ws2", 256), None),
-    "ws2_co128_bias16": (cg.variant("ws2", 128), torch.float16),
-    "ws_bias32": (cg.variant("ws", 128), torch.float32),
-    "control": (cg.GluonConvConfig(bn=256, epi_split=2), None),
-}
-# Run in a child process without TRITON_INTERPRET (conftest sets it on CPU).
-_AOT_CHILD = """
-import sys, torch
-from pathlib import Path
-from speedsd.kernels import conv_gluon as cg
-out = Path(sys.argv[1])
-for name, key, bias in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
-    cfg = cg.GluonConvConfig.parse(key)
-    k = cg.compile_sm90(cfg, None if bias == "-" else getattr(torch, bias))
-    (out / f"{name}.ptx").write_text(k.asm["ptx"])
-    (out / f"{name}.cubin").write_bytes(k.asm["cubin"])
-    (out / f"{name}.meta").write_text(f"{k.metadata.num_warps} {k.metadata.shared}")
-"""
-
-
-@pytest.fixture(scope="module")
-def sm90_kernels(tmp_path_factory):
-    """name -> (ptx, cubin, num_warps, shared bytes, ptxas -v log) for AOT's configs, compiled for sm_90."""
-    if cg._kernels() is None:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    ptxas = _nvidia_tool("ptxas")
-    if ptxas is None:
-        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
-    out = tmp_path_factory.mktemp("aot")
-    src = str(Path(cg.__file__).parents[2])  # the speedsd under test
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    argv = [a for name, (cfg, b) in AOT.items() for a in (name, str(cfg), str(b).removeprefix("torch.") if b else "-")]
-    r = subprocess.run([sys.executable, "-c", _AOT_CHILD, str(out), *argv], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = {}
-    for name in AOT:
-        warps, shared = (int(v) for v in (out / f"{name}.meta").read_text().split())
-        ptx = (out / f"{name}.ptx").read_text()
-        cmd = [ptxas, "-v", "--gpu-name", "sm_90a", str(out / f"{name}.ptx"), "-o", str(out / f"{name}.re.cubin")]
-        log = subprocess.run(cmd, capture_output=True, text=True)
-        res[name] = (ptx, (out / f"{name}.cubin").read_bytes(), warps, shared, log.stdout + log.stderr)
-    return res
-
-
-def _sass(cubin: bytes) -> str:
-    tool = _nvidia_tool("cuobjdump")
-    if tool is None:
-        pytest.skip("Triton's bundled cuobjdump is not installed")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-
-
-def _spills(log: str) -> tuple[int, int]:
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert m, log
-    return int(m.group(1)), int(m.group(2))
-
-
-@pytest.mark.parametrize("name", [n for n in AOT if n != "control"])
-def test_aot_compile_sm90(name, sm90_kernels):
-    cfg, bias = AOT[name]
-    ptx, cubin, warps, shared, log = sm90_kernels[name]
-    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
-    assert "cp.async.bulk.tensor.4d.shared::cluster.global" in ptx  # TMA loads of the input boxes
-    assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx  # ... and of the weight blocks
-    assert "cp.async.bulk.tensor.4d.global.shared::cta" in ptx  # TMA store of the output tile
-    assert ("ld.global" in ptx) == (bias is not None)  # the bias is the only global load
-    assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+{cg.PRODUCER_REGS}\b", ptx)  # the producer
-    assert warps == cfg.warps + 4 and shared <= cg.SMEM_LIMIT  # + the producer warp's group
-    assert _spills(log) == (0, 0), log
-    assert "serialized" not in log, log  # ptxas C7510-C7515: wgmma pipeline broken
-    sass = _sass(cubin)
-    assert "HGMMA" in sass and not re.search(r"\b(LDL|STL)\b", sass)
-
-
-def test_aot_checks_see_spills_and_serialization(sm90_kernels):
-    """Control: the checks above must fail on a kernel that spills and serializes its wgmmas."""
-    _, cubin, _, _, log = sm90_kernels["control"]
-    assert _spills(log)[0] > 0 and "serialized" in log
-    assert re.search(r"\b(LDL|STL)\b", _sass(cubin))
 
 
 # ---- dispatch through ops and the conv table --------------------------------------------------------

@@ -1,0 +1,45 @@
+"""Helpers for the sm_90 ahead-of-time compile tests of the Gluon kernels (no GPU needed).
+
+Gluon kernels do not run under the CPU interpreter, but Triton compiles them for sm_90 on any machine. The
+compile runs in a child process without TRITON_INTERPRET: under the interpreter (conftest sets it on CPU)
+Triton's own @jit helpers (gl.max, ...) are interpreter functions that no compiler can call.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+def nvidia_tool(name: str) -> str | None:
+    """Path of a tool Triton bundles for NVIDIA (ptxas, cuobjdump), or None if it is not installed."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(path) if path.exists() else None
+
+
+def run_compile_child(code: str, package_file: str, *args: str) -> None:
+    """Runs ``python -c code *args`` without TRITON_INTERPRET, importing the speedsd that ``package_file``
+    (a module of it) belongs to; fails the test with the child's stderr if it fails."""
+    src = str(Path(package_file).parents[2])  # .../src of the speedsd under test
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump flag`` of a cubin (-sass, -res-usage); skips the test where the tool is not installed."""
+    tool = nvidia_tool("cuobjdump")
+    if tool is None:
+        pytest.skip("Triton's bundled cuobjdump is not installed")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout

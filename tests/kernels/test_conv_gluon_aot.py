@@ -1,0 +1,89 @@
+"""sm_90 ahead-of-time compile of the Gluon 3x3 conv (kernels/conv_gluon{,_kernels}.py), no GPU needed:
+ptxas for sm_90 (no spills, no wgmma serialization, wgmma and TMA present, the producer's register drop),
+and a spilling control the checks must flag. The kernel's numerics are GPU tests in test_conv_gluon.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import torch
+
+from gluon_aot import cuobjdump, nvidia_tool, run_compile_child
+from speedsd.kernels import conv_gluon as cg
+
+# (name, config, bias dtype): the engine's case (ws2, no bias), the 16 x 16 x 128 fitting with an fp16 bias,
+# 'ws' with an fp32 bias ('_np' variants compile to the same kernel: persistence is the grid), and a control:
+# one warpgroup on a 128 x 256 tile needs 256 accumulator registers a thread, which must spill.
+AOT = {
+    "ws2": (cg.variant("ws2", 256), None),
+    "ws2_co128_bias16": (cg.variant("ws2", 128), torch.float16),
+    "ws_bias32": (cg.variant("ws", 128), torch.float32),
+    "control": (cg.GluonConvConfig(bn=256, epi_split=2), None),
+}
+# compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child)
+_AOT_CHILD = """
+import sys, torch
+from pathlib import Path
+from speedsd.kernels import conv_gluon as cg
+out = Path(sys.argv[1])
+for name, key, bias in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
+    cfg = cg.GluonConvConfig.parse(key)
+    k = cg.compile_sm90(cfg, None if bias == "-" else getattr(torch, bias))
+    (out / f"{name}.ptx").write_text(k.asm["ptx"])
+    (out / f"{name}.cubin").write_bytes(k.asm["cubin"])
+    (out / f"{name}.meta").write_text(f"{k.metadata.num_warps} {k.metadata.shared}")
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_kernels(tmp_path_factory):
+    """name -> (ptx, cubin, num_warps, shared bytes, ptxas -v log) for AOT's configs, compiled for sm_90."""
+    if cg._kernels() is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    ptxas = nvidia_tool("ptxas")
+    if ptxas is None:
+        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
+    out = tmp_path_factory.mktemp("aot")
+    argv = [a for name, (cfg, b) in AOT.items() for a in (name, str(cfg), str(b).removeprefix("torch.") if b else "-")]
+    run_compile_child(_AOT_CHILD, cg.__file__, str(out), *argv)
+    res = {}
+    for name in AOT:
+        warps, shared = (int(v) for v in (out / f"{name}.meta").read_text().split())
+        ptx = (out / f"{name}.ptx").read_text()
+        cmd = [ptxas, "-v", "--gpu-name", "sm_90a", str(out / f"{name}.ptx"), "-o", str(out / f"{name}.re.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True)
+        res[name] = (ptx, (out / f"{name}.cubin").read_bytes(), warps, shared, log.stdout + log.stderr)
+    return res
+
+
+def _spills(log: str) -> tuple[int, int]:
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert m, log
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.parametrize("name", [n for n in AOT if n != "control"])
+def test_aot_compile_sm90(name, sm90_kernels):
+    cfg, bias = AOT[name]
+    ptx, cubin, warps, shared, log = sm90_kernels[name]
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor.4d.shared::cluster.global" in ptx  # TMA loads of the input boxes
+    assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx  # ... and of the weight blocks
+    assert "cp.async.bulk.tensor.4d.global.shared::cta" in ptx  # TMA store of the output tile
+    assert ("ld.global" in ptx) == (bias is not None)  # the bias is the only global load
+    assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+{cg.PRODUCER_REGS}\b", ptx)  # the producer
+    assert warps == cfg.warps + 4 and shared <= cg.SMEM_LIMIT  # + the producer warp's group
+    assert _spills(log) == (0, 0), log
+    assert "serialized" not in log, log  # ptxas C7510-C7515: wgmma pipeline broken
+    sass = cuobjdump(cubin, "-sass")
+    assert "HGMMA" in sass and not re.search(r"\b(LDL|STL)\b", sass)
+
+
+def test_aot_checks_see_spills_and_serialization(sm90_kernels):
+    """Control: the checks above must fail on a kernel that spills and serializes its wgmmas."""
+    _, cubin, _, _, log = sm90_kernels["control"]
+    assert _spills(log)[0] > 0 and "serialized" in log
+    assert re.search(r"\b(LDL|STL)\b", cuobjdump(cubin, "-sass"))
