@@ -44,6 +44,8 @@ def compile_variant(cfg: ag.AttnConfig):
         const = dict(NC=cfg.nc, STAGES=cfg.stages, EXP=cfg.exp_code, ROWSUM=cfg.rowsum, QK_K=cfg.qk_k,
                      PV_N=cfg.pv_n, PP_SYNC=cfg.pp_sync, NARROW=cfg.narrow, PRODUCER_REGS=cfg.producer_regs,
                      CONSUMER_REGS=cfg.consumer_regs, LAZY=cfg.lazy)  # fmt: skip
+        if cfg.head_fast:  # round-3 knob (kernel default False): older variants compile exactly as before
+            const.update(HEAD_FAST=True)
         num_warps = 4
     sig.update({k: "constexpr" for k in const})
     # what the JIT would specialise on the GPU: o_ptr 16-B aligned, n_ctx % 16 == 0

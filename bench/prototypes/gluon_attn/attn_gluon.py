@@ -12,7 +12,9 @@ Knobs shared by all:
   EXP     ex2.approx.f32 (MUFU) | ex2.approx.f16x2 | "poly4": 3 of 4 exp2 on the MUFU, 1 by a polynomial on the FMA
           pipe. NB: ptxas lowers ex2.approx.f16x2 on sm_90 to TWO MUFU.EX2.F16 (see aot_check's mufu16 column),
           so f16x2 does not halve MUFU work on Hopper; poly4 removes 25% of it.
-  ROWSUM  row sums by fp32 FADDs (0) or by a tiny wgmma P[BM,BN] @ ones[BN,8] in the tensor core (1).
+  ROWSUM  row sums by fp32 FADDs (0), by a tiny wgmma P[BM,BN] @ ones[BN,8] in the tensor core (1), or by FADDs
+          into thread-partial sums [BM, 8] reduced across the quad once at the end (2).
+  PP_SYNC turn barriers: True/1 one ring of all consumers, 2 independent pairs, 3 two alternating groups.
   QK_K    48: Q K^T over 48 columns (a 32- and a 16-wide wgmma) instead of 64 (4th k-step is all zero in Q).
   PV_N    48: P V into a 32- and a 16-column accumulator instead of one 64-column one.
 """
@@ -119,8 +121,33 @@ def _softmax(s, m_i, l_i, qk_c, EXP: gl.constexpr, ROWSUM: gl.constexpr, LAZY: g
             p32 = gl.exp2(x)
         if ROWSUM == 0:
             l_i = l_i * alpha + gl.sum(p32, axis=1)
+        elif ROWSUM == 2:
+            l_i = l_i * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout)), 1) + _part_sum(p32)
         p = p32.to(gl.float16)
     return p, alpha, m_new, l_i, need
+
+
+@gluon.jit
+def _part_sum(x):
+    """Thread-partial row sums of a [BM, BN] wgmma-layout tile: [BM, 8] (a thread's columns 8k + c summed over
+    k, in registers, no shuffles); ROWSUM=2 keeps l like this and reduces the 8 partials once at the end."""
+    BM: gl.constexpr = x.shape[0]
+    BN: gl.constexpr = x.shape[1]
+    return gl.sum(gl.reshape(x, [BM, BN // 8, 8]), axis=1)
+
+
+@gluon.constexpr_function
+def _pp_slots(mode, wg, nc):
+    """Turn-barrier roles of consumer wg (PP_SYNC modes): (barrier it waits on, barrier it arrives on, 1 if it
+    goes first). 1/True: one ring 0 -> 1 -> .. -> nc-1 -> 0. 2: independent rings of 2 ({0,1}, {2,3}).
+    3: two groups of nc/2 consumers that issue together, alternating (barrier count nc/2)."""
+    mode = int(mode)
+    if mode == 2:
+        return wg, wg ^ 1, 1 if wg % 2 == 0 else 0
+    if mode == 3:
+        g = wg // (nc // 2)
+        return g, 1 - g, 1 if g == 0 else 0
+    return wg, (wg + 1) % nc, 1 if wg == 0 else 0
 
 
 @gluon.jit
@@ -262,11 +289,16 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
     p_layout: gl.constexpr = _a_layout(32 if PV_N == 48 else 64, W)
     # wgmma commit groups issued after the last S group in one step: O (+O2) (+L)
     N_OUT: gl.constexpr = (2 if PV_N == 48 else 1) + (1 if ROWSUM == 1 else 0)
-    TURN0: gl.constexpr = 1 if WG == 0 else 0  # consumer 0 goes first; the others wait for their turn
-    NEXT: gl.constexpr = (WG + 1) % NC
+    # turn barriers (PP_SYNC, see _pp_slots): MY = the one this consumer waits on, NEXT = the one it arrives on
+    MY: gl.constexpr = _pp_slots(PP_SYNC, WG, NC)[0]
+    NEXT: gl.constexpr = _pp_slots(PP_SYNC, WG, NC)[1]
+    TURN0: gl.constexpr = _pp_slots(PP_SYNC, WG, NC)[2]  # 1: goes first in its ring; the others wait their turn
 
     m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+    if ROWSUM == 2:
+        l_i = _part_sum(gl.zeros([BM, BN], gl.float32, s_layout))  # [BM, 8] thread-partial sums
+    else:
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
     o = gl.zeros([BM, 32 if PV_N == 48 else 64], gl.float32, o_layout)
     o2 = gl.zeros([BM, 16], gl.float32, o2_layout)
     l_acc = gl.zeros([BM, 8], gl.float32, l_layout)
@@ -275,7 +307,7 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
     # prologue: S_0 and its softmax
     mbarrier.wait(k_ready.index(0), 0)
     if PP_SYNC:
-        mbarrier.wait(turn.index(WG), TURN0)
+        mbarrier.wait(turn.index(MY), TURN0)
     s_tok = _issue_qk(q_view, kbufs, 0, s, QK_K, NARROW)
     if PP_SYNC:
         mbarrier.arrive(turn.index(NEXT))
@@ -289,7 +321,7 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
         mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
         mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
         if PP_SYNC:
-            mbarrier.wait(turn.index(WG), (j & 1) ^ TURN0)
+            mbarrier.wait(turn.index(MY), (j & 1) ^ TURN0)
         s_tok = _issue_qk(q_view, kbufs, st, s, QK_K, NARROW)
         o, o2, l_acc = _issue_pv(p, vbufs, sp, ones_smem, o, o2, l_acc, PV_N, ROWSUM, NARROW)
         if PP_SYNC:
@@ -315,7 +347,7 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
     sl = (n_kv - 1) % STAGES
     mbarrier.wait(v_ready.index(sl), ((n_kv - 1) // STAGES) & 1)
     if PP_SYNC:
-        mbarrier.wait(turn.index(WG), (n_kv & 1) ^ TURN0)
+        mbarrier.wait(turn.index(MY), (n_kv & 1) ^ TURN0)
     o, o2, l_acc = _issue_pv(p, vbufs, sl, ones_smem, o, o2, l_acc, PV_N, ROWSUM, NARROW)
     if PP_SYNC:
         mbarrier.arrive(turn.index(NEXT))
@@ -323,7 +355,7 @@ def _attend(q_view, kbufs, vbufs, ones_smem, k_ready, v_ready, kv_empty, turn, d
     if ROWSUM == 1:
         l = gl.max(l_acc, axis=1)  # all 8 columns hold the row sum
     else:
-        l = l_i
+        l = gl.sum(l_i, axis=1) if ROWSUM == 2 else l_i
     return o, o2, l
 
 
@@ -391,11 +423,16 @@ def _ws_consumer(q_desc, descs, o_ptr, q_smem, kbufs, vbufs, ones_smem, k_ready,
 def _attn_ws_kernel(q_desc, kv_desc, kva_desc, kvb_desc, o_ptr, n_ctx, H, qk_c,
                     NC: gl.constexpr, STAGES: gl.constexpr, EXP: gl.constexpr, ROWSUM: gl.constexpr,
                     QK_K: gl.constexpr, PV_N: gl.constexpr, PP_SYNC: gl.constexpr, NARROW: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
+                    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, LAZY: gl.constexpr,
+                    HEAD_FAST: gl.constexpr = False):  # fmt: skip
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = kv_desc.block_type.shape[0]
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
+    if HEAD_FAST:  # grid (B*H, tiles): consecutive CTAs are different heads (L2-locality control)
+        pid_m = gl.program_id(1)
+        bh = gl.program_id(0)
+    else:  # grid (tiles, B*H): the tiles of one head are launched together
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
     b = bh // H
     h = bh % H
     hd = H * HEAD_D  # row stride of o; column offset of k inside qkv
@@ -423,7 +460,7 @@ def _attn_ws_kernel(q_desc, kv_desc, kva_desc, kvb_desc, o_ptr, n_ctx, H, qk_c,
         mbarrier.init(kv_empty.index(i), count=NC)
     for i in gl.static_range(NC):
         mbarrier.init(q_bar.index(i), count=1)
-        mbarrier.init(turn.index(i), count=1)
+        mbarrier.init(turn.index(i), count=NC // 2 if PP_SYNC == 3 else 1)
     fence_async_shared()  # barrier inits and the ones tile -> visible to the async proxy / other partitions
 
     pargs = (descs, kbufs, vbufs, k_ready, v_ready, kv_empty, kv_row, hd + q_col, 2 * hd + q_col, n_kv, STAGES, NARROW)
@@ -562,12 +599,13 @@ class AttnConfig:
     block_n: int = 128  # keys per K/V tile
     stages: int = 3  # K/V SMEM ring depth
     exp: str = "f32"  # "f32": ex2.approx.f32 | "f16x2": ex2.approx.f16x2 | "poly4": 1 in 4 exp2 by polynomial
-    rowsum: int = 1  # 0: fp32 FADD row sums; 1: wgmma P @ ones[BN, 8]
+    rowsum: int = 1  # 0: fp32 FADD row sums; 1: wgmma P @ ones[BN, 8]; 2: FADDs into thread-partial sums (r3)
     qk_k: int = 64  # 48: Q K^T over 48 columns (32+16 wgmmas; Q's columns 40..47 are zero)
     pv_n: int = 64  # 48: P V into a 32- and a 16-column accumulator instead of one 64-column one
-    pp_sync: bool = False  # ws: turn barrier ring between consumers (ping-pong wgmma issue)
+    pp_sync: bool | int = False  # ws: turn barriers between consumers (ping-pong wgmma issue); 2, 3: _pp_slots
     narrow: bool = False  # K/V loaded as 32 + 16 columns (2 TMA boxes each) instead of 64: ~22% less L2->SMEM
     lazy: bool = False  # ws: FA4 lazy rescale (O, L rescaled only when a warpgroup's max grew by > 8 in log2)
+    head_fast: bool = False  # ws: grid (B*H, tiles) instead of (tiles, B*H) (round 3, L2-locality control)
     producer_regs: int = 24
     consumer_regs: int = 240  # worker consumers; the default partition gets what is left of 64K / CTA
     maxnreg: int | None = None  # None: compiler default
@@ -627,6 +665,20 @@ VARIANTS.update(
 )
 # what gpu_check runs by default: the round-1 baseline first, then round 2
 ROUND2 = ["ws3_pp_narrow"] + [k for k in VARIANTS if k.startswith(("ws3_pp_narrow_", "ws4_"))]
+# tuning round 3 (README "Round 3"): ws4f = ws4_pp_narrow_bn64_fadd (the engine's kernel) + one change each
+_WS4F = dict(**_WS4, block_n=64, stages=6, rowsum=0)
+VARIANTS.update(
+    {
+        "ws4f_s4": _v(**{**_WS4F, "stages": 4}),  # ring depth 4 (stage index math by masks, not / 6)
+        "ws4f_s8": _v(**{**_WS4F, "stages": 8}),  # ring depth 8
+        "ws4f_nopp": _v(**{**_WS4F, "pp_sync": False}),  # no turn barriers: the 4 consumers issue freely
+        "ws4f_pp2": _v(**{**_WS4F, "pp_sync": 2}),  # two independent ping-pong pairs {0,1}, {2,3}
+        "ws4f_ppg": _v(**{**_WS4F, "pp_sync": 3}),  # groups {0,1} and {2,3} alternate, a group issues together
+        "ws4f_psum": _v(**{**_WS4F, "rowsum": 2}),  # thread-partial row sums: no per-block shuffles for l
+        "ws4f_hfast": _v(**_WS4F, head_fast=True),  # grid heads-fastest (control: tiles of a head apart in time)
+    }
+)
+ROUND3 = ["ws4_pp_narrow_bn64_fadd"] + [k for k in VARIANTS if k.startswith("ws4f_")]
 
 
 LAST_KERNEL = None  # CompiledKernel of the last launch (n_regs, n_spills, metadata.shared) for diagnostics
@@ -675,6 +727,8 @@ def attention_d40(qkv: torch.Tensor, H: int, D: int, out: torch.Tensor | None = 
     qk_c = D**-0.5 * LOG2E
     opts = {} if cfg.maxnreg is None else dict(maxnreg=cfg.maxnreg)
     grid = (triton.cdiv(N, cfg.block_m), B * H)
+    if cfg.head_fast:
+        grid = grid[::-1]
     global LAST_KERNEL
     if cfg.kind == "plain":
         LAST_KERNEL = _attn_plain_kernel[grid](
@@ -684,6 +738,7 @@ def attention_d40(qkv: torch.Tensor, H: int, D: int, out: torch.Tensor | None = 
     else:
         LAST_KERNEL = _attn_ws_kernel[grid](
             *descs, out, N, H, qk_c, cfg.nc, cfg.stages, cfg.exp_code, cfg.rowsum, cfg.qk_k, cfg.pv_n,
-            cfg.pp_sync, cfg.narrow, cfg.producer_regs, cfg.consumer_regs, cfg.lazy, num_warps=4, **opts,
+            cfg.pp_sync, cfg.narrow, cfg.producer_regs, cfg.consumer_regs, cfg.lazy, cfg.head_fast, num_warps=4,
+            **opts,
         )  # fmt: skip
     return out

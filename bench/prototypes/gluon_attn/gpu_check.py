@@ -1,7 +1,8 @@
 """GPU correctness + timing of every attn_gluon variant next to cuDNN SDPA (SD 64x64 latent: B=2, H=8, N=4096, D=40).
 
-usage:  python gpu_check.py OUT.json [variant ...]       (GPU; default: attn_gluon.ROUND2, i.e. the round-1 best
-                                                          ws3_pp_narrow + the round-2 variants; --all: every variant)
+usage:  python gpu_check.py OUT.json [variant ...]       (GPU; default: attn_gluon.ROUND3, i.e. the engine's
+                                                          ws4_pp_narrow_bn64_fadd + the round-3 variants;
+                                                          --round 2: attn_gluon.ROUND2; --all: every variant)
         python gpu_check.py --dry-run OUT.json            (CPU: exercises everything except the CUDA parts)
 
 Phase 1 compiles (JIT) and smoke-checks every variant on the small odd shape in parallel subprocesses (--jobs,
@@ -186,11 +187,11 @@ def child(name: str, dry: bool, cache: str | None = None, smoke_only: bool = Fal
     return row
 
 
-def _variants(everything: bool) -> list[str]:
+def _variants(everything: bool, rnd: int = 3) -> list[str]:
     sys.path.insert(0, HERE)
     import attn_gluon as ag
 
-    return list(ag.VARIANTS) if everything else list(ag.ROUND2)
+    return list(ag.VARIANTS) if everything else list(ag.ROUND2 if rnd == 2 else ag.ROUND3)
 
 
 def _run_child(cmd: list[str], name: str, timeout: float) -> dict:
@@ -234,7 +235,8 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per variant (child is killed after)")
     ap.add_argument("--budget", type=float, default=285.0, help="seconds for all variants (both phases)")
-    ap.add_argument("--all", action="store_true", help="every variant in attn_gluon.VARIANTS (default: ROUND2)")
+    ap.add_argument("--all", action="store_true", help="every variant in attn_gluon.VARIANTS (default: ROUND3)")
+    ap.add_argument("--round", type=int, default=3, choices=(2, 3), help="default list: attn_gluon.ROUND2 / ROUND3")
     ap.add_argument("--jobs", type=int, default=8, help="phase 1: parallel compile + smoke children")
     ap.add_argument("--compile-timeout", type=float, default=150.0, help="phase 1: seconds per child")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -244,7 +246,7 @@ def main() -> int:
     if a.child:
         print("RESULT:" + json.dumps(child(a.child, a.dry_run, a.cache, a.smoke)), flush=True)
         return 0
-    names = a.variants or _variants(a.all)
+    names = a.variants or _variants(a.all, a.round)
     res = header(a.dry_run)
     t_end = time.time() + a.budget
     cache = tempfile.mkdtemp(prefix="gluon_attn_ref_")
