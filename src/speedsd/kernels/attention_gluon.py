@@ -17,7 +17,9 @@ Measured as the prototype (bench/prototypes/gluon_attn, round 2, variant ws4_pp_
 vs 143.6 for round 1's ws3_pp_narrow (this file's previous kernel) and 150.1 for cuDNN SDPA, on an H200 at
 B=2, H=8, N=4096 (CUDA-graph replay; bench/results/attention_gluon_probe_r2_h200.txt). This file's kernel
 compiles to the prototype variant's SASS (same instruction mnemonics and counts; tests check registers
-and spills); not yet timed from this file.
+and spills). Timed from this file (bench.kernels_attention at 368c5bd, H200, CUDA-graph replay,
+bench/results/kernels_attention_h200.md): 137.3 vs cuDNN 148.9 µs at N=4096, 2078 vs 2398 at N=16384 (1024²
+images); pipeline A/B of the engine with it: bench/results/ab_session14_h200.txt.
 """
 
 from __future__ import annotations
