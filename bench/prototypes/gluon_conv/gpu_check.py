@@ -236,10 +236,13 @@ class Results:
             os.replace(tmp, self.path)
 
 
-def run_child(args: list[str], timeout: float, on_row) -> tuple[int | None, str]:
-    """Run this script as a worker; hand every ROW line to on_row as it arrives; kill it after `timeout` s."""
-    cmd = [sys.executable, os.path.abspath(__file__), *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=HERE)
+def run_child(args: list[str], timeout: float, on_row, script: str = __file__) -> tuple[int | None, str]:
+    """Run `script` (this one; ../gluon_conv_halo's reuses it) as a worker; hand every ROW line to on_row as it
+    arrives; kill it after `timeout` s."""
+    script = os.path.abspath(script)
+    cmd = [sys.executable, script, *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                         cwd=os.path.dirname(script))  # fmt: skip
     tail: list[str] = []
     deadline = time.time() + timeout
     import selectors

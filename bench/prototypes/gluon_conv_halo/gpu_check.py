@@ -21,12 +21,10 @@ crash costs one variant. OUT.json (card, versions, date, rows) is rewritten afte
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.util
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,67 +54,21 @@ SMOKE = [
 ]
 DEFAULT_VARIANTS = ["h8x16", "h16", "h8x16_1", "h8x16_t32", "h16_t32"]
 MODES = ("gn_silu",)  # --modes gn_silu,plain adds y = conv(x)
-CALLS, REPS = 20, 7
 
 
-# ----------------------------------------------------------------------------------------------- inputs
-def make_inputs(n: int, c: int, h: int, w: int, co: int, device: str, seed: int = 0):
-    """x = randn·2 + 0.5 (non-zero mean), weight ~ N(0, 1/(9C)), scale/shift as GroupNorm would fold them
-    for this x (scale ≈ γ / std, shift ≈ β − mean·scale) with some spread across channels."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.5).half()
-    wt = (torch.randn(co, c, 3, 3, generator=g) / (9 * c) ** 0.5).half()
-    scale = 0.5 * (1 + 0.2 * torch.randn(n, c, generator=g))
-    shift = -0.25 * scale / 0.5 + 0.1 * torch.randn(n, c, generator=g)
-    cl = torch.channels_last
-    return (x.to(device).contiguous(memory_format=cl), wt.to(device).contiguous(memory_format=cl),
-            scale.float().to(device).contiguous(), shift.float().to(device).contiguous())  # fmt: skip
+# the harness shared with ../gluon_conv/gpu_check.py (inputs, reference paths, timing, the worker protocol, JSON)
+_BASE = os.path.join(HERE, "..", "gluon_conv", "gpu_check.py")
+_spec = importlib.util.spec_from_file_location("gluon_conv_gpu_check", _BASE)
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+make_inputs, rel_err, torch_fp16_path = _base.make_inputs, _base.rel_err, _base.torch_fp16_path
+graph_us, _normalize_kernel, emit = _base.graph_us, _base._normalize_kernel, _base.emit
+environment, Results, summary = _base.environment, _base.Results, _base.summary
 
 
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
-def torch_fp16_path(x, wt, scale, shift, mode: str) -> torch.Tensor:
-    """What the engine does without the fusion: the activation stored in fp16, then cuDNN."""
-    if mode == "plain":
-        return F.conv2d(x, wt, padding=1)
-    a = F.silu(x.float() * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
-    return F.conv2d(a.contiguous(memory_format=torch.channels_last), wt, padding=1)
-
-
-# ----------------------------------------------------------------------------------------------- timing
-def graph_us(fn, calls: int = CALLS, reps: int = REPS) -> float:
-    """Per-call µs of fn replayed from a CUDA graph of `calls` back-to-back calls; median of `reps` replays."""
-    from speedsd.bench.common import graph_ms
-
-    return graph_ms(fn, calls=calls, reps=reps) * 1000
-
-
-def _normalize_kernel():
-    """One Triton pass: a = silu(x·scale[n, c] + shift[n, c]) in fp16, channels_last x seen as [N·H·W, C]."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _gn_silu_apply(x_ptr, sc_ptr, sh_ptr, y_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        b = tl.program_id(2)
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (p < HW)[:, None] & (c < C)[None, :]
-        offs = (b * HW + p).to(tl.int64)[:, None] * C + c[None, :]
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = v * tl.load(sc_ptr + b * C + c, mask=c < C)[None, :] + tl.load(sh_ptr + b * C + c, mask=c < C)[None, :]
-        v = v * tl.sigmoid(v)
-        tl.store(y_ptr + offs, v.to(tl.float16), mask=mask)
-
-    def apply(x, scale, shift, out):
-        n, c, h, w = x.shape
-        grid = (triton.cdiv(h * w, 64), triton.cdiv(c, 128), n)
-        _gn_silu_apply[grid](x, scale, shift, out, h * w, c, BLOCK_P=64, BLOCK_C=128, num_warps=4)
-        return out
-
-    return apply
+def run_child(args: list[str], timeout: float, on_row) -> tuple[int | None, str]:
+    """This script as a worker (the shared harness's run_child)."""
+    return _base.run_child(args, timeout, on_row, script=__file__)
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -152,10 +104,6 @@ def time_row(row: dict, cg, x, wt, scale, shift, cfg, out, pro: bool, normalize,
         row["normalize_us"] = graph_us(lambda: normalize(x, scale, shift, act))
         row["normalize_cudnn_us"] = graph_us(normalize_then_cudnn)
         row["speedup_vs_normalize_cudnn"] = row["normalize_cudnn_us"] / row["us"]
-
-
-def emit(row: dict) -> None:
-    print("ROW " + json.dumps(row), flush=True)
 
 
 def run_worker(name: str, shapes, timing: bool) -> None:
@@ -205,93 +153,6 @@ def run_worker(name: str, shapes, timing: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parent
-def environment() -> dict:
-    import triton
-
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda)  # fmt: skip
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(card=p.name, sms=p.multi_processor_count, cc=f"{p.major}.{p.minor}")
-    else:
-        env.update(card="none (CPU)")
-    return env
-
-
-class Results:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.payload = dict(env=environment(), rows=[], failures=[])
-        self.lock = threading.Lock()  # phase 1's smoke threads report rows concurrently
-
-    def add(self, row: dict) -> None:
-        self.payload["rows"].append(row)
-        self.write()
-
-    def fail(self, what: str, detail: str) -> None:
-        self.payload["failures"].append(dict(what=what, detail=detail[-3000:]))
-        self.write()
-
-    def write(self) -> None:
-        with self.lock:
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.payload, f, indent=1)
-            os.replace(tmp, self.path)
-
-
-def run_child(args: list[str], timeout: float, on_row) -> tuple[int | None, str]:
-    """Run this script as a worker; hand every ROW line to on_row as it arrives; kill it after `timeout` s."""
-    cmd = [sys.executable, os.path.abspath(__file__), *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=HERE)
-    tail: list[str] = []
-    deadline = time.time() + timeout
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
-    while True:
-        left = deadline - time.time()
-        if left <= 0:
-            p.kill()
-            p.wait()
-            return None, "".join(tail[-40:]) + f"\n[killed after {timeout:.0f} s]"
-        if not sel.select(timeout=min(left, 1.0)):
-            if p.poll() is not None:
-                break
-            continue
-        line = p.stdout.readline()
-        if not line:
-            if p.poll() is not None:
-                break
-            continue
-        if line.startswith("ROW "):
-            on_row(json.loads(line[4:]))
-        else:
-            tail.append(line)
-    rest = p.stdout.read()
-    if rest:
-        tail.append(rest)
-    return p.wait(), "".join(tail[-40:])
-
-
-def summary(rows: list[dict]) -> str:
-    lines = [f"{'variant':8} {'shape':18} {'mode':8} {'ok':>3} {'err':>8} {'fp16err':>8} {'us':>8} {'TF/s':>6} "
-             f"{'cudnn':>8} {'x cudnn':>7} {'norm+cudnn':>10} {'x n+c':>6}"]  # fmt: skip
-
-    def f(r: dict, k: str, fmt: str) -> str:
-        return format(r[k], fmt) if isinstance(r.get(k), (int, float)) else "-"
-
-    for r in rows:
-        if r.get("shape", "").startswith("smoke"):
-            continue
-        lines.append(f"{r['variant']:8} {r['shape']:18} {r['mode']:8} {'y' if r.get('ok') else 'N':>3} "
-                     f"{f(r, 'err', '8.1e')} {f(r, 'torch_fp16_err', '8.1e')} {f(r, 'us', '8.1f')} "
-                     f"{f(r, 'tflops', '6.0f')} {f(r, 'cudnn_us', '8.1f')} {f(r, 'speedup_vs_cudnn', '7.2f')} "
-                     f"{f(r, 'normalize_cudnn_us', '10.1f')} {f(r, 'speedup_vs_normalize_cudnn', '6.2f')}")  # fmt: skip
-    return "\n".join(lines)
-
-
 def main() -> int:
     global MODES
     ap = argparse.ArgumentParser()
