@@ -64,7 +64,7 @@ def make_qkv(B: int, H: int, Nq: int, Nk: int, D: int, device: str = "cuda", dty
 
 def gluon_shape(Nq: int, Nk: int, D: int) -> bool:
     """A shape the Gluon kernel takes (given fused-QKV fp16 views on an sm_90 GPU)."""
-    return Nq == Nk and D == ag.HEAD_DIM and Nq % ag.BLOCK_N == 0
+    return ag.shape_supported(Nq, Nk, D)
 
 
 def _gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from speedsd.kernels.device import is_sm90
+
 LOG2E = 1.4426950408889634
 HEAD_DIM = 40
 PROTOTYPE_VARIANT = "ws4_pp_narrow_bn64_fadd"  # bench/prototypes/gluon_attn: what was timed (module docstring)
@@ -67,18 +69,9 @@ def _kernels() -> ModuleType | None:
     return attention_gluon_kernels
 
 
-@functools.lru_cache(maxsize=8)
-def _is_sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
 def _device_ok(device: torch.device) -> bool:
     """A Hopper (sm_90: H100/H200) CUDA device and a Triton with Gluon."""
-    if device.type != "cuda":
-        return False
-    return _is_sm90(device.index if device.index is not None else torch.cuda.current_device()) and (
-        _kernels() is not None
-    )
+    return is_sm90(device) and _kernels() is not None
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> float:
@@ -99,14 +92,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     return scale
 
 
+def shape_supported(nq: int, nk: int, d: int, block_n: int = BLOCK_N) -> bool:
+    """The problem sizes the kernel takes: self-attention (Nq == Nk) with D = 40 and N a multiple of the key
+    tile. (Batch, heads, dtype, layout and device are checked on the tensors.)"""
+    return nq == nk and d == HEAD_DIM and nq > 0 and nq % block_n == 0
+
+
 def _shape_ok(q: torch.Tensor, k: torch.Tensor, block_n: int) -> bool:
     B, H, N, D = q.shape
     return (
         q.dtype == k.dtype == torch.float16
-        and q.shape == k.shape  # self-attention: Nq == Nk
-        and D == HEAD_DIM
-        and N > 0
-        and N % block_n == 0
+        and q.shape == k.shape  # self-attention with the same batch and heads
+        and shape_supported(N, k.shape[2], D, block_n)
         and 0 < B * H <= 65535  # grid axis 1
     )
 

@@ -29,6 +29,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from speedsd.kernels.device import is_sm90, sm_count
+
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory a CTA may use on sm_90 (227 KiB)
 PRODUCER_REGS = 40  # setmaxnreg of the 1-warp TMA producer
 
@@ -138,23 +140,9 @@ def _kernels() -> ModuleType | None:
     return conv_gluon_kernels
 
 
-@functools.lru_cache(maxsize=8)
-def _is_sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def _device_ok(device: torch.device) -> bool:
     """A Hopper (sm_90: H100/H200) CUDA device and a Triton with Gluon (TMA and wgmma are sm_90a only)."""
-    return device.type == "cuda" and _is_sm90(_index(device)) and _kernels() is not None
+    return is_sm90(device) and _kernels() is not None
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -277,7 +265,7 @@ def _launch_args(
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, cfg) -> None:
     kern = _kernels()
     assert kern is not None
-    grid, args, const = _launch_args(x, weight, bias, y, cfg, _sm_count(_index(x.device)))
+    grid, args, const = _launch_args(x, weight, bias, y, cfg, sm_count(x.device))
     with torch.cuda.device(x.device):
         kern.conv3x3_kernel[grid](*args, **const)
 

@@ -7,6 +7,21 @@ import functools
 import torch
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=8)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def is_sm90(device: torch.device) -> bool:
+    """Whether ``device`` is a Hopper GPU (compute capability 9.0: H100/H200), where the Gluon kernels'
+    TMA and wgmma (sm_90a) run."""
+    return device.type == "cuda" and _cuda_capability(_index(device)) == (9, 0)
+
+
 @functools.lru_cache(maxsize=8)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -16,4 +31,4 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (4 under the CPU interpreter: keeps grids small)."""
     if device.type != "cuda":
         return 4
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_sm_count(_index(device))
