@@ -48,6 +48,26 @@ def _table(card: str, path: str) -> dict[str, IgemmConfig | GluonConvConfig]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _gluon_table(card: str, path: str) -> dict[str, GluonConvConfig]:
+    """Shape key -> the Gluon conv's measured config, for entries timing it within EPILOGUE_SLACK of cuDNN
+    (winner or not: a fused epilogue saves a whole pass over the output, which the plain race ignores)."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    out = {}
+    for key, e in json.loads(p.read_text()).get("cards", {}).get(card, {}).items():
+        ms = e.get("graph_ms", {})
+        if "gluon_config" in e and "gluon" in ms and ms["gluon"] <= EPILOGUE_SLACK * ms.get("cudnn", float("inf")):
+            out[key] = GluonConvConfig.parse(e["gluon_config"])
+    return out
+
+
+# A Gluon conv with a fused epilogue replaces conv + a bias/residual/statistics pass over its output; the
+# plain Gluon conv may be this much slower than cuDNN for it to apply (H200, bench/results/conv_epilogue_h200.md).
+EPILOGUE_SLACK = 1.03
+
+
 @functools.lru_cache(maxsize=16)
 def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -61,6 +81,14 @@ def choose(
     return _table(card_name(device), str(TABLE_PATH)).get(shape_key(x_shape, n, kernel, stride, padding, dtype))
 
 
+def gluon_epilogue_config(
+    x_shape: tuple[int, ...], n: int, dtype: torch.dtype, device: torch.device
+) -> GluonConvConfig | None:
+    """The Gluon conv config measured on this card for a 3x3 stride-1 pad-1 conv of this shape, where it ran
+    within EPILOGUE_SLACK of cuDNN; the layer may then run it with a fused epilogue (ops.conv_epilogue_op)."""
+    return _gluon_table(card_name(device), str(TABLE_PATH)).get(shape_key(x_shape, n, 3, 1, 1, dtype))
+
+
 def merge_into(path: Path, card: str, table: dict, keep: bool = False) -> None:
     """Record one card's measured conv table (other cards' entries are kept). ``keep``: update this card's
     entries with ``table`` (a run over a subset of the shapes) instead of replacing them."""
@@ -68,3 +96,4 @@ def merge_into(path: Path, card: str, table: dict, keep: bool = False) -> None:
         table = {**json.loads(path.read_text()).get("cards", {}).get(card, {}), **table}
     write_card_table(path, card, table)
     _table.cache_clear()
+    _gluon_table.cache_clear()

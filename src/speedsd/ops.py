@@ -28,7 +28,12 @@ from speedsd import conv_table
 from speedsd.kernels.add_gn_stats import add_with_group_norm_stats
 from speedsd.kernels.attention_gluon import attention_gluon
 from speedsd.kernels.bias_add import bias_add, bias_add_ref
-from speedsd.kernels.conv_gluon import GluonConvConfig, conv3x3_gluon, conv_gluon_supported
+from speedsd.kernels.conv_gluon import (
+    GluonConvConfig,
+    conv3x3_gluon,
+    conv_gluon_epilogue_problem,
+    conv_gluon_supported,
+)
 from speedsd.kernels.conv_igemm import conv2d_igemm
 from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
@@ -331,6 +336,31 @@ def _igemm_conv(x: torch.Tensor, conv: torch.nn.Conv2d, bias: torch.Tensor | Non
     if isinstance(cfg, GluonConvConfig):
         return conv3x3_gluon(x, conv.weight, bias, cfg) if conv_gluon_supported(x, conv, bias, cfg) else None
     return None if cfg is None else conv2d_igemm(x, conv.weight, bias, s, p[0], cfg)
+
+
+def conv_epilogue_op(
+    x: torch.Tensor,
+    conv: torch.nn.Conv2d,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    next_groups: int | None = None,
+) -> torch.Tensor | None:
+    """conv(x) + bias (+ residual) as one Gluon 3x3 conv whose epilogue adds them and, with ``next_groups``
+    (the output's next reader is that GroupNorm) and the GroupNorm kernel on, writes its tile statistics
+    (kernels/gn_tile_stats.py): the output is then written once and never re-read before it is normalised.
+    With ``igemm_conv`` and ``fused_epilogues``, where the conv table timed the Gluon conv on this card and
+    shape close to cuDNN (conv_table.gluon_epilogue_config). None elsewhere: the caller runs conv2d_op and
+    its own bias/residual pass."""
+    flags = current()
+    if not (flags.igemm_conv and flags.fused_epilogues and _triton_runs(x) and x.dim() == 4):
+        return None
+    cfg = conv_table.gluon_epilogue_config(tuple(x.shape), conv.out_channels, x.dtype, x.device)
+    if cfg is None or not conv_gluon_supported(x, conv, bias, cfg):
+        return None
+    groups = next_groups if flags.group_norm else None
+    if conv_gluon_epilogue_problem(x, conv.weight, residual, groups, cfg) is not None:
+        return None
+    return conv3x3_gluon(x, conv.weight, bias, cfg, residual=residual, stats_groups=groups)
 
 
 def norm_silu_conv_op(

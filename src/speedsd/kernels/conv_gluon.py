@@ -29,7 +29,9 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from speedsd.kernels.bias_add import drop_gn_stats
 from speedsd.kernels.device import is_sm90, sm_count
+from speedsd.kernels.gn_tile_stats import attach
 
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory a CTA may use on sm_90 (227 KiB)
 PRODUCER_REGS = 40  # setmaxnreg of the 1-warp TMA producer
@@ -205,15 +207,23 @@ def conv3x3_gluon(
     bias: torch.Tensor | None = None,
     config: GluonConvConfig | str | None = None,
     out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    stats_groups: int | None = None,
 ) -> torch.Tensor:
-    """conv2d(x, weight, bias, stride=1, padding=1) -> fp16 [N, Co, H, W] channels_last (``out`` if given).
+    """conv2d(x, weight, bias, stride=1, padding=1) (+ residual) -> fp16 [N, Co, H, W] channels_last (``out``
+    if given).
 
     x: fp16 [N, C, H, W] channels_last; weight: fp16 [Co, C, 3, 3] channels_last; bias: None or [Co] fp16/fp32
-    (added in fp32 before the fp16 store). config: a GluonConvConfig, its ``str`` key, or a VARIANTS name
-    fitted to Co (None: 'ws2'). C must be a multiple of config.bk, Co of config.bn.
+    (added in fp32 before the fp16 store); residual: None or an fp16 channels_last tensor like the output, added
+    in fp32 too. ``stats_groups``: the output's next reader is GroupNorm(stats_groups): the epilogue also
+    writes its per-tile statistics, handed over on the output (kernels/gn_tile_stats.py). config: a
+    GluonConvConfig, its ``str`` key, or a VARIANTS name fitted to Co (None: 'ws2'). C must be a multiple of
+    config.bk, Co of config.bn (and of stats_groups, with bn a multiple of Co / stats_groups).
     """
     cfg = resolve(config, weight.shape[0] if weight.dim() == 4 else 0)
-    why = _problem(x, weight, bias, cfg)
+    if residual is not None or stats_groups:
+        cfg = epilogue_config(cfg)
+    why = _problem(x, weight, bias, cfg) or conv_gluon_epilogue_problem(x, weight, residual, stats_groups, cfg)
     if why is not None:
         raise ValueError(f"conv3x3_gluon: {why}")
     n, _, h, w = x.shape
@@ -228,12 +238,58 @@ def conv3x3_gluon(
         or not _aligned(out)
     ):
         raise ValueError(f"out must be a 16-byte aligned channels_last {x.dtype} [{n}, {co}, {h}, {w}] on {x.device}")
-    _launch(x, weight, bias, out, cfg)
-    return out
+    if residual is not None and residual.data_ptr() == out.data_ptr():
+        raise ValueError("out must not be the residual (tiles read it while others write)")
+    part = None
+    if stats_groups:
+        part = torch.empty((2, n, stats_groups, -(-h // cfg.th) * -(-w // cfg.tw)), device=x.device,
+                           dtype=torch.float32)  # fmt: skip
+    drop_gn_stats(out)
+    _launch(x, weight, bias, out, cfg, residual, part)
+    return out if part is None else attach(out, part, stats_groups, cfg.th, cfg.tw)
+
+
+EPILOGUE_SLABS = 4  # a fused epilogue works in >= 4 column slabs: fewer live registers (no spills), less SMEM
+
+
+def epilogue_config(cfg: GluonConvConfig) -> GluonConvConfig:
+    """cfg for a conv with a residual or statistics epilogue: stores in >= EPILOGUE_SLABS slabs of >= 16 channels
+    (sm_90 AOT: spill-free for the VAE configs, where one or two slabs spill; test_conv_gluon_aot.py)."""
+    return dataclasses.replace(cfg, epi_split=max(cfg.epi_split, min(EPILOGUE_SLABS, cfg.bn // 16)))
+
+
+def conv_gluon_epilogue_problem(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, groups: int | None, cfg: GluonConvConfig
+) -> str | None:
+    """Why conv3x3_gluon's epilogue cannot add ``residual`` (fp16 channels_last, like the output) or write
+    GroupNorm(groups) statistics with cfg; None when it can. x and weight as :func:`conv3x3_gluon` accepts."""
+    cfg = epilogue_config(cfg)
+    n, _, h, w = x.shape
+    co = weight.shape[0]
+    if residual is not None and (
+        residual.shape != (n, co, h, w)
+        or residual.dtype != torch.float16
+        or residual.device != x.device
+        or not residual.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return f"residual must be an fp16 channels_last [{n}, {co}, {h}, {w}] tensor on {x.device}"
+    if residual is not None and n * h * w * co >= 2**31:
+        return "the residual is indexed with int32: N·H·W·Co must stay below 2^31"
+    if groups is not None and (groups <= 0 or co % groups or (cfg.bn // cfg.epi_split) % (co // groups)):
+        slab = cfg.bn // cfg.epi_split
+        return f"stats_groups={groups} must divide Co={co} in groups that tile the {slab}-channel slabs"
+    return None
 
 
 def _launch_args(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, cfg: GluonConvConfig, sms: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    cfg: GluonConvConfig,
+    sms: int,
+    residual: torch.Tensor | None = None,
+    part: torch.Tensor | None = None,
 ) -> tuple[tuple[int], tuple, dict]:
     """(grid, positional args, constexprs + num_warps) of conv3x3_kernel; CPU tensors work too (the AOT
     compile builds its signature from them)."""
@@ -256,16 +312,20 @@ def _launch_args(
     n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.bn
     num_tiles = n * n_th * n_tw * n_nb
     grid = (min(sms, num_tiles) if cfg.persistent else num_tiles,)
-    args = (xd, wd, yd, y if bias is None else bias, c, n_th, n_tw, n_nb, num_tiles)  # y: unused bias pointer
-    const = dict(STAGES=cfg.stages, HAS_BIAS=bias is not None, EPI_SPLIT=cfg.epi_split, PRODUCER_REGS=PRODUCER_REGS,
-                 num_warps=cfg.warps)  # fmt: skip
+    # y stands in for the pointers an epilogue does not read; part: [2, N, G, n_th·n_tw]
+    ptrs = (y if bias is None else bias, y if residual is None else residual, y if part is None else part)
+    half, cpg = (0, 1) if part is None else (part[0].numel(), co // part.shape[2])
+    args = (xd, wd, yd, *ptrs, half, c, h, w, co, n_th, n_tw, n_nb, num_tiles)
+    const = dict(STAGES=cfg.stages, HAS_BIAS=bias is not None, HAS_RES=residual is not None, STATS=part is not None,
+                 CPG=cpg, EPI_SPLIT=cfg.epi_split, PRODUCER_REGS=PRODUCER_REGS, num_warps=cfg.warps)  # fmt: skip
     return grid, args, const
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, cfg) -> None:
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, cfg,
+            residual: torch.Tensor | None = None, part: torch.Tensor | None = None) -> None:  # fmt: skip
     kern = _kernels()
     assert kern is not None
-    grid, args, const = _launch_args(x, weight, bias, y, cfg, sm_count(x.device))
+    grid, args, const = _launch_args(x, weight, bias, y, cfg, sm_count(x.device), residual, part)
     with torch.cuda.device(x.device):
         kern.conv3x3_kernel[grid](*args, **const)
 
@@ -277,7 +337,13 @@ def conv3x3_gluon_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return F.conv2d(x.to(acc), weight.to(acc), b, padding=1)
 
 
-def compile_sm90(config: GluonConvConfig, bias_dtype: torch.dtype | None = None, capability: int = 90):
+def compile_sm90(
+    config: GluonConvConfig,
+    bias_dtype: torch.dtype | None = None,
+    capability: int = 90,
+    residual: bool = False,
+    stats_cpg: int | None = None,
+):
     """Compile the kernel ahead of time for ``capability`` without a GPU (the tests' ptxas check; in a process
     without TRITON_INTERPRET=1). Sizes are not specialized, so small CPU stand-ins give the launch's signature;
     the pointer gets the 16-byte divisibility a GPU launch specialises."""
@@ -297,12 +363,14 @@ def compile_sm90(config: GluonConvConfig, bias_dtype: torch.dtype | None = None,
     wt = torch.empty((co, c, 3, 3), dtype=torch.float16).contiguous(memory_format=cl)
     y = torch.empty((1, co, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
     bias = None if bias_dtype is None else torch.empty(co, dtype=bias_dtype)
-    _, args, const = _launch_args(x, wt, bias, y, config, 132)
+    res = torch.empty_like(y) if residual else None
+    part = None if stats_cpg is None else torch.empty((2, 1, co // stats_cpg, 4), dtype=torch.float32)
+    _, args, const = _launch_args(x, wt, bias, y, config, 132, res, part)
     fn = kern.conv3x3_kernel
     names = fn.arg_names
     sig = {names[i]: mangle_type(a) for i, a in enumerate(args)}
     sig.update({k: "constexpr" for k in const})
     constexprs = {(names.index(k),): v for k, v in const.items()}
-    attrs = {(names.index("bias_ptr"),): [["tt.divisibility", 16]]}
+    attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in ("bias_ptr", "res_ptr", "part_ptr")}
     src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": config.warps})

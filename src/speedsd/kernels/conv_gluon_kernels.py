@@ -35,8 +35,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #   B_tap,cb = Wm[n0 : +BN, tap·C + cb·BK : +BK]   Wm = the channels_last weight [Co, 3, 3, C] as [Co, 9·C]
 #
 # K runs channel-block-major (cb outer, the 9 taps inner and unrolled). Both wgmma operands come from SMEM.
-# Epilogue: acc (+ bias[n] in fp32) -> fp16 -> SMEM -> TMA store of the [1, TH, TW, BN] box (TMA clips the
-# rows and columns past the image), in EPI_SPLIT column slabs (less SMEM for the output buffer).
+# Epilogue: acc (+ bias[n] in fp32) (+ residual r[b, oy, ox, n], HAS_RES) -> fp16 -> SMEM -> TMA store of the
+# [1, TH, TW, BN] box (TMA clips the rows and columns past the image), in EPI_SPLIT column slabs (less SMEM for
+# the output buffer). STATS: the next GroupNorm's per-tile statistics of the stored fp16 values v, for each group
+# j of CPG channels in the tile (rows past the image excluded; cnt = valid pixels · CPG):
+#   mean_j = Σ v / cnt,   M2_j = Σ (v − mean_j)²      (two passes over the registers: no cancellation)
+#   part[0 | 1, b, n0 / CPG + j, ty·n_tw + tx] = mean_j | M2_j      part: fp32 [2, N, Co / CPG, n_th·n_tw]
+# (kernels/gn_tile_stats.py merges them into GroupNorm's per-channel scale and shift).
 #
 # Protocol (gl.warp_specialize; a STAGES-deep SMEM ring of (A, B) slots, barriers ready[s] and empty[s]):
 #   * producer (worker, 1 warp): for K step `it` of its program (counted over all its tiles), slot
@@ -117,26 +122,40 @@ def _split_cols(x, PARTS: gl.constexpr):
 
 
 @gluon.jit
-def _epilogue(y_desc, c_smem, out, b, oy0, ox0, n0, BM: gl.constexpr, BN: gl.constexpr, EPI_SPLIT: gl.constexpr):
-    # fp16 [BM, BN] -> SMEM -> TMA store at y[b, oy0, ox0, n0 (+ slab)], left in flight
-    SPLIT_N: gl.constexpr = BN // EPI_SPLIT
-    if EPI_SPLIT == 1:
+def _epilogue(y_desc, c_smem, acc, res_ptr, part_ptr, part_half, b, oy0, ox0, n0, H, W, Co, t_sp, T,
+              HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
+              NUM_WARPS: gl.constexpr):  # fmt: skip
+    # fp32 [BM, BN] -> per column slab: (+ residual) -> fp16 (-> GroupNorm tile statistics) -> SMEM -> TMA
+    # store at y[b, oy0, ox0, n0 + slab], left in flight. Slab by slab keeps the epilogue's live registers
+    # (residual pointers, the statistics' fp32 values) to one slab's worth.
+    TH: gl.constexpr = c_smem.type.shape[1]
+    TW: gl.constexpr = c_smem.type.shape[2]
+    BM: gl.constexpr = TH * TW
+    SPLIT_N: gl.constexpr = c_smem.type.shape[3]
+    parts = _split_cols(acc, EPI_SPLIT)
+    for i in gl.static_range(EPI_SPLIT):
+        v = parts[i]
+        m = gl.arange(0, BM, layout=gl.SliceLayout(1, v.type.layout))
+        rows_ok = (oy0 + m // TW < H) & (ox0 + m % TW < W)  # the tile's pixels inside the image
+        if HAS_RES:
+            cols = n0 + i * SPLIT_N + gl.arange(0, SPLIT_N, layout=gl.SliceLayout(0, v.type.layout))
+            pix = (b * H + oy0 + m // TW) * W + ox0 + m % TW  # [BM] pixel index in [N, H, W]
+            offs = gl.expand_dims(pix * Co, 1) + gl.expand_dims(cols, 0)
+            v = v + gl.load(res_ptr + offs, mask=gl.expand_dims(rows_ok, 1), other=0.0).to(gl.float32)
+        out = v.to(gl.float16)
+        if STATS:
+            _tile_stats(out, rows_ok, part_ptr, part_half, b, t_sp, T, Co // CPG, (n0 + i * SPLIT_N) // CPG, CPG,
+                        SPLIT_N, NUM_WARPS)  # fmt: skip
         tma.store_wait(0)
-        c_smem.reshape([BM, BN]).store(out)  # [1, TH, TW, BN] -> [BM, BN]
+        c_smem.reshape([BM, SPLIT_N]).store(out)  # [1, TH, TW, SPLIT_N] -> [BM, SPLIT_N]
         fence_async_shared()
-        tma.async_copy_shared_to_global(y_desc, [b, oy0, ox0, n0], c_smem)
-    else:
-        parts = _split_cols(out, EPI_SPLIT)
-        for i in gl.static_range(EPI_SPLIT):
-            tma.store_wait(0)
-            c_smem.reshape([BM, SPLIT_N]).store(parts[i])
-            fence_async_shared()
-            tma.async_copy_shared_to_global(y_desc, [b, oy0, ox0, n0 + i * SPLIT_N], c_smem)
+        tma.async_copy_shared_to_global(y_desc, [b, oy0, ox0, n0 + i * SPLIT_N], c_smem)
 
 
 @gluon.jit
-def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, C, n_th, n_tw, n_nb, num_tiles,
-                   HAS_BIAS: gl.constexpr, EPI_SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
+def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, res_ptr, part_ptr, part_half, C, H, W, Co,
+                   n_th, n_tw, n_nb, num_tiles, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, STATS: gl.constexpr,
+                   CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
     TH: gl.constexpr = a_bufs.type.shape[2]
     TW: gl.constexpr = a_bufs.type.shape[3]
     BK: gl.constexpr = a_bufs.type.shape[4]
@@ -167,17 +186,45 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, C, n_
         if HAS_BIAS:
             cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
-        _epilogue(y_desc, c_smem, acc.to(gl.float16), b, oy0, ox0, n0, BM, BN, EPI_SPLIT)
+        _epilogue(y_desc, c_smem, acc, res_ptr, part_ptr, part_half, b, oy0, ox0, n0, H, W, Co,
+                  (oy0 // TH) * n_tw + ox0 // TW, n_th * n_tw, HAS_RES, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
     tma.store_wait(0)
 
 
-# sizes are not specialized: one compile per (config, bias dtype) serves every layer shape
-@gluon.jit(do_not_specialize=["C", "n_th", "n_tw", "n_nb", "num_tiles"])
-def conv3x3_kernel(x_desc, w_desc, y_desc, bias_ptr, C, n_th, n_tw, n_nb, num_tiles, STAGES: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, EPI_SPLIT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+@gluon.jit
+def _tile_stats(v, rows_ok, part_ptr, half, b, t_sp, T, G, g0, CPG: gl.constexpr, BN: gl.constexpr,
+                NUM_WARPS: gl.constexpr):  # fmt: skip
+    # v: fp32 [BM, BN] (accumulator layout), rows_ok: [BM]. Column sums, then groups of CPG columns through a
+    # one-hot [BN, GT] (channel c in group c // CPG) in a blocked layout; the group means go back to the
+    # columns the same way for the second (centred) pass.
+    GT: gl.constexpr = BN // CPG
+    col_l: gl.constexpr = gl.SliceLayout(0, v.type.layout)
+    oh_l: gl.constexpr = gl.BlockedLayout([1, GT], [32, 1], [NUM_WARPS, 1], [1, 0])
+    ok = gl.expand_dims(rows_ok, 1)
+    cnt = gl.sum(rows_ok.to(gl.float32), axis=0) * CPG
+    c = gl.arange(0, BN, layout=gl.SliceLayout(1, oh_l))
+    j = gl.arange(0, GT, layout=gl.SliceLayout(0, oh_l))
+    onehot = gl.where(gl.expand_dims(c // CPG, 1) == gl.expand_dims(j, 0), 1.0, 0.0)  # [BN, GT]
+    col_sum = gl.convert_layout(gl.sum(gl.where(ok, v.to(gl.float32), 0.0), axis=0), gl.SliceLayout(1, oh_l))
+    mean = gl.sum(gl.expand_dims(col_sum, 1) * onehot, axis=0) / cnt  # [GT]
+    mean_c = gl.convert_layout(gl.sum(onehot * gl.expand_dims(mean, 0), axis=1), col_l)  # [BN]
+    d = gl.where(ok, v.to(gl.float32) - gl.expand_dims(mean_c, 0), 0.0)
+    col_m2 = gl.convert_layout(gl.sum(d * d, axis=0), gl.SliceLayout(1, oh_l))
+    m2 = gl.sum(gl.expand_dims(col_m2, 1) * onehot, axis=0)  # [GT]
+    dst = part_ptr + ((b * G + g0 + j) * T + t_sp)  # part[0, b, g0 + j, t_sp]; part[1] is half = N·G·T on
+    gl.store(dst, mean)
+    gl.store(dst + half, m2)
+
+
+# sizes are not specialized: one compile per (config, bias dtype, epilogue) serves every layer shape
+@gluon.jit(do_not_specialize=["part_half", "C", "H", "W", "Co", "n_th", "n_tw", "n_nb", "num_tiles"])
+def conv3x3_kernel(x_desc, w_desc, y_desc, bias_ptr, res_ptr, part_ptr, part_half, C, H, W, Co, n_th, n_tw, n_nb,
+                   num_tiles, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
+                   STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):  # fmt: skip
     # x_desc: [N, H, W, C] boxes [1, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
-    # y_desc: [N, H, W, Co] boxes [1, TH, TW, BN / EPI_SPLIT]; bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS)
+    # y_desc: [N, H, W, Co] boxes [1, TH, TW, BN / EPI_SPLIT]; bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS);
+    # res_ptr: fp16 [N, H, W, Co] dense (read iff HAS_RES); part_ptr: fp32 [2, N, Co / CPG, n_th·n_tw] (STATS)
     a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     c_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
@@ -187,7 +234,8 @@ def conv3x3_kernel(x_desc, w_desc, y_desc, bias_ptr, C, n_th, n_tw, n_nb, num_ti
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, C, n_th, n_tw, n_nb, num_tiles,
-                          HAS_BIAS, EPI_SPLIT, num_warps)),
+        (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, res_ptr, part_ptr, part_half, C,
+                          H, W, Co, n_th, n_tw, n_nb, num_tiles, HAS_BIAS, HAS_RES, STATS, CPG, EPI_SPLIT,
+                          num_warps)),
         (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb, num_tiles)),
     ], [1], [PRODUCER_REGS])  # fmt: skip

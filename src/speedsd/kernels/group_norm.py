@@ -44,6 +44,7 @@ import triton
 
 from speedsd.kernels.bias_add import GN_STATS_ATTR, drop_gn_stats
 from speedsd.kernels.device import sm_count as _sm_count
+from speedsd.kernels.gn_tile_stats import TileStats, affine_act
 from speedsd.kernels.group_norm_kernels import _gn_fused_kernel, _gn_rows_kernel
 from speedsd.kernels.group_norm_split_kernels import (
     _gn_norm_kernel,
@@ -335,6 +336,11 @@ def group_norm(
         raise TypeError(f"group_norm got unexpected keyword arguments {sorted(unknown)}")
     x, sn, sc, ss = _ncs_strides(x)
     shared = getattr(x, GN_STATS_ATTR, None)  # partials from the producing add (kernels/add_gn_stats.py)
+    if isinstance(shared, TileStats) and add is None:  # a conv epilogue's tile partials (kernels/gn_tile_stats.py)
+        folded = shared.scale_shift(x, num_groups, weight, bias, eps)
+        if folded is not None:
+            return affine_act(x, *folded, silu=silu, out=out)
+        shared = None
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != x.stride():

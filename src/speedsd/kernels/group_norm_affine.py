@@ -20,6 +20,7 @@ import torch
 import triton
 
 from speedsd.kernels.bias_add import GN_STATS_ATTR
+from speedsd.kernels.gn_tile_stats import TileStats
 from speedsd.kernels.group_norm import _ncs_strides, plan_for, split_partials
 from speedsd.kernels.group_norm_split_kernels import _gn_scale_shift_kernel
 
@@ -51,6 +52,11 @@ def group_norm_scale_shift(
     dense, _, sc, ss = _ncs_strides(x)
     if dense is not x or c * s >= 2**31:
         return None
+    tiles = getattr(x, GN_STATS_ATTR, None)  # a conv epilogue's tile partials (kernels/gn_tile_stats.py)
+    if isinstance(tiles, TileStats):
+        folded = tiles.scale_shift(x, num_groups, weight, bias, eps)
+        if folded is not None:
+            return folded
     plan = plan_for(n, c, s, num_groups, sc == 1 and ss != 1, x.element_size(), x.device)
     if plan.path != "split":
         return None

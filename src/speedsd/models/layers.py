@@ -191,24 +191,38 @@ class ResnetBlock2D(nn.Module):
         self, x: torch.Tensor | Owned, temb: torch.Tensor | TimeAdds | None, hand_over: bool
     ) -> torch.Tensor:
         # conv1's bias and the time embedding enter norm2 as one [B, C] pre-add; conv2's (and the
-        # shortcut conv's) bias and the residual are one pass written over conv2's output.
+        # shortcut conv's) bias and the residual are one pass written over conv2's output. Where the
+        # Gluon conv applies (ops.conv_epilogue_op), its epilogue adds them instead and writes the next
+        # GroupNorm's statistics: conv1's (no time embedding: the VAE) and conv2's (once the shortcut exists).
         x, h, shortcut = self._norm1(x, shortcut_bias=False)
-        h = self.conv1(h, with_bias=False)
-        add = self.conv1.bias
-        if isinstance(temb, TimeAdds):
-            add = temb[self]
-        elif self.time_emb_proj is not None and temb is not None:
-            add = self.time_emb_proj(F.silu(temb)) + add  # [B, C]
-        h = self.norm2(h, silu=True, add=add, inplace=True)
-        h = self.conv2(h, with_bias=False)
+        groups = self.norm1.num_groups if hand_over else None
+        h1 = None
+        if temb is None:
+            h1 = ops.conv_epilogue_op(h, self.conv1, self.conv1.bias, None, self.norm2.num_groups)
+        if h1 is not None:
+            h, h1 = h1, None  # (norm1's output is freed here)
+            h = self.norm2(h, silu=True, inplace=True)
+        else:
+            h = self.conv1(h, with_bias=False)
+            add = self.conv1.bias
+            if isinstance(temb, TimeAdds):
+                add = temb[self]
+            elif self.time_emb_proj is not None and temb is not None:
+                add = self.time_emb_proj(F.silu(temb)) + add  # [B, C]
+            h = self.norm2(h, silu=True, add=add, inplace=True)
         bias = self.conv2.bias
+        if self.conv_shortcut is not None:
+            bias = bias + self.conv_shortcut.bias
+        if shortcut is not None or self.conv_shortcut is None:  # (never a new live tensor before conv2)
+            y = ops.conv_epilogue_op(h, self.conv2, bias, shortcut if shortcut is not None else x, groups)
+            if y is not None:
+                return y
+        h = self.conv2(h, with_bias=False)
         if self.conv_shortcut is not None:
             if shortcut is None:
                 shortcut = self.conv_shortcut(x, with_bias=False)
-            bias = bias + self.conv_shortcut.bias
         else:
             shortcut = x
-        groups = self.norm1.num_groups if hand_over else None
         return ops.bias_add_op(h, bias, residual=shortcut, inplace=True, next_groups=groups)
 
 

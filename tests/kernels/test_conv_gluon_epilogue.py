@@ -1,0 +1,247 @@
+"""The Gluon 3x3 conv's fused epilogue: bias + residual + the next GroupNorm's tile statistics.
+
+CPU: the epilogue's config and checks, the launcher's arguments for it, and the whole hand-over path on a fake
+sm_90 device whose launch is a torch model of the epilogue (conv + bias + residual, fp16, tile statistics):
+ops.conv_epilogue_op's routing, and a VAE-style ResnetBlock2D with it against the block without it. GPU (sm_90):
+the kernel's output (<= 2x cuDNN fp16's error), its tile statistics against the fp64 ones of its own output,
+GroupNorm from them, on the VAE decoder's shapes and odd ones (edge tiles, batch 2), and a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from interp_bounds import needs_interpreter
+from speedsd import conv_table, ops
+from speedsd.kernels import conv_gluon as cg
+from speedsd.kernels import gn_tile_stats as ts
+from speedsd.kernels.bias_add import GN_STATS_ATTR
+from speedsd.kernels.group_norm import group_norm_ref
+from speedsd.models.layers import ResnetBlock2D
+
+CL = torch.channels_last
+
+
+def make(n, c, h, w, co, device="cpu", seed=0):
+    """x ~ 2·N + 0.5, weight ~ N(0, 1/(9C)) + 0.01, bias ~ N(0.3, 1), residual ~ N(-0.4, 1) (fp16, channels_last)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.5).half().to(device).contiguous(memory_format=CL)
+    wt = (torch.randn(co, c, 3, 3, generator=g) / (9 * c) ** 0.5 + 0.01).half().to(device).contiguous(memory_format=CL)
+    bias = (torch.randn(co, generator=g) + 0.3).half().to(device)
+    r = (torch.randn(n, co, h, w, generator=g) - 0.4).half().to(device).contiguous(memory_format=CL)
+    return x, wt, bias, r
+
+
+# ---- CPU: config, checks, launch arguments -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, want", [("g16x16n128k64s4c2e2p", 4), ("g8x16n256k64s4c2e2p", 4),
+                                       ("g8x16n128k64s4c1e1", 4), ("g8x16n64k64s4c1e1", 4),
+                                       ("g8x16n32k64s4c1e1", 2), ("g8x16n256k64s4c2e8p", 8)])  # fmt: skip
+def test_epilogue_config_slabs(key, want):
+    cfg = cg.epilogue_config(cg.GluonConvConfig.parse(key))
+    assert cfg.epi_split == want and cfg.bn // cfg.epi_split >= 16
+
+
+def test_epilogue_problems():
+    x, wt, _, r = make(1, 64, 8, 8, 128)
+    cfg = cg.variant("ws2", 128)
+    assert cg.conv_gluon_epilogue_problem(x, wt, r, 32, cfg) is None
+    assert "residual must be" in cg.conv_gluon_epilogue_problem(x, wt, r.contiguous(), None, cfg)
+    assert "residual must be" in cg.conv_gluon_epilogue_problem(x, wt, r[:, :64], None, cfg)
+    assert "residual must be" in cg.conv_gluon_epilogue_problem(x, wt, r.float(), None, cfg)
+    assert "stats_groups=3" in cg.conv_gluon_epilogue_problem(x, wt, None, 3, cfg)
+    assert "stats_groups=2" in cg.conv_gluon_epilogue_problem(x, wt, None, 2, cfg)  # 64-channel groups > 32 slabs
+
+
+def test_launch_args_for_the_epilogue():
+    x, wt, bias, r = make(2, 64, 12, 20, 128)
+    cfg = cg.epilogue_config(cg.variant("ws2", 128))  # 16 x 16 x 128 in 4 slabs
+    y = torch.empty_like(r)
+    part = torch.empty(2, 2, 32, 2)
+    grid, args, const = cg._launch_args(x, wt, bias, y, cfg, 132, r, part)
+    assert args[3] is bias and args[4] is r and args[5] is part
+    assert args[6:11] == (part[0].numel(), 64, 12, 20, 128)
+    assert const["HAS_RES"] and const["STATS"] and const["CPG"] == 4 and const["EPI_SPLIT"] == 4
+    _, args, const = cg._launch_args(x, wt, None, y, cfg, 132)
+    assert args[3] is y and args[4] is y and args[5] is y and not const["HAS_RES"] and not const["STATS"]
+
+
+# ---- CPU: the hand-over path on a fake sm_90 device ------------------------------------------------
+
+
+@pytest.fixture
+def fake_epilogue(monkeypatch):
+    """Pretend an sm_90 device; the launch computes what the epilogue writes with torch (the kernel's own
+    math is the GPU tests')."""
+    calls = []
+
+    def launch(x, weight, bias, y, cfg, residual=None, part=None):
+        _, _, const = cg._launch_args(x, weight, bias, y, cfg, 3, residual, part)
+        calls.append((cfg, const["HAS_RES"], const["STATS"]))
+        acc = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), padding=1)
+        y.copy_(acc + (residual.float() if residual is not None else 0))
+        if part is not None:
+            part.copy_(ts.tile_stats_ref(y, part.shape[2], cfg.th, cfg.tw))
+
+    monkeypatch.setattr(cg, "_device_ok", lambda device: True)
+    monkeypatch.setattr(cg, "_launch", launch)
+    return calls
+
+
+@pytest.fixture
+def epilogue_table(tmp_path, monkeypatch):
+    """A conv table timing the Gluon conv on this machine's card ("cpu") within the slack of cuDNN for the
+    block's two convs (64 -> 128 and 128 -> 128 at 12 x 20), and 10 % slower for a third shape."""
+    path = tmp_path / "conv_table.json"
+    entries = {}
+    for cin, gluon_ms in ((64, 1.02), (128, 1.02), (32, 1.10)):
+        key = conv_table.shape_key((1, cin, 12, 20), 128, 3, 1, 1, torch.float16)
+        cfg = str(cg.variant("ws2", 128))
+        entries[key] = {"best": "cudnn", "config": "x", "gluon_config": cfg, "graph_ms": {"cudnn": 1.0, "gluon": gluon_ms}}
+    path.write_text(json.dumps({"cards": {conv_table.card_name(torch.device("cpu")): entries}}))
+    monkeypatch.setattr(conv_table, "TABLE_PATH", path)
+    conv_table._table.cache_clear()
+    conv_table._gluon_table.cache_clear()
+    yield
+    conv_table._table.cache_clear()
+    conv_table._gluon_table.cache_clear()
+
+
+@needs_interpreter
+def test_conv_epilogue_op_routing(fake_epilogue, epilogue_table):
+    x, wt, bias, r = make(1, 64, 12, 20, 128)
+    conv = torch.nn.Conv2d(64, 128, 3, padding=1).half().to(memory_format=CL)
+    conv.weight.data = wt
+    on = ops.Flags(igemm_conv=True, fused_epilogues=True, group_norm=True)
+    with ops.using(on):
+        y = ops.conv_epilogue_op(x, conv, bias, r, 32)
+        assert isinstance(getattr(y, GN_STATS_ATTR), ts.TileStats) and fake_epilogue[-1][1:] == (True, True)
+        want = F.conv2d(x.float(), wt.float(), bias.float(), padding=1) + r.float()
+        torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-3)
+        assert ops.conv_epilogue_op(x, conv, bias) is not None and fake_epilogue[-1][1:] == (False, False)
+        slow = make(1, 32, 12, 20, 128)[0]  # the Gluon conv 10 % slower than cuDNN here: not used
+        conv32 = torch.nn.Conv2d(32, 128, 3, padding=1).half().to(memory_format=CL)
+        assert ops.conv_epilogue_op(slow, conv32, bias) is None
+        assert ops.conv_epilogue_op(x.contiguous(), conv, bias) is None  # not channels_last
+    with ops.using(on.replace(group_norm=False)):
+        y = ops.conv_epilogue_op(x, conv, bias, r, 32)  # no GroupNorm kernel: no statistics to hand over
+        assert y is not None and not hasattr(y, GN_STATS_ATTR)
+    for off in (on.replace(igemm_conv=False), on.replace(fused_epilogues=False)):
+        with ops.using(off):
+            assert ops.conv_epilogue_op(x, conv, bias, r, 32) is None
+    assert len(fake_epilogue) == 3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("cin", [128, 64], ids=["identity-shortcut", "conv-shortcut"])
+def test_resnet_block_with_fused_epilogues(fake_epilogue, epilogue_table, cin):
+    """A VAE ResNet block (no time embedding) whose conv1 and conv2 run fused, handed its input as in the decoder
+    (Owned) and followed by a GroupNorm: the same values as the block without the Gluon conv (tolerance: fp16
+    rounding of bias and residual before vs after the store)."""
+    from speedsd.models.layers import Owned
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(cin, 128, None, groups=32, eps=1e-6).half().to(memory_format=CL).eval()
+    for p in block.parameters():
+        p.data.add_(0.05)
+    x = make(1, cin, 12, 20, 128)[0]
+    norm = torch.nn.GroupNorm(32, 128, eps=1e-6).half()
+    flags = ops.Flags(igemm_conv=True, fused_epilogues=True, group_norm=True, channels_last=True)
+    with torch.inference_mode():
+        with ops.using(flags):
+            y = block(Owned(x.clone()))
+            assert isinstance(getattr(y, GN_STATS_ATTR), ts.TileStats)
+            got = ops.group_norm_op(y, 32, norm.weight, norm.bias, 1e-6, silu=True)
+        assert [c[1:] for c in fake_epilogue] == [(False, True), (True, True)]
+        with ops.using(flags.replace(igemm_conv=False)):
+            y0 = block(Owned(x.clone()))
+            want = ops.group_norm_op(y0, 32, norm.weight, norm.bias, 1e-6, silu=True)
+    assert len(fake_epilogue) == 2
+    torch.testing.assert_close(y.float(), y0.float(), atol=3e-2, rtol=3e-3)
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-3)
+
+
+# ---- GPU (sm_90) -------------------------------------------------------------------------------------
+
+
+def _require_hopper() -> None:
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and cg._kernels()):
+        pytest.skip("needs an sm_90 GPU (H100/H200) and a Triton with Gluon")
+
+
+SHAPES = [  # (N, C, H, W, Co), config
+    pytest.param((1, 128, 512, 512, 128), "g16x16n128k64s4c2e2p", id="vae-512-128to128"),
+    pytest.param((1, 256, 256, 256, 256), "g8x16n256k64s4c2e2p", id="vae-256-256to256"),
+    pytest.param((1, 512, 128, 128, 512), "g8x16n256k64s4c2e2p", id="vae-128-512to512"),
+    pytest.param((1, 512, 64, 64, 512), "g8x16n128k64s4c1e1", id="vae-64-512to512"),
+    pytest.param((1, 64, 12, 20, 128), "g16x16n128k64s4c2e2p", id="edge-tiles-16x16"),
+    pytest.param((2, 128, 9, 17, 256), "g8x16n256k64s4c2e2p", id="B2-edge-tiles-8x16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["stats", "residual", "residual+stats"])
+@pytest.mark.parametrize("shape, key", SHAPES)
+def test_gpu_epilogue(shape, key, epilogue):
+    _require_hopper()
+    torch.backends.cudnn.allow_tf32 = False
+    n, c, h, w, co = shape
+    x, wt, bias, r = make(n, c, h, w, co, device="cuda")
+    res = r if "residual" in epilogue else None
+    groups = 32 if "stats" in epilogue else None
+    out = torch.full((n, co, h, w), float("nan"), device="cuda", dtype=torch.float16).contiguous(memory_format=CL)
+    y = cg.conv3x3_gluon(x, wt, bias, key, out=out, residual=res, stats_groups=groups)
+    torch.cuda.synchronize()
+    assert y is out and not y.isnan().any(), "unwritten outputs"
+    ref = F.conv2d(x.float(), wt.float(), bias.float(), padding=1) + (0 if res is None else r.float())
+    unfused = F.conv2d(x, wt, bias, padding=1) + (0 if res is None else r)  # cuDNN fp16, then an fp16 add
+    err, err16 = (y.float() - ref).abs().max().item(), (unfused.float() - ref).abs().max().item()
+    assert err <= 2 * err16, (err, err16)
+    if groups is None:
+        assert not hasattr(y, GN_STATS_ATTR)
+        return
+    cfg = cg.epilogue_config(cg.GluonConvConfig.parse(key))
+    stats = getattr(y, GN_STATS_ATTR)
+    want = ts.tile_stats_ref(y, groups, cfg.th, cfg.tw)
+    torch.testing.assert_close(stats.part[0].cpu(), want[0].cpu(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.part[1].cpu(), want[1].cpu(), atol=1e-3, rtol=2e-5)
+    gw, gb = (torch.randn(co, device="cuda") * 0.2 + 1).half(), (torch.randn(co, device="cuda") * 0.2).half()
+    got = ops.group_norm_op(y, groups, gw, gb, 1e-6, silu=True)
+    assert not hasattr(y, GN_STATS_ATTR)
+    want_gn = group_norm_ref(y.double(), groups, gw.double(), gb.double(), 1e-6, silu=True)
+    own = group_norm_ref(y, groups, gw, gb, 1e-6, silu=True)  # torch's fp16 GroupNorm
+    assert (got.double() - want_gn).abs().max() <= 2 * (own.double() - want_gn).abs().max() + 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_epilogue_in_cuda_graph():
+    """Captured once, replayed on new inputs: output and statistics follow the inputs."""
+    _require_hopper()
+    shape = (1, 256, 64, 64, 256)
+    x, wt, bias, r = make(*shape, device="cuda")
+    gw, gb = torch.ones(256, device="cuda").half(), torch.zeros(256, device="cuda").half()
+
+    def step():
+        y = cg.conv3x3_gluon(x, wt, bias, "ws2", residual=r, stats_groups=32)
+        return ops.group_norm_op(y, 32, gw, gb, 1e-6, silu=True)
+
+    with torch.inference_mode(), ops.using(ops.Flags(group_norm=True)):
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for seed in (1, 2):
+            nx, _, _, nr = make(*shape, device="cuda", seed=seed)
+            x.copy_(nx)
+            r.copy_(nr)
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = F.conv2d(x.float(), wt.float(), bias.float(), padding=1) + r.float()
+            want = F.silu(F.group_norm(ref, 32, eps=1e-6))
+            assert (out.float() - want).abs().max().item() < 2e-2, seed
