@@ -62,13 +62,15 @@ def test_launch_args_for_the_epilogue():
     x, wt, bias, r = make(2, 64, 12, 20, 128)
     cfg = cg.epilogue_config(cg.variant("ws2", 128))  # 16 x 16 x 128 in 4 slabs
     y = torch.empty_like(r)
-    part = torch.empty(2, 2, 32, 2)
+    part = torch.empty(3, 2, 32, 2 * cfg.warps)
     grid, args, const = cg._launch_args(x, wt, bias, y, cfg, 132, r, part)
-    assert args[3] is bias and args[4] is r and args[5] is part
-    assert args[6:11] == (part[0].numel(), 64, 12, 20, 128)
+    rd, idd = args[3], args[4]
+    assert rd.block_shape == [1, 16, 16, 64] and rd.base.data_ptr() == r.data_ptr()
+    assert idd.block_shape == [128, 64] and torch.equal(idd.base, torch.eye(128, dtype=torch.float16))
+    assert args[5] is bias and args[6] is part and args[7:12] == (part[0].numel(), 64, 12, 20, 128)
     assert const["HAS_RES"] and const["STATS"] and const["CPG"] == 4 and const["EPI_SPLIT"] == 4
     _, args, const = cg._launch_args(x, wt, None, y, cfg, 132)
-    assert args[3] is y and args[4] is y and args[5] is y and not const["HAS_RES"] and not const["STATS"]
+    assert args[5] is y and args[6] is y and not const["HAS_RES"] and not const["STATS"]
 
 
 # ---- CPU: the hand-over path on a fake sm_90 device ------------------------------------------------
@@ -86,7 +88,7 @@ def fake_epilogue(monkeypatch):
         acc = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), padding=1)
         y.copy_(acc + (residual.float() if residual is not None else 0))
         if part is not None:
-            part.copy_(ts.tile_stats_ref(y, part.shape[2], cfg.th, cfg.tw))
+            part.copy_(ts.tile_stats_ref(y, part.shape[2], cfg.th, cfg.tw, cfg.warps))
 
     monkeypatch.setattr(cg, "_device_ok", lambda device: True)
     monkeypatch.setattr(cg, "_launch", launch)
@@ -102,7 +104,8 @@ def epilogue_table(tmp_path, monkeypatch):
     for cin, gluon_ms in ((64, 1.02), (128, 1.02), (32, 1.10)):
         key = conv_table.shape_key((1, cin, 12, 20), 128, 3, 1, 1, torch.float16)
         cfg = str(cg.variant("ws2", 128))
-        entries[key] = {"best": "cudnn", "config": "x", "gluon_config": cfg, "graph_ms": {"cudnn": 1.0, "gluon": gluon_ms}}
+        ms = {"cudnn": 1.0, "gluon": gluon_ms}
+        entries[key] = {"best": "cudnn", "config": "x", "gluon_config": cfg, "graph_ms": ms}
     path.write_text(json.dumps({"cards": {conv_table.card_name(torch.device("cpu")): entries}}))
     monkeypatch.setattr(conv_table, "TABLE_PATH", path)
     conv_table._table.cache_clear()
@@ -207,11 +210,13 @@ def test_gpu_epilogue(shape, key, epilogue):
         return
     cfg = cg.epilogue_config(cg.GluonConvConfig.parse(key))
     stats = getattr(y, GN_STATS_ATTR)
-    want = ts.tile_stats_ref(y, groups, cfg.th, cfg.tw)
+    want = ts.tile_stats_ref(y, groups, cfg.th, cfg.tw, cfg.warps)
+    assert stats.per_tile == cfg.warps and torch.equal(stats.part[2].cpu(), want[2].cpu())  # the counts
     torch.testing.assert_close(stats.part[0].cpu(), want[0].cpu(), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(stats.part[1].cpu(), want[1].cpu(), atol=1e-3, rtol=2e-5)
     gw, gb = (torch.randn(co, device="cuda") * 0.2 + 1).half(), (torch.randn(co, device="cuda") * 0.2).half()
-    got = ops.group_norm_op(y, groups, gw, gb, 1e-6, silu=True)
+    with ops.using(ops.Flags(group_norm=True)):
+        got = ops.group_norm_op(y, groups, gw, gb, 1e-6, silu=True)
     assert not hasattr(y, GN_STATS_ATTR)
     want_gn = group_norm_ref(y.double(), groups, gw.double(), gb.double(), 1e-6, silu=True)
     own = group_norm_ref(y, groups, gw, gb, 1e-6, silu=True)  # torch's fp16 GroupNorm

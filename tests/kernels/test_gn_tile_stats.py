@@ -20,14 +20,15 @@ from speedsd.kernels.group_norm_affine import group_norm_scale_shift, group_norm
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last
 
-# (label, [N, C, H, W], groups, (th, tw)): real VAE tilings scaled down, edge tiles, CPG 1/3/12/16
+# (label, [N, C, H, W], groups, (th, tw, row sets a tile)): real VAE tilings scaled down (8 warps a tile),
+# edge tiles, CPG 1/3/12/16
 SHAPES = [
-    ("vae-like-16x16-tiles", (1, 128, 32, 32), 32, (16, 16)),
-    ("B2-edge-tiles", (2, 64, 9, 17), 32, (8, 16)),
-    ("cpg3-one-tile", (1, 96, 5, 7), 32, (8, 16)),
-    ("cpg12-8-groups", (2, 96, 12, 20), 8, (8, 8)),
-    ("cpg16-512", (1, 512, 8, 8), 32, (8, 16)),
-    ("cpg1-many-tiles", (1, 32, 40, 24), 32, (8, 8)),
+    ("vae-like-16x16-tiles-8-warps", (1, 128, 32, 32), 32, (16, 16, 8)),
+    ("B2-edge-tiles-8-warps", (2, 64, 9, 17), 32, (8, 16, 8)),
+    ("cpg3-one-tile", (1, 96, 5, 7), 32, (8, 16, 1)),
+    ("cpg12-8-groups-4-warps", (2, 96, 12, 20), 8, (8, 8, 4)),
+    ("cpg16-512", (1, 512, 8, 8), 32, (8, 16, 4)),
+    ("cpg1-many-tiles", (1, 32, 40, 24), 32, (8, 8, 1)),
 ]
 # (label, dtype, atol, rtol) of the normalised output vs fp64 GroupNorm of the same input
 DTYPES = [("fp32", torch.float32, 1e-4, 1e-4), ("fp16", torch.float16, 4e-3, 4e-3)]
@@ -46,16 +47,23 @@ def _affine(c, seed=1):
 
 
 def _handed_over(x, groups, tile):
-    return ts.attach(x, ts.tile_stats_ref(x, groups, *tile), groups, *tile)
+    return ts.attach(x, ts.tile_stats_ref(x, groups, *tile), groups, *tile)  # tile = (th, tw, row sets)
 
 
-def test_tile_stats_ref_is_per_tile():
+def test_tile_stats_ref_is_per_tile_and_row_set():
     x = _input((1, 4, 3, 5), torch.float32)
     part = ts.tile_stats_ref(x, 2, 2, 4)  # tiles: rows {0,1},{2} x cols {0..3},{4}
-    assert part.shape == (2, 1, 2, 4)
+    assert part.shape == (3, 1, 2, 4)
     tile = x[0, 2:4, 2:3, 4:5].double()  # group 1, tile (1, 1)
     torch.testing.assert_close(part[0, 0, 1, 3].double(), tile.mean(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(part[1, 0, 1, 3].double(), ((tile - tile.mean()) ** 2).sum(), atol=1e-5, rtol=1e-6)
+    assert part[2, 0, 1, 3].item() == 2  # 1 pixel x 2 channels
+    y = _input((1, 2, 9, 8), torch.float32)  # one 8 x 8 tile + a clipped one; rows of 16 pixels to 2 sets
+    part = ts.tile_stats_ref(y, 1, 8, 8, 2)
+    assert part.shape == (3, 1, 1, 4)
+    rows1 = y[0, :, [2, 3, 6, 7]].double()  # tile 0, row set 1: pixels 16..31 and 48..63 = image rows 2, 3, 6, 7
+    torch.testing.assert_close(part[0, 0, 0, 1].double(), rows1.mean(), atol=1e-6, rtol=1e-6)
+    assert part[2, 0, 0].tolist() == [64, 64, 16, 0]  # the clipped tile: row 8 in set 0, nothing in set 1
 
 
 @pytest.mark.parametrize("label,shape,groups,tile", SHAPES, ids=[s[0] for s in SHAPES])
@@ -123,6 +131,10 @@ def test_refused_hand_overs_still_normalise_correctly():
     # partials of another geometry (tiles that do not cover x): refused
     x = _input(shape, torch.float32)
     ts.attach(x, ts.tile_stats_ref(x[:, :, :16], groups, *tile), groups, *tile)
+    want = group_norm_ref(x.double(), groups, w.double(), b.double(), 1e-6)
+    torch.testing.assert_close(group_norm(x, groups, w, b, 1e-6).double(), want, atol=1e-4, rtol=1e-4)
+    x = _input(shape, torch.float32)  # row sets of another tile geometry: refused
+    ts.attach(x, ts.tile_stats_ref(x, groups, tile[0], tile[1], 1), groups, tile[0], tile[1], 2)
     want = group_norm_ref(x.double(), groups, w.double(), b.double(), 1e-6)
     torch.testing.assert_close(group_norm(x, groups, w, b, 1e-6).double(), want, atol=1e-4, rtol=1e-4)
 

@@ -241,12 +241,18 @@ def conv3x3_gluon(
     if residual is not None and residual.data_ptr() == out.data_ptr():
         raise ValueError("out must not be the residual (tiles read it while others write)")
     part = None
-    if stats_groups:
-        part = torch.empty((2, n, stats_groups, -(-h // cfg.th) * -(-w // cfg.tw)), device=x.device,
-                           dtype=torch.float32)  # fmt: skip
+    if stats_groups:  # (mean, M2, count) per tile and warp
+        tiles = -(-h // cfg.th) * -(-w // cfg.tw)
+        part = torch.empty((3, n, stats_groups, tiles * cfg.warps), device=x.device, dtype=torch.float32)
     drop_gn_stats(out)
     _launch(x, weight, bias, out, cfg, residual, part)
-    return out if part is None else attach(out, part, stats_groups, cfg.th, cfg.tw)
+    return out if part is None else attach(out, part, stats_groups, cfg.th, cfg.tw, cfg.warps)
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(bn: int, device: torch.device) -> torch.Tensor:
+    """fp16 [bn, bn] identity: the B operand of the residual's K steps (kernels/conv_gluon_kernels.py)."""
+    return torch.eye(bn, dtype=torch.float16, device=device)
 
 
 EPILOGUE_SLABS = 4  # a fused epilogue works in >= 4 column slabs: fewer live registers (no spills), less SMEM
@@ -312,10 +318,15 @@ def _launch_args(
     n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.bn
     num_tiles = n * n_th * n_tw * n_nb
     grid = (min(sms, num_tiles) if cfg.persistent else num_tiles,)
-    # y stands in for the pointers an epilogue does not read; part: [2, N, G, n_th·n_tw]
-    ptrs = (y if bias is None else bias, y if residual is None else residual, y if part is None else part)
-    half, cpg = (0, 1) if part is None else (part[0].numel(), co // part.shape[2])
-    args = (xd, wd, yd, *ptrs, half, c, h, w, co, n_th, n_tw, n_nb, num_tiles)
+    # the residual: BN / BK more K steps of [TH, TW, BK] boxes of it times [BN, BK] blocks of an identity
+    rd, idd = xd, wd  # (stand-ins: not read without HAS_RES)
+    if residual is not None:
+        r_nhwc = residual.as_strided((n, h, w, co), (h * w * co, w * co, co, 1))
+        rd, idd = desc(r_nhwc, [1, cfg.th, cfg.tw, cfg.bk]), desc(_identity(cfg.bn, x.device), [cfg.bn, cfg.bk])
+    # y stands in for the pointers an epilogue does not read; part: [3, N, G, tiles·warps]
+    ptrs = (y if bias is None else bias, y if part is None else part)
+    third, cpg = (0, 1) if part is None else (part[0].numel(), co // part.shape[2])
+    args = (xd, wd, yd, rd, idd, *ptrs, third, c, h, w, co, n_th, n_tw, n_nb, num_tiles)
     const = dict(STAGES=cfg.stages, HAS_BIAS=bias is not None, HAS_RES=residual is not None, STATS=part is not None,
                  CPG=cpg, EPI_SPLIT=cfg.epi_split, PRODUCER_REGS=PRODUCER_REGS, num_warps=cfg.warps)  # fmt: skip
     return grid, args, const
@@ -364,13 +375,13 @@ def compile_sm90(
     y = torch.empty((1, co, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
     bias = None if bias_dtype is None else torch.empty(co, dtype=bias_dtype)
     res = torch.empty_like(y) if residual else None
-    part = None if stats_cpg is None else torch.empty((2, 1, co // stats_cpg, 4), dtype=torch.float32)
+    part = None if stats_cpg is None else torch.empty((3, 1, co // stats_cpg, 4), dtype=torch.float32)
     _, args, const = _launch_args(x, wt, bias, y, config, 132, res, part)
     fn = kern.conv3x3_kernel
     names = fn.arg_names
     sig = {names[i]: mangle_type(a) for i, a in enumerate(args)}
     sig.update({k: "constexpr" for k in const})
     constexprs = {(names.index(k),): v for k, v in const.items()}
-    attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in ("bias_ptr", "res_ptr", "part_ptr")}
+    attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in ("bias_ptr", "part_ptr")}
     src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": config.warps})

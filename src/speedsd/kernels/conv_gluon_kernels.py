@@ -72,7 +72,8 @@ def _tile_coords(t, n_th, n_tw, n_nb, TH: gl.constexpr, TW: gl.constexpr, BN: gl
 
 
 @gluon.jit
-def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb, num_tiles):
+def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb, num_tiles,
+                    HAS_RES: gl.constexpr):  # fmt: skip
     TH: gl.constexpr = x_desc.block_type.shape[1]
     TW: gl.constexpr = x_desc.block_type.shape[2]
     BK: gl.constexpr = x_desc.block_type.shape[3]
@@ -95,6 +96,15 @@ def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw,
                     x_desc, [b, oy0 + (tap // 3 - 1), ox0 + (tap % 3 - 1), c0], bar, a_bufs.index(s)
                 )
                 tma.async_copy_global_to_shared(w_desc, [n0, tap * C + c0], bar, b_bufs.index(s))
+                it += 1
+        if HAS_RES:  # the residual as BN / BK more K steps: A = r[b, oy0:, ox0:, n0 + j·BK :], B = I_BN[:, j·BK :]
+            for j in gl.static_range(BN // BK):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, NBYTES)
+                tma.async_copy_global_to_shared(r_desc, [b, oy0, ox0, n0 + j * BK], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(i_desc, [0, j * BK], bar, b_bufs.index(s))
                 it += 1
 
 
@@ -122,8 +132,8 @@ def _split_cols(x, PARTS: gl.constexpr):
 
 
 @gluon.jit
-def _epilogue(y_desc, c_smem, acc, res_ptr, part_ptr, part_half, b, oy0, ox0, n0, H, W, Co, t_sp, T,
-              HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
+def _epilogue(y_desc, c_smem, acc, part_ptr, part_half, b, oy0, ox0, n0, H, W, Co, t_sp, T,
+              STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
               NUM_WARPS: gl.constexpr):  # fmt: skip
     # fp32 [BM, BN] -> per column slab: (+ residual) -> fp16 (-> GroupNorm tile statistics) -> SMEM -> TMA
     # store at y[b, oy0, ox0, n0 + slab], left in flight. Slab by slab keeps the epilogue's live registers
@@ -137,11 +147,6 @@ def _epilogue(y_desc, c_smem, acc, res_ptr, part_ptr, part_half, b, oy0, ox0, n0
         v = parts[i]
         m = gl.arange(0, BM, layout=gl.SliceLayout(1, v.type.layout))
         rows_ok = (oy0 + m // TW < H) & (ox0 + m % TW < W)  # the tile's pixels inside the image
-        if HAS_RES:
-            cols = n0 + i * SPLIT_N + gl.arange(0, SPLIT_N, layout=gl.SliceLayout(0, v.type.layout))
-            pix = (b * H + oy0 + m // TW) * W + ox0 + m % TW  # [BM] pixel index in [N, H, W]
-            offs = gl.expand_dims(pix * Co, 1) + gl.expand_dims(cols, 0)
-            v = v + gl.load(res_ptr + offs, mask=gl.expand_dims(rows_ok, 1), other=0.0).to(gl.float32)
         out = v.to(gl.float16)
         if STATS:
             _tile_stats(out, rows_ok, part_ptr, part_half, b, t_sp, T, Co // CPG, (n0 + i * SPLIT_N) // CPG, CPG,
@@ -153,7 +158,7 @@ def _epilogue(y_desc, c_smem, acc, res_ptr, part_ptr, part_half, b, oy0, ox0, n0
 
 
 @gluon.jit
-def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, res_ptr, part_ptr, part_half, C, H, W, Co,
+def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_half, C, H, W, Co,
                    n_th, n_tw, n_nb, num_tiles, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, STATS: gl.constexpr,
                    CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
     TH: gl.constexpr = a_bufs.type.shape[2]
@@ -181,50 +186,65 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, res_p
                 acc = warpgroup_mma_wait(1, deps=(acc,))
                 _release_prev(empty, it, STAGES, cb, tap)
                 it += 1
+        if HAS_RES:
+            for _ in gl.static_range(BN // BK):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                a_view = a_bufs.index(s).reshape([BM, BK])
+                acc = warpgroup_mma(a_view, b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                it += 1
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the tile's last step
         if HAS_BIAS:
             cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
-        _epilogue(y_desc, c_smem, acc, res_ptr, part_ptr, part_half, b, oy0, ox0, n0, H, W, Co,
-                  (oy0 // TH) * n_tw + ox0 // TW, n_th * n_tw, HAS_RES, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
+        _epilogue(y_desc, c_smem, acc, part_ptr, part_half, b, oy0, ox0, n0, H, W, Co,
+                  (oy0 // TH) * n_tw + ox0 // TW, n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
     tma.store_wait(0)
 
 
 @gluon.jit
-def _tile_stats(v, rows_ok, part_ptr, half, b, t_sp, T, G, g0, CPG: gl.constexpr, BN: gl.constexpr,
+def _tile_stats(v16, rows_ok, part_ptr, half, b, t_sp, T, G, g0, CPG: gl.constexpr, SPLIT_N: gl.constexpr,
                 NUM_WARPS: gl.constexpr):  # fmt: skip
-    # v: fp32 [BM, BN] (accumulator layout), rows_ok: [BM]. Column sums, then groups of CPG columns through a
-    # one-hot [BN, GT] (channel c in group c // CPG) in a blocked layout; the group means go back to the
-    # columns the same way for the second (centred) pass.
-    GT: gl.constexpr = BN // CPG
-    col_l: gl.constexpr = gl.SliceLayout(0, v.type.layout)
-    oh_l: gl.constexpr = gl.BlockedLayout([1, GT], [32, 1], [NUM_WARPS, 1], [1, 0])
-    ok = gl.expand_dims(rows_ok, 1)
-    cnt = gl.sum(rows_ok.to(gl.float32), axis=0) * CPG
-    c = gl.arange(0, BN, layout=gl.SliceLayout(1, oh_l))
-    j = gl.arange(0, GT, layout=gl.SliceLayout(0, oh_l))
-    onehot = gl.where(gl.expand_dims(c // CPG, 1) == gl.expand_dims(j, 0), 1.0, 0.0)  # [BN, GT]
-    col_sum = gl.convert_layout(gl.sum(gl.where(ok, v.to(gl.float32), 0.0), axis=0), gl.SliceLayout(1, oh_l))
-    mean = gl.sum(gl.expand_dims(col_sum, 1) * onehot, axis=0) / cnt  # [GT]
-    mean_c = gl.convert_layout(gl.sum(onehot * gl.expand_dims(mean, 0), axis=1), col_l)  # [BN]
-    d = gl.where(ok, v.to(gl.float32) - gl.expand_dims(mean_c, 0), 0.0)
-    col_m2 = gl.convert_layout(gl.sum(d * d, axis=0), gl.SliceLayout(1, oh_l))
-    m2 = gl.sum(gl.expand_dims(col_m2, 1) * onehot, axis=0)  # [GT]
-    dst = part_ptr + ((b * G + g0 + j) * T + t_sp)  # part[0, b, g0 + j, t_sp]; part[1] is half = N·G·T on
+    # Per warp, no cross-warp traffic: the accumulator's row m belongs to warp (m // 16) % NUM_WARPS, so
+    # [BM, SPLIT_N] = [REP, NUM_WARPS, 16, GT, CPG] and the sums over axes (4, 2, 0) stay in one warp (registers
+    # and shuffles). Per (warp w, group j): cnt = valid rows · CPG, mean = Σ v / cnt, M2 = Σ (v − mean)², at
+    # part[0 | 1 | 2, b, g0 + j, t_sp·NUM_WARPS + w] = mean | M2 | cnt.
+    BM: gl.constexpr = v16.shape[0]
+    REP: gl.constexpr = BM // (16 * NUM_WARPS)
+    GT: gl.constexpr = SPLIT_N // CPG
+    shape5: gl.constexpr = [REP, NUM_WARPS, 16, GT, CPG]
+    okf, v = gl.broadcast(gl.where(gl.expand_dims(rows_ok, 1), 1.0, 0.0), v16.to(gl.float32))  # [BM, SPLIT_N]
+    okf = gl.reshape(okf, shape5)
+    v = gl.reshape(v, shape5) * okf
+    cnt = gl.sum(gl.sum(gl.sum(okf, axis=4), axis=2), axis=0)  # [NUM_WARPS, GT]
+    mean = gl.sum(gl.sum(gl.sum(v, axis=4), axis=2), axis=0) / gl.maximum(cnt, 1.0)
+    mean5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(mean, 0), 2), 4)
+    d = (v - mean5) * okf
+    m2 = gl.sum(gl.sum(gl.sum(d * d, axis=4), axis=2), axis=0)
+    out_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NUM_WARPS, 1], [1, 0])  # [NUM_WARPS, GT], tiny
+    mean, m2, cnt = gl.convert_layout(mean, out_l), gl.convert_layout(m2, out_l), gl.convert_layout(cnt, out_l)
+    w = gl.arange(0, NUM_WARPS, layout=gl.SliceLayout(1, out_l))
+    j = gl.arange(0, GT, layout=gl.SliceLayout(0, out_l))
+    P = T * NUM_WARPS
+    dst = part_ptr + (b * G + g0 + gl.expand_dims(j, 0)) * P + t_sp * NUM_WARPS + gl.expand_dims(w, 1)
     gl.store(dst, mean)
     gl.store(dst + half, m2)
+    gl.store(dst + 2 * half, cnt)
 
 
 # sizes are not specialized: one compile per (config, bias dtype, epilogue) serves every layer shape
 @gluon.jit(do_not_specialize=["part_half", "C", "H", "W", "Co", "n_th", "n_tw", "n_nb", "num_tiles"])
-def conv3x3_kernel(x_desc, w_desc, y_desc, bias_ptr, res_ptr, part_ptr, part_half, C, H, W, Co, n_th, n_tw, n_nb,
-                   num_tiles, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
+def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, part_half, C, H, W, Co, n_th, n_tw,
+                   n_nb, num_tiles, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
                    STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):  # fmt: skip
     # x_desc: [N, H, W, C] boxes [1, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
     # y_desc: [N, H, W, Co] boxes [1, TH, TW, BN / EPI_SPLIT]; bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS);
-    # res_ptr: fp16 [N, H, W, Co] dense (read iff HAS_RES); part_ptr: fp32 [2, N, Co / CPG, n_th·n_tw] (STATS)
+    # HAS_RES: r_desc: the residual [N, H, W, Co] boxes [1, TH, TW, BK], i_desc: the identity [BN, BN] boxes
+    # [BN, BK]; STATS: part_ptr fp32 [3, N, Co / CPG, n_th·n_tw·num_warps] (part_half = one third of it)
     a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     c_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
@@ -234,8 +254,9 @@ def conv3x3_kernel(x_desc, w_desc, y_desc, bias_ptr, res_ptr, part_ptr, part_hal
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, res_ptr, part_ptr, part_half, C,
+        (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_half, C,
                           H, W, Co, n_th, n_tw, n_nb, num_tiles, HAS_BIAS, HAS_RES, STATS, CPG, EPI_SPLIT,
                           num_warps)),
-        (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb, num_tiles)),
+        (_load_partition, (x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb,
+                           num_tiles, HAS_RES)),
     ], [1], [PRODUCER_REGS])  # fmt: skip

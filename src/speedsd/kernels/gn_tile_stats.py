@@ -4,11 +4,11 @@ A conv whose output feeds a GroupNorm holds every output value in registers once
 (kernels/conv_gluon_kernels.py, ``STATS``) writes, per output tile of th x tw pixels and per group j of
 CPG channels, the tile's (mean_j, M2_j) of the stored fp16 values:
 
-    part[0 | 1, n, j, t] = mean | M2,   t = ty·n_tw + tx,   tile t = rows [ty·th, ..) x cols [tx·tw, ..)
-                                                             clipped to the image (its count: pixels · CPG)
+    part[0 | 1 | 2, n, j, t·R + r] = mean | M2 | count,   t = ty·n_tw + tx: rows [ty·th, ..) x cols [tx·tw, ..)
+                                                           of the image, r < R: the tile's row set of warp r
 
-Here one small launch merges them per (sample, group) (Chan: mean = Σ c_t·mean_t / Σ c_t,
-M2 = Σ M2_t + c_t·(mean_t − mean)²) into GroupNorm's per-channel affine,
+Here one small launch merges them per (sample, group) (Chan: mean = Σ c_p·mean_p / Σ c_p,
+M2 = Σ M2_p + c_p·(mean_p − mean)²) into GroupNorm's per-channel affine,
 
     scale[n, c] = γ_c · rstd[n, g(c)],   shift[n, c] = β_c − mean[n, g(c)] · scale[n, c],
 
@@ -33,12 +33,14 @@ __all__ = ["TileStats", "affine_act", "affine_act_ref", "tile_stats_ref"]
 
 @dataclass(frozen=True)
 class TileStats:
-    """Per-tile partials ``part`` fp32 [2, N, G, n_th·n_tw] of a [N, C, h, w] tensor in th x tw tiles, valid
-    for ``groups`` while the tensor is at ``version`` (None: an inference tensor)."""
+    """Partials ``part`` fp32 [3, N, G, n_th·n_tw·per_tile] ((mean, M2, count) of each of the per_tile row sets
+    of each th x tw tile) of a [N, C, h, w] tensor, valid for ``groups`` while the tensor is at ``version``
+    (None: an inference tensor)."""
 
     groups: int
     th: int
     tw: int
+    per_tile: int
     version: int | None
     part: torch.Tensor
 
@@ -55,23 +57,22 @@ class TileStats:
         if getattr(x, GN_STATS_ATTR, None) is self:
             drop_gn_stats(x)
         n, c, h, w = x.shape
-        t = triton.cdiv(h, self.th) * triton.cdiv(w, self.tw)
-        if self.groups != groups or self.version != _version(x) or self.part.shape != (2, n, groups, t):
+        p = triton.cdiv(h, self.th) * triton.cdiv(w, self.tw) * self.per_tile
+        if self.groups != groups or self.version != _version(x) or self.part.shape != (3, n, groups, p):
             return None
         scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
         shift = torch.empty_like(scale)
         _tile_merge_kernel[(groups, n)](
-            self.part, _dense(weight, scale), _dense(bias, scale), scale, shift,
-            n, c, h, w, t, triton.cdiv(w, self.tw), eps, TH=self.th, TW=self.tw, CPG=c // groups,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_T=min(1024, triton.next_power_of_2(t)),
+            self.part, _dense(weight, scale), _dense(bias, scale), scale, shift, n, c, p, eps, CPG=c // groups,
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=min(1024, triton.next_power_of_2(p)),
             BLOCK_C=triton.next_power_of_2(c // groups), num_warps=4,
         )  # fmt: skip
         return scale, shift
 
 
-def attach(y: torch.Tensor, part: torch.Tensor, groups: int, th: int, tw: int) -> torch.Tensor:
+def attach(y: torch.Tensor, part: torch.Tensor, groups: int, th: int, tw: int, per_tile: int) -> torch.Tensor:
     """Hand ``part`` (the producer's tile partials of y) over to the GroupNorm that reads y next."""
-    setattr(y, GN_STATS_ATTR, TileStats(groups, th, tw, _version(y), part))
+    setattr(y, GN_STATS_ATTR, TileStats(groups, th, tw, per_tile, _version(y), part))
     return y
 
 
@@ -83,49 +84,60 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def tile_stats_ref(y: torch.Tensor, groups: int, th: int, tw: int) -> torch.Tensor:
-    """What the producer writes: fp32 [2, N, G, n_th·n_tw] per-tile (mean, M2) of y [N, C, H, W] (in fp64)."""
+def tile_stats_ref(y: torch.Tensor, groups: int, th: int, tw: int, per_tile: int = 1) -> torch.Tensor:
+    """What the producer writes: fp32 [3, N, G, n_th·n_tw·per_tile], the (mean, M2, count) in fp64 of each group
+    over row set w < per_tile of each th x tw tile t (at t·per_tile + w): the tile's pixels m = i·tw + j with
+    (m // 16) % per_tile == w (the Gluon conv's warps), those inside the image."""
     n, c, h, w = y.shape
     n_th, n_tw = triton.cdiv(h, th), triton.cdiv(w, tw)
-    part = torch.empty((2, n, groups, n_th * n_tw), dtype=torch.float64)
-    yg = y.double().cpu().reshape(n, groups, c // groups, h, w)  # [N, C, H, W] -> [N, G, CPG, H, W]
-    for ty in range(n_th):
-        for tx in range(n_tw):
-            tile = yg[..., ty * th : (ty + 1) * th, tx * tw : (tx + 1) * tw].reshape(n, groups, -1)
-            mean = tile.mean(-1)
-            part[0, :, :, ty * n_tw + tx] = mean
-            part[1, :, :, ty * n_tw + tx] = ((tile - mean[..., None]) ** 2).sum(-1)
-    return part.float().to(y.device)
+    yp = torch.zeros((n, c, n_th * th, n_tw * tw), dtype=torch.float64)
+    yp[:, :, :h, :w] = y.double().cpu()
+    ok = torch.zeros((n_th * th, n_tw * tw), dtype=torch.float64)
+    ok[:h, :w] = 1.0
+    # [N, C, n_th·th, n_tw·tw] -> [N, G, CPG, n_th, th, n_tw, tw] -> [N, G, n_th, n_tw, th·tw, CPG]
+    tiles = yp.reshape(n, groups, c // groups, n_th, th, n_tw, tw).permute(0, 1, 3, 5, 4, 6, 2)
+    tiles = tiles.reshape(n, groups, n_th * n_tw, th * tw, c // groups)
+    okt = ok.reshape(n_th, th, n_tw, tw).permute(0, 2, 1, 3).reshape(n_th * n_tw, th * tw, 1)
+    row_set = (torch.arange(th * tw) // 16) % per_tile
+    part = torch.zeros((3, n, groups, n_th * n_tw, per_tile), dtype=torch.float64)
+    for r in range(per_tile):
+        v, m = tiles[:, :, :, row_set == r], okt[:, row_set == r].expand(-1, -1, c // groups)
+        cnt = m.sum((1, 2))  # [T]
+        mean = (v * m).sum((3, 4)) / cnt.clamp_min(1)
+        part[0, ..., r], part[2, ..., r] = mean, cnt
+        part[1, ..., r] = (((v - mean[..., None, None]) * m) ** 2).sum((3, 4))
+    return part.reshape(3, n, groups, -1).float().to(y.device)
 
 
-# Merge, program (g, n): the tiles' partials of group g in sample n, in BLOCK_T chunks, two passes
-# (the mean first, then M2 around it), each tile weighted by its count c_t = rows_t · cols_t · CPG:
-#   mean = Σ_t c_t·mean_t / (H·W·CPG),   M2 = Σ_t M2_t + c_t·(mean_t − mean)²,   rstd = 1 / sqrt(M2 / (H·W·CPG) + eps)
+# Merge, program (g, n): the P partials (mean_p, M2_p, count_p) of group g in sample n, in BLOCK_P chunks, two
+# passes (the mean first, then M2 around it):
+#   mean = Σ_p c_p·mean_p / Σ_p c_p,   M2 = Σ_p M2_p + c_p·(mean_p − mean)²,   rstd = 1 / sqrt(M2 / Σ_p c_p + eps)
 # then scale[n, c] = γ_c·rstd and shift[n, c] = β_c − mean·scale[n, c] for the group's CPG channels.
 @triton.jit
 def _tile_merge_kernel(
-    part_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, H, W, T, n_tw, eps,
-    TH: tl.constexpr, TW: tl.constexpr, CPG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    part_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, P, eps,
+    CPG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0)
     n = tl.program_id(1)
     G = tl.num_programs(0)
-    row = part_ptr + (n * G + g) * T
-    half = N * G * T
-    total = (H * W * CPG) * 1.0
-    acc = tl.zeros([BLOCK_T], tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        cnt = _tile_count(t, T, n_tw, H, W, TH, TW, CPG)
-        acc += cnt * tl.load(row + t, mask=t < T, other=0.0)
-    mean = tl.sum(acc, axis=0) / total
-    acc = tl.zeros([BLOCK_T], tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        cnt = _tile_count(t, T, n_tw, H, W, TH, TW, CPG)
-        d = tl.load(row + t, mask=t < T, other=0.0) - mean
-        acc += tl.load(row + half + t, mask=t < T, other=0.0) + cnt * d * d
+    row = part_ptr + (n * G + g) * P
+    third = N * G * P
+    s1 = tl.zeros([BLOCK_P], tl.float32)
+    s0 = tl.zeros([BLOCK_P], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        cnt = tl.load(row + 2 * third + p, mask=p < P, other=0.0)
+        s1 += cnt * tl.load(row + p, mask=p < P, other=0.0)
+        s0 += cnt
+    total = tl.sum(s0, axis=0)
+    mean = tl.sum(s1, axis=0) / total
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        cnt = tl.load(row + 2 * third + p, mask=p < P, other=0.0)
+        d = tl.load(row + p, mask=p < P, other=0.0) - mean
+        acc += tl.load(row + third + p, mask=p < P, other=0.0) + cnt * d * d
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / total + eps)
     k = tl.arange(0, BLOCK_C)
     c = g * CPG + k
@@ -138,14 +150,6 @@ def _tile_merge_kernel(
         shift += tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
     tl.store(scale_ptr + n * C + c, scale, mask=mask)
     tl.store(shift_ptr + n * C + c, shift, mask=mask)
-
-
-@triton.jit
-def _tile_count(t, T, n_tw, H, W, TH: tl.constexpr, TW: tl.constexpr, CPG: tl.constexpr):
-    # values of one group in tile t (0 past the last tile): its pixels clipped to the image, times CPG
-    rows = tl.minimum(H - (t // n_tw) * TH, TH)
-    cols = tl.minimum(W - (t % n_tw) * TW, TW)
-    return tl.where(t < T, rows * cols * CPG, 0) * 1.0
 
 
 def affine_act_ref(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
