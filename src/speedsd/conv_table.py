@@ -48,24 +48,25 @@ def _table(card: str, path: str) -> dict[str, IgemmConfig | GluonConvConfig]:
     return out
 
 
+# Which epilogue kind a conv's output needs: "stats" (bias + the next GroupNorm's statistics) or "residual"
+# (bias + residual, with or without them). Per card and shape, an entry's "epilogue" maps a kind to the Gluon
+# config measured faster than the engine's unfused conv + pass (python -m speedsd.bench.conv_epilogue --table).
+EPILOGUE_KINDS = ("stats", "residual")
+
+
 @functools.lru_cache(maxsize=8)
-def _gluon_table(card: str, path: str) -> dict[str, GluonConvConfig]:
-    """Shape key -> the Gluon conv's measured config, for entries timing it within EPILOGUE_SLACK of cuDNN
-    (winner or not: a fused epilogue saves a whole pass over the output, which the plain race ignores)."""
+def _epilogue_table(card: str, path: str) -> dict[tuple[str, str], GluonConvConfig]:
     p = Path(path)
     if not p.exists():
         return {}
     out = {}
     for key, e in json.loads(p.read_text()).get("cards", {}).get(card, {}).items():
-        ms = e.get("graph_ms", {})
-        if "gluon_config" in e and "gluon" in ms and ms["gluon"] <= EPILOGUE_SLACK * ms.get("cudnn", float("inf")):
-            out[key] = GluonConvConfig.parse(e["gluon_config"])
+        for kind, cfg in e.get("epilogue", {}).items():
+            if kind not in EPILOGUE_KINDS:
+                raise ValueError(f"{path}: {card} / {key}: unknown epilogue kind {kind!r}")
+            if cfg is not None:
+                out[(key, kind)] = GluonConvConfig.parse(cfg)
     return out
-
-
-# A Gluon conv with a fused epilogue replaces conv + a bias/residual/statistics pass over its output; the
-# plain Gluon conv may be this much slower than cuDNN for it to apply (H200, bench/results/conv_epilogue_h200.md).
-EPILOGUE_SLACK = 1.03
 
 
 @functools.lru_cache(maxsize=16)
@@ -81,12 +82,13 @@ def choose(
     return _table(card_name(device), str(TABLE_PATH)).get(shape_key(x_shape, n, kernel, stride, padding, dtype))
 
 
-def gluon_epilogue_config(
-    x_shape: tuple[int, ...], n: int, dtype: torch.dtype, device: torch.device
+def epilogue_config(
+    x_shape: tuple[int, ...], n: int, kind: str, dtype: torch.dtype, device: torch.device
 ) -> GluonConvConfig | None:
-    """The Gluon conv config measured on this card for a 3x3 stride-1 pad-1 conv of this shape, where it ran
-    within EPILOGUE_SLACK of cuDNN; the layer may then run it with a fused epilogue (ops.conv_epilogue_op)."""
-    return _gluon_table(card_name(device), str(TABLE_PATH)).get(shape_key(x_shape, n, 3, 1, 1, dtype))
+    """The Gluon config measured on this card to beat the unfused conv + pass for a 3x3 stride-1 pad-1 conv of
+    this shape with an epilogue of this kind (EPILOGUE_KINDS), else None (ops.conv_epilogue_op)."""
+    key = shape_key(x_shape, n, 3, 1, 1, dtype)
+    return _epilogue_table(card_name(device), str(TABLE_PATH)).get((key, kind))
 
 
 def merge_into(path: Path, card: str, table: dict, keep: bool = False) -> None:
@@ -96,4 +98,16 @@ def merge_into(path: Path, card: str, table: dict, keep: bool = False) -> None:
         table = {**json.loads(path.read_text()).get("cards", {}).get(card, {}), **table}
     write_card_table(path, card, table)
     _table.cache_clear()
-    _gluon_table.cache_clear()
+    _epilogue_table.cache_clear()
+
+
+def record_epilogues(path: Path, card: str, choices: dict[str, dict]) -> None:
+    """Set each shape entry's measured "epilogue" choices ({kind: config string or None}) and timings, keeping the
+    entry's other fields (a shape without an entry gets one naming cuDNN for the plain conv)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    entries = dict(data.get("cards", {}).get(card, {}))
+    for key, fields in choices.items():
+        entries[key] = {**entries.get(key, {"best": "cudnn"}), **fields}
+    write_card_table(path, card, entries)
+    _table.cache_clear()
+    _epilogue_table.cache_clear()

@@ -347,17 +347,20 @@ def conv_epilogue_op(
 ) -> torch.Tensor | None:
     """conv(x) + bias (+ residual) as one Gluon 3x3 conv whose epilogue adds them and, with ``next_groups``
     (the output's next reader is that GroupNorm) and the GroupNorm kernel on, writes its tile statistics
-    (kernels/gn_tile_stats.py): the output is then written once and never re-read before it is normalised.
-    With ``igemm_conv`` and ``fused_epilogues``, where the conv table timed the Gluon conv on this card and
-    shape close to cuDNN (conv_table.gluon_epilogue_config). None elsewhere: the caller runs conv2d_op and
-    its own bias/residual pass."""
+    (kernels/gn_tile_stats.py): the output is then written once and not re-read before it is normalised.
+    With ``igemm_conv`` and ``fused_epilogues``, where the conv table measured this kind of epilogue on this
+    card and shape faster than the unfused conv + pass (conv_table.epilogue_config). None elsewhere: the
+    caller runs conv2d_op and its own bias/residual pass."""
     flags = current()
     if not (flags.igemm_conv and flags.fused_epilogues and _triton_runs(x) and x.dim() == 4):
         return None
-    cfg = conv_table.gluon_epilogue_config(tuple(x.shape), conv.out_channels, x.dtype, x.device)
+    groups = next_groups if flags.group_norm else None
+    kind = "residual" if residual is not None else "stats"
+    if kind == "stats" and not groups:
+        return None  # a bias alone: conv2d_op's own bias handling
+    cfg = conv_table.epilogue_config(tuple(x.shape), conv.out_channels, kind, x.dtype, x.device)
     if cfg is None or not conv_gluon_supported(x, conv, bias, cfg):
         return None
-    groups = next_groups if flags.group_norm else None
     if conv_gluon_epilogue_problem(x, conv.weight, residual, groups, cfg) is not None:
         return None
     return conv3x3_gluon(x, conv.weight, bias, cfg, residual=residual, stats_groups=groups)

@@ -122,7 +122,8 @@ def fake_gpu(monkeypatch):
     """Pretend an sm_90 device with 3 SMs: the launch runs a torch model of the kernel's tile walk."""
     calls = []
 
-    def launch(x, weight, bias, y, cfg):
+    def launch(x, weight, bias, y, cfg, residual=None, part=None):
+        assert residual is None and part is None  # plain convs here (the epilogue: test_conv_gluon_epilogue.py)
         calls.append(cfg)
         _emulate(x, weight, bias, y, cfg, sms=3)
 
@@ -136,7 +137,7 @@ def _emulate(x, weight, bias, y, cfg, sms):
     each); a tile's 9·C/BK K steps read [TH, TW, BK] boxes (zero outside [N, H, W, C], as TMA fills) and
     [BN, BK] weight blocks; the fp32 sum (+ bias) is stored as fp16, clipped at the tensor's edge."""
     grid, args, const = cg._launch_args(x, weight, bias, y, cfg, sms)
-    xd, wd, yd, bias_ptr, c, n_th, n_tw, n_nb, num_tiles = args
+    xd, wd, yd, _, _, bias_ptr, _, _, c, _, _, _, n_th, n_tw, n_nb, num_tiles = args
     assert xd.block_shape == [1, cfg.th, cfg.tw, cfg.bk] and wd.block_shape == [cfg.bn, cfg.bk]
     assert yd.block_shape == [1, cfg.th, cfg.tw, cfg.bn // cfg.epi_split] and const["num_warps"] == cfg.warps
     assert const["HAS_BIAS"] == (bias is not None) and (bias is None or bias_ptr is bias)
@@ -218,7 +219,7 @@ def test_launch_grid():
     tiles = 2 * 38 * 4 * 2
     for name, grid in (("ws2", 132), ("ws2_np", tiles)):
         g, args, _ = cg._launch_args(x, wt, None, y, cg.variant(name, 512), 132)
-        assert g == (grid,) and args[4:] == (64, 38, 4, 2, tiles) and args[3] is y
+        assert g == (grid,) and args[7:] == (0, 64, 300, 50, 512, 38, 4, 2, tiles) and args[5] is y
 
 
 def test_reference_is_the_conv():

@@ -17,10 +17,15 @@ from speedsd.kernels import conv_gluon as cg
 # (name, config, bias dtype): the engine's case (ws2, no bias), the 16 x 16 x 128 fitting with an fp16 bias,
 # 'ws' with an fp32 bias ('_np' variants compile to the same kernel: persistence is the grid), and a control:
 # one warpgroup on a 128 x 256 tile needs 256 accumulator registers a thread, which must spill.
+# The fused epilogues (test_conv_gluon_epilogue.py): residual K steps + per-warp GroupNorm statistics on the VAE
+# configs, with 4 (128 channels), 8 and 16 channels a group.
 AOT = {
     "ws2": (cg.variant("ws2", 256), None),
     "ws2_co128_bias16": (cg.variant("ws2", 128), torch.float16),
     "ws_bias32": (cg.variant("ws", 128), torch.float32),
+    "res_stats4_c2": (cg.GluonConvConfig.parse("g16x16n128k64s4c2e2p"), torch.float16, True, 4),
+    "stats8_c2_bn256": (cg.GluonConvConfig.parse("g8x16n256k64s4c2e2p"), torch.float16, False, 8),
+    "res_stats16_c1": (cg.GluonConvConfig.parse("g8x16n128k64s4c1e1p"), torch.float16, True, 16),
     "control": (cg.GluonConvConfig(bn=256, epi_split=2), None),
 }
 # compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child)
@@ -29,9 +34,10 @@ import sys, torch
 from pathlib import Path
 from speedsd.kernels import conv_gluon as cg
 out = Path(sys.argv[1])
-for name, key, bias in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
+for name, key, bias, res, cpg in zip(*(sys.argv[i::5] for i in range(2, 7))):
     cfg = cg.GluonConvConfig.parse(key)
-    k = cg.compile_sm90(cfg, None if bias == "-" else getattr(torch, bias))
+    k = cg.compile_sm90(cfg, None if bias == "-" else getattr(torch, bias), residual=res == "1",
+                        stats_cpg=None if cpg == "-" else int(cpg))
     (out / f"{name}.ptx").write_text(k.asm["ptx"])
     (out / f"{name}.cubin").write_bytes(k.asm["cubin"])
     (out / f"{name}.meta").write_text(f"{k.metadata.num_warps} {k.metadata.shared}")
@@ -47,7 +53,10 @@ def sm90_kernels(tmp_path_factory):
     if ptxas is None:
         pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
     out = tmp_path_factory.mktemp("aot")
-    argv = [a for name, (cfg, b) in AOT.items() for a in (name, str(cfg), str(b).removeprefix("torch.") if b else "-")]
+    argv = []
+    for name, (cfg, b, *epi) in AOT.items():
+        res, cpg = epi or (False, None)
+        argv += [name, str(cfg), str(b).removeprefix("torch.") if b else "-", "1" if res else "0", str(cpg or "-")]
     run_compile_child(_AOT_CHILD, cg.__file__, str(out), *argv)
     res = {}
     for name in AOT:
@@ -67,13 +76,15 @@ def _spills(log: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("name", [n for n in AOT if n != "control"])
 def test_aot_compile_sm90(name, sm90_kernels):
-    cfg, bias = AOT[name]
+    cfg, bias, *epi = AOT[name]
     ptx, cubin, warps, shared, log = sm90_kernels[name]
+    stats = bool(epi) and epi[1] is not None
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
     assert "cp.async.bulk.tensor.4d.shared::cluster.global" in ptx  # TMA loads of the input boxes
     assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx  # ... and of the weight blocks
     assert "cp.async.bulk.tensor.4d.global.shared::cta" in ptx  # TMA store of the output tile
-    assert ("ld.global" in ptx) == (bias is not None)  # the bias is the only global load
+    assert ("ld.global" in ptx) == (bias is not None)  # the bias is the only global load (the residual: TMA)
+    assert ("st.global" in ptx) == stats  # the statistics are the only global stores
     assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+{cg.PRODUCER_REGS}\b", ptx)  # the producer
     assert warps == cfg.warps + 4 and shared <= cg.SMEM_LIMIT  # + the producer warp's group
     assert _spills(log) == (0, 0), log

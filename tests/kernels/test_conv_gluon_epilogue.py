@@ -39,14 +39,6 @@ def make(n, c, h, w, co, device="cpu", seed=0):
 # ---- CPU: config, checks, launch arguments -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, want", [("g16x16n128k64s4c2e2p", 4), ("g8x16n256k64s4c2e2p", 4),
-                                       ("g8x16n128k64s4c1e1", 4), ("g8x16n64k64s4c1e1", 4),
-                                       ("g8x16n32k64s4c1e1", 2), ("g8x16n256k64s4c2e8p", 8)])  # fmt: skip
-def test_epilogue_config_slabs(key, want):
-    cfg = cg.epilogue_config(cg.GluonConvConfig.parse(key))
-    assert cfg.epi_split == want and cfg.bn // cfg.epi_split >= 16
-
-
 def test_epilogue_problems():
     x, wt, _, r = make(1, 64, 8, 8, 128)
     cfg = cg.variant("ws2", 128)
@@ -55,12 +47,14 @@ def test_epilogue_problems():
     assert "residual must be" in cg.conv_gluon_epilogue_problem(x, wt, r[:, :64], None, cfg)
     assert "residual must be" in cg.conv_gluon_epilogue_problem(x, wt, r.float(), None, cfg)
     assert "stats_groups=3" in cg.conv_gluon_epilogue_problem(x, wt, None, 3, cfg)
-    assert "stats_groups=2" in cg.conv_gluon_epilogue_problem(x, wt, None, 2, cfg)  # 64-channel groups > 32 slabs
+    assert cg.conv_gluon_epilogue_problem(x, wt, None, 2, cfg) is None  # 64-channel groups in 64-channel slabs
+    e4 = cg.GluonConvConfig.parse("g16x16n128k64s4c2e4p")
+    assert "stats_groups=2" in cg.conv_gluon_epilogue_problem(x, wt, None, 2, e4)  # 64-channel groups > 32 slabs
 
 
 def test_launch_args_for_the_epilogue():
     x, wt, bias, r = make(2, 64, 12, 20, 128)
-    cfg = cg.epilogue_config(cg.variant("ws2", 128))  # 16 x 16 x 128 in 4 slabs
+    cfg = cg.GluonConvConfig.parse("g16x16n128k64s4c2e4p")  # 16 x 16 x 128 in 4 slabs
     y = torch.empty_like(r)
     part = torch.empty(3, 2, 32, 2 * cfg.warps)
     grid, args, const = cg._launch_args(x, wt, bias, y, cfg, 132, r, part)
@@ -97,22 +91,41 @@ def fake_epilogue(monkeypatch):
 
 @pytest.fixture
 def epilogue_table(tmp_path, monkeypatch):
-    """A conv table timing the Gluon conv on this machine's card ("cpu") within the slack of cuDNN for the
-    block's two convs (64 -> 128 and 128 -> 128 at 12 x 20), and 10 % slower for a third shape."""
+    """A conv table on this machine's card ("cpu") whose measured epilogue choices fuse both kinds for the block's
+    convs (64 -> 128 and 128 -> 128 at 12 x 20), only the residual kind for 64 -> 128 at 12 x 24, neither at
+    12 x 28."""
     path = tmp_path / "conv_table.json"
-    entries = {}
-    for cin, gluon_ms in ((64, 1.02), (128, 1.02), (32, 1.10)):
-        key = conv_table.shape_key((1, cin, 12, 20), 128, 3, 1, 1, torch.float16)
-        cfg = str(cg.variant("ws2", 128))
-        ms = {"cudnn": 1.0, "gluon": gluon_ms}
-        entries[key] = {"best": "cudnn", "config": "x", "gluon_config": cfg, "graph_ms": ms}
-    path.write_text(json.dumps({"cards": {conv_table.card_name(torch.device("cpu")): entries}}))
+    path.write_text(json.dumps({"cards": {}}))
+    cfg = str(cg.variant("ws2", 128))
+    choices = {(64, 20): (cfg, cfg), (128, 20): (cfg, cfg), (64, 24): (None, cfg), (64, 28): (None, None)}
+    entries = {
+        conv_table.shape_key((1, cin, 12, w), 128, 3, 1, 1, torch.float16): {
+            "epilogue": {"stats": stats, "residual": residual}
+        }
+        for (cin, w), (stats, residual) in choices.items()
+    }
     monkeypatch.setattr(conv_table, "TABLE_PATH", path)
-    conv_table._table.cache_clear()
-    conv_table._gluon_table.cache_clear()
+    conv_table.record_epilogues(path, conv_table.card_name(torch.device("cpu")), entries)
     yield
     conv_table._table.cache_clear()
-    conv_table._gluon_table.cache_clear()
+    conv_table._epilogue_table.cache_clear()
+
+
+def test_recorded_epilogues_keep_the_plain_entry(tmp_path):
+    path = tmp_path / "t.json"
+    key = conv_table.shape_key((1, 64, 8, 8), 128, 3, 1, 1, torch.float16)
+    plain = {"best": "gluon", "config": "g8x16n128k64s4c1e1", "graph_ms": {"cudnn": 1.0}}
+    path.write_text(json.dumps({"cards": {"X": {key: plain}, "Y": {key: {"best": "cudnn"}}}}))
+    conv_table.record_epilogues(path, "X", {key: {"epilogue": {"stats": None, "residual": "g8x16n128k64s4c1e2"}}})
+    data = json.loads(path.read_text())["cards"]
+    assert data["X"][key] == {**plain, "epilogue": {"stats": None, "residual": "g8x16n128k64s4c1e2"}}
+    assert data["Y"] == {key: {"best": "cudnn"}}
+    want = {(key, "residual"): cg.GluonConvConfig.parse("g8x16n128k64s4c1e2")}
+    assert conv_table._epilogue_table("X", str(path)) == want
+    path.write_text(json.dumps({"cards": {"X": {key: {"best": "cudnn", "epilogue": {"bias": "x"}}}}}))
+    conv_table._epilogue_table.cache_clear()
+    with pytest.raises(ValueError, match="unknown epilogue kind"):
+        conv_table._epilogue_table("X", str(path))
 
 
 @needs_interpreter
@@ -126,18 +139,22 @@ def test_conv_epilogue_op_routing(fake_epilogue, epilogue_table):
         assert isinstance(getattr(y, GN_STATS_ATTR), ts.TileStats) and fake_epilogue[-1][1:] == (True, True)
         want = F.conv2d(x.float(), wt.float(), bias.float(), padding=1) + r.float()
         torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-3)
-        assert ops.conv_epilogue_op(x, conv, bias) is not None and fake_epilogue[-1][1:] == (False, False)
-        slow = make(1, 32, 12, 20, 128)[0]  # the Gluon conv 10 % slower than cuDNN here: not used
-        conv32 = torch.nn.Conv2d(32, 128, 3, padding=1).half().to(memory_format=CL)
-        assert ops.conv_epilogue_op(slow, conv32, bias) is None
-        assert ops.conv_epilogue_op(x.contiguous(), conv, bias) is None  # not channels_last
+        assert ops.conv_epilogue_op(x, conv, bias, r) is not None and fake_epilogue[-1][1:] == (True, False)
+        assert ops.conv_epilogue_op(x, conv, bias, None, 32) is not None and fake_epilogue[-1][1:] == (False, True)
+        assert ops.conv_epilogue_op(x, conv, bias) is None  # a bias alone: nothing to fuse
+        assert ops.conv_epilogue_op(x.contiguous(), conv, bias, r, 32) is None  # not channels_last
+        for w, kinds in ((24, (False, True)), (28, (False, False))):  # the table's choices per kind
+            xw, _, _, rw = make(1, 64, 12, w, 128)
+            got = [ops.conv_epilogue_op(xw, conv, bias, res, 32) is not None for res in (None, rw)]
+            assert tuple(got) == kinds, w
     with ops.using(on.replace(group_norm=False)):
         y = ops.conv_epilogue_op(x, conv, bias, r, 32)  # no GroupNorm kernel: no statistics to hand over
         assert y is not None and not hasattr(y, GN_STATS_ATTR)
+        assert ops.conv_epilogue_op(x, conv, bias, None, 32) is None
     for off in (on.replace(igemm_conv=False), on.replace(fused_epilogues=False)):
         with ops.using(off):
             assert ops.conv_epilogue_op(x, conv, bias, r, 32) is None
-    assert len(fake_epilogue) == 3
+    assert len(fake_epilogue) == 5
 
 
 @needs_interpreter
@@ -208,7 +225,7 @@ def test_gpu_epilogue(shape, key, epilogue):
     if groups is None:
         assert not hasattr(y, GN_STATS_ATTR)
         return
-    cfg = cg.epilogue_config(cg.GluonConvConfig.parse(key))
+    cfg = cg.GluonConvConfig.parse(key)
     stats = getattr(y, GN_STATS_ATTR)
     want = ts.tile_stats_ref(y, groups, cfg.th, cfg.tw, cfg.warps)
     assert stats.per_tile == cfg.warps and torch.equal(stats.part[2].cpu(), want[2].cpu())  # the counts

@@ -1,6 +1,6 @@
 """The Gluon conv with a fused epilogue vs the engine's unfused pair, on the VAE decoder's 3x3 convs (sm_90).
 
-    python -m speedsd.bench.conv_epilogue --out bench/results
+    python -m speedsd.bench.conv_epilogue --out bench/results [--table src/speedsd/data/conv_table.json]
 
 A ResNet block's convs feed a GroupNorm(32)+SiLU. Per VAE shape (fp16 channels_last, batch 1), what runs
 from conv input to normalised output, CUDA-graph replay (``common.graph_ms``):
@@ -14,14 +14,16 @@ from conv input to normalised output, CUDA-graph replay (``common.graph_ms``):
                         fused:   the Gluon conv adding bias and residual and writing tile statistics,
                         then merge + apply
 
-plus the conv alone: cuDNN and the Gluon conv as the table stores it and with the fused epilogue's slabs.
-Correct: each fused normalised output against fp32 GroupNorm(+SiLU) of the fp32 conv (+ bias + residual):
-error <= 2x the unfused pair's + 1e-3 (max abs). Exit 1 if any row is wrong or errs.
+Fused runs every candidate Gluon config (CANDIDATES that fit Co, and the plain conv's from the conv table);
+the fastest is reported. ``--table``: records per shape and kind ("stats": conv1, "residual": conv2) that config
+when it beat the unfused pair, else none (conv_table.record_epilogues; ops.conv_epilogue_op reads it).
+Correct: each normalised output against fp32 GroupNorm(+SiLU) of the fp32 conv (+ bias + residual): every
+fused candidate's max abs error <= 2x the unfused pair's + 1e-3. Exit 1 if any row is wrong or errs.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +39,8 @@ CL = torch.channels_last
 GROUPS = 32
 # (Cin, Cout, H = W): the VAE decoder's 3x3 convs at 512² (calls per decode as conv1 / conv2)
 SHAPES = [(512, 512, 64), (512, 512, 128), (512, 256, 256), (256, 256, 256), (256, 128, 512), (128, 128, 512)]
-SLABS = (2, 4, 8)
+CANDIDATES = ("g16x16n128k64s4c2e2p", "g16x16n128k64s4c2e4p", "g8x16n256k64s4c2e2p", "g8x16n128k64s4c1e1p",
+              "g8x16n128k64s4c1e2p")  # fmt: skip
 
 
 def _tensors(cin: int, cout: int, hw: int, device: str) -> dict[str, torch.Tensor]:
@@ -67,42 +70,52 @@ def _add_stats(h: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     return add_with_group_norm_stats(h, b, r, GROUPS, out=h)  # in place, as the engine's closing add
 
 
+def _candidates(shape: tuple[int, ...], cout: int, x: torch.Tensor) -> list[cg.GluonConvConfig]:
+    plain = conv_table._table(conv_table.card_name(x.device), str(conv_table.TABLE_PATH)).get(
+        conv_table.shape_key(shape, cout, 3, 1, 1, x.dtype)
+    )
+    keys = [str(plain)] if isinstance(plain, cg.GluonConvConfig) else []
+    keys += [k for k in CANDIDATES if k not in keys]
+    cfgs = map(cg.GluonConvConfig.parse, keys)
+    return [c for c in cfgs if cout % c.bn == 0 and (c.bn // c.epi_split) % (cout // GROUPS) == 0]
+
+
 def _shape_row(cin: int, cout: int, hw: int, device: str) -> dict[str, Any]:
     t = _tensors(cin, cout, hw, device)
     x, w, b, r, gw, gb = (t[k] for k in ("x", "w", "b", "r", "gw", "gb"))
     key = conv_table.shape_key(tuple(x.shape), cout, 3, 1, 1, x.dtype)
-    cfg = conv_table.gluon_epilogue_config(tuple(x.shape), cout, x.dtype, x.device) or cg.resolve(None, cout)
 
     def gn(y: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         return group_norm(y, GROUPS, gw, gb, 1e-6, silu=True, add=add, out=y)
 
-    pairs = {
-        "conv1_unfused": lambda: gn(_engine_conv(x, w), add=b),
-        "conv1_fused": lambda: gn(cg.conv3x3_gluon(x, w, b, cfg, stats_groups=GROUPS)),
-        "conv2_unfused": lambda: gn(_add_stats(_engine_conv(x, w), b, r)),
-        "conv2_fused": lambda: gn(cg.conv3x3_gluon(x, w, b, cfg, residual=r, stats_groups=GROUPS)),
-    }
-    row: dict[str, Any] = {"shape": f"1x{cin}x{hw}²->{cout}", "key": key, "gluon_config": str(cfg)}
     ref1 = F.conv2d(x.float(), w.float(), b.float(), padding=1)
-    for name, fn in pairs.items():
-        ref = ref1 + r.float() if name.startswith("conv2") else ref1
-        want = F.silu(F.group_norm(ref, GROUPS, gw.float(), gb.float(), 1e-6))
-        row[f"{name}_max_err"] = float((fn().float() - want).abs().max())
-        row[f"{name}_us"] = 1e3 * common.graph_ms(fn)
+    want = {k: F.silu(F.group_norm(ref, GROUPS, gw.float(), gb.float(), 1e-6)) for k, ref in
+            (("stats", ref1), ("residual", ref1 + r.float()))}  # fmt: skip
+    del ref1
+    unfused = {
+        "stats": lambda: gn(_engine_conv(x, w), add=b),
+        "residual": lambda: gn(_add_stats(_engine_conv(x, w), b, r)),
+    }
+    row: dict[str, Any] = {"shape": f"1x{cin}x{hw}²->{cout}", "key": key, "ok": True}
     row["cudnn_us"] = 1e3 * common.graph_ms(lambda: F.conv2d(x, w, None, padding=1))
-    part = torch.empty(3, 1, GROUPS, 4096 * 8, device=device)  # room for every tiling's (tile, warp) partials
-    for slabs in SLABS:
-        c = dataclasses.replace(cfg, epi_split=max(1, min(slabs, cfg.bn // 16)))
-        row[f"gluon_e{c.epi_split}_us"] = 1e3 * common.graph_ms(lambda c=c: cg.conv3x3_gluon(x, w, b, c))
-        try:  # (fewer slabs may not fit the statistics' scratch in shared memory)
-            ms = common.graph_ms(lambda c=c: cg._launch(x, w, b, torch.empty_like(r), c, r, part))
-        except Exception as e:  # noqa: BLE001 - recorded in the row
-            ms = float("nan")
-            row[f"gluon_res_stats_e{c.epi_split}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
-        row[f"gluon_res_stats_e{c.epi_split}_us"] = 1e3 * ms
-    for k in ("conv1", "conv2"):
-        row[f"{k}_saved_us"] = row[f"{k}_unfused_us"] - row[f"{k}_fused_us"]
-        row[f"{k}_ok"] = row[f"{k}_fused_max_err"] <= 2 * row[f"{k}_unfused_max_err"] + 1e-3
+    for kind in ("stats", "residual"):
+        res = r if kind == "residual" else None
+        err0 = float((unfused[kind]().float() - want[kind]).abs().max())
+        row[f"{kind}_unfused_us"], row[f"{kind}_unfused_max_err"] = 1e3 * common.graph_ms(unfused[kind]), err0
+        fused = {}
+        for c in _candidates(tuple(x.shape), cout, x):
+
+            def fn(c=c, res=res):
+                return gn(cg.conv3x3_gluon(x, w, b, c, residual=res, stats_groups=GROUPS))
+
+            err = float((fn().float() - want[kind]).abs().max())
+            row["ok"] &= err <= 2 * err0 + 1e-3
+            fused[str(c)] = {"us": 1e3 * common.graph_ms(fn), "max_err": err}
+        best = min(fused, key=lambda k: fused[k]["us"])
+        row[f"{kind}_fused"] = fused
+        row[f"{kind}_best"], row[f"{kind}_best_us"] = best, fused[best]["us"]
+        row[f"{kind}_saved_us"] = row[f"{kind}_unfused_us"] - fused[best]["us"]
+        row[f"{kind}_choice"] = best if row[f"{kind}_saved_us"] > 0 else None
     return row
 
 
@@ -117,31 +130,45 @@ def run(device: str) -> dict[str, Any]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    cols = ["shape", "Gluon config", "conv1 unfused µs", "conv1 fused µs", "saved", "conv2 unfused µs",
-            "conv2 fused µs", "saved", "cuDNN µs", "max err (unfused / fused)", "ok"]  # fmt: skip
+    cols = ["shape", "cuDNN conv µs", "conv1 unfused µs", "conv1 fused µs (best config)", "saved",
+            "conv2 unfused µs", "conv2 fused µs (best config)", "saved", "ok"]  # fmt: skip
     table = [
-        [r["shape"], r["gluon_config"], r["conv1_unfused_us"], r["conv1_fused_us"], r["conv1_saved_us"],
-         r["conv2_unfused_us"], r["conv2_fused_us"], r["conv2_saved_us"], r["cudnn_us"],
-         f"{r['conv2_unfused_max_err']:.2e} / {r['conv2_fused_max_err']:.2e}", r["conv1_ok"] and r["conv2_ok"]]
+        [r["shape"], r["cudnn_us"], r["stats_unfused_us"], f"{r['stats_best_us']:.1f} ({r['stats_best']})",
+         r["stats_saved_us"], r["residual_unfused_us"], f"{r['residual_best_us']:.1f} ({r['residual_best']})",
+         r["residual_saved_us"], r["ok"]]
         for r in res["rows"]
     ]  # fmt: skip
-    slab_cols = ["shape"] + [k for k in (res["rows"][0] if res["rows"] else {}) if k.startswith("gluon_")]
-    slabs = [[r["shape"]] + [r.get(k, "") for k in slab_cols[1:]] for r in res["rows"]]
+    every = [[r["shape"], kind, k, v["us"], f"{v['max_err']:.2e}"]
+             for r in res["rows"] for kind in ("stats", "residual") for k, v in r[f"{kind}_fused"].items()]  # fmt: skip
     return "\n".join(
-        ["## Conv + GroupNorm(32)+SiLU, from conv input to normalised output: unfused vs the Gluon conv's fused "
-         "epilogue (CUDA-graph replay, µs)\n", common.md_table(cols, table),
-         "\n### The conv alone by epilogue slabs (µs; res_stats: residual + statistics epilogue)\n",
-         common.md_table(slab_cols, slabs)]
+        ["## Conv + GroupNorm(32)+SiLU, from conv input to normalised output: the engine's unfused pair vs the Gluon "
+         "conv's fused epilogue (CUDA-graph replay, µs)\n",
+         "conv1: bias + statistics epilogue (unfused: conv, GroupNorm with the bias as pre-add); conv2: bias + "
+         "residual + statistics (unfused: conv, the closing add writing statistics, normalize).\n",
+         common.md_table(cols, table),
+         "\n### Every fused candidate (µs; max abs error of the normalised output vs fp32)\n",
+         common.md_table(["shape", "epilogue", "config", "µs", "max err"], every)]
         + [f"\n**ERROR** {e['what']}: {e['error']}" for e in res["errors"]]
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = common.kernel_bench_args("conv_epilogue", __doc__).parse_args(argv)
+    ap = common.kernel_bench_args("conv_epilogue", __doc__)
+    ap.add_argument("--table", default=None, help="record the measured choices in this conv table (this card)")
+    a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("conv_epilogue needs an sm_90 GPU (the Gluon conv does not run on CPU)")
     res = run("cuda")
-    ok = not res["errors"] and all(r["conv1_ok"] and r["conv2_ok"] for r in res["rows"])
+    ok = not res["errors"] and all(r["ok"] for r in res["rows"])
+    if a.table and ok:
+        choices = {
+            r["key"]: {"epilogue": {k: r[f"{k}_choice"] for k in conv_table.EPILOGUE_KINDS},
+                       "epilogue_us": {k: {"unfused": r[f"{k}_unfused_us"], "fused": r[f"{k}_best_us"]}
+                                       for k in conv_table.EPILOGUE_KINDS},
+                       "epilogue_measured_at": common.git_commit()}
+            for r in res["rows"]
+        }  # fmt: skip
+        conv_table.record_epilogues(Path(a.table), torch.cuda.get_device_name(), choices)
     return common.publish(a.out, "conv_epilogue", res, markdown(res), ok)
 
 

@@ -221,8 +221,6 @@ def conv3x3_gluon(
     config.bk, Co of config.bn (and of stats_groups, with bn a multiple of Co / stats_groups).
     """
     cfg = resolve(config, weight.shape[0] if weight.dim() == 4 else 0)
-    if residual is not None or stats_groups:
-        cfg = epilogue_config(cfg)
     why = _problem(x, weight, bias, cfg) or conv_gluon_epilogue_problem(x, weight, residual, stats_groups, cfg)
     if why is not None:
         raise ValueError(f"conv3x3_gluon: {why}")
@@ -255,21 +253,11 @@ def _identity(bn: int, device: torch.device) -> torch.Tensor:
     return torch.eye(bn, dtype=torch.float16, device=device)
 
 
-EPILOGUE_SLABS = 4  # a fused epilogue works in >= 4 column slabs: fewer live registers (no spills), less SMEM
-
-
-def epilogue_config(cfg: GluonConvConfig) -> GluonConvConfig:
-    """cfg for a conv with a residual or statistics epilogue: stores in >= EPILOGUE_SLABS slabs of >= 16 channels
-    (sm_90 AOT: spill-free for the VAE configs, where one or two slabs spill; test_conv_gluon_aot.py)."""
-    return dataclasses.replace(cfg, epi_split=max(cfg.epi_split, min(EPILOGUE_SLABS, cfg.bn // 16)))
-
-
 def conv_gluon_epilogue_problem(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, groups: int | None, cfg: GluonConvConfig
 ) -> str | None:
     """Why conv3x3_gluon's epilogue cannot add ``residual`` (fp16 channels_last, like the output) or write
     GroupNorm(groups) statistics with cfg; None when it can. x and weight as :func:`conv3x3_gluon` accepts."""
-    cfg = epilogue_config(cfg)
     n, _, h, w = x.shape
     co = weight.shape[0]
     if residual is not None and (
