@@ -40,7 +40,7 @@ def test_subpixel_path_matches_upsample_conv(monkeypatch, channels_last: bool) -
         x = x.contiguous(memory_format=torch.channels_last)
     calls = []
     real = ops.subpixel_upsample_conv
-    monkeypatch.setattr(ops, "subpixel_upsample_conv", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "subpixel_upsample_conv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with ops.using(ops.Flags(subpixel_upsample=True)):
         got = ops.upsample_conv_op(x, conv)
         assert len(calls) == 1

@@ -231,8 +231,10 @@ def bias_add_op(
 SUBPIXEL_MIN_PIXELS = 64 * 64
 
 
-def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """``conv`` (3x3, stride 1, pad 1) of the nearest-2x upsampled [N, C, H, W] input."""
+def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d, next_groups: int | None = None) -> torch.Tensor:
+    """``conv`` (3x3, stride 1, pad 1) of the nearest-2x upsampled [N, C, H, W] input. ``next_groups``: the
+    output's next reader is GroupNorm(next_groups): with the GroupNorm kernel on, the sub-pixel interleave also
+    writes its statistics (kernels/gn_tile_stats.py)."""
     flags = current()
     if (
         flags.subpixel_upsample
@@ -243,7 +245,7 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     ):
         w4 = _subpixel_weight_for(conv, x.dtype)
         if _triton_runs(x):
-            return subpixel_upsample_conv(x, w4, conv.bias)
+            return subpixel_upsample_conv(x, w4, conv.bias, stats_groups=next_groups if flags.group_norm else None)
         return subpixel_upsample_conv(x, w4, conv.bias, interleave=phase_interleave_ref)  # torch's interleave
     return conv2d_op(upsample_nearest2x_op(x), conv)
 

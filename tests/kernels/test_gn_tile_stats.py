@@ -47,7 +47,7 @@ def _affine(c, seed=1):
 
 
 def _handed_over(x, groups, tile):
-    return ts.attach(x, ts.tile_stats_ref(x, groups, *tile), groups, *tile)  # tile = (th, tw, row sets)
+    return ts.attach(x, ts.tile_stats_ref(x, groups, *tile), groups)  # tile = (th, tw, row sets)
 
 
 def test_tile_stats_ref_is_per_tile_and_row_set():
@@ -70,7 +70,7 @@ def test_tile_stats_ref_is_per_tile_and_row_set():
 def test_merge_matches_fp64_statistics(label, shape, groups, tile):
     x = _input(shape, torch.float16)
     w, b = _affine(shape[1])
-    stats = ts.TileStats(groups, *tile, x._version, ts.tile_stats_ref(x, groups, *tile))
+    stats = ts.TileStats(groups, x._version, ts.tile_stats_ref(x, groups, *tile))
     scale, shift = stats.scale_shift(x, groups, w, b, 1e-6)
     want = group_norm_scale_shift_ref(x.double(), groups, w.double(), b.double(), 1e-6)
     torch.testing.assert_close(scale.double(), want[0], atol=1e-5, rtol=1e-5)
@@ -128,15 +128,34 @@ def test_refused_hand_overs_still_normalise_correctly():
     add = torch.linspace(-1, 1, shape[1], device=DEVICE)
     want = group_norm_ref(x.double() + add.double()[:, None, None], groups, w.double(), b.double(), 1e-6)
     torch.testing.assert_close(group_norm(x, groups, w, b, 1e-6, add=add).double(), want, atol=1e-4, rtol=1e-4)
-    # partials of another geometry (tiles that do not cover x): refused
+    # partials of another sample count: refused
     x = _input(shape, torch.float32)
-    ts.attach(x, ts.tile_stats_ref(x[:, :, :16], groups, *tile), groups, *tile)
+    ts.attach(x, ts.tile_stats_ref(torch.cat([x, x]), groups, *tile), groups)
     want = group_norm_ref(x.double(), groups, w.double(), b.double(), 1e-6)
     torch.testing.assert_close(group_norm(x, groups, w, b, 1e-6).double(), want, atol=1e-4, rtol=1e-4)
-    x = _input(shape, torch.float32)  # row sets of another tile geometry: refused
-    ts.attach(x, ts.tile_stats_ref(x, groups, tile[0], tile[1], 1), groups, tile[0], tile[1], 2)
-    want = group_norm_ref(x.double(), groups, w.double(), b.double(), 1e-6)
-    torch.testing.assert_close(group_norm(x, groups, w, b, 1e-6).double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_any_partition_with_empty_parts_merges_exactly():
+    """The merge needs only (mean, M2, count) per part: a random partition of each group's values into 37 parts,
+    some empty, gives the group's statistics."""
+    n, c, groups = 2, 48, 6
+    x = _input((n, c, 7, 9), torch.float32)
+    vals = x.double().cpu().reshape(n, groups, -1)  # [N, G, CPG·H·W]
+    g = torch.Generator().manual_seed(5)
+    label = torch.randint(0, 40, vals.shape[-1:], generator=g) % 37  # parts 0..36; a few may be empty
+    part = torch.zeros(3, n, groups, 40, dtype=torch.float64)
+    for p in range(40):
+        v = vals[..., label == p]
+        if v.shape[-1]:
+            part[0, ..., p], part[2, ..., p] = v.mean(-1), v.shape[-1]
+            part[1, ..., p] = ((v - v.mean(-1, keepdim=True)) ** 2).sum(-1)
+    assert (part[2] == 0).any(), "some parts are empty"
+    stats = ts.TileStats(groups, x._version, part.float().to(DEVICE))
+    w, b = _affine(c)
+    got = stats.scale_shift(x, groups, w, b, 1e-6)
+    want = group_norm_scale_shift_ref(x.double(), groups, w.double(), b.double(), 1e-6)
+    for g_, r in zip(got, want):
+        torch.testing.assert_close(g_.double(), r, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("silu", [False, True], ids=["affine", "silu"])

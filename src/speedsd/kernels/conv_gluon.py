@@ -244,7 +244,7 @@ def conv3x3_gluon(
         part = torch.empty((3, n, stats_groups, tiles * cfg.warps), device=x.device, dtype=torch.float32)
     drop_gn_stats(out)
     _launch(x, weight, bias, out, cfg, residual, part)
-    return out if part is None else attach(out, part, stats_groups, cfg.th, cfg.tw, cfg.warps)
+    return out if part is None else attach(out, part, stats_groups)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,11 +1,13 @@
-"""GroupNorm from a producer's per-tile statistics: the Gluon conv's epilogue hands them over.
+"""GroupNorm from a producer's partial statistics: the Gluon conv's epilogue and the sub-pixel interleave hand
+them over.
 
-A conv whose output feeds a GroupNorm holds every output value in registers once. Its epilogue
-(kernels/conv_gluon_kernels.py, ``STATS``) writes, per output tile of th x tw pixels and per group j of
-CPG channels, the tile's (mean_j, M2_j) of the stored fp16 values:
+A kernel whose output feeds a GroupNorm holds every output value in registers once. The Gluon conv's
+epilogue (kernels/conv_gluon_kernels.py, ``STATS``) writes, per output tile of th x tw pixels, per warp's rows
+and per group j of CPG channels, the (mean, M2, count) of the stored fp16 values; the sub-pixel interleave
+(kernels/subpixel_conv.py) per program:
 
-    part[0 | 1 | 2, n, j, t·R + r] = mean | M2 | count,   t = ty·n_tw + tx: rows [ty·th, ..) x cols [tx·tw, ..)
-                                                           of the image, r < R: the tile's row set of warp r
+    part[0 | 1 | 2, n, j, p] = mean | M2 | count of part p of group j in sample n
+    (conv: p = (ty·n_tw + tx)·warps + w, the rows of warp w in tile (ty, tx) inside the image)
 
 Here one small launch merges them per (sample, group) (Chan: mean = Σ c_p·mean_p / Σ c_p,
 M2 = Σ M2_p + c_p·(mean_p − mean)²) into GroupNorm's per-channel affine,
@@ -33,14 +35,11 @@ __all__ = ["TileStats", "affine_act", "affine_act_ref", "tile_stats_ref"]
 
 @dataclass(frozen=True)
 class TileStats:
-    """Partials ``part`` fp32 [3, N, G, n_th·n_tw·per_tile] ((mean, M2, count) of each of the per_tile row sets
-    of each th x tw tile) of a [N, C, h, w] tensor, valid for ``groups`` while the tensor is at ``version``
-    (None: an inference tensor)."""
+    """Partials ``part`` fp32 [3, N, G, P]: (mean, M2, count) of P disjoint parts of each group of a tensor (any
+    partition; a part may be empty), valid for ``groups`` while the tensor is at ``version`` (None: an
+    inference tensor)."""
 
     groups: int
-    th: int
-    tw: int
-    per_tile: int
     version: int | None
     part: torch.Tensor
 
@@ -56,23 +55,24 @@ class TileStats:
         x's (other group count, x changed since). Consumed: one GroupNorm uses them at most once."""
         if getattr(x, GN_STATS_ATTR, None) is self:
             drop_gn_stats(x)
-        n, c, h, w = x.shape
-        p = triton.cdiv(h, self.th) * triton.cdiv(w, self.tw) * self.per_tile
-        if self.groups != groups or self.version != _version(x) or self.part.shape != (3, n, groups, p):
+        n, c = x.shape[:2]
+        p = self.part.shape[3]
+        if self.groups != groups or self.version != _version(x) or self.part.shape[:3] != (3, n, groups):
             return None
         scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
         shift = torch.empty_like(scale)
+        block_p = min(8192, triton.next_power_of_2(p))  # the VAE's up to 8192 parts in one sweep
         _tile_merge_kernel[(groups, n)](
             self.part, _dense(weight, scale), _dense(bias, scale), scale, shift, n, c, p, eps, CPG=c // groups,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=min(1024, triton.next_power_of_2(p)),
-            BLOCK_C=triton.next_power_of_2(c // groups), num_warps=4,
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=block_p,
+            BLOCK_C=triton.next_power_of_2(c // groups), num_warps=8 if block_p >= 4096 else 4,
         )  # fmt: skip
         return scale, shift
 
 
-def attach(y: torch.Tensor, part: torch.Tensor, groups: int, th: int, tw: int, per_tile: int) -> torch.Tensor:
-    """Hand ``part`` (the producer's tile partials of y) over to the GroupNorm that reads y next."""
-    setattr(y, GN_STATS_ATTR, TileStats(groups, th, tw, per_tile, _version(y), part))
+def attach(y: torch.Tensor, part: torch.Tensor, groups: int) -> torch.Tensor:
+    """Hand ``part`` (the producer's partials of y, [3, N, groups, P]) over to the GroupNorm that reads y next."""
+    setattr(y, GN_STATS_ATTR, TileStats(groups, _version(y), part))
     return y
 
 
@@ -85,9 +85,9 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def tile_stats_ref(y: torch.Tensor, groups: int, th: int, tw: int, per_tile: int = 1) -> torch.Tensor:
-    """What the producer writes: fp32 [3, N, G, n_th·n_tw·per_tile], the (mean, M2, count) in fp64 of each group
+    """What the Gluon conv writes: fp32 [3, N, G, n_th·n_tw·per_tile], the (mean, M2, count) in fp64 of each group
     over row set w < per_tile of each th x tw tile t (at t·per_tile + w): the tile's pixels m = i·tw + j with
-    (m // 16) % per_tile == w (the Gluon conv's warps), those inside the image."""
+    (m // 16) % per_tile == w (its warps), those inside the image."""
     n, c, h, w = y.shape
     n_th, n_tw = triton.cdiv(h, th), triton.cdiv(w, tw)
     yp = torch.zeros((n, c, n_th * th, n_tw * tw), dtype=torch.float64)

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 
 from speedsd.kernels.device import sm_count as _sm_count
+from speedsd.kernels.gn_tile_stats import attach
+from speedsd.kernels.group_norm_kernels import _merge
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 TILE = 1024  # elements of one phase tile; a program moves four (one 4·TILE tile with ``phase``)
@@ -107,10 +109,14 @@ def phase_interleave_ref(
 # (output row n·2H + 2i + a = 2·row + a). Each p element is read once, by exactly one program.
 # PHASE = k >= 0: p is phase k = 2a+b alone, [N, H+1, W+1, C] storage, and only that (a, b) is written
 # (PHASE = -1 compiles to the four-phase code above: the `if` and the offsets are compile-time).
+# STATS: the next GroupNorm's partials of the stored values (kernels/gn_tile_stats.py), groups of CPG channels
+# inside the channel block: per phase tile per group (count, mean, M2 around the tile mean), merged over the
+# program's phases (Chan), at part[0 | 1 | 2, n, g, p_off + i·n_wb + wb] = mean | M2 | count (third = N·G·P).
 @triton.jit
 def _interleave_cl_kernel(
-    p_ptr, b_ptr, y_ptr, H, W, C, n_cb,
+    p_ptr, b_ptr, y_ptr, part_ptr, H, W, C, n_cb, P, p_off,
     HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PHASE: tl.constexpr,
+    STATS: tl.constexpr, CPG: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     n = row // H
@@ -125,6 +131,10 @@ def _interleave_cl_kernel(
     y0 = y_ptr + 2 * row * (2 * W * C)  # y[n, 2i, 0, 0]
     if HAS_BIAS:
         bias = tl.load(b_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+    GB: tl.constexpr = BLOCK_C // CPG  # (STATS: whole groups in a channel block, C % BLOCK_C == 0)
+    n_g = 0.0
+    mean_g = tl.zeros([GB], tl.float32)
+    m2_g = tl.zeros([GB], tl.float32)
     for a in tl.static_range(2):
         for b in tl.static_range(2):
             if PHASE < 0 or PHASE == 2 * a + b:
@@ -135,6 +145,20 @@ def _interleave_cl_kernel(
                     v = (v.to(tl.float32) + bias).to(y_ptr.dtype.element_ty)
                 dst = a * (2 * W * C) + (2 * j + b)[:, None] * C + c[None, :]
                 tl.store(y0 + dst, v, mask=mask)
+                if STATS:
+                    nt = tl.minimum(W - wb * BLOCK_W, BLOCK_W) * CPG * 1.0  # values of a group in the tile
+                    v3 = tl.reshape(tl.where(mask, v.to(tl.float32), 0.0), [BLOCK_W, GB, CPG])
+                    t_mean = tl.sum(tl.sum(v3, axis=2), axis=0) / nt
+                    d = tl.where(tl.reshape(mask, [BLOCK_W, GB, CPG]), v3 - t_mean[None, :, None], 0.0)
+                    n_g, mean_g, m2_g = _merge(n_g, mean_g, m2_g, nt, t_mean, tl.sum(tl.sum(d * d, axis=2), axis=0))
+    if STATS:
+        G = n_cb * GB
+        n_wb = tl.num_programs(1) // n_cb
+        dst = part_ptr + (n * G + cb * GB + tl.arange(0, GB)) * P + p_off + i * n_wb + wb
+        third = (tl.num_programs(0) // H) * G * P
+        tl.store(dst, mean_g)
+        tl.store(dst + third, m2_g)
+        tl.store(dst + 2 * third, tl.zeros([GB], tl.float32) + n_g)
 
 
 # NCHW: p [N, 4, C, H+1, W+1] storage, y [N, C, 2H, 2W]; rows r = (n·C + c)·H + i (R = N·C·H); program
@@ -204,8 +228,33 @@ def _is_channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _cl_blocks(n: int, h: int, w: int, c: int, phase: int | None, device: torch.device) -> tuple[int, int, int]:
+    """channels_last launch: (block_w, block_c, channel blocks); a program moves 4·TILE elements either way."""
+    tile = TILE if phase is None else 4 * TILE
+    block_c = min(triton.next_power_of_2(c), 128)
+    n_cb = triton.cdiv(c, block_c)
+    block_w = max(1, min(triton.next_power_of_2(w), tile // block_c))
+    return _shrink(block_w, n * h * n_cb * triton.cdiv(w, block_w), 4 * _sm_count(device)), block_c, n_cb
+
+
+def stats_parts(p_shape: tuple[int, ...], c: int, groups: int, phase: int | None, device: torch.device) -> int | None:
+    """GroupNorm(groups) partials one channels_last interleave call writes (h·n_wb), or None where it cannot write
+    them (groups that straddle its channel blocks). p_shape: the call's p [N, (4·)C, H+1, W+1]."""
+    n, _, h1, w1 = p_shape
+    block_w, block_c, _ = _cl_blocks(n, h1 - 1, w1 - 1, c, phase, device)
+    if groups <= 0 or c % groups or c % block_c or block_c % (c // groups):
+        return None
+    return (h1 - 1) * triton.cdiv(w1 - 1, block_w)
+
+
 def phase_interleave(
-    p: torch.Tensor, bias: torch.Tensor | None, *, phase: int | None = None, out: torch.Tensor | None = None
+    p: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    phase: int | None = None,
+    out: torch.Tensor | None = None,
+    part: torch.Tensor | None = None,
+    part_offset: int = 0,
 ) -> torch.Tensor:
     """P [N, 4·C, H+1, W+1] (the sub-pixel conv output) -> y [N, C, 2H, 2W] in p's memory format.
 
@@ -216,6 +265,8 @@ def phase_interleave(
     positions are written (four calls fill y: the same values as one call on their concatenation).
     ``out``: write into this y ([N, C, 2H, 2W], p's dtype and device, NCHW-contiguous or channels_last;
     its layout then rules and p is brought to it) and return it.
+    ``part``: fp32 [3, N, G, P] (channels_last only, :func:`stats_parts` not None): also write the GroupNorm(G)
+    partials of the values stored, at parts part_offset .. part_offset + stats_parts(...) (kernels/gn_tile_stats.py).
     """
     per = 4 if phase is None else 1
     what = "p [N, 4·C, H+1, W+1]" if phase is None else f"phase {phase}'s p [N, C, H+1, W+1]"
@@ -255,16 +306,21 @@ def phase_interleave(
     b_arg = bias if has_bias else p
     target = 4 * _sm_count(p.device)
     k, tile = (-1, TILE) if phase is None else (phase, 4 * TILE)  # a program moves 4·TILE elements either way
+    if part is not None:
+        parts = stats_parts(tuple(p.shape), C, part.shape[2], phase, p.device) if cl else None
+        if parts is None or part.dtype != torch.float32 or part.shape[:2] != (3, N) or not part.is_contiguous():
+            raise ValueError(f"part: an fp32 [3, {N}, G, P] tensor, channels_last p, groups inside 128-channel blocks")
+        if not 0 <= part_offset <= part.shape[3] - parts:
+            raise ValueError(f"part_offset {part_offset} + {parts} parts exceed P = {part.shape[3]}")
     if cl:
-        block_c = min(triton.next_power_of_2(C), 128)
-        n_cb = triton.cdiv(C, block_c)
-        block_w = max(1, min(triton.next_power_of_2(W), tile // block_c))
-        block_w = _shrink(block_w, N * H * n_cb * triton.cdiv(W, block_w), target)
+        block_w, block_c, n_cb = _cl_blocks(N, H, W, C, phase, p.device)
         _check_int32(16 * (W + 1) * C)  # also the masked lanes past W (block_w <= 2W)
         warps = max(1, min(4, block_w * block_c // 256))
         grid = (N * H, triton.cdiv(W, block_w) * n_cb)
-        _interleave_cl_kernel[grid](p, b_arg, y, H, W, C, n_cb, HAS_BIAS=has_bias, BLOCK_W=block_w,
-                                    BLOCK_C=block_c, PHASE=k, num_warps=warps)  # fmt: skip
+        stats = dict(STATS=part is not None, CPG=C // part.shape[2] if part is not None else 1)
+        _interleave_cl_kernel[grid](p, b_arg, y, part if part is not None else p, H, W, C, n_cb,
+                                    part.shape[3] if part is not None else 0, part_offset, HAS_BIAS=has_bias,
+                                    BLOCK_W=block_w, BLOCK_C=block_c, PHASE=k, **stats, num_warps=warps)  # fmt: skip
     else:
         R = N * C * H
         block_w = min(triton.next_power_of_2(W), 256)
@@ -296,6 +352,7 @@ def subpixel_upsample_conv(
     *,
     by_phase: bool | None = None,
     interleave: Callable[..., torch.Tensor] = phase_interleave,
+    stats_groups: int | None = None,
 ) -> torch.Tensor:
     """conv2d(interpolate(x, 2, "nearest"), W, bias, padding=1) from W4 = subpixel_weight(W).
 
@@ -305,7 +362,9 @@ def subpixel_upsample_conv(
     before the next one, so one phase's output is live at a time, not all four; None: when
     :func:`splits_by_phase` says so. Each output value is the same dot product and the same one-rounding
     bias add either way. ``interleave``: :func:`phase_interleave`, or :func:`phase_interleave_ref` where
-    Triton cannot run.
+    Triton cannot run. ``stats_groups``: y's next reader is GroupNorm(stats_groups): the (Triton, channels_last)
+    interleave also writes its partials, handed over on y (kernels/gn_tile_stats.py); silently none where it
+    cannot (NCHW, groups straddling its channel blocks, the reference interleave).
     """
     if x.dim() != 4:
         raise ValueError(f"subpixel_upsample_conv expects x [N, Ci, H, W], got shape {tuple(x.shape)}")
@@ -322,11 +381,22 @@ def subpixel_upsample_conv(
         raise ValueError(f"weight4 must match x's dtype and device ({x.dtype}, {x.device}), got "
                          f"{weight4.dtype}, {weight4.device}")  # fmt: skip
     co = weight4.shape[0] // 4
-    if not (splits_by_phase(x, co) if by_phase is None else by_phase):
+    split = splits_by_phase(x, co) if by_phase is None else by_phase
+    n, _, h, w = x.shape
+    parts = None
+    if stats_groups and interleave is phase_interleave and _is_channels_last(x):
+        parts = stats_parts((n, co * (1 if split else 4), h + 1, w + 1), co, stats_groups, 0 if split else None,
+                            x.device)  # fmt: skip
+    part = None if parts is None else torch.empty((3, n, stats_groups, parts * (4 if split else 1)),
+                                                  device=x.device, dtype=torch.float32)  # fmt: skip
+    stats = {} if part is None else {"part": part}
+    if not split:
         p = F.conv2d(x, weight4, None, padding=1)  # [N, Ci, H, W] -> [N, 4·Co, H+1, W+1]
-        return interleave(p, bias)
-    # phase k's conv [N, Ci, H, W] -> [N, Co, H+1, W+1]: freed when interleave returns, before the next conv
-    y = interleave(F.conv2d(x, weight4[:co], None, padding=1), bias, phase=0)
-    for k in range(1, 4):
-        y = interleave(F.conv2d(x, weight4[k * co : (k + 1) * co], None, padding=1), bias, phase=k, out=y)
-    return y
+        y = interleave(p, bias, **stats)
+    else:  # phase k's conv [N, Ci, H, W] -> [N, Co, H+1, W+1]: freed when interleave returns, before the next
+        y = interleave(F.conv2d(x, weight4[:co], None, padding=1), bias, phase=0, **stats)
+        for k in range(1, 4):
+            if part is not None:
+                stats["part_offset"] = k * parts
+            y = interleave(F.conv2d(x, weight4[k * co : (k + 1) * co], None, padding=1), bias, phase=k, out=y, **stats)
+    return y if part is None else attach(y, part, stats_groups)

@@ -247,9 +247,12 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, size: tuple[int, int] | None = None, next_groups: int | None = None
+    ) -> torch.Tensor:
+        """``next_groups``: the output's next reader is GroupNorm(next_groups) (ops.upsample_conv_op)."""
         if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
-            return ops.upsample_conv_op(x, self.conv)
+            return ops.upsample_conv_op(x, self.conv, next_groups)
         x = F.interpolate(x, size=size, mode="nearest")  # odd latent sizes: the skip connection's size
         return self.conv(x)
 

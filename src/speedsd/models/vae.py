@@ -130,8 +130,8 @@ class _Block(nn.Module):
         x = Owned.unbox(x)
         for sampler in getattr(self, "downsamplers", ()):
             x = sampler(x)
-        for sampler in getattr(self, "upsamplers", ()):
-            x = sampler(x)
+        for sampler in getattr(self, "upsamplers", ()):  # the next level's first ResNet normalises its output
+            x = sampler(x, next_groups=self.resnets[0].norm1.num_groups)
         return x
 
 
