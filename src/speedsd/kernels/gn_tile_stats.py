@@ -62,7 +62,7 @@ class TileStats:
         scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
         shift = torch.empty_like(scale)
         block_p = min(8192, triton.next_power_of_2(p))  # the VAE's up to 8192 parts in one sweep
-        _tile_merge_kernel[(groups, n)](
+        _gn_tile_merge_kernel[(groups, n)](
             self.part, _dense(weight, scale), _dense(bias, scale), scale, shift, n, c, p, eps, CPG=c // groups,
             HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=block_p,
             BLOCK_C=triton.next_power_of_2(c // groups), num_warps=8 if block_p >= 4096 else 4,
@@ -114,7 +114,7 @@ def tile_stats_ref(y: torch.Tensor, groups: int, th: int, tw: int, per_tile: int
 #   mean = Σ_p c_p·mean_p / Σ_p c_p,   M2 = Σ_p M2_p + c_p·(mean_p − mean)²,   rstd = 1 / sqrt(M2 / Σ_p c_p + eps)
 # then scale[n, c] = γ_c·rstd and shift[n, c] = β_c − mean·scale[n, c] for the group's CPG channels.
 @triton.jit
-def _tile_merge_kernel(
+def _gn_tile_merge_kernel(
     part_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, P, eps,
     CPG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -163,7 +163,7 @@ def affine_act_ref(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, si
 # Apply, program (p, n): positions [p·BLOCK_S, ...) of sample n, all C channels of a channels_last row:
 #   y[n, s, c] = act(x[n, s, c]·scale[n, c] + shift[n, c]),   act = SiLU or identity, in fp32
 @triton.jit
-def _affine_act_kernel(
+def _gn_affine_act_kernel(
     x_ptr, y_ptr, scale_ptr, shift_ptr, C, S,
     SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -206,7 +206,7 @@ def affine_act(
         raise ValueError(f"one sample has {c * s} elements; the kernel indexes a sample with int32")
     block_c = triton.next_power_of_2(c)
     block_s = max(1, min(triton.next_power_of_2(s), 8192 // block_c))  # ~8K values a program
-    _affine_act_kernel[(triton.cdiv(s, block_s), n)](
+    _gn_affine_act_kernel[(triton.cdiv(s, block_s), n)](
         x, out, scale, shift, c, s, SILU=bool(silu), BLOCK_S=block_s, BLOCK_C=block_c,
         num_warps=8 if block_s * block_c >= 8192 else 4,
     )  # fmt: skip
