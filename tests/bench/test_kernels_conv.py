@@ -30,7 +30,7 @@ def test_vae_shapes_are_the_decoders_3x3_convs(monkeypatch):
             calls[(tuple(x.shape), conv.out_channels)] += 1
         return real(x, conv, with_bias)
 
-    def subpixel(x, conv):  # the phase convs' output, without running them
+    def subpixel(x, conv, next_groups=None):  # the phase convs' output, without running them
         return x.new_empty(x.shape[0], conv.out_channels, 2 * x.shape[2], 2 * x.shape[3])
 
     monkeypatch.setattr(ops, "conv2d_op", record)
