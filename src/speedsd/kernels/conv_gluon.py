@@ -1,9 +1,12 @@
 """Gluon (TMA + wgmma, warp-specialized) 3x3 stride-1 pad-1 conv for Hopper (sm_90): the VAE decoder's big convs.
 
-y = conv3x3(x, w) (+ bias), fp16 channels_last in and out, fp32 accumulation. One TMA producer warp feeds a
-ring of (input box, weight block) slots to one ('ws') or two ('ws2') consumer warpgroups issuing async wgmma;
-persistent (one program per SM walking the tiles) or one tile per program ('_np'). Kernel and its math:
-kernels/conv_gluon_kernels.py.
+y = conv3x3(x, w) (+ bias) (+ residual), fp16 channels_last in and out, fp32 accumulation; optionally the
+epilogue also writes the next GroupNorm's partial statistics (``stats_groups``, kernels/gn_tile_stats.py).
+Measured with those epilogues against the engine's unfused conv + pass per VAE shape
+(bench/results/conv_epilogue_h200.md; the conv table records the winning config per shape and kind).
+One TMA producer warp feeds a ring of (input box, weight block) slots to one ('ws') or two ('ws2') consumer
+warpgroups issuing async wgmma; persistent (one program per SM walking the tiles) or one tile per program
+('_np'). Kernel and its math: kernels/conv_gluon_kernels.py.
 
 Measured once, as the prototype (bench/prototypes/gluon_conv, bench/results/conv_gluon_probe_h200.txt; H200,
 no bias, CUDA-graph replay): 'ws2' 118.1 vs cuDNN 118.0 µs at 1x128x512²->128, 220.0 vs 237.7 (256->128 at
