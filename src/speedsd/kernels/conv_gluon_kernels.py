@@ -35,12 +35,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #   B_tap,cb = Wm[n0 : +BN, tap·C + cb·BK : +BK]   Wm = the channels_last weight [Co, 3, 3, C] as [Co, 9·C]
 #
 # K runs channel-block-major (cb outer, the 9 taps inner and unrolled). Both wgmma operands come from SMEM.
-# Epilogue: acc (+ bias[n] in fp32) (+ residual r[b, oy, ox, n], HAS_RES) -> fp16 -> SMEM -> TMA store of the
-# [1, TH, TW, BN] box (TMA clips the rows and columns past the image), in EPI_SPLIT column slabs (less SMEM for
-# the output buffer). STATS: the next GroupNorm's per-tile statistics of the stored fp16 values v, for each group
-# j of CPG channels in the tile (rows past the image excluded; cnt = valid pixels · CPG):
-#   mean_j = Σ v / cnt,   M2_j = Σ (v − mean_j)²      (two passes over the registers: no cancellation)
-#   part[0 | 1, b, n0 / CPG + j, ty·n_tw + tx] = mean_j | M2_j      part: fp32 [2, N, Co / CPG, n_th·n_tw]
+# HAS_RES: + r[b, oy, ox, n] as BN / BK more K steps of the same ring, A = the residual's [TH, TW, BK] box at
+# channel n0 + j·BK, B = columns j·BK .. of a [BN, BN] identity (exact: fp16 products, fp32 sums).
+# Epilogue: acc (+ bias[n] in fp32) -> fp16 -> SMEM -> TMA store of the [1, TH, TW, BN] box (TMA clips the rows
+# and columns past the image), in EPI_SPLIT column slabs (less SMEM for the output buffer). STATS: the next
+# GroupNorm's statistics of the stored fp16 values v, per warp w (its rows of the tile, those inside the image)
+# and group j of CPG channels (cnt = those rows · CPG):
+#   mean = Σ v / cnt,   M2 = Σ (v − mean)²      (two passes over the registers: no cancellation)
+#   part[0 | 1 | 2, b, n0 / CPG + j, (ty·n_tw + tx)·num_warps + w] = mean | M2 | cnt
 # (kernels/gn_tile_stats.py merges them into GroupNorm's per-channel scale and shift).
 #
 # Protocol (gl.warp_specialize; a STAGES-deep SMEM ring of (A, B) slots, barriers ready[s] and empty[s]):
@@ -132,12 +134,11 @@ def _split_cols(x, PARTS: gl.constexpr):
 
 
 @gluon.jit
-def _epilogue(y_desc, c_smem, acc, part_ptr, part_half, b, oy0, ox0, n0, H, W, Co, t_sp, T,
+def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, oy0, ox0, n0, H, W, Co, t_sp, T,
               STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
               NUM_WARPS: gl.constexpr):  # fmt: skip
-    # fp32 [BM, BN] -> per column slab: (+ residual) -> fp16 (-> GroupNorm tile statistics) -> SMEM -> TMA
-    # store at y[b, oy0, ox0, n0 + slab], left in flight. Slab by slab keeps the epilogue's live registers
-    # (residual pointers, the statistics' fp32 values) to one slab's worth.
+    # fp32 [BM, BN] -> per column slab: fp16 (-> GroupNorm statistics) -> SMEM -> TMA store at
+    # y[b, oy0, ox0, n0 + slab], left in flight. Slab by slab keeps the statistics' fp32 values to one slab.
     TH: gl.constexpr = c_smem.type.shape[1]
     TW: gl.constexpr = c_smem.type.shape[2]
     BM: gl.constexpr = TH * TW
@@ -149,7 +150,7 @@ def _epilogue(y_desc, c_smem, acc, part_ptr, part_half, b, oy0, ox0, n0, H, W, C
         rows_ok = (oy0 + m // TW < H) & (ox0 + m % TW < W)  # the tile's pixels inside the image
         out = v.to(gl.float16)
         if STATS:
-            _tile_stats(out, rows_ok, part_ptr, part_half, b, t_sp, T, Co // CPG, (n0 + i * SPLIT_N) // CPG, CPG,
+            _tile_stats(out, rows_ok, part_ptr, part_third, b, t_sp, T, Co // CPG, (n0 + i * SPLIT_N) // CPG, CPG,
                         SPLIT_N, NUM_WARPS)  # fmt: skip
         tma.store_wait(0)
         c_smem.reshape([BM, SPLIT_N]).store(out)  # [1, TH, TW, SPLIT_N] -> [BM, SPLIT_N]
@@ -158,7 +159,7 @@ def _epilogue(y_desc, c_smem, acc, part_ptr, part_half, b, oy0, ox0, n0, H, W, C
 
 
 @gluon.jit
-def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_half, C, H, W, Co,
+def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_third, C, H, W, Co,
                    n_th, n_tw, n_nb, num_tiles, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, STATS: gl.constexpr,
                    CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
     TH: gl.constexpr = a_bufs.type.shape[2]
@@ -200,13 +201,13 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_
         if HAS_BIAS:
             cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
-        _epilogue(y_desc, c_smem, acc, part_ptr, part_half, b, oy0, ox0, n0, H, W, Co,
+        _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, oy0, ox0, n0, H, W, Co,
                   (oy0 // TH) * n_tw + ox0 // TW, n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
     tma.store_wait(0)
 
 
 @gluon.jit
-def _tile_stats(v16, rows_ok, part_ptr, half, b, t_sp, T, G, g0, CPG: gl.constexpr, SPLIT_N: gl.constexpr,
+def _tile_stats(v16, rows_ok, part_ptr, third, b, t_sp, T, G, g0, CPG: gl.constexpr, SPLIT_N: gl.constexpr,
                 NUM_WARPS: gl.constexpr):  # fmt: skip
     # Per warp, no cross-warp traffic: the accumulator's row m belongs to warp (m // 16) % NUM_WARPS, so
     # [BM, SPLIT_N] = [REP, NUM_WARPS, 16, GT, CPG] and the sums over axes (4, 2, 0) stay in one warp (registers
@@ -231,20 +232,20 @@ def _tile_stats(v16, rows_ok, part_ptr, half, b, t_sp, T, G, g0, CPG: gl.constex
     P = T * NUM_WARPS
     dst = part_ptr + (b * G + g0 + gl.expand_dims(j, 0)) * P + t_sp * NUM_WARPS + gl.expand_dims(w, 1)
     gl.store(dst, mean)
-    gl.store(dst + half, m2)
-    gl.store(dst + 2 * half, cnt)
+    gl.store(dst + third, m2)
+    gl.store(dst + 2 * third, cnt)
 
 
 # sizes are not specialized: one compile per (config, bias dtype, epilogue) serves every layer shape
-@gluon.jit(do_not_specialize=["part_half", "C", "H", "W", "Co", "n_th", "n_tw", "n_nb", "num_tiles"])
-def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, part_half, C, H, W, Co, n_th, n_tw,
+@gluon.jit(do_not_specialize=["part_third", "C", "H", "W", "Co", "n_th", "n_tw", "n_nb", "num_tiles"])
+def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, part_third, C, H, W, Co, n_th, n_tw,
                    n_nb, num_tiles, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
                    STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):  # fmt: skip
     # x_desc: [N, H, W, C] boxes [1, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
     # y_desc: [N, H, W, Co] boxes [1, TH, TW, BN / EPI_SPLIT]; bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS);
     # HAS_RES: r_desc: the residual [N, H, W, Co] boxes [1, TH, TW, BK], i_desc: the identity [BN, BN] boxes
-    # [BN, BK]; STATS: part_ptr fp32 [3, N, Co / CPG, n_th·n_tw·num_warps] (part_half = one third of it)
+    # [BN, BK]; STATS: part_ptr fp32 [3, N, Co / CPG, n_th·n_tw·num_warps], part_third elements a third
     a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     c_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
@@ -254,7 +255,7 @@ def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, p
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_half, C,
+        (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_third, C,
                           H, W, Co, n_th, n_tw, n_nb, num_tiles, HAS_BIAS, HAS_RES, STATS, CPG, EPI_SPLIT,
                           num_warps)),
         (_load_partition, (x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb,
