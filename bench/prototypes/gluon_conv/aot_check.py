@@ -30,17 +30,22 @@ LAYERS = [(128, 128), (256, 256), (512, 512), (320, 320)]
 
 
 def compile_variant(cfg, c: int, co: int, affine: bool, silu: bool | None = None):
+    return compile_prepared(_conv3x3_ws_kernel, prepare, cfg, c, co, affine, affine if silu is None else silu)
+
+
+def compile_prepared(kernel, prepare_fn, cfg, c: int, co: int, affine: bool, silu: bool):
+    """Compile ``kernel`` for TARGET with the launch ``prepare_fn`` builds (this conv's or ../gluon_conv_halo's)."""
     # small CPU stand-ins: the signature holds dtypes, descriptor block shapes and layouts, not sizes
     x = torch.empty((1, c, 32, 32), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     wt = torch.empty((co, c, 3, 3), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     y = torch.empty((1, co, 32, 32), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     sc = torch.empty((1, c), dtype=torch.float32) if affine else None
-    args, const, _, opts = prepare(x, wt, y, sc, sc, affine if silu is None else silu, cfg, 132)
-    names = _conv3x3_ws_kernel.arg_names
+    args, const, _, opts = prepare_fn(x, wt, y, sc, sc, silu, cfg, 132)
+    names = kernel.arg_names
     const = dict(const, num_warps=opts["num_warps"])  # the kernel reads num_warps as a constexpr argument too
     sig = {names[i]: mangle_type(a) for i, a in enumerate(args)}
     sig.update({k: "constexpr" for k in const})
-    src = GluonASTSource(_conv3x3_ws_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    src = GluonASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
     return triton.compile(src, target=TARGET, options=opts)
 
 
@@ -88,6 +93,28 @@ def setmaxnreg(ptx: str) -> str:
 
 
 # prologue modes compiled: (label, affine, silu)
+def report(k, maxnreg: int | None) -> dict:
+    """A compiled kernel's resources and checks: regs, used (SASS), setmaxnreg, spill, wgmma, tma, c7513, ok
+    (no spills, wgmma + TMA present, no wgmma serialization) and the ptxas log."""
+    ptx = k.asm["ptx"]
+    log = ptxas_log(ptx, maxnreg)
+    sp = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    r = dict(regs=cubin_resources(k.asm["cubin"])["regs"], used=sass_max_reg(k.asm["cubin"]),
+             setmaxnreg=setmaxnreg(ptx), spill=f"{sp.group(1)}/{sp.group(2)}" if sp else "?",
+             wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
+             c7513="C7513" in log or "C7515" in log or "serialized" in log, log=log)  # fmt: skip
+    r["ok"] = bool(sp) and not (int(sp.group(1)) or int(sp.group(2))) and r["wgmma"] and r["tma"] and not r["c7513"]
+    return r
+
+
+def dump(k, log: str, stem: str) -> None:
+    """Write a compiled kernel's ttgir, ptx and ptxas log as stem.{ttgir,ptx,ptxas.txt}."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    for ext, txt in (("ttgir", k.asm["ttgir"]), ("ptx", k.asm["ptx"]), ("ptxas.txt", log)):
+        with open(f"{stem}.{ext}", "w") as f:
+            f.write(txt)
+
+
 MODES = [("plain", False, False), ("gn+silu", True, True)]
 EXTRA_MODES = [("gn", True, False), ("silu", False, True)]  # compiled for the default variant only
 
@@ -124,26 +151,14 @@ def main() -> int:
                     msg = [ln for ln in str(e).strip().splitlines() if ln.strip()]
                     print(f"{name:8} {co:>4} {tile:>16} {label}: FAILED: {' | '.join(msg[-4:])[:600]}")
                     continue
-                ptx = k.asm["ptx"]
-                res = cubin_resources(k.asm["cubin"])
-                log = ptxas_log(ptx, cfg.maxnreg)
-                sp = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-                spill = f"{sp.group(1)}/{sp.group(2)}" if sp else "?"
-                c7513 = "C7513" in log or "C7515" in log or "serialized" in log
-                has_wgmma = "wgmma.mma_async" in ptx
-                has_tma = "cp.async.bulk.tensor" in ptx
-                if (not sp or int(sp.group(1)) or int(sp.group(2))) or not (has_wgmma and has_tma) or c7513:
-                    ok = False
-                print(f"{name:8} {co:>4} {tile:>16} {cfg.stages:>2} {cfg.warps:>5} {label:>7} {res['regs']:>4} "
-                      f"{sass_max_reg(k.asm['cubin']):>4} "
-                      f"{setmaxnreg(ptx):>11} {k.metadata.shared:>7} {spill:>11} {str(has_wgmma):>5} "
-                      f"{str(has_tma):>4} {str(c7513):>5} {time.time() - t0:>4.1f}")  # fmt: skip
+                r = report(k, cfg.maxnreg)
+                ok = ok and r["ok"]
+                print(f"{name:8} {co:>4} {tile:>16} {cfg.stages:>2} {cfg.warps:>5} {label:>7} {r['regs']:>4} "
+                      f"{r['used']:>4} "
+                      f"{r['setmaxnreg']:>11} {k.metadata.shared:>7} {r['spill']:>11} {str(r['wgmma']):>5} "
+                      f"{str(r['tma']):>4} {str(r['c7513']):>5} {time.time() - t0:>4.1f}")  # fmt: skip
                 if a.dump:
-                    os.makedirs(a.dump, exist_ok=True)
-                    stem = os.path.join(a.dump, f"{name}_co{co}_{label.replace('+', '_')}")
-                    open(stem + ".ttgir", "w").write(k.asm["ttgir"])
-                    open(stem + ".ptx", "w").write(ptx)
-                    open(stem + ".ptxas.txt", "w").write(log)
+                    dump(k, r["log"], os.path.join(a.dump, f"{name}_co{co}_{label.replace('+', '_')}"))
     print("ALL OK (no spills, no wgmma serialization, wgmma + TMA in every PTX)" if ok else "SOME FAILED (above)")
     return 0 if ok else 1
 

@@ -457,31 +457,37 @@ def prepare(
     return args, const, grid, opts
 
 
-def _check(x, weight, scale, shift, cfg: GluonConvConfig) -> None:
+def check_operands(x, weight, scale, shift, cfg, who: str) -> None:
+    """The operand checks of ``who`` (this conv3x3_gluon, ../gluon_conv_halo's conv3x3_halo): ValueError if the
+    kernel with cfg (bk, bn, smem_bytes()) cannot take them."""
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        raise ValueError(f"conv3x3_gluon expects x [N, C, H, W] and weight [Co, C, 3, 3], got {tuple(x.shape)}, "
+        raise ValueError(f"{who} expects x [N, C, H, W] and weight [Co, C, 3, 3], got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")  # fmt: skip
     if x.dtype != torch.float16 or weight.dtype != torch.float16 or weight.device != x.device:
-        raise ValueError(f"conv3x3_gluon needs fp16 x and weight on one device, got {x.dtype}, {weight.dtype}")
+        raise ValueError(f"{who} needs fp16 x and weight on one device, got {x.dtype}, {weight.dtype}")
     if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("conv3x3_gluon needs a channels_last x (its [N, H, W, C] view is the TMA tensor)")
+        raise ValueError(f"{who} needs a channels_last x")
     if not weight.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("conv3x3_gluon needs a channels_last weight (read in place as [Co, 9·C])")
+        raise ValueError(f"{who} needs a channels_last weight (read in place as [Co, 9·C])")
     n, c, h, w = x.shape
     co = weight.shape[0]
     if min(n, c, h, w) < 1 or c % cfg.bk or co % cfg.bn:
-        raise ValueError(f"conv3x3_gluon: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.bn}")
+        raise ValueError(f"{who}: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.bn}")
     if (scale is None) != (shift is None):
-        raise ValueError("conv3x3_gluon: pass scale and shift together (or neither)")
+        raise ValueError(f"{who}: pass scale and shift together (or neither)")
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None and (t.shape != (n, c) or t.dtype != torch.float32 or t.device != x.device
                               or not t.is_contiguous()):  # fmt: skip
             raise ValueError(f"{name} must be a contiguous fp32 [{n}, {c}] tensor on {x.device}, got "
                              f"{tuple(t.shape)} {t.dtype}")  # fmt: skip
-    if cfg.stages < 3:
-        raise ValueError("conv3x3_gluon needs >= 3 ring stages (the prologue builds step i + 1's A while i runs)")
     if cfg.smem_bytes() > SMEM_LIMIT:
         raise ValueError(f"config {cfg} needs {cfg.smem_bytes()} B of shared memory (> {SMEM_LIMIT})")
+
+
+def _check(x, weight, scale, shift, cfg: GluonConvConfig) -> None:
+    check_operands(x, weight, scale, shift, cfg, "conv3x3_gluon")
+    if cfg.stages < 3:
+        raise ValueError("conv3x3_gluon needs >= 3 ring stages (the prologue builds step i + 1's A while i runs)")
 
 
 def conv3x3_gluon(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -117,12 +118,12 @@ def _normalize_kernel():
 
 
 # ----------------------------------------------------------------------------------------------- worker
-def resolve(cg, name: str, co: int, prologue: bool):
-    """A variant name, optionally with overrides: 'ws2@stages=3+th=16' = variant('ws2', ...) with those fields."""
+def resolve(variant, name: str, co: int, **variant_kw):
+    """A variant name, optionally with overrides: 'ws2@stages=3+th=16' = variant('ws2', co, ...) with those fields."""
     import dataclasses
 
     base, _, over = name.partition("@")
-    cfg = cg.variant(base, co, prologue=prologue)
+    cfg = variant(base, co, **variant_kw)
     changes = {}
     for item in filter(None, over.split("+")):
         key, val = item.split("=")
@@ -131,10 +132,10 @@ def resolve(cg, name: str, co: int, prologue: bool):
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def time_row(row: dict, cg, x, wt, scale, shift, cfg, out, pro: bool, normalize, flops: float) -> None:
-    """Graph-replay timings of the Gluon conv, cuDNN and (with the prologue) normalize + cuDNN, into row."""
-    kw = dict(scale=scale, shift=shift, silu=True) if pro else {}
-    row["us"] = graph_us(lambda: cg.conv3x3_gluon(x, wt, config=cfg, out=out, **kw))
+def time_row(row: dict, run, x, wt, scale, shift, pro: bool, normalize, flops: float) -> None:
+    """Graph-replay timings of ``run()`` (the Gluon conv under test), cuDNN and (with the prologue) normalize +
+    cuDNN, into row."""
+    row["us"] = graph_us(run)
     row["tflops"] = flops / row["us"] * 1e-6
     row["cudnn_us"] = graph_us(lambda: F.conv2d(x, wt, padding=1))
     row["cudnn_tflops"] = flops / row["cudnn_us"] * 1e-6
@@ -159,6 +160,21 @@ def run_worker(name: str, shapes, timing: bool) -> None:
     """Check (and time) one variant on `shapes`, one ROW line per (shape, mode) on stdout."""
     import conv_gluon as cg
 
+    check_variant(
+        name, shapes, timing, MODES,
+        conv=lambda x, wt, cfg, out, **kw: cg.conv3x3_gluon(x, wt, config=cfg, out=out, **kw),
+        config=lambda co, pro: resolve(cg.variant, name, co, prologue=pro),
+        fields=("th", "tw", "bn", "bk", "stages", "consumers", "persistent", "epi_split", "silu_impl"),
+        plain_kw={},
+    )  # fmt: skip
+
+
+def check_variant(name: str, shapes, timing: bool, modes, *, conv, config, fields, plain_kw: dict) -> None:
+    """The worker of this harness and of ../gluon_conv_halo's: per shape and mode, ``conv(x, wt, cfg, out, **kw)``
+    (kw: the prologue's scale, shift, silu=True, or ``plain_kw``) with ``cfg = config(Co, prologue)`` into a
+    NaN-poisoned out; error vs conv_gluon's fp32 reference next to the fp16 torch path's; timings (time_row)."""
+    import conv_gluon
+
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
@@ -167,25 +183,24 @@ def run_worker(name: str, shapes, timing: bool) -> None:
         try:
             x, wt, scale, shift = make_inputs(n, c, h, w, co, "cuda")
         except Exception as e:  # e.g. out of memory: report and go on with the next shape
-            for mode in MODES:
+            for mode in modes:
                 emit(dict(variant=name, shape=label, mode=mode, ok=False, error=f"inputs: {type(e).__name__}: {e}"))
             continue
         flops = 2.0 * n * h * w * co * 9 * c
-        for mode in MODES:
+        for mode in modes:
             pro = mode != "plain"
-            kw = dict(scale=scale, shift=shift, silu=True) if pro else {}
+            kw = dict(scale=scale, shift=shift, silu=True) if pro else plain_kw
             row = dict(variant=name, shape=label, N=n, C=c, H=h, W=w, Co=co, mode=mode)
             try:
-                cfg = resolve(cg, name, co, pro)
-                row["config"] = {k: getattr(cfg, k) for k in ("th", "tw", "bn", "bk", "stages", "consumers",
-                                                              "persistent", "epi_split", "silu_impl")}  # fmt: skip
+                cfg = config(co, pro)
+                row["config"] = {k: getattr(cfg, k) for k in fields}
                 out = torch.full((n, co, h, w), float("nan"), dtype=torch.float16, device="cuda")
                 out = out.contiguous(memory_format=torch.channels_last)
                 t0 = time.time()
-                cg.conv3x3_gluon(x, wt, config=cfg, out=out, **kw)
+                conv(x, wt, cfg, out, **kw)
                 torch.cuda.synchronize()
                 row["first_call_s"] = round(time.time() - t0, 2)  # compile (or cache load) + run
-                ref = cg.conv3x3_gluon_ref(x, wt, **kw)
+                ref = conv_gluon.conv3x3_gluon_ref(x, wt, **kw)  # fp32, activation not rounded
                 base = torch_fp16_path(x, wt, scale, shift, mode)
                 row["all_written"] = bool(torch.isfinite(out).all())
                 row["err"] = rel_err(out, ref)
@@ -193,7 +208,8 @@ def run_worker(name: str, shapes, timing: bool) -> None:
                 row["ok"] = row["all_written"] and row["err"] <= 2 * row["torch_fp16_err"]
                 del ref
                 if timing:
-                    time_row(row, cg, x, wt, scale, shift, cfg, out, pro, normalize, flops)
+                    run = functools.partial(conv, x, wt, cfg, out, **kw)
+                    time_row(row, run, x, wt, scale, shift, pro, normalize, flops)
             except Exception as e:  # one failing (shape, mode) does not stop the variant
                 row["ok"] = False
                 row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
@@ -309,14 +325,21 @@ def main() -> int:
         return 0
     if not a.out:
         ap.error("OUT.json is required")
+    return run_variants(a.out, a.variants.split(","), a.budget, [], ["--shapes", a.shapes] if a.shapes else [],
+                        smoke_timeout=150, measure_timeout=90)  # fmt: skip
+
+
+def run_variants(out: str, names: list[str], budget: float, extra_args: list[str], shape_arg: list[str], *,
+                 smoke_timeout: float, measure_timeout: float, script: str = __file__) -> int:  # fmt: skip
+    """The parent of this harness and of ../gluon_conv_halo's: phase 1 compiles and smoke-checks every variant in
+    parallel workers (``script --worker NAME --smoke``), phase 2 measures them one at a time within ``budget`` s;
+    every ROW into OUT.json as it arrives."""
     t_start = time.time()
-    res = Results(a.out)
-    names = a.variants.split(",")
-    shape_arg = ["--shapes", a.shapes] if a.shapes else []
+    res = Results(out)
 
     # phase 1: compile + smoke-check every variant in parallel (the Triton cache then serves phase 2)
     def smoke(name):
-        rc, log = run_child(["--worker", name, "--smoke"], 150, res.add)
+        rc, log = run_child(["--worker", name, "--smoke", *extra_args], smoke_timeout, res.add, script=script)
         if rc != 0:
             res.fail(f"smoke {name}", f"rc={rc}\n{log}")
         return name, rc
@@ -326,13 +349,13 @@ def main() -> int:
     print(f"phase 1 (compile + smoke) done in {time.time() - t_start:.0f} s: {smoke_rc}", flush=True)
     # phase 2: one variant at a time (timings must not overlap)
     for name in names:
-        if time.time() - t_start > a.budget:
+        if time.time() - t_start > budget:
             res.fail(f"measure {name}", "skipped: time budget spent")
             continue
         if smoke_rc.get(name) != 0:
             res.fail(f"measure {name}", "skipped: smoke phase failed")
             continue
-        rc, log = run_child(["--worker", name, *shape_arg], 90, res.add)
+        rc, log = run_child(["--worker", name, *shape_arg, *extra_args], measure_timeout, res.add, script=script)
         if rc != 0:
             res.fail(f"measure {name}", f"rc={rc}\n{log}")
         print(f"{name}: rc={rc} at {time.time() - t_start:.0f} s", flush=True)
@@ -358,7 +381,7 @@ def cpu_selftest() -> int:
                 cg._check(x, wt, scale if pro else None, shift if pro else None, cfg)
                 cg.prepare(x, wt, torch.empty((n, co, 8, 8), dtype=torch.float16).contiguous(
                     memory_format=torch.channels_last), scale, shift, pro, cfg, 132)  # fmt: skip
-    cfg = resolve(cg, "ws2@stages=3+th=16+persistent=False+silu_impl=tanh16", 256, True)
+    cfg = resolve(cg.variant, "ws2@stages=3+th=16+persistent=False+silu_impl=tanh16", 256, prologue=True)
     assert (cfg.stages, cfg.th, cfg.persistent, cfg.silu_impl, cfg.bn) == (3, 16, False, "tanh16", 256), cfg
     x, wt, scale, shift = make_inputs(2, 64, 12, 10, 32, "cpu")
     for mode in MODES:

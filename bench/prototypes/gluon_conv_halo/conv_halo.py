@@ -50,11 +50,20 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gluon_conv"))
-from conv_gluon import _epilogue, _release_prev, _tile_coords  # noqa: E402  (shared Gluon helpers)
+from conv_gluon import (  # noqa: E402  (the shared Gluon helpers, launcher pieces and limits)
+    LOG2E,
+    SMEM_LIMIT,  # noqa: F401  (this module's limit too: cg.SMEM_LIMIT)
+    _epilogue,
+    _nvmma,
+    _rcp_f32,
+    _release_prev,
+    _sm_count,
+    _tanh_f32,
+    _tile_coords,
+    check_operands,
+)
 
-LOG2E = gl.constexpr(1.4426950408889634)
 SILU_IMPLS = {"exact": 1, "tanh32": 2}
-SMEM_LIMIT = 232448  # bytes of dynamic shared memory a CTA may use on sm_90
 PADK = 8  # halves of padding after every pixel's BK channels
 
 
@@ -231,16 +240,6 @@ def _act_piece(x_ptr, scv, shv, stage, b, iy0, ix0, c0, C, H, W, OFF: gl.constex
 
 
 @gluon.jit
-def _rcp_f32(x):
-    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _tanh_f32(h):
-    return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=gl.float32, is_pure=True, pack=1)
-
-
-@gluon.jit
 def _transform_partition(x_ptr, sc_ptr, sh_ptr, tbuf, t_ready, t_empty, C, H, W, n_th, n_tw, n_nb, num_tiles,
                          TH: gl.constexpr, TW: gl.constexpr, BK: gl.constexpr, BN: gl.constexpr,
                          ROWPITCH: gl.constexpr, PIXPITCH: gl.constexpr, FLAT: gl.constexpr, WIN: gl.constexpr,
@@ -375,15 +374,6 @@ def _conv3x3_halo_kernel(x_ptr, w_desc, y_desc, sc_ptr, sh_ptr, C, H, W, n_th, n
 
 
 # --------------------------------------------------------------------------------------------- launcher
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _nvmma(block: list[int]) -> gl.NVMMASharedLayout:
-    return gl.NVMMASharedLayout.get_default_for(block, gl.float16)
-
-
 def prepare(x, weight, y, scale, shift, silu: bool, cfg: HaloConvConfig, num_sms: int):
     """(positional args, constexprs, grid, launch options) for _conv3x3_halo_kernel (CPU tensors work: AOT)."""
     n, c, h, w = x.shape
@@ -409,31 +399,11 @@ def prepare(x, weight, y, scale, shift, silu: bool, cfg: HaloConvConfig, num_sms
 
 
 def _check(x, weight, scale, shift, cfg: HaloConvConfig) -> None:
-    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        raise ValueError(f"conv3x3_halo expects x [N, C, H, W], weight [Co, C, 3, 3]; got {tuple(x.shape)}, "
-                         f"{tuple(weight.shape)}")  # fmt: skip
-    if x.dtype != torch.float16 or weight.dtype != torch.float16 or weight.device != x.device:
-        raise ValueError(f"conv3x3_halo needs fp16 x and weight on one device, got {x.dtype}, {weight.dtype}")
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("conv3x3_halo needs a channels_last x")
-    if not weight.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("conv3x3_halo needs a channels_last weight (read in place as [Co, 9·C])")
-    n, c, h, w = x.shape
-    co = weight.shape[0]
-    if min(n, c, h, w) < 1 or c % cfg.bk or co % cfg.bn:
-        raise ValueError(f"conv3x3_halo: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.bn}")
+    check_operands(x, weight, scale, shift, cfg, "conv3x3_halo")
     if x.numel() >= 2**31:
         raise ValueError("conv3x3_halo: x must have < 2^31 elements (int32 offsets in the transform)")
-    if (scale is None) != (shift is None):
-        raise ValueError("conv3x3_halo: pass scale and shift together (or neither)")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is not None and (t.shape != (n, c) or t.dtype != torch.float32 or t.device != x.device
-                              or not t.is_contiguous()):  # fmt: skip
-            raise ValueError(f"{name} must be a contiguous fp32 [{n}, {c}] tensor on {x.device}")
     if cfg.w_stages < 2 or cfg.t_stages < 2:
         raise ValueError("conv3x3_halo needs >= 2 weight slots and >= 2 T stages")
-    if cfg.smem_bytes() > SMEM_LIMIT:
-        raise ValueError(f"config {cfg} needs {cfg.smem_bytes()} B of shared memory (> {SMEM_LIMIT})")
 
 
 def conv3x3_halo(x, weight, scale=None, shift=None, silu: bool = True, config=None, out=None) -> torch.Tensor:

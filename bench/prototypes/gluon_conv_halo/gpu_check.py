@@ -25,11 +25,8 @@ import importlib.util
 import json
 import os
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -61,95 +58,22 @@ _BASE = os.path.join(HERE, "..", "gluon_conv", "gpu_check.py")
 _spec = importlib.util.spec_from_file_location("gluon_conv_gpu_check", _BASE)
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
-make_inputs, rel_err, torch_fp16_path = _base.make_inputs, _base.rel_err, _base.torch_fp16_path
-graph_us, _normalize_kernel, emit = _base.graph_us, _base._normalize_kernel, _base.emit
-environment, Results, summary = _base.environment, _base.Results, _base.summary
-
-
-def run_child(args: list[str], timeout: float, on_row) -> tuple[int | None, str]:
-    """This script as a worker (the shared harness's run_child)."""
-    return _base.run_child(args, timeout, on_row, script=__file__)
+make_inputs, rel_err, resolve, Results = _base.make_inputs, _base.rel_err, _base.resolve, _base.Results
+environment, summary = _base.environment, _base.summary
 
 
 # ----------------------------------------------------------------------------------------------- worker
-def resolve(cg, name: str, co: int, prologue: bool):
-    """A variant name, optionally with overrides: 'ws2@stages=3+th=16' = variant('ws2', ...) with those fields."""
-    import dataclasses
-
-    base, _, over = name.partition("@")
-    cfg = cg.variant(base, co)
-    changes = {}
-    for item in filter(None, over.split("+")):
-        key, val = item.split("=")
-        old = getattr(cfg, key)
-        changes[key] = (val == "True") if isinstance(old, bool) else type(old)(val) if old is not None else int(val)
-    return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def time_row(row: dict, cg, x, wt, scale, shift, cfg, out, pro: bool, normalize, flops: float) -> None:
-    """Graph-replay timings of the Gluon conv, cuDNN and (with the prologue) normalize + cuDNN, into row."""
-    kw = dict(scale=scale, shift=shift, silu=True) if pro else dict(silu=False)
-    row["us"] = graph_us(lambda: cg.conv3x3_halo(x, wt, config=cfg, out=out, **kw))
-    row["tflops"] = flops / row["us"] * 1e-6
-    row["cudnn_us"] = graph_us(lambda: F.conv2d(x, wt, padding=1))
-    row["cudnn_tflops"] = flops / row["cudnn_us"] * 1e-6
-    row["speedup_vs_cudnn"] = row["cudnn_us"] / row["us"]
-    if pro:
-        act = torch.empty_like(x)
-
-        def normalize_then_cudnn():
-            normalize(x, scale, shift, act)
-            return F.conv2d(act, wt, padding=1)
-
-        row["normalize_us"] = graph_us(lambda: normalize(x, scale, shift, act))
-        row["normalize_cudnn_us"] = graph_us(normalize_then_cudnn)
-        row["speedup_vs_normalize_cudnn"] = row["normalize_cudnn_us"] / row["us"]
-
-
 def run_worker(name: str, shapes, timing: bool) -> None:
-    """Check (and time) one variant on `shapes`, one ROW line per (shape, mode) on stdout."""
-    import conv_gluon
+    """Check (and time) one variant on `shapes` (the shared harness's check_variant), one ROW line per (shape, mode)."""
     import conv_halo as cg
 
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark = True
-    normalize = _normalize_kernel() if timing else None
-    for label, n, c, h, w, co in shapes:
-        try:
-            x, wt, scale, shift = make_inputs(n, c, h, w, co, "cuda")
-        except Exception as e:  # e.g. out of memory: report and go on with the next shape
-            for mode in MODES:
-                emit(dict(variant=name, shape=label, mode=mode, ok=False, error=f"inputs: {type(e).__name__}: {e}"))
-            continue
-        flops = 2.0 * n * h * w * co * 9 * c
-        for mode in MODES:
-            pro = mode != "plain"
-            kw = dict(scale=scale, shift=shift, silu=True) if pro else dict(silu=False)
-            row = dict(variant=name, shape=label, N=n, C=c, H=h, W=w, Co=co, mode=mode)
-            try:
-                cfg = resolve(cg, name, co, pro)
-                row["config"] = {k: getattr(cfg, k) for k in ("th", "tw", "bn", "bk", "w_stages", "t_stages",
-                                                              "consumers", "transform_warps", "silu_impl")}  # fmt: skip
-                out = torch.full((n, co, h, w), float("nan"), dtype=torch.float16, device="cuda")
-                out = out.contiguous(memory_format=torch.channels_last)
-                t0 = time.time()
-                cg.conv3x3_halo(x, wt, config=cfg, out=out, **kw)
-                torch.cuda.synchronize()
-                row["first_call_s"] = round(time.time() - t0, 2)  # compile (or cache load) + run
-                ref = conv_gluon.conv3x3_gluon_ref(x, wt, **kw)  # fp32, activation not rounded
-                base = torch_fp16_path(x, wt, scale, shift, mode)
-                row["all_written"] = bool(torch.isfinite(out).all())
-                row["err"] = rel_err(out, ref)
-                row["torch_fp16_err"] = rel_err(base, ref)
-                row["ok"] = row["all_written"] and row["err"] <= 2 * row["torch_fp16_err"]
-                del ref
-                if timing:
-                    time_row(row, cg, x, wt, scale, shift, cfg, out, pro, normalize, flops)
-            except Exception as e:  # one failing (shape, mode) does not stop the variant
-                row["ok"] = False
-                row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-            emit(row)
+    _base.check_variant(
+        name, shapes, timing, MODES,
+        conv=lambda x, wt, cfg, out, **kw: cg.conv3x3_halo(x, wt, config=cfg, out=out, **kw),
+        config=lambda co, pro: resolve(cg.variant, name, co),
+        fields=("th", "tw", "bn", "bk", "w_stages", "t_stages", "consumers", "transform_warps", "silu_impl"),
+        plain_kw=dict(silu=False),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- parent
@@ -174,38 +98,9 @@ def main() -> int:
         return 0
     if not a.out:
         ap.error("OUT.json is required")
-    t_start = time.time()
-    res = Results(a.out)
-    names = a.variants.split(",")
-    shape_arg = ["--shapes", a.shapes] if a.shapes else []
-
-    # phase 1: compile + smoke-check every variant in parallel (the Triton cache then serves phase 2)
-    def smoke(name):
-        rc, log = run_child(["--worker", name, "--smoke", "--modes", a.modes], 120, res.add)
-        if rc != 0:
-            res.fail(f"smoke {name}", f"rc={rc}\n{log}")
-        return name, rc
-
-    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
-        smoke_rc = dict(pool.map(smoke, names))
-    print(f"phase 1 (compile + smoke) done in {time.time() - t_start:.0f} s: {smoke_rc}", flush=True)
-    # phase 2: one variant at a time (timings must not overlap)
-    for name in names:
-        if time.time() - t_start > a.budget:
-            res.fail(f"measure {name}", "skipped: time budget spent")
-            continue
-        if smoke_rc.get(name) != 0:
-            res.fail(f"measure {name}", "skipped: smoke phase failed")
-            continue
-        rc, log = run_child(["--worker", name, *shape_arg, "--modes", a.modes], 60, res.add)
-        if rc != 0:
-            res.fail(f"measure {name}", f"rc={rc}\n{log}")
-        print(f"{name}: rc={rc} at {time.time() - t_start:.0f} s", flush=True)
-    print(summary(res.payload["rows"]))
-    smoke_bad = [r for r in res.payload["rows"] if r.get("shape", "").startswith("smoke") and not r.get("ok")]
-    print(f"smoke failures: {len(smoke_bad)}; other failures: {len(res.payload['failures'])}; "
-          f"total {time.time() - t_start:.0f} s")  # fmt: skip
-    return 0
+    return _base.run_variants(a.out, a.variants.split(","), a.budget, ["--modes", a.modes],
+                              ["--shapes", a.shapes] if a.shapes else [], smoke_timeout=120, measure_timeout=60,
+                              script=__file__)  # fmt: skip
 
 
 def cpu_selftest() -> int:
@@ -223,7 +118,7 @@ def cpu_selftest() -> int:
             cg._check(x, wt, scale, shift, cfg)
             y = torch.empty((n, co, 8, 8), dtype=torch.float16).contiguous(memory_format=torch.channels_last)
             cg.prepare(x, wt, y, scale, shift, True, cfg, 132)
-    cfg = resolve(cg, "h8x16@w_stages=2+t_stages=3", 256, True)
+    cfg = resolve(cg.variant, "h8x16@w_stages=2+t_stages=3", 256)
     assert (cfg.w_stages, cfg.t_stages, cfg.bn) == (2, 3, 256), cfg
     x, wt, scale, shift = make_inputs(2, 64, 12, 10, 32, "cpu")
     ref = conv_gluon.conv3x3_gluon_ref(x, wt, scale=scale, shift=shift, silu=True)

@@ -71,9 +71,7 @@ def _add_stats(h: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> torch.Tenso
 
 
 def _candidates(shape: tuple[int, ...], cout: int, x: torch.Tensor) -> list[cg.GluonConvConfig]:
-    plain = conv_table._table(conv_table.card_name(x.device), str(conv_table.TABLE_PATH)).get(
-        conv_table.shape_key(shape, cout, 3, 1, 1, x.dtype)
-    )
+    plain = conv_table.choose(shape, cout, 3, 1, 1, x.dtype, x.device)  # the plain conv's own winner, if Gluon
     keys = [str(plain)] if isinstance(plain, cg.GluonConvConfig) else []
     keys += [k for k in CANDIDATES if k not in keys]
     cfgs = map(cg.GluonConvConfig.parse, keys)

@@ -43,18 +43,20 @@ class TileStats:
     version: int | None
     part: torch.Tensor
 
+    def _release(self, x: torch.Tensor) -> None:
+        if getattr(x, GN_STATS_ATTR, None) is self:  # consumed: one GroupNorm uses them at most once
+            drop_gn_stats(x)
+
     def take(self, x: torch.Tensor, groups: int, plan: object) -> None:
         """No split-path partials here (the GNStats protocol of kernels/add_gn_stats.py): drop them, None."""
-        if getattr(x, GN_STATS_ATTR, None) is self:
-            drop_gn_stats(x)
+        self._release(x)
 
     def scale_shift(
         self, x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """GroupNorm(groups)'s fp32 [N, C] (scale, shift) for x from these partials, or None when they are not
         x's (other group count, x changed since). Consumed: one GroupNorm uses them at most once."""
-        if getattr(x, GN_STATS_ATTR, None) is self:
-            drop_gn_stats(x)
+        self._release(x)
         n, c = x.shape[:2]
         p = self.part.shape[3]
         if self.groups != groups or self.version != _version(x) or self.part.shape[:3] != (3, n, groups):

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from speedsd.kernels.bias_add import GN_STATS_ATTR
-from speedsd.kernels.gn_tile_stats import TileStats
+from speedsd.kernels.gn_tile_stats import TileStats, _dense
 from speedsd.kernels.group_norm import _ncs_strides, plan_for, split_partials
 from speedsd.kernels.group_norm_split_kernels import _gn_scale_shift_kernel
 
@@ -71,13 +71,9 @@ def group_norm_scale_shift(
     scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
     _gn_scale_shift_kernel[(n_cb, n)](
-        part, _dense1(weight, scale), _dense1(bias, scale), scale, shift, c, s,
+        part, _dense(weight, scale), _dense(bias, scale), scale, shift, c, s,
         n_cb, plan.chunks, plan.tiles_per_chunk * plan.block_s, eps, c // num_groups, GB=gb,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_G=plan.block_g,
         BLOCK_P=triton.next_power_of_2(plan.chunks), num_warps=4,
     )  # fmt: skip
     return scale, shift
-
-
-def _dense1(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
-    return t.contiguous() if t is not None else placeholder
