@@ -233,9 +233,21 @@ def ff_heuristic_config(m: int, f: int, k: int) -> dict[str, int]:
 FUSED_MIN_M, FUSED_MAX_SMALL_M = 4096, 0
 
 
-def ff_plan(m: int) -> str:
-    """ "fused" (one kernel, heuristic tiles) or "cublas" (GEMM + one-pass GEGLU) for M rows."""
+def ff_plan(m: int, tma: bool = False) -> str:
+    """ "tma" (one TMA-fed kernel, kernels/ff_geglu_tma.py; where ``tma``: a Hopper GPU and aligned rows),
+    "fused" (one kernel, heuristic tiles) or "cublas" (GEMM + one-pass GEGLU) for M rows."""
+    from speedsd.kernels.ff_geglu_tma import TMA_MIN_M
+
+    if tma and m >= TMA_MIN_M:
+        return "tma"
     return "fused" if m >= FUSED_MIN_M or m <= FUSED_MAX_SMALL_M else "cublas"
+
+
+def _tma_ok(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor) -> bool:
+    from speedsd.kernels.device import is_sm90
+    from speedsd.kernels.ff_geglu_tma import tma_supported
+
+    return x2.dtype in (torch.float16, torch.bfloat16) and is_sm90(x2.device) and tma_supported(x2, w, out2)
 
 
 def feed_forward_geglu(
@@ -249,8 +261,9 @@ def feed_forward_geglu(
 ) -> torch.Tensor:
     """x [..., K] @ weightᵀ (weight [2F, K]) + bias -> value·GELU(gate) [..., F], one launch.
 
-    ``config``: None = the measured plan on CUDA (:func:`ff_plan`: this kernel with the heuristic tiles,
-    or cuBLAS + the one-pass GEGLU kernel; a fixed small config under the interpreter), "autotune" =
+    ``config``: None = the measured plan on CUDA (:func:`ff_plan`: the TMA kernel on Hopper for M >= 2048,
+    this kernel with the heuristic tiles, or cuBLAS + the one-pass GEGLU kernel; a fixed small config under
+    the interpreter), "tma" = the TMA kernel with its measured tiles (fp16/bf16, aligned rows), "autotune" =
     Triton autotuning over :data:`FF_CONFIGS`, "heuristic" = :func:`ff_heuristic_config`, or a dict
     with BM, BN, BK (>= 16, powers of two) and optionally num_warps, num_stages, GROUP_M.
     """
@@ -282,11 +295,17 @@ def feed_forward_geglu(
     args = (x2, w, b, out, m, f, k, x2.stride(0), w.stride(0), f)
     flags = dict(HAS_B=bias is not None, APPROX=a, IEEE=x.dtype == torch.float32)
     if config is None and x.is_cuda:
-        if ff_plan(m) == "cublas":
+        plan = ff_plan(m, tma=_tma_ok(x2, w, out.view(m, f)))
+        if plan == "cublas":
             h = torch.nn.functional.linear(x2, w, bias)  # [M, 2F]
             geglu(h, approximate, out=out.view(m, f))  # [M, 2F] -> out as [M, F]
             return out
-        config = "heuristic"
+        config = "tma" if plan == "tma" else "heuristic"
+    if config == "tma":
+        from speedsd.kernels.ff_geglu_tma import feed_forward_geglu_tma
+
+        feed_forward_geglu_tma(x2, w, bias.contiguous() if bias is not None else None, out.view(m, f), a)
+        return out
     if config == "autotune":
         grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(f, meta["BN"]),)
         _ff_geglu_tuned[grid](*args, **flags)
