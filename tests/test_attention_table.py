@@ -55,3 +55,11 @@ def test_committed_table_names_known_choices():
     data = json.loads(at.TABLE_PATH.read_text())
     for card in data["cards"].values():
         assert {e["best"] for e in card.values()} <= set(at.CHOICES)
+
+
+def test_choose_returns_cross_where_the_table_says_so(table):
+    at.write_card_table(table, "Card A", {"cross": _entry(SELF, CROSS_K, "cross")})
+    at._table.cache_clear()
+    assert at.choose(torch.Size(SELF), torch.Size(CROSS_K), torch.float16, card="Card A") == "cross"
+    assert at.choose(torch.Size(SELF), torch.Size(SELF), torch.float16, card="Card A") == "sdpa"  # not measured
+    assert at.choose(torch.Size(SELF), torch.Size(CROSS_K), torch.float16, card="Card B") == "sdpa"

@@ -2,10 +2,11 @@
 
 The choice is measured, not guessed: ``python -m speedsd.bench.kernels --attention-table
 src/speedsd/data/attention_table.json`` times flash / partial / SDPA (and the Gluon kernel on the shapes
-it takes: fp16 d=40 self-attention on sm_90, measured on fused-QKV views) on each SD attention shape and
-records the fastest correct one per card. Shapes are matched on (heads, Nq, Nk, head dim); the batch
-only scales the work. Unknown card or shape: SDPA (PyTorch picks its best backend), except head dims
-SDPA's fused backends reject (> 256), which go to our partially fused softmax.
+it takes: fp16 d=40 self-attention on sm_90, measured on fused-QKV views; the one-pass cross kernel on
+those with Nk <= 128) on each SD attention shape and records the fastest correct one per card. Shapes are
+matched on (heads, Nq, Nk, head dim); the batch only scales the work. Unknown card or shape: SDPA
+(PyTorch picks its best backend), except head dims SDPA's fused backends reject (> 256), which go to our
+partially fused softmax.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 
 TABLE_PATH = Path(__file__).parent / "data" / "attention_table.json"
 # what an entry may name: each is a Flags.attention mode ("gluon" falls back to SDPA where its kernel
-# does not apply, e.g. without fused QKV)
-CHOICES = ("flash", "partial", "sdpa", "gluon")
+# does not apply, e.g. without fused QKV; "cross" to flash)
+CHOICES = ("flash", "partial", "sdpa", "gluon", "cross")
 
 
 @functools.lru_cache(maxsize=8)
@@ -38,8 +39,8 @@ def _table(card: str, path: str) -> dict[tuple[int, int, int, int], str]:
 
 
 def choose(q_shape: torch.Size, k_shape: torch.Size, dtype: torch.dtype, card: str | None = None) -> str:
-    """'flash', 'partial', 'sdpa' or 'gluon' (only where the table says so) for q [B, H, Nq, D],
-    k [B, H, Nk, D]."""
+    """'flash', 'partial', 'sdpa', 'gluon' or 'cross' ('gluon' and 'cross' only where the table says so) for
+    q [B, H, Nq, D], k [B, H, Nk, D]."""
     card = card or torch.cuda.get_device_name()
     _, h, nq, d = q_shape
     best = _table(card, str(TABLE_PATH)).get((h, nq, k_shape[2], d))

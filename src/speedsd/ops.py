@@ -35,6 +35,7 @@ from speedsd.kernels.conv_gluon import (
     conv_gluon_supported,
 )
 from speedsd.kernels.conv_igemm import conv2d_igemm
+from speedsd.kernels.cross_attention import cross_attention
 from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
 from speedsd.kernels.group_norm import group_norm, group_norm_ref
@@ -46,7 +47,7 @@ from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsampl
 from speedsd.kernels.upsample import upsample_nearest2x, upsample_nearest2x_ref
 from speedsd.kernels.winograd import winograd_conv3x3_module
 
-ATTENTION_MODES = ("math", "sdpa", "partial", "flash", "gluon", "auto")
+ATTENTION_MODES = ("math", "sdpa", "partial", "flash", "gluon", "cross", "auto")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class Flags:
     group_norm: bool = False  # fused Triton GroupNorm (+SiLU) in one launch
     gelu: bool = False  # fused Triton GELU / GEGLU feed-forward
     # math (materialized softmax) | sdpa | partial | flash | auto | gluon (the Hopper d=40 fused-QKV
-    # self-attention kernel where it applies, SDPA elsewhere)
+    # self-attention kernel where it applies, SDPA elsewhere) | cross (the one-pass kernel for <= 128 keys
+    # where it applies, flash elsewhere)
     attention: str = "math"
     winograd: bool = False  # Winograd 3x3 conv where the per-layer table picks it
     channels_last: bool = False  # NHWC activations end to end
@@ -293,7 +295,8 @@ def attention_op(
 
     ``upcast`` computes the scores in fp32 (SD 2.x's upcast_attention); the Triton kernels always
     accumulate in fp32, so it only changes the reference paths. "gluon" runs the Gluon kernel where it
-    applies (fp16 fused-QKV d=40 self-attention on sm_90, kernels/attention_gluon.py) and SDPA elsewhere.
+    applies (fp16 fused-QKV d=40 self-attention on sm_90, kernels/attention_gluon.py) and SDPA elsewhere;
+    "cross" the one-pass kernel for short contexts (Nk <= 128, kernels/cross_attention.py), flash elsewhere.
     """
     mode = current().attention
     if mode == "auto":
@@ -314,6 +317,8 @@ def attention_op(
         return attention_partial_softmax(q, k, v, scale=scale)
     if mode == "flash" and _kernel_ok(q, "flash attention"):
         return flash_attention(q, k, v, scale=scale)
+    if mode == "cross" and _kernel_ok(q, "cross attention"):
+        return cross_attention(q, k, v, scale=scale)  # flash_attention where cross_attention_supported is False
     raise AssertionError(mode)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from speedsd.bench import kernels_attention as ka
 
 
@@ -60,3 +63,24 @@ def test_gluon_shapes_get_fused_qkv_views_with_the_same_values():
     assert fused_qkv_views(*fused) and not fused_qkv_views(*sep)
     for a, b in zip(sep, fused):
         assert torch.equal(a, b)
+
+
+def test_table_takes_cross_where_it_is_fastest_and_correct():
+    rows = _rows("cross 4096x77 d40", {"flash": (0.09, 0.0125), "sdpa": (0.017, 0.0142), "cross": (0.03, 0.006)})
+    rows += _rows(
+        "cross 1024x77 d80",
+        {"flash": (0.1, 0.0055), "sdpa": (0.011, 0.0085), "cross": (0.03, 0.004)},
+        ok={"cross": False},
+    )
+    table = ka.best_attention_table(rows)
+    assert table["cross 4096x77 d40"]["best"] == "cross"
+    assert table["cross 4096x77 d40"]["graph_ms"]["cross"] == 0.006
+    assert table["cross 1024x77 d80"]["best"] == "flash"  # cross fastest but failed its accuracy check
+    assert "cross" in ka.CANDIDATES and "cross" in ka.OURS
+
+
+def test_cross_variant_never_times_the_flash_fallback():
+    fn = ka.variants()["cross"]
+    q, k, v = (torch.randn(1, 2, n, 40) for n in (16, 130, 130))
+    with pytest.raises(RuntimeError, match="does not take"):
+        fn(q, k, v)

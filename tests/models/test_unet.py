@@ -133,7 +133,7 @@ def test_channels_last_matches_nchw(name: str) -> None:
 @torch.no_grad()
 def test_attention_modes_match_diffusers(name: str, mode: str) -> None:
     """Every attention implementation the CPU can run (Triton ones under TRITON_INTERPRET=1)."""
-    if mode in ("partial", "flash") and os.environ.get("TRITON_INTERPRET") != "1":
+    if mode in ("partial", "flash", "cross") and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (CUDA machines: tests/test_graphs.py)")
     ref, ours = _models(name)
     x, ctx = _inputs(CONFIGS[name], 1, 8, 8)

@@ -1,12 +1,12 @@
-"""Attention kernels on the SD-1.4 shapes: ours (flash, partially fused softmax, and the Gluon kernel
-where it applies) vs materialized softmax and every SDPA backend; correctness, median time, TFLOP/s,
-peak memory.
+"""Attention kernels on the SD-1.4 shapes: ours (flash, partially fused softmax, and the Gluon and
+one-pass cross kernels where they apply) vs materialized softmax and every SDPA backend; correctness,
+median time, TFLOP/s, peak memory.
 
     python -m speedsd.bench.kernels_attention --out DIR            # ~1-2 min on an H100
     python -m speedsd.bench.kernels_attention --out DIR --sweep    # + flash block-size sweep (~4 min)
 
 The sweep prints a ``TUNED_CONFIGS`` table to paste into speedsd/kernels/flash_attention.py.
-:func:`best_attention_table` gives, per shape, the fastest of {flash, partial, sdpa, gluon}: the data
+:func:`best_attention_table` gives, per shape, the fastest of {flash, partial, sdpa, gluon, cross}: the data
 behind ``Flags(attention="auto")``. On the shapes the Gluon kernel takes (gluon_shape: the d=40
 self-attention) every variant reads fused-QKV views, the only layout it takes (sm_90 only).
 """
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from speedsd.bench.common import do_bench_ms, graph_ms, md_table, rel_err, write_results
 from speedsd.kernels import attention_gluon as ag
+from speedsd.kernels.cross_attention import cross_attention, cross_attention_supported
 from speedsd.kernels.flash_attention import MAX_FLASH_HEAD_DIM, FlashConfig, flash_attention, flash_config
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
 
@@ -43,8 +44,8 @@ SHAPES: list[tuple[str, int, int, int, int, int]] = [
 # 1024² image: the first UNet level attends over 16384 tokens (materialized variants skipped: 8.6 GB S).
 LONG_SHAPES = [("self 16384 d40", 2, 8, 16384, 16384, 40)]
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-OURS = ("flash", "partial", "gluon")
-CANDIDATES = ("flash", "partial", "sdpa", "gluon")  # what the auto-attention table chooses from
+OURS = ("flash", "partial", "gluon", "cross")
+CANDIDATES = ("flash", "partial", "sdpa", "gluon", "cross")  # what the auto-attention table chooses from
 
 
 def make_qkv(B: int, H: int, Nq: int, Nk: int, D: int, device: str = "cuda", dtype=torch.float16, fused: bool = False):
@@ -74,6 +75,12 @@ def _gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _cross(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if not cross_attention_supported(q, k):  # never time the flash fallback as "cross"
+        raise RuntimeError("cross_attention does not take these inputs (Nk > 128, head dim or device)")
+    return cross_attention(q, k, v)
+
+
 def variants(long: bool = False) -> dict[str, Callable[..., torch.Tensor]]:
     """name -> fn(q, k, v). SDPA backends are pinned with sdpa_kernel around the call."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -92,6 +99,7 @@ def variants(long: bool = False) -> dict[str, Callable[..., torch.Tensor]]:
         "partial": attention_partial_softmax,
         "sdpa": F.scaled_dot_product_attention,  # torch's default dispatch (what Flags(attention="sdpa") runs)
         "gluon": _gluon,  # kept by bench_shape only where attention_gluon_supported
+        "cross": _cross,  # kept by bench_shape only where cross_attention_supported (Nk <= 128)
     }
     if not long:
         out["math"] = attention_ref  # materialized softmax, the paper's baseline
@@ -137,6 +145,8 @@ def bench_shape(
     fns = {n: f for n, f in variants(long).items() if names is None or n in names}
     if not (fused and ag.attention_gluon_supported(q, k)):
         fns.pop("gluon", None)
+    if not cross_attention_supported(q, k):
+        fns.pop("cross", None)
     rows: dict[str, dict[str, Any]] = {}
     for name, fn in fns.items():  # phase 1: correctness
         row: dict[str, Any] = {"shape": label, "B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "variant": name}
@@ -195,8 +205,8 @@ def _best(rows: list[dict[str, Any]], pool: tuple[str, ...], clock: str = "ms") 
 
 
 def best_attention_table(rows: list[dict[str, Any]] | None = None, device: str = "cuda") -> dict[str, dict[str, Any]]:
-    """Per shape, the fastest correct one of {flash, partial, sdpa, gluon} (gluon: only measured on the
-    shapes it takes); measures them if ``rows`` is None.
+    """Per shape, the fastest correct one of {flash, partial, sdpa, gluon, cross} (gluon, cross: only
+    measured on the shapes they take); measures them if ``rows`` is None.
 
     Timed by CUDA-graph replay, the engine's clock: do_bench includes the Python launch (which made the
     Triton kernels lose every small shape), and the graph includes what a launch costs inside a graph
@@ -362,8 +372,8 @@ def markdown(res: dict[str, Any]) -> str:
             ["shape", "best sdpa", "flash / best sdpa", "flash x math", "partial x math", "partial mem / math", "ok"],
             summ,
         ),
-        "## Fastest of {flash, partial, sdpa, gluon} (µs)",
-        md_table(["shape", "best", "flash µs", "partial µs", "sdpa µs", "gluon µs"], best),
+        "## Fastest of {" + ", ".join(cands) + "} (µs, do_bench)",
+        md_table(["shape", "best"] + [f"{n} µs" for n in cands], best),
     ]
     if "sweep" in res:
         lines = ["## Flash block-size sweep (best 5 per shape, ms)"]
