@@ -162,6 +162,7 @@ def group_norm_op(
     silu: bool = False,
     add: torch.Tensor | None = None,
     inplace: bool = False,
+    concat: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm(x + add) over [N, C, *spatial] with an optional SiLU fused after the affine.
 
@@ -170,10 +171,14 @@ def group_norm_op(
     ``inplace``: x is dead after this call, so the kernel may write the result over it (every kernel
     path reads a value before writing it; kernels/group_norm.py). The reference path and non-dense x
     return a new tensor: callers rebind (``h = norm(h, inplace=True)``) so x is freed either way.
+    ``concat``: normalise cat([x, concat], dim=1) instead; the kernel reads both and never forms it (the
+    reference path does); the output is new (``inplace`` does not apply).
     """
     if current().group_norm and _kernel_ok(x, "group_norm"):
-        out = x if inplace and _dense(x) else None
-        return group_norm(x, num_groups, weight, bias, eps, silu=silu, add=add, out=out)
+        out = x if inplace and _dense(x) and concat is None else None
+        return group_norm(x, num_groups, weight, bias, eps, silu=silu, add=add, out=out, concat=concat)
+    if concat is not None:
+        x = torch.cat([x, concat], dim=1)  # [N, C1, ...] ++ [N, C2, ...] -> [N, C1 + C2, ...]
     return group_norm_ref(x, num_groups, weight, bias, eps, silu=silu, add=add)
 
 

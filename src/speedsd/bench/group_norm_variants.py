@@ -3,7 +3,7 @@
 Run through ``python -m speedsd.bench.kernels_norm_gelu --variants --out DIR`` (or this module's
 ``main``). Writes ``group_norm_variants.{json,md}`` (every variant's time, the best per shape, the
 auto plan's rank) and ``group_norm_tuned.py``: the ``TUNED`` dict to paste into
-speedsd/kernels/group_norm.py so ``path="auto"`` runs the measured winner on that card.
+speedsd/kernels/group_norm_plan.py so ``path="auto"`` runs the measured winner on that card.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ the graph clock.
 
 times every forced GroupNorm plan (path x tile x programs x warps x channel blocking) on every shape
 with the graph clock, and writes group_norm_variants.{json,md} plus group_norm_tuned.py: the
-``TUNED`` dict for speedsd/kernels/group_norm.py (best plan per shape).
+``TUNED`` dict for speedsd/kernels/group_norm_plan.py (best plan per shape).
 """
 
 from __future__ import annotations

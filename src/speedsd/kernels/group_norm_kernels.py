@@ -10,6 +10,11 @@ Pre-add (HAS_ADD): every kernel normalises v = x + a[n, c], a at a_ptr + n·a_sn
 into per-channel values so no element costs more than without it: a channel's mean moves by a_c and
 its M2 does not (per-channel statistics); the one-pass-over-the-group kernels centre each element on
 mean_v − a_c; and the output v·scale + shift = x·scale + (shift + a·scale).
+
+Two sources (DUAL, a compile-time flag: without it every kernel compiles as before it existed): the input
+is cat([x, x2], dim=1), never formed. x holds channels [0, C1) with [N, C1, S] strides (sn1, sc1, ss1), x2
+the rest with (sn2, sc2, ss2); every load of the input is two complementary masked loads (_load_cat), so
+a group may straddle C1. The kernels' own (sn, sc, ss) and dense offsets are then the output's.
 """
 
 from __future__ import annotations
@@ -95,6 +100,17 @@ def _plus(v, a, HAS_ADD: tl.constexpr):
 
 
 @triton.jit
+def _load_cat(x_ptr, x2_ptr, n, s, c, mask, C1, sn1, sc1, ss1, sn2, sc2, ss2):
+    # element (n, c, s) of cat([x, x2], dim=1): x's channel c for c < C1, else x2's channel c − C1; one
+    # masked load per source, each masking the other's channels off (s, c broadcast to mask's shape)
+    n = n.to(tl.int64)
+    first = c < C1
+    v1 = tl.load(x_ptr + n * sn1 + s * ss1 + c * sc1, mask=mask & first, other=0.0)
+    v2 = tl.load(x2_ptr + n * sn2 + s * ss2 + (c - C1) * sc2, mask=mask & (c >= C1), other=0.0)
+    return tl.where(first, v1, v2)
+
+
+@triton.jit
 def _apply(x, scale, shift, SILU: tl.constexpr):
     # y = x·scale + shift (per column), then SiLU if asked
     return _silu_if(x * scale[None, :] + shift[None, :], SILU)
@@ -114,6 +130,7 @@ def _gn_fused_kernel(
     GB: tl.constexpr, ONE_TILE: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+    x2_ptr=None, C1=0, sn1=0, sc1=0, ss1=0, sn2=0, sc2=0, ss2=0, DUAL: tl.constexpr = False,
 ):  # fmt: skip
     cb = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -130,7 +147,11 @@ def _gn_fused_kernel(
         mask_s = rs < S
         mask = mask_s[:, None] & mask_c[None, :]
         offs = rs[:, None] * ss + col[None, :]
-        x = tl.load(xb + offs, mask=mask, other=0.0).to(tl.float32)
+        if DUAL:
+            x = _load_cat(x_ptr, x2_ptr, n, rs[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+        else:
+            x = tl.load(xb + offs, mask=mask, other=0.0)
+        x = x.to(tl.float32)
         mean_c, m2_c = _tile_stats(x, mask_s, S * 1.0)
         a = _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD)  # [BC]
         mean_g, m2_g = _channels_to_groups(_plus(mean_c, a, HAS_ADD), m2_c, S * 1.0, onehot, CPG)
@@ -144,7 +165,11 @@ def _gn_fused_kernel(
         for i in range(0, n_iter):
             s = i * BLOCK_S + rs
             mask_s = s < S
-            x = tl.load(xb + s[:, None] * ss + col[None, :], mask=mask_s[:, None] & mask_c[None, :], other=0.0)
+            mask = mask_s[:, None] & mask_c[None, :]
+            if DUAL:
+                x = _load_cat(x_ptr, x2_ptr, n, s[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+            else:
+                x = tl.load(xb + s[:, None] * ss + col[None, :], mask=mask, other=0.0)
             ns = tl.minimum(S - i * BLOCK_S, BLOCK_S) * 1.0
             t_mean, t_m2 = _tile_stats(x.to(tl.float32), mask_s, ns)
             n_c, mean_c, m2_c = _merge(n_c, mean_c, m2_c, ns, t_mean, t_m2)
@@ -156,7 +181,11 @@ def _gn_fused_kernel(
             s = i * BLOCK_S + rs
             mask = (s < S)[:, None] & mask_c[None, :]
             offs = s[:, None] * ss + col[None, :]
-            x = tl.load(xb + offs, mask=mask, other=0.0).to(tl.float32)
+            if DUAL:
+                x = _load_cat(x_ptr, x2_ptr, n, s[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+            else:
+                x = tl.load(xb + offs, mask=mask, other=0.0)
+            x = x.to(tl.float32)
             tl.store(yb + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -171,6 +200,7 @@ def _gn_rows_kernel(
     C, S, CPG, eps, a_sn,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
     RA: tl.constexpr, RB: tl.constexpr, BLOCK_S: tl.constexpr,
+    x2_ptr=None, C1=0, sn1=0, sc1=0, ss1=0, sn2=0, sc2=0, ss2=0, DUAL: tl.constexpr = False,
 ):  # fmt: skip
     g = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -184,8 +214,15 @@ def _gn_rows_kernel(
     mask_b = (rb < CPG)[:, None] & mask_s[None, :]
     offs_a = base + ra[:, None] * S + s[None, :]
     offs_b = base + rb[:, None] * S + s[None, :]
-    xa = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0).to(tl.float32)
-    xb = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+    if DUAL:
+        sa = s[None, :]
+        xa = _load_cat(x_ptr, x2_ptr, n, sa, (c0 + ra)[:, None], mask_a, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+        xb = _load_cat(x_ptr, x2_ptr, n, sa, (c0 + rb)[:, None], mask_b, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+        xa = xa.to(tl.float32)
+        xb = xb.to(tl.float32)
+    else:
+        xa = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+        xb = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
     count = CPG * S * 1.0
     mean = (tl.sum(tl.sum(xa, axis=1), axis=0) + tl.sum(tl.sum(xb, axis=1), axis=0)) / count
     if HAS_ADD:  # the rows' centres mean − a_c: [R]

@@ -13,6 +13,7 @@ from speedsd.kernels.group_norm_kernels import (
     _apply,
     _channels_to_groups,
     _load_add,
+    _load_cat,
     _merge,
     _onehot,
     _plus,
@@ -47,6 +48,7 @@ def _gn_stats_kernel(
     GB: tl.constexpr, HAS_ADD: tl.constexpr,
     PRODUCE: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+    x2_ptr=None, C1=0, sn1=0, sc1=0, ss1=0, sn2=0, sc2=0, ss2=0, DUAL: tl.constexpr = False,
 ):  # fmt: skip
     cb = tl.program_id(0)
     p = tl.program_id(1)
@@ -69,7 +71,10 @@ def _gn_stats_kernel(
         mask_s = s < S
         mask = mask_s[:, None] & mask_c[None, :]
         offs = off_n + s[:, None] * ss + col[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if DUAL:
+            x = _load_cat(x_ptr, x2_ptr, n, s[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+        else:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         if PRODUCE:
             x = _add_store(x, bias, r_ptr + offs, y_ptr + offs, mask, HAS_B, HAS_R)
         ns = tl.maximum(tl.minimum(S - (s0 + i * BLOCK_S), BLOCK_S), 0) * 1.0
@@ -94,6 +99,7 @@ def _gn_norm_kernel(
     GB: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    x2_ptr=None, C1=0, sn1=0, sc1=0, ss1=0, sn2=0, sc2=0, ss2=0, DUAL: tl.constexpr = False,
 ):  # fmt: skip
     cb = n_cb - 1 - tl.program_id(0)
     p = P - 1 - tl.program_id(1)
@@ -115,7 +121,11 @@ def _gn_norm_kernel(
         s = s0 + i * BLOCK_S + rs
         mask = (s < S)[:, None] & mask_c[None, :]
         offs = off_n + s[:, None] * ss + col[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if DUAL:
+            x = _load_cat(x_ptr, x2_ptr, n, s[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+        else:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = x.to(tl.float32)
         tl.store(y_ptr + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -177,6 +187,7 @@ def _gn_rows_cl_stats_kernel(
     C, S, G, P, chunk, n_iter, a_sn,
     HAS_ADD: tl.constexpr, PRODUCE: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
     CPG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    x2_ptr=None, C1=0, sn1=0, sc1=0, ss1=0, sn2=0, sc2=0, ss2=0, DUAL: tl.constexpr = False,
 ):  # fmt: skip
     p = tl.program_id(0)
     n = tl.program_id(1)
@@ -198,7 +209,10 @@ def _gn_rows_cl_stats_kernel(
         s = s0 + i * BLOCK_S + rs
         mask = (s < S)[:, None, None] & mask_c[None, :, :]
         offs = off_n + s[:, None, None] * C + c[None, :, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if DUAL:
+            x = _load_cat(x_ptr, x2_ptr, n, s[:, None, None], c[None, :, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+        else:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         if PRODUCE:
             x = _add_store(x, bias, r_ptr + offs, y_ptr + offs, mask, HAS_B, HAS_R)
         x = x.to(tl.float32)
@@ -225,6 +239,7 @@ def _gn_rows_cl_norm_kernel(
     C, S, G, P, chunk, n_iter, eps, a_sn,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
     CPG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    x2_ptr=None, C1=0, sn1=0, sc1=0, ss1=0, sn2=0, sc2=0, ss2=0, DUAL: tl.constexpr = False,
 ):  # fmt: skip
     p = P - 1 - tl.program_id(0)
     n = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -256,6 +271,10 @@ def _gn_rows_cl_norm_kernel(
         s = s0 + i * BLOCK_S + rs
         mask = (s < S)[:, None, None] & mask_c[None, :, :]
         offs = off_n + s[:, None, None] * C + c[None, :, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if DUAL:
+            x = _load_cat(x_ptr, x2_ptr, n, s[:, None, None], c[None, :, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+        else:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = x.to(tl.float32)
         y = _silu_if(x * scale[None, :, :] + shift[None, :, :], SILU)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedsd import ops
+from speedsd.models.skip_concat import Concat, split_shortcut
 
 
 class Owned:
@@ -50,12 +51,17 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose forward (optionally with a fused SiLU) goes through the dispatch module."""
 
     def forward(
-        self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None, inplace: bool = False
+        self,
+        x: torch.Tensor,
+        silu: bool = False,
+        add: torch.Tensor | None = None,
+        inplace: bool = False,
+        concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """GroupNorm(x + add) (+ SiLU); ``add`` is a [C] or [N, C] vector; ``inplace``: x is dead after
-        this call and the kernel may write over it (see ops.group_norm_op)."""
+        this call and the kernel may write over it; ``concat``: of cat([x, concat], dim=1) (ops.group_norm_op)."""
         return ops.group_norm_op(
-            x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, add=add, inplace=inplace
+            x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, add=add, inplace=inplace, concat=concat
         )
 
 
@@ -155,16 +161,20 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(
-        self, x: torch.Tensor | Owned, temb: torch.Tensor | None = None, hand_over: bool = True
+        self, x: torch.Tensor | Owned | Concat, temb: torch.Tensor | None = None, hand_over: bool = True
     ) -> torch.Tensor:
         """``x``: the input, or an :class:`Owned` box handing it over: with a conv shortcut, the shortcut
         runs first, norm1 writes over x and x is freed once conv1 has read it (live at most: x, the
         shortcut, conv1's output; else x, norm1's and conv1's outputs, and x to the end). An identity
         shortcut keeps x as the residual. norm2 always writes over conv1's output. Same ops and values.
+        Or a :class:`Concat` box (the up path's cat([x, skip])): with fused epilogues and a conv shortcut it
+        is never formed (the split shortcut first, then norm1 of both parts; x is freed then), else formed.
         ``hand_over``: the output's next reader is a GroupNorm (of this block's group count), which
         may then take its statistics from the closing add (fused epilogues)."""
         if ops.current().fused_epilogues:
             return self._forward_fused(x, temb, hand_over)
+        if isinstance(x, Concat):
+            x = x.materialize()
         x, h, shortcut = self._norm1(x, shortcut_bias=True)
         h = self.conv1(h)
         if self.time_emb_proj is not None and temb is not None:
@@ -176,10 +186,17 @@ class ResnetBlock2D(nn.Module):
         return shortcut + h
 
     def _norm1(
-        self, x: torch.Tensor | Owned, shortcut_bias: bool
+        self, x: torch.Tensor | Owned | Concat, shortcut_bias: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(x, SiLU(norm1(x)), None), or for an Owned x with a conv shortcut (None, the same written over
         x, the shortcut conv computed first): the order of forward's doc; no reference to x is kept."""
+        if isinstance(x, Concat):
+            if self.conv_shortcut is None:
+                return self._norm1(x.materialize(), shortcut_bias)  # the concatenation is the residual
+            x, skip = x.take()
+            b = self.conv_shortcut.bias if shortcut_bias else None
+            shortcut = split_shortcut(x, skip, self.conv_shortcut, b)
+            return None, self.norm1(x, silu=True, concat=skip), shortcut
         if isinstance(x, Owned) and self.conv_shortcut is not None:
             x = x.take()
             shortcut = self.conv_shortcut(x, with_bias=shortcut_bias)
@@ -188,7 +205,7 @@ class ResnetBlock2D(nn.Module):
         return x, self.norm1(x, silu=True), None
 
     def _forward_fused(
-        self, x: torch.Tensor | Owned, temb: torch.Tensor | TimeAdds | None, hand_over: bool
+        self, x: torch.Tensor | Owned | Concat, temb: torch.Tensor | TimeAdds | None, hand_over: bool
     ) -> torch.Tensor:
         # conv1's bias and the time embedding enter norm2 as one [B, C] pre-add; conv2's (and the
         # shortcut conv's) bias and the residual are one pass written over conv2's output. Where the

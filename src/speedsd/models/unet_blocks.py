@@ -27,6 +27,7 @@ from speedsd.models.layers import (
     ResnetBlock2D,
     Upsample2D,
 )
+from speedsd.models.skip_concat import Concat
 
 # diffusers' Transformer2DModel hard-codes this GroupNorm eps, whatever the UNet's norm_eps.
 TRANSFORMER_GROUP_NORM_EPS = 1e-6
@@ -229,8 +230,11 @@ class UpBlock2D(nn.Module):
         """``skips`` in down-path order; they are consumed from the end."""
         # a layer's output meets a concat or the upsampler next, except the UNet's last (conv_norm_out)
         last = len(self.resnets) - 1
+        fused = ops.current().fused_epilogues
         for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips[-1 - i]], dim=1)  # [B, C, H, W] ++ [B, Cs, H, W] -> [B, C+Cs, H, W]
+            # [B, C, H, W] ++ [B, Cs, H, W] -> [B, C+Cs, H, W]; with fused epilogues a box, never formed: its
+            # readers (norm1, the shortcut) take both parts (models/skip_concat.py), and x goes with the box
+            x = Concat(x, skips[-1 - i]) if fused else torch.cat([x, skips[-1 - i]], dim=1)
             to_norm = i == last and not len(self.upsamplers)
             x = resnet(x, temb, hand_over=bool(len(self.attentions)) or to_norm)
             if len(self.attentions):
