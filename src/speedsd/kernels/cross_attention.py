@@ -59,7 +59,17 @@ class CrossConfig:
 
 INTERPRETER_CONFIG = CrossConfig(16, 4, m_group=2, h_group=2, num_stages=1)  # small tiles: loops and tails
 # Exact (Nq, Nk, D) overrides measured on the GPU (``python -m speedsd.bench.cross_attention_sweep``).
-TUNED_CONFIGS: dict[tuple[int, int, int], CrossConfig] = {}
+TUNED_CONFIGS: dict[tuple[int, int, int], CrossConfig] = {
+    (4096, 77, 40): CrossConfig(
+        block_m=64, num_warps=4, m_group=2, h_group=1, num_stages=2, split_d=True, chunk32=False
+    ),
+    (1024, 77, 80): CrossConfig(
+        block_m=128, num_warps=8, m_group=1, h_group=1, num_stages=1, split_d=True, chunk32=False
+    ),
+    (256, 77, 160): CrossConfig(
+        block_m=64, num_warps=4, m_group=1, h_group=1, num_stages=1, split_d=True, chunk32=False
+    ),
+}
 
 
 def split_keys(nk: int) -> tuple[int, int]:
