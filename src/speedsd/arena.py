@@ -8,7 +8,7 @@ next to 2034 MiB of weights.
 
 :func:`allocate` lays every floating-point tensor of a model's state dict out in one byte buffer:
 first the groups the model fuses at run time (``model.weight_groups()``: each group's tensors back to
-back, in order, so :func:`speedsd.models.layers.fused_rows` finds them adjacent and returns a view
+back, in order, so :func:`speedsd.models.fused_rows.fused_rows` finds them adjacent and returns a view
 instead of a concatenated copy), then everything else, each tensor 256-byte aligned, 4-D conv weights
 in the requested memory format. The loaders fill those views in place. :func:`relayout` converts
 4-D weights between NCHW and channels_last inside their own bytes, so a pipeline with other flags

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedsd import ops
+from speedsd.models.fused_rows import fused_rows
 from speedsd.models.skip_concat import Concat, split_shortcut
 
 
@@ -347,49 +348,6 @@ class Attention(nn.Module):
         return out
 
 
-def fused_rows(params: list[torch.Tensor], cached: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor whose consecutive row blocks ARE ``params`` (concatenated along dim 0).
-
-    The first call concatenates and re-points each parameter at its block, so the parameters become
-    views of the result: one GEMM can use all of them while state-dict keys, in-place loads
-    (``load_state_dict`` copies into the views) and memory stay those of the separate weights.
-    ``cached`` (the previous result) is returned while every parameter is still its view; after a
-    parameter was replaced (``.to(dtype)``, ``param.data = ...``) the fusion is redone.
-    """
-    if cached is not None and _still_rows_of(params, cached):
-        return cached
-    adjacent = _adjacent_rows(params)
-    if adjacent is not None:  # already back to back in one buffer (speedsd.arena lays them out so)
-        return adjacent
-    with torch.inference_mode(False):  # parameters must stay normal tensors, also under inference mode
-        fused = torch.cat([p.detach() for p in params])  # k x [R_i, ...] -> [ΣR_i, ...]
-        start = 0
-        for p in params:
-            p.data = fused[start : start + p.shape[0]]
-            start += p.shape[0]
-    return fused
-
-
-def _adjacent_rows(params: list[torch.Tensor]) -> torch.Tensor | None:
-    """The concatenation of ``params`` as a view, when each starts where the previous one ends in the
-    same storage (same dtype, trailing shape, contiguous); None otherwise."""
-    first = params[0].detach()
-    end = first.data_ptr()
-    for p in params:
-        if (
-            p.dtype != first.dtype
-            or p.shape[1:] != first.shape[1:]
-            or not p.is_contiguous()
-            or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-            or p.data_ptr() != end
-        ):
-            return None
-        end += p.numel() * p.element_size()
-    rows = sum(p.shape[0] for p in params)
-    with torch.inference_mode(False):
-        return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
-
-
 def qkv_groups(model: nn.Module) -> list[list[str]]:
     """State-dict keys of every self-attention's Q, K, V projections (weights; biases when present):
     the rows :meth:`Attention._fused_qkv_weight` fuses, for :mod:`speedsd.arena` to lay out adjacently."""
@@ -400,16 +358,6 @@ def qkv_groups(model: nn.Module) -> list[list[str]]:
             if m.to_q.bias is not None:
                 groups.append([f"{name}.to_{x}.bias" for x in "qkv"])
     return groups
-
-
-def _still_rows_of(params: list[torch.Tensor], fused: torch.Tensor) -> bool:
-    row_bytes = (fused.stride(0) if fused.dim() > 1 else 1) * fused.element_size()
-    start = 0
-    for p in params:
-        if p.dtype != fused.dtype or p.device != fused.device or p.data_ptr() != fused.data_ptr() + start * row_bytes:
-            return False
-        start += p.shape[0]
-    return start == fused.shape[0]
 
 
 class FeedForward(nn.Module):
