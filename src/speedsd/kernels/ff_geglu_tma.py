@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from speedsd.kernels.geglu import _gelu
+from speedsd.kernels.geglu import _gelu, grouped_tile
 
 # (BM, BN, BK, num_warps, num_stages) measured best on the H200 at M = 8192, 2048 and 512 alike
 # (ff_tma_sweep_h200.json, run 3: 68 configs a shape). BN is the width of the value and of the gate block, so
@@ -54,14 +54,9 @@ def _ff_geglu_tma_kernel(
     HAS_B: tl.constexpr, APPROX: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(Fdim, BN)
-    per_group = GROUP_M * n_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    om = (first_m + (pid % per_group) % size_m) * BM
-    on = ((pid % per_group) // size_m) * BN
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, Fdim, BM, BN, GROUP_M)
+    om = pid_m * BM
+    on = pid_n * BN
     acc = tl.zeros([BM, 2 * BN], tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         b = w_desc.load([0, on, k0]).reshape(2 * BN, BK)  # [2, BN, BK] -> [2·BN, BK]
