@@ -38,6 +38,7 @@ from speedsd.kernels.flash_attention import flash_attention, split_head_dim
 from speedsd.kernels.softmax_attention import (
     LOG2E,
     alloc_out,
+    attention_ref,
     check_qkv,
     dot_precision,
     interpreted,
@@ -133,6 +134,13 @@ def cross_config(q: torch.Tensor, nk: int) -> CrossConfig:
     return cfg if H % cfg.h_group == 0 else dataclasses.replace(cfg, h_group=1)
 
 
+@triton.jit
+def _tile(base, rows, rmask, cols, cmask, s_row, s_col, ALIGN: tl.constexpr):
+    # the [rows, cols] tile at base + (rows·s_row)·ALIGN + cols·s_col, zero outside the masks
+    ptrs = base + (rows[:, None] * s_row) * ALIGN + cols[None, :] * s_col
+    return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
 # One program per (query-tile group pm, batch b · head group g); c = scale·log2(e). For each head h of
 # the group, K_h and V_h [Nk, D] are loaded once (keys [0, N0) and [N0, N0 + N1), head dim [0, D0) and
 # [D0, D0 + D1), zero past Nk and D); then for each query tile r = pm·M_GROUP + i (rows ≥ Nq masked):
@@ -175,25 +183,17 @@ def _cross_attn_kernel(
         k_base = K + (b * skb + h * skh) * ALIGN
         v_base = V + (b * svb + h * svh) * ALIGN
         # K_h, V_h tiles [keys, head dim], loaded once per head
-        k00 = tl.load(k_base + (offs_n0[:, None] * skn) * ALIGN + offs_d0[None, :] * skd,
-                      mask=nmask0[:, None] & dmask0[None, :], other=0.0)  # fmt: skip
-        v00 = tl.load(v_base + (offs_n0[:, None] * svn) * ALIGN + offs_d0[None, :] * svd,
-                      mask=nmask0[:, None] & dmask0[None, :], other=0.0)  # fmt: skip
+        k00 = _tile(k_base, offs_n0, nmask0, offs_d0, dmask0, skn, skd, ALIGN)
+        v00 = _tile(v_base, offs_n0, nmask0, offs_d0, dmask0, svn, svd, ALIGN)
         if D1 > 0:
-            k01 = tl.load(k_base + (offs_n0[:, None] * skn) * ALIGN + offs_d1[None, :] * skd,
-                          mask=nmask0[:, None] & dmask1[None, :], other=0.0)  # fmt: skip
-            v01 = tl.load(v_base + (offs_n0[:, None] * svn) * ALIGN + offs_d1[None, :] * svd,
-                          mask=nmask0[:, None] & dmask1[None, :], other=0.0)  # fmt: skip
+            k01 = _tile(k_base, offs_n0, nmask0, offs_d1, dmask1, skn, skd, ALIGN)
+            v01 = _tile(v_base, offs_n0, nmask0, offs_d1, dmask1, svn, svd, ALIGN)
         if N1 > 0:
-            k10 = tl.load(k_base + (offs_n1[:, None] * skn) * ALIGN + offs_d0[None, :] * skd,
-                          mask=nmask1[:, None] & dmask0[None, :], other=0.0)  # fmt: skip
-            v10 = tl.load(v_base + (offs_n1[:, None] * svn) * ALIGN + offs_d0[None, :] * svd,
-                          mask=nmask1[:, None] & dmask0[None, :], other=0.0)  # fmt: skip
+            k10 = _tile(k_base, offs_n1, nmask1, offs_d0, dmask0, skn, skd, ALIGN)
+            v10 = _tile(v_base, offs_n1, nmask1, offs_d0, dmask0, svn, svd, ALIGN)
             if D1 > 0:
-                k11 = tl.load(k_base + (offs_n1[:, None] * skn) * ALIGN + offs_d1[None, :] * skd,
-                              mask=nmask1[:, None] & dmask1[None, :], other=0.0)  # fmt: skip
-                v11 = tl.load(v_base + (offs_n1[:, None] * svn) * ALIGN + offs_d1[None, :] * svd,
-                              mask=nmask1[:, None] & dmask1[None, :], other=0.0)  # fmt: skip
+                k11 = _tile(k_base, offs_n1, nmask1, offs_d1, dmask1, skn, skd, ALIGN)
+                v11 = _tile(v_base, offs_n1, nmask1, offs_d1, dmask1, svn, svd, ALIGN)
         q_base = Q + (b * sqb + h * sqh) * ALIGN
         o_base = O + (b * sob + h * soh) * ALIGN
 
@@ -289,9 +289,7 @@ def cross_attention(
 def cross_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Plain torch: materialized softmax(q kᵀ·scale) v in fp32 (fp64 stays fp64), result in q's dtype."""
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale  # [B, H, Nq, Nk]
-    return torch.matmul(s.softmax(dim=-1), v.to(wide)).to(q.dtype)
+    return attention_ref(q.to(wide), k.to(wide), v.to(wide), scale).to(q.dtype)
 
 
 def compile_sm90(D: int, nk: int, config: CrossConfig, dtype: torch.dtype = torch.float16, capability: int = 90):

@@ -111,6 +111,16 @@ def _load_cat(x_ptr, x2_ptr, n, s, c, mask, C1, sn1, sc1, ss1, sn2, sc2, ss2):
 
 
 @triton.jit
+def _load_in(ptrs, mask, x_ptr, x2_ptr, n, s, c, C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL: tl.constexpr):
+    # the kernel's input: one source at ptrs, or (DUAL) element (n, c, s) of cat([x, x2], dim=1)
+    if DUAL:
+        v = _load_cat(x_ptr, x2_ptr, n, s, c, mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _apply(x, scale, shift, SILU: tl.constexpr):
     # y = x·scale + shift (per column), then SiLU if asked
     return _silu_if(x * scale[None, :] + shift[None, :], SILU)
@@ -147,10 +157,7 @@ def _gn_fused_kernel(
         mask_s = rs < S
         mask = mask_s[:, None] & mask_c[None, :]
         offs = rs[:, None] * ss + col[None, :]
-        if DUAL:
-            x = _load_cat(x_ptr, x2_ptr, n, rs[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-        else:
-            x = tl.load(xb + offs, mask=mask, other=0.0)
+        x = _load_in(xb + offs, mask, x_ptr, x2_ptr, n, rs[:, None], c[None, :], C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)
         x = x.to(tl.float32)
         mean_c, m2_c = _tile_stats(x, mask_s, S * 1.0)
         a = _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD)  # [BC]
@@ -166,10 +173,8 @@ def _gn_fused_kernel(
             s = i * BLOCK_S + rs
             mask_s = s < S
             mask = mask_s[:, None] & mask_c[None, :]
-            if DUAL:
-                x = _load_cat(x_ptr, x2_ptr, n, s[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-            else:
-                x = tl.load(xb + s[:, None] * ss + col[None, :], mask=mask, other=0.0)
+            x = _load_in(xb + s[:, None] * ss + col[None, :], mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
+                         C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
             ns = tl.minimum(S - i * BLOCK_S, BLOCK_S) * 1.0
             t_mean, t_m2 = _tile_stats(x.to(tl.float32), mask_s, ns)
             n_c, mean_c, m2_c = _merge(n_c, mean_c, m2_c, ns, t_mean, t_m2)
@@ -181,10 +186,9 @@ def _gn_fused_kernel(
             s = i * BLOCK_S + rs
             mask = (s < S)[:, None] & mask_c[None, :]
             offs = s[:, None] * ss + col[None, :]
-            if DUAL:
-                x = _load_cat(x_ptr, x2_ptr, n, s[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-            else:
-                x = tl.load(xb + offs, mask=mask, other=0.0)
+            x = _load_in(
+                xb + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :], C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL
+            )
             x = x.to(tl.float32)
             tl.store(yb + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -214,15 +218,10 @@ def _gn_rows_kernel(
     mask_b = (rb < CPG)[:, None] & mask_s[None, :]
     offs_a = base + ra[:, None] * S + s[None, :]
     offs_b = base + rb[:, None] * S + s[None, :]
-    if DUAL:
-        sa = s[None, :]
-        xa = _load_cat(x_ptr, x2_ptr, n, sa, (c0 + ra)[:, None], mask_a, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-        xb = _load_cat(x_ptr, x2_ptr, n, sa, (c0 + rb)[:, None], mask_b, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-        xa = xa.to(tl.float32)
-        xb = xb.to(tl.float32)
-    else:
-        xa = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0).to(tl.float32)
-        xb = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+    xa = _load_in(x_ptr + offs_a, mask_a, x_ptr, x2_ptr, n, s[None, :], (c0 + ra)[:, None],
+                  C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL).to(tl.float32)  # fmt: skip
+    xb = _load_in(x_ptr + offs_b, mask_b, x_ptr, x2_ptr, n, s[None, :], (c0 + rb)[:, None],
+                  C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL).to(tl.float32)  # fmt: skip
     count = CPG * S * 1.0
     mean = (tl.sum(tl.sum(xa, axis=1), axis=0) + tl.sum(tl.sum(xb, axis=1), axis=0)) / count
     if HAS_ADD:  # the rows' centres mean − a_c: [R]

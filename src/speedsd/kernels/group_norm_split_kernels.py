@@ -13,7 +13,7 @@ from speedsd.kernels.group_norm_kernels import (
     _apply,
     _channels_to_groups,
     _load_add,
-    _load_cat,
+    _load_in,
     _merge,
     _onehot,
     _plus,
@@ -71,10 +71,8 @@ def _gn_stats_kernel(
         mask_s = s < S
         mask = mask_s[:, None] & mask_c[None, :]
         offs = off_n + s[:, None] * ss + col[None, :]
-        if DUAL:
-            x = _load_cat(x_ptr, x2_ptr, n, s[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-        else:
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
+                     C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
         if PRODUCE:
             x = _add_store(x, bias, r_ptr + offs, y_ptr + offs, mask, HAS_B, HAS_R)
         ns = tl.maximum(tl.minimum(S - (s0 + i * BLOCK_S), BLOCK_S), 0) * 1.0
@@ -121,10 +119,8 @@ def _gn_norm_kernel(
         s = s0 + i * BLOCK_S + rs
         mask = (s < S)[:, None] & mask_c[None, :]
         offs = off_n + s[:, None] * ss + col[None, :]
-        if DUAL:
-            x = _load_cat(x_ptr, x2_ptr, n, s[:, None], c[None, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-        else:
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
+                     C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
         x = x.to(tl.float32)
         tl.store(y_ptr + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -209,10 +205,8 @@ def _gn_rows_cl_stats_kernel(
         s = s0 + i * BLOCK_S + rs
         mask = (s < S)[:, None, None] & mask_c[None, :, :]
         offs = off_n + s[:, None, None] * C + c[None, :, :]
-        if DUAL:
-            x = _load_cat(x_ptr, x2_ptr, n, s[:, None, None], c[None, :, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-        else:
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None, None], c[None, :, :],
+                     C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
         if PRODUCE:
             x = _add_store(x, bias, r_ptr + offs, y_ptr + offs, mask, HAS_B, HAS_R)
         x = x.to(tl.float32)
@@ -271,10 +265,8 @@ def _gn_rows_cl_norm_kernel(
         s = s0 + i * BLOCK_S + rs
         mask = (s < S)[:, None, None] & mask_c[None, :, :]
         offs = off_n + s[:, None, None] * C + c[None, :, :]
-        if DUAL:
-            x = _load_cat(x_ptr, x2_ptr, n, s[:, None, None], c[None, :, :], mask, C1, sn1, sc1, ss1, sn2, sc2, ss2)
-        else:
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None, None], c[None, :, :],
+                     C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
         x = x.to(tl.float32)
         y = _silu_if(x * scale[None, :, :] + shift[None, :, :], SILU)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
