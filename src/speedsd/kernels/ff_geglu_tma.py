@@ -4,9 +4,11 @@ The same op as :func:`speedsd.kernels.geglu.feed_forward_geglu` (x [M, K] @ Wᵀ
 value·GELU(gate) -> [M, F]); this kernel reads x and W through TMA descriptors (bulk async copies into
 swizzled shared memory, no per-thread address arithmetic or masks), takes the value and gate rows of W in one
 box so that each K step is one wide wgmma, and writes y through a descriptor. Measured on an H200 (CUDA-graph
-replay, bench/results/ff_tma_sweep_h200.json, three sweeps): 38.7 µs vs 49.0 for the pointer kernel in
-geglu.py at M = 8192 (K 320, F 1280: the UNet's 64² level), 28.2 vs 34.8 for cuBLAS + the one-pass GEGLU at
-M = 2048 (K 640, F 2560) and 26.7 vs 29.7 at M = 512 (K 1280, F 5120). M = 128 (the 8² mid block) was not
+replay, bench/results/ff_tma_sweep_h200.json, three sweeps): in run 3, 38.7 µs vs 41.0 for the two-accumulator
+TMA kernel at M = 8192 (K 320, F 1280: the UNet's 64² level), 28.2 vs 31.4 at M = 2048 (K 640, F 2560), and
+26.7 vs 29.7 for cuBLAS + the one-pass GEGLU at M = 512 (K 1280, F 5120); in runs 1 and 2 the two-accumulator
+kernel took 41.0-41.3 µs at M = 8192 against 49.0 for the pointer kernel in geglu.py, and 31.2 at M = 2048
+against 34.8 for cuBLAS + the one-pass GEGLU. M = 128 (the 8² mid block) was not
 measured and keeps cuBLAS (:func:`geglu.ff_plan`).
 
 TMA needs 16-byte aligned rows: K and F multiples of 8 for fp16 (x, W and y with unit column strides).
