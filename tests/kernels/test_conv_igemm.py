@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from precision import assert_low_precision_ok
+from speedsd.kernels.device import arrival_counters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -90,7 +91,7 @@ def test_second_kernel_sum_equals_last_split_sum():
     want = ci.conv2d_igemm(x, w, b, config=IgemmConfig(32, 32, 16, 6, 4, 2, last_sums=False))
     for _ in range(2):
         torch.testing.assert_close(ci.conv2d_igemm(x, w, b, config=cfg), want, atol=0, rtol=0)
-        assert int(ci._COUNTERS[x.device][-1].abs().sum()) == 0
+        assert int(arrival_counters(x.device, 1).abs().sum()) == 0
 
 
 def test_config_key_round_trips():

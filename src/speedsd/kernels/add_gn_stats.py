@@ -29,6 +29,7 @@ import torch
 
 from speedsd.kernels.bias_add import FLOATS, GN_STATS_ATTR, bias_add, bias_add_ref, drop_gn_stats, prepare_operands
 from speedsd.kernels.group_norm import GroupNormPlan, plan_for
+from speedsd.kernels.group_norm_rows import rows_stats
 from speedsd.kernels.group_norm_split_kernels import _gn_rows_cl_stats_kernel, _gn_stats_kernel
 
 __all__ = ["GNStats", "add_with_group_norm_stats", "bias_add_ref"]
@@ -75,9 +76,13 @@ def add_with_group_norm_stats(
     if not (x.is_contiguous() or cl) or N * C * S == 0 or C * S >= 2**31:
         return bias_add(x, bias, residual, out=out)
     plan = plan_for(N, C, S, num_groups, cl, x.element_size(), x.device)
-    if plan.path != "split":
+    if plan.path not in ("split", "rows"):
         return bias_add(x, bias, residual, out=out)
     x, bias, residual, y, _ = prepare_operands(x, bias, residual, out)
+    if plan.path == "rows":  # the rows statistics launch in producer mode (kernels/group_norm_rows.py)
+        stats = rows_stats(x, num_groups, plan.chunks, plan.block_s, plan.warps, produce=(bias, residual, y))
+        setattr(y, ATTR, GNStats(num_groups, plan, _version(y), stats))
+        return y
     b = bias if bias is not None else x
     r = residual if residual is not None else x
     # GroupNorm's own statistics kernel for this plan, in producer mode (group_norm_split_kernels.py)

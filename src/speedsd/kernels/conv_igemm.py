@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from speedsd.kernels.device import sm_count
+from speedsd.kernels.device import arrival_counters, sm_count
 from speedsd.kernels.softmax_attention import dot_precision
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -215,7 +215,7 @@ def conv2d_igemm(
     parts = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if partial else y
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     last_sums = partial and cfg.last_sums
-    counters = _counters(x.device, tiles) if last_sums else parts
+    counters = arrival_counters(x.device, tiles) if last_sums else parts
     has_bias = bias is not None
     b_arg = bias if has_bias else weight
     _conv_igemm_kernel[(tiles, split)](
@@ -230,16 +230,3 @@ def conv2d_igemm(
             parts, b_arg, y, m * n, n, SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4
         )
     return y
-
-
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Per-tile arrival counters for the last-split-sums mode: zero between calls (the summing split
-    re-arms its tile's), shared by every conv on the device (one stream runs them one at a time).
-    Outgrown buffers stay allocated: captured CUDA graphs keep their addresses."""
-    bufs = _COUNTERS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < tiles:
-        bufs.append(torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device))
-    return bufs[-1]

@@ -32,3 +32,17 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return _cuda_sm_count(_index(device))
+
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 arrival counters (at least ``n``) for kernels whose last-arriving program finishes a
+    reduction: zero between calls (that program re-arms its counter), shared by every such kernel on the
+    device (one stream runs them one at a time). Outgrown buffers stay allocated: captured CUDA graphs
+    keep their addresses."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
+    return bufs[-1]

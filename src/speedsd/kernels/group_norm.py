@@ -58,6 +58,7 @@ from speedsd.kernels.group_norm_plan import (  # noqa: F401  (re-exported: the p
     plan_for,
     plan_group_norm,
 )
+from speedsd.kernels.group_norm_rows import rows_apply, rows_stats
 from speedsd.kernels.group_norm_split_kernels import (
     _gn_norm_kernel,
     _gn_rows_cl_norm_kernel,
@@ -159,7 +160,8 @@ def group_norm(
         if t is not None and (t.shape != (C,) or t.device != x.device):
             raise ValueError(f"{name} must be a [{C}] tensor on {x.device}, got {tuple(t.shape)} on {t.device}")
     a, a_sn = _add_rows(add, N, C, x.device) if add is not None else (x, 0)
-    unknown = set(knobs) - {"programs", "tile", "warps", "gb", "grouped"}
+    unknown = set(knobs) - {"programs", "tile", "warps", "gb", "grouped", "chunks", "apply_chunks", "apply_tile",
+                            "apply_warps"}  # fmt: skip
     if unknown:
         raise TypeError(f"group_norm got unexpected keyword arguments {sorted(unknown)}")
     dual: dict[str, object] = {}  # the kernels' second-source arguments (none: one source)
@@ -194,6 +196,24 @@ def group_norm(
         raise ValueError(f"one sample has {C * S} elements; the kernels index a sample with int32")
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
+    if plan.path == "rows":  # kernels/group_norm_rows.py
+        rows_add = (a, a_sn) if add is not None else None
+        stats = shared.take(x, num_groups, plan) if shared is not None and add is None else None
+        if stats is None:
+            stats = rows_stats(x, num_groups, plan.chunks, plan.block_s, plan.warps, add=rows_add, dual=dual or None)
+        return rows_apply(
+            x,
+            out,
+            stats,
+            num_groups,
+            w if weight is not None else None,
+            b if bias is not None else None,
+            eps,
+            silu,
+            *plan.apply,
+            add=rows_add,
+            dual=dual or None,
+        )
     cpg = C // num_groups
     aff = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, SILU=bool(silu))
     if plan.rows is not None and plan.one_tile:

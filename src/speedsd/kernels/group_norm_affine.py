@@ -22,6 +22,7 @@ import triton
 from speedsd.kernels.bias_add import GN_STATS_ATTR
 from speedsd.kernels.gn_tile_stats import TileStats, _dense
 from speedsd.kernels.group_norm import _ncs_strides, plan_for, split_partials
+from speedsd.kernels.group_norm_rows import rows_scale_shift, rows_stats
 from speedsd.kernels.group_norm_split_kernels import _gn_scale_shift_kernel
 
 
@@ -58,10 +59,15 @@ def group_norm_scale_shift(
         if folded is not None:
             return folded
     plan = plan_for(n, c, s, num_groups, sc == 1 and ss != 1, x.element_size(), x.device)
-    if plan.path != "split":
+    if plan.path not in ("split", "rows"):
         return None
     shared = getattr(x, GN_STATS_ATTR, None)  # the producing add's partials, if they are still valid
     part = shared.take(x, num_groups, plan) if shared is not None else None
+    if plan.path == "rows":
+        if part is None:
+            part = rows_stats(x, num_groups, plan.chunks, plan.block_s, plan.warps)
+        w, b = (t.contiguous() if t is not None else None for t in (weight, bias))
+        return rows_scale_shift(part, num_groups, c, w, b, eps)
     if part is None:
         part = split_partials(x, num_groups, plan)
     # grouped (whole-row) partials are one block of all the groups

@@ -15,7 +15,7 @@ import triton
 
 from speedsd.kernels.device import sm_count as _sm_count
 
-PATHS = ("auto", "fused", "loop", "split")
+PATHS = ("auto", "fused", "loop", "split", "rows")
 MAX_ROWS_TILE = 49152  # NCHW one-tile (_gn_rows_kernel): padded (RA + RB)·S; 32 warps hold 48 fp32 a thread
 MAX_ONE_TILE = 32768  # padded elements of a group block that one program holds in registers (16 warps: ~100 regs)
 TILE = 4096  # elements per tile in the streaming (loop / split) kernels
@@ -70,10 +70,13 @@ class GroupNormPlan:
     tiles_per_chunk: int = 1
     rows: tuple[int, int] | None = None  # NCHW one-tile: (RA, RB) row blocks of _gn_rows_kernel
     block_k: int = 0  # grouped channels_last split: channels per group padded (tile [BLOCK_S, BLOCK_G, BLOCK_K])
+    # rows (channels_last, kernels/group_norm_rows.py): the statistics launch runs chunks x block_s x warps
+    # above; the apply launch its own row chunks a sample, rows a tile and warps
+    apply: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def launches(self) -> int:
-        return 2 if self.path == "split" else 1
+        return 2 if self.path in ("split", "rows") else 1
 
     @property
     def grouped(self) -> bool:
@@ -93,6 +96,17 @@ TUNED: dict[tuple[int, int, int, int, bool, int], dict[str, int | str | bool]] =
     (1, 512, 4096, 32, True, 2): {"grouped": False, "path": "split", "tile": 8192},
     (1, 512, 65536, 32, True, 2): {"grouped": False, "path": "split", "programs": 1056, "tile": 8192},
     (2, 320, 1024, 32, True, 2): {"gb": 1, "path": "fused"},
+    # rows: gn_rows_sweep_h200.json (2x320: 17.4 -> 14.1 µs, pre-add 18.0 -> 16.7, hand-over 20.4 -> 16.2;
+    # 2x960 = the 640+320 concatenation of the up path 39.5 -> 24.0)
+    (2, 320, 4096, 32, True, 2): {"path": "rows", "chunks": 64, "tile": 8192, "warps": 4, "apply_chunks": 256},
+    (2, 960, 4096, 32, True, 2): {
+        "path": "rows",
+        "chunks": 64,
+        "tile": 8192,
+        "warps": 4,
+        "apply_chunks": 256,
+        "apply_tile": 4096,
+    },  # fmt: skip
     (2, 640, 256, 32, True, 2): {"gb": 1, "path": "fused"},
     (2, 640, 1024, 32, True, 2): {"grouped": False, "path": "split", "tile": 8192},
     (2, 640, 4096, 32, True, 2): {"grouped": False, "path": "split", "programs": 264, "tile": 8192},
@@ -125,17 +139,39 @@ def plan_group_norm(
     warps: int | None = None,
     gb: int | None = None,
     grouped: bool | None = None,
+    chunks: int | None = None,
+    apply_chunks: int | None = None,
+    apply_tile: int | None = None,
+    apply_warps: int | None = None,
 ) -> GroupNormPlan:
     """Pick the path and block sizes for x [n, c, s] (s = spatial size). See the module doc.
 
     Knobs (None = heuristic): ``programs`` split target program count (default 4 per SM); ``tile``
     elements per streaming tile; ``warps``; ``gb`` groups per program (channel blocking);
     ``grouped`` channels_last split over whole pixel rows with 3-D [position, group, channel] tiles.
+    ``rows`` (channels_last only): ``chunks`` row chunks a sample, ``tile`` and ``warps`` for the statistics
+    launch; ``apply_chunks``, ``apply_tile``, ``apply_warps`` for the apply launch (default: 2 and 8 programs
+    an SM, 8192-value tiles, 4 warps).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     cpg = c // num_groups
     channels_fast = channels_last and s > 1
+    if path == "rows":
+        if not channels_fast:
+            raise ValueError("path='rows' needs a channels_last input with more than one position")
+        block_c = triton.next_power_of_2(c)
+
+        def rows_per_tile(t: int | None) -> int:
+            return min(triton.next_power_of_2(s), max(1, (t or 8192) // block_c))
+
+        stats_chunks = chunks or max(1, 2 * sm_count // n)
+        apply = (apply_chunks or max(1, 8 * sm_count // n), rows_per_tile(apply_tile), apply_warps or 4)
+        block_g = max(2, triton.next_power_of_2(num_groups))
+        return GroupNormPlan(
+            "rows", gb=num_groups, block_c=block_c, block_g=block_g, block_s=rows_per_tile(tile), n_cb=1,
+            warps=warps or 4, chunks=stats_chunks, apply=apply,
+        )  # fmt: skip
     if gb is None:
         gb, block_c = _channel_block(cpg, num_groups, channels_fast, itemsize)
     else:
