@@ -20,6 +20,9 @@ Paths, picked by :func:`plan_group_norm` (``path="auto"``; on CUDA a measured :d
     channels_last (``grouped``): whole contiguous pixel rows, loaded as [position, group, channel]
     tiles so group sums are plain axis reductions, ~2 programs per SM; CPG is a compile-time
     constant there so the rows vectorise (CPG = 40 -> 16-byte loads).
+  * ``rows``, channels_last only (group_norm_rows.py): a statistics launch over [rows, C padded] tiles
+    whose last program per sample merges the partials into (mean, variance) per group, then an apply
+    launch that streams x once. Picked by the TUNED table where measured faster (the UNet's 64² level).
 
 Every path takes an optional pre-add ``add`` [C] or [N, C] (a ResNet block's conv bias + time
 embedding): the kernels normalise x + add[n, c] in fp32, for the statistics and the output, without
