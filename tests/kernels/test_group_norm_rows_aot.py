@@ -1,0 +1,83 @@
+"""sm_90 ahead-of-time compile of the ``rows`` GroupNorm kernels (no GPU needed): the launches the UNet's
+64x64 level makes (TUNED plans on the H200) compile with the runtime's argument specialization, read their
+whole-row tiles with 16-byte loads (the point of the path: no per-group masks) and keep every value in
+registers (no local-memory spills)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gluon_aot import cuobjdump, nvidia_tool, run_compile_child
+from speedsd.kernels import group_norm_rows
+
+# compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child): each launch is caught
+# instead of run, then compiled for sm_90 as JITFunction.run would (binder + _pack_args)
+_CHILD = """
+import base64, importlib, json, re, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+caught = []
+JITFunction.run = lambda self, *args, grid, warmup, **kwargs: caught.append((self, args, kwargs))
+gn = importlib.import_module("speedsd.kernels.group_norm")
+rows = importlib.import_module("speedsd.kernels.group_norm_rows")
+res = {}
+for label, (c1, c2, hw, mode, knobs) in json.loads(sys.argv[2]).items():
+    new = lambda c: torch.empty(2, c, hw, hw, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = torch.empty(c1 + c2, dtype=torch.float16)
+    caught.clear()
+    if mode == "produce":
+        x = new(c1)
+        plan = gn.plan_group_norm(2, c1, hw * hw, 32, True, 2, 132, "rows", **knobs)
+        rows.rows_stats(x, 32, plan.chunks, plan.block_s, plan.warps, produce=(w, x, new(c1)))
+    else:
+        add = torch.empty(2, c1 + c2, dtype=torch.float16) if mode == "add" else None
+        gn.group_norm(new(c1), 32, w, w, 1e-5, True, add=add, concat=new(c2) if c2 else None, path="rows", **knobs)
+    for fn, args, kwargs in caught:
+        kwargs = dict(kwargs, debug=False)
+        bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+        opts, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+        src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
+        k = triton.compile(src, target=target, options=opts.__dict__)
+        loads = re.findall(r"ld\\.global[\\w.]*", k.asm["ptx"])
+        res[f"{label}|{fn.fn.__name__}"] = [sorted(set(loads)), base64.b64encode(k.asm["cubin"]).decode()]
+with open(sys.argv[1], "w") as f:
+    json.dump(res, f)
+"""
+
+# label -> (C1, C2, H = W, mode, rows knobs): the H200's TUNED rows plans (group_norm_plan.TUNED)
+CASES = {
+    "2x320x64² +SiLU": (320, 0, 64, "plain", {"chunks": 64, "tile": 8192, "warps": 4, "apply_chunks": 256}),
+    "2x320x64² pre-add": (320, 0, 64, "add", {"chunks": 64, "tile": 8192, "warps": 4, "apply_chunks": 256}),
+    "640+320 64² concat": (640, 320, 64, "plain", {"chunks": 64, "tile": 8192, "warps": 4, "apply_chunks": 256,
+                                                   "apply_tile": 4096}),  # fmt: skip
+    "2x320x64² producer": (320, 0, 64, "produce", {"chunks": 64, "tile": 8192, "warps": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    if nvidia_tool("ptxas") is None:
+        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
+    out = tmp_path_factory.mktemp("aot") / "rows.json"
+    run_compile_child(_CHILD, group_norm_rows.__file__, str(out), json.dumps(CASES))
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_rows_kernels_compile_for_sm90_with_16_byte_loads_and_no_spills(label, compiled):
+    import base64
+
+    mine = {k.split("|")[1]: v for k, v in compiled.items() if k.startswith(f"{label}|")}
+    want = {"_gn_rows_stats_kernel"} | ({"_gn_rows_apply_kernel"} if "producer" not in label else set())
+    assert set(mine) == want
+    for name, (kinds, cubin) in mine.items():
+        assert any(k.startswith("ld.global.v4") for k in kinds), (name, kinds)  # the whole-row tiles
+        sass = cuobjdump(base64.b64decode(cubin), "-sass")
+        assert "LDL" not in sass and "STL" not in sass, name  # no local-memory spills
