@@ -15,6 +15,30 @@ from pathlib import Path
 
 import pytest
 
+# The head of a compile child for Triton (@triton.jit) launchers: every JITFunction launch is caught instead
+# of run (appended to ``caught``), and ``compile_caught(fn, args, kwargs)`` compiles one for sm_90 as
+# JITFunction.run would (its binder and argument specialization).
+CATCH_LAUNCHES = """
+import base64, importlib, json, re, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+caught = []
+JITFunction.run = lambda self, *args, grid, warmup, **kwargs: caught.append((self, args, kwargs))
+
+
+def compile_caught(fn, args, kwargs):
+    kwargs = dict(kwargs, debug=False)
+    bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    opts, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
+    return triton.compile(src, target=target, options=opts.__dict__)
+"""
+
 
 def nvidia_tool(name: str) -> str | None:
     """Path of a tool Triton bundles for NVIDIA (ptxas, cuobjdump), or None if it is not installed."""

@@ -8,22 +8,13 @@ import json
 
 import pytest
 
-from gluon_aot import nvidia_tool, run_compile_child
+from gluon_aot import CATCH_LAUNCHES, nvidia_tool, run_compile_child
 from speedsd.kernels import group_norm_kernels
 
-# compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child): each launch is caught
-# instead of run, then compiled for sm_90 as JITFunction.run would (binder + _pack_args)
-_CHILD = """
-import importlib, json, re, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
-
-target = GPUTarget("cuda", 90, 32)
-backend = make_backend(target)
-caught = []
-JITFunction.run = lambda self, *args, grid, warmup, **kwargs: caught.append((self, args, kwargs))
+# compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child, CATCH_LAUNCHES)
+_CHILD = (
+    CATCH_LAUNCHES
+    + """
 gn = importlib.import_module("speedsd.kernels.group_norm")
 res = {}
 for label, (c1, c2, hw, cl, knobs) in json.loads(sys.argv[2]).items():
@@ -37,16 +28,13 @@ for label, (c1, c2, hw, cl, knobs) in json.loads(sys.argv[2]).items():
         else:
             gn.group_norm(new(c1 + c2), 32, w, w, 1e-5, True, **knobs)
         for fn, args, kwargs in caught:
-            kwargs = dict(kwargs, debug=False)
-            bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-            opts, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-            src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
-            k = triton.compile(src, target=target, options=opts.__dict__)
+            k = compile_caught(fn, args, kwargs)
             loads = re.findall(r"ld\\.global[\\w.]*", k.asm["ptx"])
             res[f"{label}|{mode}|{fn.fn.__name__}"] = [sorted(set(loads)), len(loads)]
 with open(sys.argv[1], "w") as f:
     json.dump(res, f)
 """
+)
 
 # label -> (C1, C2, H = W, channels_last, knobs): the plans the SD up path's norm1 runs (TUNED on the H200:
 # one-tile gb=1 at 16², whole-row split at 8², group-block split at 32²) and the NCHW one-tile rows kernel

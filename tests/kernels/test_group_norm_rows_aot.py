@@ -9,22 +9,13 @@ import json
 
 import pytest
 
-from gluon_aot import cuobjdump, nvidia_tool, run_compile_child
+from gluon_aot import CATCH_LAUNCHES, cuobjdump, nvidia_tool, run_compile_child
 from speedsd.kernels import group_norm_rows
 
-# compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child): each launch is caught
-# instead of run, then compiled for sm_90 as JITFunction.run would (binder + _pack_args)
-_CHILD = """
-import base64, importlib, json, re, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
-
-target = GPUTarget("cuda", 90, 32)
-backend = make_backend(target)
-caught = []
-JITFunction.run = lambda self, *args, grid, warmup, **kwargs: caught.append((self, args, kwargs))
+# compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child, CATCH_LAUNCHES)
+_CHILD = (
+    CATCH_LAUNCHES
+    + """
 gn = importlib.import_module("speedsd.kernels.group_norm")
 rows = importlib.import_module("speedsd.kernels.group_norm_rows")
 res = {}
@@ -40,23 +31,25 @@ for label, (c1, c2, hw, mode, knobs) in json.loads(sys.argv[2]).items():
         add = torch.empty(2, c1 + c2, dtype=torch.float16) if mode == "add" else None
         gn.group_norm(new(c1), 32, w, w, 1e-5, True, add=add, concat=new(c2) if c2 else None, path="rows", **knobs)
     for fn, args, kwargs in caught:
-        kwargs = dict(kwargs, debug=False)
-        bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-        opts, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-        src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
-        k = triton.compile(src, target=target, options=opts.__dict__)
+        k = compile_caught(fn, args, kwargs)
         loads = re.findall(r"ld\\.global[\\w.]*", k.asm["ptx"])
         res[f"{label}|{fn.fn.__name__}"] = [sorted(set(loads)), base64.b64encode(k.asm["cubin"]).decode()]
 with open(sys.argv[1], "w") as f:
     json.dump(res, f)
 """
+)
 
 # label -> (C1, C2, H = W, mode, rows knobs): the H200's TUNED rows plans (group_norm_plan.TUNED)
 CASES = {
     "2x320x64² +SiLU": (320, 0, 64, "plain", {"chunks": 64, "tile": 8192, "warps": 4, "apply_chunks": 256}),
     "2x320x64² pre-add": (320, 0, 64, "add", {"chunks": 64, "tile": 8192, "warps": 4, "apply_chunks": 256}),
-    "640+320 64² concat": (640, 320, 64, "plain", {"chunks": 64, "tile": 8192, "warps": 4, "apply_chunks": 256,
-                                                   "apply_tile": 4096}),  # fmt: skip
+    "640+320 64² concat": (
+        640,
+        320,
+        64,
+        "plain",
+        {"chunks": 64, "tile": 8192, "warps": 4, "apply_chunks": 256, "apply_tile": 4096},
+    ),  # fmt: skip
     "2x320x64² producer": (320, 0, 64, "produce", {"chunks": 64, "tile": 8192, "warps": 4}),
 }
 

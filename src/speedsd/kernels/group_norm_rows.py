@@ -35,6 +35,7 @@ from speedsd.kernels.group_norm_kernels import (
     _load_in,
     _onehot,
     _plus,
+    _row_affine,
     _silu_if,
 )
 from speedsd.kernels.group_norm_split_kernels import _add_store
@@ -112,6 +113,16 @@ def _gn_rows_stats_kernel(
 
 
 @triton.jit
+def _group_affine(stats_ptr, w_ptr, b_ptr, n, c, mask_c, eps, CPG: tl.constexpr, BLOCK_G: tl.constexpr,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr):  # fmt: skip
+    # channel c's group statistics (mean, var) of sample n -> y = x·scale + shift, rstd = 1 / sqrt(var + eps)
+    grp = n * 2 * BLOCK_G + c // CPG
+    mean = tl.load(stats_ptr + grp, mask=mask_c, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(stats_ptr + grp + BLOCK_G, mask=mask_c, other=0.0) + eps)
+    return _row_affine(mean, rstd, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
+
+
+@triton.jit
 def _gn_rows_apply_kernel(
     x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, a_ptr,
     C, S, chunk, n_iter, eps, a_sn,
@@ -123,14 +134,7 @@ def _gn_rows_apply_kernel(
     n = tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
     mask_c = c < C
-    grp = n * 2 * BLOCK_G + c // CPG
-    mean = tl.load(stats_ptr + grp, mask=mask_c, other=0.0)
-    scale = 1.0 / tl.sqrt(tl.load(stats_ptr + grp + BLOCK_G, mask=mask_c, other=0.0) + eps)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=mask_c, other=1.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_B:
-        shift = shift + tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    scale, shift = _group_affine(stats_ptr, w_ptr, b_ptr, n, c, mask_c, eps, CPG, BLOCK_G, HAS_W, HAS_B)
     shift = _plus(shift, _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD) * scale, HAS_ADD)
     rs = tl.arange(0, BLOCK_S)
     off_n = n.to(tl.int64) * S * C
@@ -216,13 +220,7 @@ def _gn_rows_scale_shift_kernel(
     n = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
     mask_c = c < C
-    grp = n * 2 * BLOCK_G + c // CPG
-    scale = 1.0 / tl.sqrt(tl.load(stats_ptr + grp + BLOCK_G, mask=mask_c, other=0.0) + eps)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=mask_c, other=1.0).to(tl.float32)
-    shift = -tl.load(stats_ptr + grp, mask=mask_c, other=0.0) * scale
-    if HAS_B:
-        shift = shift + tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    scale, shift = _group_affine(stats_ptr, w_ptr, b_ptr, n, c, mask_c, eps, CPG, BLOCK_G, HAS_W, HAS_B)
     tl.store(scale_ptr + n * C + c, scale, mask=mask_c)
     tl.store(shift_ptr + n * C + c, shift, mask=mask_c)
 
