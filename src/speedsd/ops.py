@@ -187,11 +187,13 @@ def _dense(x: torch.Tensor) -> bool:
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim (Triton with ``fused_epilogues``)."""
+def layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, x_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LayerNorm over the last dim (Triton with ``fused_epilogues``), of x + x_bias when given."""
     if current().fused_epilogues and _kernel_ok(x, "layer_norm"):
-        return layer_norm(x, weight, bias, eps)
-    return layer_norm_ref(x, weight, bias, eps)
+        return layer_norm(x, weight, bias, eps, x_bias=x_bias)
+    return layer_norm_ref(x, weight, bias, eps, x_bias=x_bias)
 
 
 def add_layer_norm_op(
@@ -202,12 +204,14 @@ def add_layer_norm_op(
     eps: float,
     delta_bias: torch.Tensor | None = None,
     s_bias: torch.Tensor | None = None,
+    x_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, LayerNorm(s)) with s = x + delta (+ delta_bias): a residual add and the next norm in one pass.
-    ``s_bias``: added to the returned s only (the bias of a GEMM that will accumulate into s)."""
+    """(s, LayerNorm(s)) with s = x (+ x_bias) + delta (+ delta_bias): a residual add and the next norm in
+    one pass. ``s_bias``: added to the returned s only (the bias of a GEMM that will accumulate into s)."""
+    biases = dict(delta_bias=delta_bias, s_bias=s_bias, x_bias=x_bias)
     if current().fused_epilogues and _kernel_ok(x, "add_layer_norm"):
-        return add_layer_norm(x, delta, weight, bias, eps, delta_bias=delta_bias, s_bias=s_bias)
-    return add_layer_norm_ref(x, delta, weight, bias, eps, delta_bias=delta_bias, s_bias=s_bias)
+        return add_layer_norm(x, delta, weight, bias, eps, **biases)
+    return add_layer_norm_ref(x, delta, weight, bias, eps, **biases)
 
 
 def bias_add_op(

@@ -157,6 +157,39 @@ def test_add_layer_norm_s_bias_goes_to_s_only(poisoned, shape, dtype):
     assert ((rs.float() - s.float()).abs() <= 3 * _ulp(bound.to(dtype))).all()  # it rounds after every add
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_x_bias_is_a_bias_the_producer_left_out(poisoned, shape, dtype):
+    """x_bias (proj_in's bias, its GEMM run without it): layer_norm reads round(x + xb), as if the producer
+    had added it, and add_layer_norm's stored s includes it (one fp32 sum, one rounding)."""
+    c = shape[-1]
+    x = _randn(*shape, dtype=dtype)
+    d = _randn(*shape, dtype=dtype, mean=-0.5, std=1.5)
+    w, b = _affine(c, dtype, True)
+    db = _randn(c, dtype=dtype, mean=0.3, std=0.5)
+    xb = _randn(c, dtype=dtype, mean=4.0, std=2.0)
+    y = ln.layer_norm(x, w, b, 1e-5, x_bias=xb)
+    x_with = (x.float() + xb.float()).to(dtype)  # what the producer with its bias would have stored
+    if INTERPRET and dtype == torch.bfloat16:  # truncating casts: x + xb is 1 ulp (of ~6: 1/32) off there
+        torch.testing.assert_close(y.double(), _ln64(x_with, w, b), atol=0.06, rtol=0.02)
+    else:
+        assert torch.equal(y, ln.layer_norm(x_with, w, b, 1e-5))
+    torch.testing.assert_close(
+        ln.layer_norm_ref(x, w, b, 1e-5, x_bias=xb), ln.layer_norm_ref(x_with, w, b, 1e-5), atol=0, rtol=0
+    )
+    s, y2 = ln.add_layer_norm(x, d, w, b, 1e-5, db, x_bias=xb)
+    want = (x.float() + d.float() + db.float() + xb.float()).to(dtype)
+    if INTERPRET and dtype == torch.bfloat16:
+        assert ((s.float() - want.float()).abs() <= _ulp(want)).all()
+    else:
+        assert torch.equal(s, want), int((s != want).sum())
+    ref = _ln64(x.double() + d.double() + db.double() + xb.double(), w, b)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y2.double(), ref, **FP32_TOL)
+    elif not (INTERPRET and dtype == torch.bfloat16):
+        assert_low_precision_ok(y2, ref, ln.add_layer_norm_ref(x, d, w, b, 1e-5, db, x_bias=xb)[1])
+
+
 def test_add_layer_norm_mixed_parameter_dtypes():
     """fp16 activations with fp32 weight/bias/delta_bias (delta_bias is added in fp32 before rounding)."""
     x, d = _randn(3, 9, 40, dtype=torch.float16), _randn(3, 9, 40, dtype=torch.float16, mean=0.0)

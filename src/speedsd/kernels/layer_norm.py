@@ -34,9 +34,15 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def layer_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """torch's LayerNorm over the last dim."""
+    """torch's LayerNorm over the last dim (of x + x_bias [C] in x's dtype, when given)."""
+    if x_bias is not None:
+        x = x + x_bias.to(x.dtype)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
@@ -48,9 +54,12 @@ def add_layer_norm_ref(
     eps: float = 1e-5,
     delta_bias: torch.Tensor | None = None,
     s_bias: torch.Tensor | None = None,
+    x_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unfused baseline in x's dtype: s = x + delta (+ delta_bias), then F.layer_norm(s); the
-    returned s has s_bias added after the norm read it."""
+    """The unfused baseline in x's dtype: s = x (+ x_bias) + delta (+ delta_bias), then F.layer_norm(s);
+    the returned s has s_bias added after the norm read it."""
+    if x_bias is not None:
+        x = x + x_bias.to(x.dtype)
     s = x + delta
     if delta_bias is not None:
         s = s + delta_bias.to(x.dtype)
@@ -87,28 +96,34 @@ def _row_tile(R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
 
 # Program p owns rows [p·ROWS, p·ROWS + ROWS) of x [R, C] (row stride sx; y dense [R, C]):
 #   y[r, :] = LayerNorm(x[r, :])·w + b, statistics in fp32 from the register tile.
+#   HAS_XB: of round_dtype(x + xb) instead (a producer's bias it left out; x rounded as if it had added it)
 @triton.jit
 def _ln_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr,
     R, C, sx, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    xb_ptr=None, HAS_XB: tl.constexpr = False,
 ):  # fmt: skip
     rows, c, mask_c, mask = _row_tile(R, C, ROWS, BLOCK_C)
-    x = tl.load(x_ptr + rows * sx + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows * sx + c[None, :], mask=mask, other=0.0)
+    if HAS_XB:
+        x = x.to(tl.float32) + tl.load(xb_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        x = tl.where(mask, x.to(y_ptr.dtype.element_ty), 0.0)
+    x = x.to(tl.float32)
     y = _normalize(x, mask, C, eps, w_ptr, b_ptr, c, mask_c, HAS_W, HAS_B)
     tl.store(y_ptr + rows * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Program p owns rows [p·ROWS, p·ROWS + ROWS) of x, delta [R, C] (row strides sx, sd; s, y dense):
-#   s = round_dtype(x + delta + db)  (fp32 sum, one rounding; stored, or with HAS_SB s + sb is stored
-#                                     instead, summed in fp32 and rounded once)
+#   s = round_dtype(x + delta + db (+ xb))  (fp32 sum, one rounding; stored, or with HAS_SB s + sb is
+#                                     stored instead, summed in fp32 and rounded once)
 #   y = LayerNorm(s)·w + b           (statistics from the rounded s)
 @triton.jit
 def _add_ln_kernel(
     x_ptr, d_ptr, db_ptr, sb_ptr, s_ptr, y_ptr, w_ptr, b_ptr,
     R, C, sx, sd, eps,
     HAS_DB: tl.constexpr, HAS_SB: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, xb_ptr=None, HAS_XB: tl.constexpr = False,
 ):  # fmt: skip
     rows, c, mask_c, mask = _row_tile(R, C, ROWS, BLOCK_C)
     x = tl.load(x_ptr + rows * sx + c[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -116,6 +131,8 @@ def _add_ln_kernel(
     s = x + d
     if HAS_DB:
         s = s + tl.load(db_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_XB:
+        s = s + tl.load(xb_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     s_low = s.to(s_ptr.dtype.element_ty)
     if HAS_SB:
         s_out = s + tl.load(sb_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -209,16 +226,18 @@ def layer_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     *,
+    x_bias: torch.Tensor | None = None,
     rows: int | None = None,
     warps: int | None = None,
 ) -> torch.Tensor:
     """LayerNorm of x [..., C] over C (+ weight/bias [C], any float dtype) -> contiguous y like x.
 
+    ``x_bias`` [C]: of x + x_bias, the sum rounded to x's dtype (a bias the producing GEMM left out).
     ``rows``/``warps``: force :func:`plan_layer_norm`'s tile (tests and the bench sweep use them).
     """
     c = _check_x(x, "x")
-    _check_vec(weight, "weight", c, x.device)
-    _check_vec(bias, "bias", c, x.device)
+    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        _check_vec(t, name, c, x.device)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     x2 = _rows_view(x, c)  # [..., C] -> [R, C]
     n_rows = x2.shape[0]
@@ -227,9 +246,10 @@ def layer_norm(
         return y
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
+    xb = dict(xb_ptr=x_bias.contiguous(), HAS_XB=True) if x_bias is not None else {}  # (without: as before)
     _ln_kernel[(plan.programs(n_rows),)](
         x2, y, w, b, n_rows, c, x2.stride(0), eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, ROWS=plan.rows, BLOCK_C=plan.block_c,
+        HAS_W=weight is not None, HAS_B=bias is not None, ROWS=plan.rows, BLOCK_C=plan.block_c, **xb,
         num_warps=plan.warps,
     )  # fmt: skip
     return y
@@ -244,10 +264,12 @@ def add_layer_norm(
     delta_bias: torch.Tensor | None = None,
     *,
     s_bias: torch.Tensor | None = None,
+    x_bias: torch.Tensor | None = None,
     rows: int | None = None,
     warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, y): s = x + delta (+ delta_bias [C]) summed in fp32 and stored once in x's dtype;
+    """(s, y): s = x + delta (+ delta_bias [C]) (+ x_bias [C], a bias x's producer left out) summed in
+    fp32 and stored once in x's dtype;
     y = LayerNorm(s) over the last dim (+ weight/bias [C]), statistics from the stored s.
     ``s_bias`` [C]: the returned s is x + delta (+ delta_bias) + s_bias (fp32 sum, one rounding),
     while y stays the LayerNorm of the sum without it (see the module doc).
@@ -261,7 +283,8 @@ def add_layer_norm(
             f"delta must match x ({x.dtype} {tuple(x.shape)} on {x.device}), "
             f"got {delta.dtype} {tuple(delta.shape)} on {delta.device}"
         )
-    for name, t in (("weight", weight), ("bias", bias), ("delta_bias", delta_bias), ("s_bias", s_bias)):
+    vecs = (("weight", weight), ("bias", bias), ("delta_bias", delta_bias), ("s_bias", s_bias), ("x_bias", x_bias))
+    for name, t in vecs:
         _check_vec(t, name, c, x.device)
     s = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
@@ -274,9 +297,10 @@ def add_layer_norm(
     b = bias.contiguous() if bias is not None else x2
     db = delta_bias.contiguous() if delta_bias is not None else x2
     sb = s_bias.contiguous() if s_bias is not None else x2
+    xb = dict(xb_ptr=x_bias.contiguous(), HAS_XB=True) if x_bias is not None else {}  # (without: as before)
     _add_ln_kernel[(plan.programs(n_rows),)](
         x2, d2, db, sb, s, y, w, b, n_rows, c, x2.stride(0), d2.stride(0), eps,
         HAS_DB=delta_bias is not None, HAS_SB=s_bias is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        ROWS=plan.rows, BLOCK_C=plan.block_c, num_warps=plan.warps,
+        ROWS=plan.rows, BLOCK_C=plan.block_c, **xb, num_warps=plan.warps,
     )  # fmt: skip
     return s, y
