@@ -136,3 +136,20 @@ def test_resnet_block_peak_live_bytes():
             del y
         assert plain.peak >= 5 * u, (plain.peak, u)
         assert 4 * u <= owned.peak <= 4 * u + u // 8, (owned.peak, u)
+
+
+def test_resnet_closing_bias_is_derived_once_and_follows_reloads():
+    """conv2.bias + conv_shortcut.bias (the fused closing add's bias) is one tensor reused call after call
+    (no add kernel a block a step), recomputed after an in-place reload of either bias."""
+    block = _block(16, 8)
+    with torch.inference_mode():
+        first = block._closing_bias()
+    torch.testing.assert_close(first, block.conv2.bias + block.conv_shortcut.bias, atol=0, rtol=0)
+    assert block._closing_bias() is first
+    with torch.no_grad():
+        block.conv_shortcut.bias.add_(1.0)
+    again = block._closing_bias()
+    assert again is not first
+    torch.testing.assert_close(again, block.conv2.bias + block.conv_shortcut.bias, atol=0, rtol=0)
+    identity = _block(8, 8)
+    assert identity._closing_bias() is identity.conv2.bias  # identity shortcut: conv2's bias alone
