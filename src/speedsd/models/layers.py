@@ -242,7 +242,6 @@ class ResnetBlock2D(nn.Module):
             shortcut = x
         return ops.bias_add_op(h, bias, residual=shortcut, inplace=True, next_groups=groups)
 
-
     def _closing_bias(self) -> torch.Tensor | None:
         """The closing add's [C] bias: conv2's, plus the shortcut conv's when there is one. That sum is
         derived once and kept while both parameters are unchanged (else a kernel launch a block a step)."""
