@@ -170,6 +170,11 @@ def group_norm(
     dual: dict[str, object] = {}  # the kernels' second-source arguments (none: one source)
     if concat is not None:
         x, concat, out = _concat_sources(x, concat, out)
+        if min(x.shape[1], concat.shape[1]) == 1:
+            # a one-channel source is dense in both layouts: its loads compile to another register layout
+            # than the concatenation's, which rounds differently on the GPU. Form the concatenation.
+            x, concat = torch.cat([x, concat], dim=1, out=torch.empty_like(out)), None  # (out's layout)
+    if concat is not None:
         dual = _dual_args(x, concat)
         _, sn, sc, ss = _ncs_strides(out)  # the kernels' own strides are the output's
         shared = None
