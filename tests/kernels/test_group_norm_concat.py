@@ -149,3 +149,20 @@ def test_bad_arguments_raise():
         gn.group_norm(xa, 4, concat=s, out=buf[12 * 16 : 12 * 16 + 2 * 16 * 16].view(2, 16, 4, 4))
     out = buf[2 * 12 * 16 :].view(2, 16, 4, 4)  # adjacent, not overlapping: fine
     torch.testing.assert_close(gn.group_norm(xa, 4, concat=s, out=out).double(), _ref64(x, s, 4, None, None, False))
+
+
+def test_one_channel_source_is_concatenated_not_read_in_place(monkeypatch):
+    """A one-channel source is dense in both layouts; reading it in place compiled to another register layout
+    on the GPU (other rounding than the one-source kernel), so group_norm forms the concatenation for it."""
+    x, s = _pair((2, 11, 1, 3, 3), "channels_last")
+    w, b = _affine(12)
+    want = gn.group_norm(torch.cat([x, s], dim=1), 3, w, b, 1e-5, True)
+    calls = []
+    real = gn._dual_args
+    monkeypatch.setattr(gn, "_dual_args", lambda *a: calls.append(1) or real(*a))
+    got = gn.group_norm(x, 3, w, b, 1e-5, True, concat=s)
+    assert calls == [] and torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    x3, s3 = _pair((2, 9, 3, 3, 3), "channels_last")
+    gn.group_norm(x3, 3, *_affine(12), 1e-5, True, concat=s3)
+    assert calls == [1]  # wider sources are read in place
