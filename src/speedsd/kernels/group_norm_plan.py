@@ -106,7 +106,7 @@ TUNED: dict[tuple[int, int, int, int, bool, int], dict[str, int | str | bool]] =
         "warps": 4,
         "apply_chunks": 256,
         "apply_tile": 4096,
-    },  # fmt: skip
+    },
     (2, 640, 256, 32, True, 2): {"gb": 1, "path": "fused"},
     (2, 640, 1024, 32, True, 2): {"grouped": False, "path": "split", "tile": 8192},
     (2, 640, 4096, 32, True, 2): {"grouped": False, "path": "split", "programs": 264, "tile": 8192},
