@@ -32,7 +32,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from speedsd.kernels.device import is_sm90
+from speedsd.kernels.device import compile_ahead, is_sm90
 
 LOG2E = 1.4426950408889634
 HEAD_DIM = 40
@@ -202,16 +202,12 @@ def compile_sm90(config: GluonAttentionConfig = HOPPER_D40, capability: int = 90
     """Compile the kernel ahead of time for ``capability`` without a GPU (the tests' ptxas check; in a
     process without TRITON_INTERPRET=1). The signature is what a launch on the GPU specialises: out
     16-byte aligned, N % 16 == 0."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     kern = _kernels()
     if kern is None:
         raise RuntimeError("this Triton has no Gluon Hopper API")
-    if triton.knobs.runtime.interpret:  # triton's own @jit helpers (gl.max ...) were built for the interpreter
-        raise RuntimeError("compile_sm90 needs a process started without TRITON_INTERPRET=1")
     fn = kern.attn_fwd_d40_kernel
 
     def desc_ty(rows: int, cols: int) -> str:
@@ -231,4 +227,4 @@ def compile_sm90(config: GluonAttentionConfig = HOPPER_D40, capability: int = 90
     }
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("o_ptr", "n_ctx")}
     src = GluonASTSource(fn, sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+    return compile_ahead(src, capability, num_warps=4)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from speedsd.kernels.bias_add import drop_gn_stats
-from speedsd.kernels.device import is_sm90, sm_count
+from speedsd.kernels.device import compile_ahead, is_sm90, sm_count
 from speedsd.kernels.gn_tile_stats import attach
 
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory a CTA may use on sm_90 (227 KiB)
@@ -349,16 +349,12 @@ def compile_sm90(
     """Compile the kernel ahead of time for ``capability`` without a GPU (the tests' ptxas check; in a process
     without TRITON_INTERPRET=1). Sizes are not specialized, so small CPU stand-ins give the launch's signature;
     the pointer gets the 16-byte divisibility a GPU launch specialises."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     kern = _kernels()
     if kern is None:
         raise RuntimeError("this Triton has no Gluon Hopper API")
-    if triton.knobs.runtime.interpret:
-        raise RuntimeError("compile_sm90 needs a process started without TRITON_INTERPRET=1")
     cl = torch.channels_last
     c, co = 2 * config.bk, 2 * config.bn
     x = torch.empty((1, c, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
@@ -375,4 +371,4 @@ def compile_sm90(
     constexprs = {(names.index(k),): v for k, v in const.items()}
     attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in ("bias_ptr", "part_ptr")}
     src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": config.warps})
+    return compile_ahead(src, capability, num_warps=config.warps)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from speedsd.kernels.device import sm_count
+from speedsd.kernels.device import compile_ahead, sm_count
 from speedsd.kernels.flash_attention import flash_attention, split_head_dim
 from speedsd.kernels.softmax_attention import (
     LOG2E,
@@ -296,11 +296,8 @@ def compile_sm90(D: int, nk: int, config: CrossConfig, dtype: torch.dtype = torc
     """Compile the kernel ahead of time for ``capability`` without a GPU (the tests' ptxas check; in a process
     without TRITON_INTERPRET=1), specialised as a launch on the model's layout is: unit head-dim strides,
     16-byte-aligned rows and 16-divisible batch strides. Returns Triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if triton.knobs.runtime.interpret:
-        raise RuntimeError("compile_sm90 needs a process started without TRITON_INTERPRET=1")
     fn = _cross_attn_kernel
     names = fn.arg_names
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
@@ -316,5 +313,4 @@ def compile_sm90(D: int, nk: int, config: CrossConfig, dtype: torch.dtype = torc
            for n in names}  # fmt: skip
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ("Q", "K", "V", "O", "sqb", "skb", "svb", "sob")}
     src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=opts)
+    return compile_ahead(src, capability, num_warps=config.num_warps, num_stages=config.num_stages)

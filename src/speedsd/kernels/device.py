@@ -46,3 +46,15 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     if not bufs or bufs[-1].numel() < n:
         bufs.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
     return bufs[-1]
+
+
+def compile_ahead(src: object, capability: int = 90, **options: object) -> object:
+    """``triton.compile`` of a kernel source (ASTSource / GluonASTSource) for sm_<capability> on any machine,
+    no GPU needed (the tests' ptxas and SASS checks): Triton's CompiledKernel. Needs a process started without
+    TRITON_INTERPRET=1 (under the interpreter Triton's own @jit helpers are interpreter functions)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("compiling ahead of time needs a process started without TRITON_INTERPRET=1")
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from speedsd.kernels.device import compile_ahead
 from speedsd.kernels.geglu import _gelu, grouped_tile
 
 # (BM, BN, BK, num_warps, num_stages) measured best on the H200 at M = 8192, 2048 and 512 alike
@@ -108,11 +109,8 @@ def feed_forward_geglu_tma(
 def compile_sm90(bias: bool = True, capability: int = 90):  # -> CompiledKernel
     """Compile the kernel with the measured tiles for ``capability`` without a GPU (the tests' ptxas check;
     in a process without TRITON_INTERPRET=1)."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if triton.knobs.runtime.interpret:
-        raise RuntimeError("compile_sm90 needs a process started without TRITON_INTERPRET=1")
     bm, bn, bk, warps, stages = TMA_CONFIG
     const = dict(HAS_B=bias, APPROX=0, BM=bm, BN=bn, BK=bk, GROUP_M=8, STAGES=stages)
     sig = {
@@ -126,4 +124,4 @@ def compile_sm90(bias: bool = True, capability: int = 90):  # -> CompiledKernel
         **{name: "constexpr" for name in const},
     }
     src = ASTSource(_ff_geglu_tma_kernel, sig, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
+    return compile_ahead(src, capability, num_warps=warps)

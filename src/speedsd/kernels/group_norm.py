@@ -202,26 +202,14 @@ def group_norm(
         return out
     if C * S >= 2**31:
         raise ValueError(f"one sample has {C * S} elements; the kernels index a sample with int32")
+    part = shared.take(x, num_groups, plan) if shared is not None and add is None else None  # a hand-over
+    if plan.path == "rows":  # kernels/group_norm_rows.py
+        opts = dict(add=(a, a_sn) if add is not None else None, dual=dual or None)
+        if part is None:
+            part = rows_stats(x, num_groups, plan.chunks, plan.block_s, plan.warps, **opts)
+        return rows_apply(x, out, part, num_groups, weight, bias, eps, silu, *plan.apply, **opts)
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
-    if plan.path == "rows":  # kernels/group_norm_rows.py
-        rows_add = (a, a_sn) if add is not None else None
-        stats = shared.take(x, num_groups, plan) if shared is not None and add is None else None
-        if stats is None:
-            stats = rows_stats(x, num_groups, plan.chunks, plan.block_s, plan.warps, add=rows_add, dual=dual or None)
-        return rows_apply(
-            x,
-            out,
-            stats,
-            num_groups,
-            w if weight is not None else None,
-            b if bias is not None else None,
-            eps,
-            silu,
-            *plan.apply,
-            add=rows_add,
-            dual=dual or None,
-        )
     cpg = C // num_groups
     aff = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, SILU=bool(silu))
     if plan.rows is not None and plan.one_tile:
@@ -230,7 +218,6 @@ def group_norm(
             **dual, num_warps=plan.warps,
         )  # fmt: skip
         return out
-    part = shared.take(x, num_groups, plan) if shared is not None and add is None else None
     if plan.path != "split":
         flags = dict(GB=plan.gb, BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_S=plan.block_s)
         _gn_fused_kernel[(plan.n_cb, N)](

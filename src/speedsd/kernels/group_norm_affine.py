@@ -66,8 +66,7 @@ def group_norm_scale_shift(
     if plan.path == "rows":
         if part is None:
             part = rows_stats(x, num_groups, plan.chunks, plan.block_s, plan.warps)
-        w, b = (t.contiguous() if t is not None else None for t in (weight, bias))
-        return rows_scale_shift(part, num_groups, c, w, b, eps)
+        return rows_scale_shift(part, num_groups, c, weight, bias, eps)
     if part is None:
         part = split_partials(x, num_groups, plan)
     # grouped (whole-row) partials are one block of all the groups

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from speedsd.kernels.device import arrival_counters
+from speedsd.kernels.gn_tile_stats import _dense
 from speedsd.kernels.group_norm_kernels import (
     _channels_to_groups,
     _load_add,
@@ -202,7 +203,7 @@ def rows_apply(
     chunk = triton.cdiv(triton.cdiv(s, chunks), block_s) * block_s
     a, a_sn = add if add is not None else (x, 0)
     _gn_rows_apply_kernel[(triton.cdiv(s, chunk), n)](
-        x, out, stats, weight if weight is not None else x, bias if bias is not None else x, a, c, s, chunk,
+        x, out, stats, _dense(weight, x), _dense(bias, x), a, c, s, chunk,
         chunk // block_s, eps, a_sn, CPG=c // num_groups, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_ADD=add is not None, SILU=bool(silu), BLOCK_S=block_s, BLOCK_C=triton.next_power_of_2(c),
         BLOCK_G=stats.shape[-1], **(dual or {}), num_warps=warps,
@@ -233,7 +234,7 @@ def rows_scale_shift(
     scale = torch.empty((n, c), device=stats.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
     _gn_rows_scale_shift_kernel[(n,)](
-        stats, weight if weight is not None else stats, bias if bias is not None else stats, scale, shift, c, eps,
+        stats, _dense(weight, stats), _dense(bias, stats), scale, shift, c, eps,
         CPG=c // num_groups, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=triton.next_power_of_2(c),
         BLOCK_G=stats.shape[-1], num_warps=4,
     )  # fmt: skip

@@ -1,8 +1,11 @@
-"""Several parameters as the row blocks of ONE tensor, for one GEMM over all of them (fused QKV, the
-cross-attention K/V of every layer) while each stays its own parameter (a view of its block).
+"""Parameters combined at run time: several as the row blocks of ONE tensor, for one GEMM over all of them
+(fused QKV, the cross-attention K/V of every layer) while each stays its own parameter (a view of its
+block); and tensors derived from parameters (summed biases), made once and kept while their sources hold.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -58,3 +61,17 @@ def _still_rows_of(params: list[torch.Tensor], fused: torch.Tensor) -> bool:
             return False
         start += p.shape[0]
     return start == fused.shape[0]
+
+
+def derived(cache: dict[str, object], sources: list[torch.Tensor], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()`` (a tensor computed from parameters ``sources``), kept in ``cache`` while every source is the
+    same storage at the same version: computed once, not a kernel launch every forward, and redone after a
+    reload in place or a replaced parameter. Inference-mode sources have no version counter: made each call."""
+    if any(t.is_inference() for t in sources):
+        return make()
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+    if cache.get("key") != key:
+        with torch.inference_mode(False):  # a normal tensor, also when first made under inference mode
+            cache["value"] = make().detach()
+        cache["key"] = key
+    return cache["value"]  # type: ignore[return-value]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedsd import ops
-from speedsd.models.fused_rows import fused_rows
+from speedsd.models.fused_rows import derived, fused_rows
 from speedsd.models.skip_concat import Concat, split_shortcut
 
 
@@ -132,13 +132,12 @@ class TimeAdds:
         projs = [r.time_emb_proj for r in resnets]
         w = fused_rows([p.weight for p in projs], cache.get("w"))  # [ΣC, T]
         biases = [t for r in resnets for t in (r.time_emb_proj.bias, r.conv1.bias)]
-        key = tuple((t.data_ptr(), t._version) for t in biases)
-        if cache.get("key") != key:  # derived [ΣC] bias: time_emb_proj.bias + conv1.bias per block
-            with torch.inference_mode(False):
-                cache["b"] = torch.cat([r.time_emb_proj.bias + r.conv1.bias for r in resnets]).detach()
-            cache["key"] = key
+        # the derived [ΣC] bias: time_emb_proj.bias + conv1.bias per block
+        b = derived(
+            cache.setdefault("b", {}), biases, lambda: torch.cat([r.time_emb_proj.bias + r.conv1.bias for r in resnets])
+        )
         cache["w"] = w
-        return F.linear(F.silu(temb), w, cache["b"])  # [B, ΣC]
+        return F.linear(F.silu(temb), w, b)  # [B, ΣC]
 
     @staticmethod
     def split(resnets: list[ResnetBlock2D], adds: torch.Tensor) -> TimeAdds:
@@ -160,7 +159,7 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-        self._closing: tuple[tuple[int, ...], torch.Tensor] | None = None  # (key, conv2.bias + shortcut bias)
+        self._closing: dict[str, object] = {}  # conv2.bias + the shortcut conv's bias (derived)
 
     def forward(
         self, x: torch.Tensor | Owned | Concat, temb: torch.Tensor | None = None, hand_over: bool = True
@@ -249,13 +248,7 @@ class ResnetBlock2D(nn.Module):
         bs = self.conv_shortcut.bias if self.conv_shortcut is not None else None
         if b2 is None or bs is None:
             return bs if b2 is None else b2
-        if b2.is_inference() or bs.is_inference():  # no version counter to follow reloads by: no cache
-            return b2 + bs
-        key = (b2.data_ptr(), b2._version, bs.data_ptr(), bs._version, b2.dtype, bs.dtype)
-        if self._closing is None or self._closing[0] != key:
-            with torch.inference_mode(False):
-                self._closing = (key, (b2 + bs).detach())
-        return self._closing[1]
+        return derived(self._closing, [b2, bs], lambda: b2 + bs)
 
 
 class Downsample2D(nn.Module):
