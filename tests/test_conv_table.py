@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from speedsd import conv_table
 from speedsd.bench.kernels_conv import table_entries
@@ -113,3 +114,22 @@ def test_unknown_choice_raises(tmp_path):
     path.write_text(json.dumps({"cards": {"Card A": {"k": {"best": "winograd", "config": None}}}}))
     with pytest.raises(ValueError, match="unknown conv choice"):
         conv_table._table("Card A", str(path))
+
+
+def test_tma_entry_runs_on_channels_last_and_falls_back_on_nchw(monkeypatch):
+    """A table entry naming a TMA config runs the TMA kernel where its operands are channels_last; on an NCHW
+    input (channels_last off) the same entry gives None: the caller runs cuDNN."""
+    from speedsd import ops
+
+    cfg = IgemmConfig(64, 16, 16, 2, 4, 2, tma=True)
+    monkeypatch.setattr(conv_table, "choose", lambda *a: cfg)
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(32, 24, 3, padding=1)
+    x = torch.randn(2, 32, 4, 8, generator=g) + 0.5
+    want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.no_grad():
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        got = ops._igemm_conv(x.contiguous(memory_format=torch.channels_last), conv, conv.bias)
+        assert got is not None
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+        assert ops._igemm_conv(x, conv, conv.bias) is None

@@ -34,7 +34,7 @@ from speedsd.kernels.conv_gluon import (
     conv_gluon_epilogue_problem,
     conv_gluon_supported,
 )
-from speedsd.kernels.conv_igemm import conv2d_igemm
+from speedsd.kernels.conv_igemm import conv2d_igemm, tma_problem
 from speedsd.kernels.cross_attention import cross_attention
 from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
@@ -342,7 +342,7 @@ def pick_attention(q: torch.Tensor, k: torch.Tensor) -> str:
 
 def _igemm_conv(x: torch.Tensor, conv: torch.nn.Conv2d, bias: torch.Tensor | None) -> torch.Tensor | None:
     """The implicit-GEMM Triton conv or the Gluon 3x3 conv where the per-card table measured it faster than
-    cuDNN, else None (also for a Gluon entry its kernel cannot take here, e.g. not channels_last)."""
+    cuDNN, else None (also for a Gluon or TMA entry its kernel cannot take here, e.g. not channels_last)."""
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size != (k, k) or conv.stride != (s, s):
         return None
@@ -351,7 +351,9 @@ def _igemm_conv(x: torch.Tensor, conv: torch.nn.Conv2d, bias: torch.Tensor | Non
     cfg = conv_table.choose(tuple(x.shape), conv.out_channels, k, s, p[0], x.dtype, x.device)
     if isinstance(cfg, GluonConvConfig):
         return conv3x3_gluon(x, conv.weight, bias, cfg) if conv_gluon_supported(x, conv, bias, cfg) else None
-    return None if cfg is None else conv2d_igemm(x, conv.weight, bias, s, p[0], cfg)
+    if cfg is None or (cfg.tma and tma_problem(x, conv.weight, s, p[0], cfg) is not None):
+        return None  # (a TMA config needs channels_last operands)
+    return conv2d_igemm(x, conv.weight, bias, s, p[0], cfg)
 
 
 def conv_epilogue_op(

@@ -91,3 +91,16 @@ def test_no_gluon_off_sm90():
     """On this CPU (no sm_90 GPU) a Gluon row is measured like any other: no Gluon keys."""
     r = kc.bench_shape(kc.SMOKE[0], "cpu", True, 0.0, kc.SPLITS, gluon=True)
     assert "gluon_config" not in r and "gluon_ok" not in r
+
+
+def test_tma_candidates_only_where_the_kernel_takes_the_conv():
+    """The search tries TMA-operand configs on the 8² level's 3x3 stride-1 convs (whole-row tiles: 2 images of
+    8x8 or 8 rows), each accepted by the kernel's own check, and none on a stride-2 conv or an NCHW input."""
+    cl = torch.channels_last
+    x = torch.empty(2, 1280, 8, 8, dtype=torch.float16).contiguous(memory_format=cl)
+    w = torch.empty(1280, 1280, 3, 3, dtype=torch.float16).contiguous(memory_format=cl)
+    cands = kc._tma_configs(x, w, 1280, 1, 1)
+    assert cands and all(c.tma and kc.ci.tma_problem(x, w, 1, 1, c) is None for c in cands)
+    assert {c.block_m for c in cands} == {64, 128} and all(c.split > 1 for c in cands)
+    assert kc._tma_configs(x, w, 1280, 2, 1) == []
+    assert kc._tma_configs(x.contiguous(), w, 1280, 1, 1) == []

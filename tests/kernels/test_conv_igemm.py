@@ -29,6 +29,10 @@ SHAPES = [
     ("odd N and M, split 3", (3, 48, 5, 3), 40, 3, 1, 1, IgemmConfig(32, 16, 16, 3, 4, 2)),
     ("1x1 pad 0", (1, 16, 4, 6), 20, 1, 1, 0, None),
     ("1x1 image, 3x3 pad 1", (2, 32, 1, 1), 16, 3, 1, 1, SPLIT4),
+    # TMA operands: tiles of whole pixel rows (2 images / 4 rows / 1 image), padding = TMA's zero fill
+    ("tma 8x8 two images a tile, split 3", (2, 32, 8, 8), 48, 3, 1, 1, IgemmConfig(128, 16, 16, 3, 4, 2, tma=True)),
+    ("tma odd N, four rows a tile", (1, 32, 8, 8), 40, 3, 1, 1, IgemmConfig(32, 16, 16, 1, 4, 2, tma=True)),
+    ("tma 4x16, two-kernel sum", (2, 64, 4, 16), 32, 3, 1, 1, IgemmConfig(64, 32, 32, 2, 4, 2, False, tma=True)),
 ]
 IDS = [s[0] for s in SHAPES]
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter's tl.dot mishandles bf16")
@@ -95,7 +99,12 @@ def test_second_kernel_sum_equals_last_split_sum():
 
 
 def test_config_key_round_trips():
-    for cfg in (IgemmConfig(128, 16, 64, 5, 8, 4), IgemmConfig(32, 64, 32, 3, 4, 2, last_sums=False)):
+    for cfg in (
+        IgemmConfig(128, 16, 64, 5, 8, 4),
+        IgemmConfig(32, 64, 32, 3, 4, 2, last_sums=False),
+        IgemmConfig(128, 64, 128, 6, 8, 4, tma=True),
+        IgemmConfig(64, 64, 64, 2, 4, 3, last_sums=False, tma=True),
+    ):
         assert IgemmConfig.parse(cfg.key()) == cfg
     with pytest.raises(ValueError, match="config key"):
         IgemmConfig.parse("m64n64")
@@ -132,3 +141,22 @@ def test_mismatched_dtype_and_bias_raise():
         ci.conv2d_igemm(x, w, b[:4])
     with pytest.raises(ValueError, match="block_k"):
         ci.conv2d_igemm(x, w, b, config=IgemmConfig(32, 32, 32, 1, 4, 2))
+
+
+TMA = IgemmConfig(32, 16, 16, 2, 4, 2, tma=True)
+
+
+@pytest.mark.parametrize(
+    "shape,stride,channels_last,cfg,match",
+    [
+        ((2, 32, 8, 8), 2, True, TMA, "stride 1"),
+        ((2, 32, 8, 8), 1, False, TMA, "channels_last"),
+        ((2, 32, 6, 6), 1, True, TMA, "whole rows"),
+        ((3, 32, 4, 4), 1, True, IgemmConfig(32, 16, 16, 2, 4, 2, tma=True), "whole rows"),
+    ],
+    ids=["stride 2", "NCHW", "tile not whole rows", "tile of 2 images, odd batch"],
+)
+def test_tma_config_refuses_what_it_cannot_take(shape, stride, channels_last, cfg, match):
+    x, w, b = _inputs(shape, 16, 3, torch.float32, channels_last=channels_last)
+    with pytest.raises(ValueError, match=match):
+        ci.conv2d_igemm(x, w, b, stride, 1, config=cfg)

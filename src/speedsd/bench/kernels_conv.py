@@ -9,7 +9,8 @@ output conv at 512²; ("vae"): the VAE decoder's ResNet 3x3 convs at 512² outpu
 conv's variants (kernels/conv_gluon.py VARIANTS, fitted to Co) are timed too. fp16, channels_last, no bias
 (the engine fuses conv biases downstream: ResNet convs run with ``with_bias=False``).
 
-Search: every tile shape x (warps, stages) with the default K split, then the best few over K splits;
+Search: every tile shape x (warps, stages) with the default K split (the TMA-operand variants first, where the
+conv takes them), then the best few over K splits;
 a per-shape time budget bounds the Triton compiles. Clock: CUDA-graph replay (what the engine pays),
 with as many weight copies cycled as keep them out of L2 (in a UNet step every conv reads its own
 weights from memory). Correct: error vs an fp32 (TF32 off) conv <= 2x torch's fp16 error.
@@ -61,6 +62,10 @@ SMOKE = [("smoke 4² 32->48", (2, 32, 4, 4), 48, 3, 1, 1, 1), ("smoke N=3", (1, 
 TILES_WIDE = [(64, 128), (128, 64), (128, 128), (64, 64), (32, 128)]
 TILES_NARROW = [(64, 16), (128, 16), (256, 16)]
 LAUNCH = [(4, 4), (8, 4), (4, 3), (8, 3)]
+# TMA-operand candidates (3x3 stride 1 pad 1, tiles of whole pixel rows), the likeliest first: (bm, bn, bk) x
+# (warps, stages); the H200 probe (bench/results/conv_tma_small_probe_h200.json) ranked m128 n64 k128 w8 p4 first
+TILES_TMA = [(128, 64, 128), (128, 64, 64), (128, 128, 64), (64, 64, 128), (64, 64, 64)]
+LAUNCH_TMA = [(8, 4), (4, 4), (8, 3), (8, 5)]
 SPLITS = [1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 15, 16, 18, 20]
 L2_BYTES = 50 * 2**20
 
@@ -77,6 +82,22 @@ def _configs(n: int, c: int, m: int, taps: int, device: torch.device) -> list[Ig
             split = max(1, min(base.split * base.block_m * base.block_n // (bm * bn), taps * c // bk // 4, 16))
             split = split if tiles_mn < 2 * 132 else 1
             out.extend(IgemmConfig(bm, bn, bk, split, warps, stages) for warps, stages in LAUNCH)
+    return out
+
+
+def _tma_configs(x: torch.Tensor, w: torch.Tensor, n: int, stride: int, pad: int) -> list[IgemmConfig]:
+    """The TMA-operand candidates the kernel takes for this conv (none where ci.tma_problem refuses it)."""
+    b, c, h, wd = x.shape
+    out = []
+    for bm, bn, bk in TILES_TMA:
+        if c % bk or n % bn:
+            continue
+        tiles = b * h * wd // bm * (n // bn)
+        split = max(1, min(132 // max(tiles, 1), 9 * c // bk // 4, 16))
+        for warps, stages in LAUNCH_TMA:
+            cfg = IgemmConfig(bm, bn, bk, split, warps, stages, tma=True)
+            if ci.tma_problem(x, w, stride, pad, cfg) is None:
+                out.append(cfg)
     return out
 
 
@@ -154,7 +175,7 @@ def bench_shape(
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a big tile: skip that config
             print(f"  {label} {cfg.key()}: {type(e).__name__}: {str(e)[:100]}", flush=True)
 
-    cands = _configs(n, c, m, k * k, dev)
+    cands = _tma_configs(x, weights[0], n, stride, pad) + _configs(n, c, m, k * k, dev)
     for cfg in cands[:4] if smoke else cands:
         run(cfg, budgeted=True)
     ranked = sorted(results, key=results.get)[:3]
