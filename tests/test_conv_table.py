@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from speedsd import conv_table
-from speedsd.bench.kernels_conv import table_entries
+from speedsd.bench.kernels_conv import table_entries, table_from_results
 from speedsd.kernels.conv_gluon import GluonConvConfig, variant
 from speedsd.kernels.conv_igemm import IgemmConfig
 
@@ -124,8 +124,9 @@ def test_tma_entry_runs_on_channels_last_and_falls_back_on_nchw(monkeypatch):
     cfg = IgemmConfig(64, 16, 16, 2, 4, 2, tma=True)
     monkeypatch.setattr(conv_table, "choose", lambda *a: cfg)
     g = torch.Generator().manual_seed(0)
-    conv = torch.nn.Conv2d(32, 24, 3, padding=1)
-    x = torch.randn(2, 32, 4, 8, generator=g) + 0.5
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    conv = torch.nn.Conv2d(32, 24, 3, padding=1).to(device)
+    x = (torch.randn(2, 32, 4, 8, generator=g) + 0.5).to(device)
     want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     with torch.no_grad():
         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
@@ -133,3 +134,20 @@ def test_tma_entry_runs_on_channels_last_and_falls_back_on_nchw(monkeypatch):
         assert got is not None
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
         assert ops._igemm_conv(x, conv, conv.bias) is None
+
+
+def test_two_kernel_sum_is_chosen_where_it_measured_faster(tmp_path):
+    """A row whose best config's two-kernel variant (partials summed by a second kernel) measured faster records
+    that variant and its time; rebuilt from a results JSON (--table-from) the same entries come back."""
+    fast_two = {**_row((2, 1280, 8, 8), 1280, 0.020, 0.023, config="m128n64k128s6w8p4t"), "two_kernel_sum_ms": 0.018}
+    slow_two = {**_row((2, 2560, 8, 8), 1280, 0.020, 0.023), "two_kernel_sum_ms": 0.021}
+    entries = table_entries([fast_two, slow_two], torch.float16, commit="abc1234")
+    one, two = entries.values()
+    assert one["config"] == "m128n64k128s6w8p4rt" and one["graph_ms"]["igemm"] == 0.018
+    assert IgemmConfig.parse(one["config"]) == IgemmConfig(128, 64, 128, 6, 8, 4, last_sums=False, tma=True)
+    assert two["config"] == "m64n128k128s6w8p4" and two["graph_ms"]["igemm"] == 0.020
+    results = tmp_path / "kernels_conv.json"
+    env = {"card": "Card A", "commit": "abc1234"}
+    results.write_text(json.dumps({"environment": env, "rows": [fast_two, slow_two]}))
+    card, table = table_from_results(results)
+    assert card == "Card A" and table == entries

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import time
 from pathlib import Path
@@ -207,24 +208,42 @@ def bench_shape(
     }  # fmt: skip
 
 
-def table_entries(rows: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
+def _igemm_choice(r: dict[str, Any]) -> tuple[str | None, float]:
+    """The implicit-GEMM config a result row measured fastest, and its ms: the best one-launch config, or its
+    two-kernel variant (the partials summed by a second kernel) where that measured faster."""
+    best, ms = r["best_config"], r["best_ms"]
+    two = r.get("two_kernel_sum_ms")
+    if best is not None and two is not None and two < ms:
+        return dataclasses.replace(IgemmConfig.parse(best), last_sums=False).key(), two
+    return best, ms
+
+
+def table_entries(rows: list[dict[str, Any]], dtype: torch.dtype, commit: str | None = None) -> dict[str, Any]:
     from speedsd.conv_table import shape_key
 
     out = {}
     for r in rows:
-        ms = {"cudnn": r["cudnn_ms"], "igemm": r["best_ms"]}
+        igemm_config, igemm_ms = _igemm_choice(r)
+        ms = {"cudnn": r["cudnn_ms"], "igemm": igemm_ms}
         correct = {"cudnn": True, "igemm": r["ok"]}
         if r.get("gluon_config") is not None:
             ms["gluon"], correct["gluon"] = r["gluon_ms"], r["gluon_ok"]
         best = min((c for c in ms if correct[c]), key=ms.get)  # a tie goes to cuDNN
         key = shape_key(tuple(r["x_shape"]), r["n"], r["kernel"], r["stride"], r["padding"], dtype)
         out[key] = {
-            "best": best, "config": r["gluon_config"] if best == "gluon" else r["best_config"],
-            "graph_ms": ms, "measured_at": common.git_commit(),
+            "best": best, "config": r["gluon_config"] if best == "gluon" else igemm_config,
+            "graph_ms": ms, "measured_at": commit or common.git_commit(),
         }  # fmt: skip
         if "gluon" in ms:
             out[key]["gluon_config"] = r["gluon_config"]
     return out
+
+
+def table_from_results(path: Path) -> tuple[str, dict[str, Any]]:
+    """(card, table entries) re-chosen from a committed results JSON's measured rows (no new timing)."""
+    data = json.loads(Path(path).read_text())
+    env = data["environment"]
+    return env["card"], table_entries(data["rows"], torch.float16, commit=env.get("commit"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=30.0, help="implicit-GEMM search time per shape")
     shapes_help = "base: the UNet/output-head convs; vae: the VAE decoder's 3x3 convs (+ Gluon on sm_90)"
     ap.add_argument("--shapes", choices=("all", "base", "vae"), default="all", help=shapes_help)
+    ap.add_argument(
+        "--table-from",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="no timing: re-choose a results JSON's card entries into --table from its measured rows",
+    )
     args = ap.parse_args(argv)
+    if args.table_from:
+        from speedsd.conv_table import merge_into
+
+        card, table = table_from_results(Path(args.table_from))
+        merge_into(Path(args.table or "src/speedsd/data/conv_table.json"), card, table, keep=True)
+        print(card, {k: (v["best"], v["config"]) for k, v in table.items()})
+        return 0
     device, smoke = common.device_and_smoke(args.smoke)
     plan = [] if args.shapes == "vae" else [(row, SPLITS, False) for row in SHAPES]
     plan += [] if args.shapes == "base" else [(row, VAE_SPLITS, True) for row in VAE_SHAPES]
