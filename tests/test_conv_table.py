@@ -146,6 +146,11 @@ def test_two_kernel_sum_is_chosen_where_it_measured_faster(tmp_path):
     assert one["config"] == "m128n64k128s6w8p4rt" and one["graph_ms"]["igemm"] == 0.018
     assert IgemmConfig.parse(one["config"]) == IgemmConfig(128, 64, 128, 6, 8, 4, last_sums=False, tma=True)
     assert two["config"] == "m64n128k128s6w8p4" and two["graph_ms"]["igemm"] == 0.020
+    swept = {**fast_two, "two_kernel_config": "m128n64k128s10w8p4rt", "two_kernel_ok": True}
+    (entry,) = table_entries([swept], torch.float16).values()
+    assert entry["config"] == "m128n64k128s10w8p4rt"  # the two-kernel split sweep's own best
+    (entry,) = table_entries([{**swept, "two_kernel_ok": False}], torch.float16).values()
+    assert entry["config"] == "m128n64k128s6w8p4t" and entry["graph_ms"]["igemm"] == 0.020  # not accurate: refused
     results = tmp_path / "kernels_conv.json"
     env = {"card": "Card A", "commit": "abc1234"}
     results.write_text(json.dumps({"environment": env, "rows": [fast_two, slow_two]}))
