@@ -1,4 +1,4 @@
-"""Split-K Gluon (TMA + wgmma) 3x3 conv for the UNet's small-spatial convs on Hopper (sm_90).
+"""Split-K Gluon (TMA + wgmma) 3x3 conv for the UNet's small-spatial convs on Hopper (sm_90). PROTOTYPE, not landed.
 
 At 8² with batch 2 a 3x3 conv is a GEMM of M = 128 output pixels by N = 1280 channels over K = 9·C = 11520+:
 cuDNN and the Triton implicit GEMM (conv_igemm.py) run it at ~1.4 TB/s of weight streaming, ~22 µs for 30 MB
@@ -77,7 +77,7 @@ class SplitKConfig:
 def _kernels() -> ModuleType | None:
     """The Gluon kernel module, or None where this Triton has no Gluon/Hopper API."""
     try:
-        from speedsd.kernels import conv_splitk_kernels
+        import conv_splitk_kernels  # this folder (on sys.path when run from it)
     except ImportError:
         return None
     return conv_splitk_kernels
@@ -140,8 +140,13 @@ def splits(c: int, cfg: SplitKConfig) -> int:
 
 
 def _launch_args(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, parts: torch.Tensor,
-    counters: torch.Tensor, cfg: SplitKConfig,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    parts: torch.Tensor,
+    counters: torch.Tensor,
+    cfg: SplitKConfig,
 ) -> tuple[tuple[int, int], tuple, dict]:
     """(grid, positional args, constexprs + num_warps) of conv3x3_splitk_kernel; CPU tensors work too (the AOT
     compile builds its signature from them)."""
