@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from speedsd.kernels.device import arrival_counters, compile_ahead, is_sm90
+from speedsd.kernels.device import arrival_counters, compile_ahead
 
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory a CTA may use on sm_90 (227 KiB)
 PRODUCER_REGS = 40  # setmaxnreg of the 1-warp TMA producer
@@ -97,38 +97,20 @@ def _tiling(n: int, h: int, w: int, bm: int) -> tuple[int, int] | None:
 
 
 def conv_splitk_problem(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: SplitKConfig, device_check: bool = True
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: SplitKConfig
 ) -> str | None:
-    """Why the kernel cannot compute conv3x3(x, weight) + bias with cfg; None when it can. ``device_check``
-    False skips the sm_90 requirement (the launch-shape arithmetic alone)."""
-    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        return f"expects x [N, C, H, W] and weight [Co, C, 3, 3], got {tuple(x.shape)}, {tuple(weight.shape)}"
+    """Why the kernel cannot compute conv3x3(x, weight) + bias with cfg; None when it can: the engine's Gluon
+    conv's operand checks (cfg has its bk / bn), then this kernel's whole-row tiling."""
+    from speedsd.kernels.conv_gluon import _problem
+
+    why = _problem(x, weight, bias, cfg)  # type: ignore[arg-type]
+    if why is not None:
+        return why
     n, c, h, w = x.shape
-    co = weight.shape[0]
-    if x.dtype != torch.float16 or weight.dtype != torch.float16:
-        return f"needs fp16 x and weight, got {x.dtype}, {weight.dtype}"
-    if bias is not None and (
-        bias.shape != (co,) or bias.dtype not in (torch.float16, torch.float32) or not bias.is_contiguous()
-    ):
-        return f"bias must be a contiguous fp16/fp32 [{co}] tensor, got {tuple(bias.shape)} {bias.dtype}"
-    if weight.device != x.device or (bias is not None and bias.device != x.device):
-        return "x, weight and bias must be on one device"
-    if min(n, c, h, w, co) < 1:
-        return f"empty conv: x {tuple(x.shape)}, Co={co}"
-    if c % cfg.bk or co % cfg.bn:
-        return f"config {cfg}: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.bn}"
     if w > 256 or w % 8 or _tiling(n, h, w, cfg.bm) is None:
         return f"config {cfg}: {cfg.bm}-pixel tiles of whole rows do not tile {n}x{h}x{w} (W a multiple of 8)"
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        return "needs a channels_last x (its [N, H, W, C] view is the TMA tensor)"
-    if not weight.is_contiguous(memory_format=torch.channels_last):
-        return "needs a channels_last weight (read in place as [Co, 9·C])"
-    if x.data_ptr() % 16 or weight.data_ptr() % 16:
-        return "x and weight must start at 16-byte aligned addresses (TMA)"
-    if n * h * w * co * splits(c, cfg) >= 2**31:
-        return f"too large for 32-bit offsets: x {tuple(x.shape)}, Co={co}"
-    if device_check and not (is_sm90(x.device) and _kernels() is not None):
-        return f"needs an sm_90 (H100/H200) CUDA device and a Triton with Gluon, got {x.device}"
+    if n * h * w * weight.shape[0] * splits(c, cfg) >= 2**31:
+        return f"too large for 32-bit offsets: x {tuple(x.shape)}, Co={weight.shape[0]}"
     return None
 
 

@@ -94,8 +94,7 @@ def _tma_configs(x: torch.Tensor, w: torch.Tensor, n: int, stride: int, pad: int
     for bm, bn, bk in TILES_TMA:
         if c % bk or n % bn:
             continue
-        tiles = b * h * wd // bm * (n // bn)
-        split = max(1, min(132 // max(tiles, 1), 9 * c // bk // 4, 16))
+        split = ci.fill_split(b * h * wd // bm * (n // bn), 9 * c // bk, 132)
         for warps, stages in LAUNCH_TMA:
             cfg = IgemmConfig(bm, bn, bk, split, warps, stages, tma=True)
             if ci.tma_problem(x, w, stride, pad, cfg) is None:

@@ -5,7 +5,9 @@ Two kinds of SD convs leave most of an H100 idle under cuDNN:
 * the UNet's 8x8 convs (batch 2, 1280-2560 channels): M = 128 output pixels is ONE 128-row tile, so
   cuDNN's implicit GEMM runs ~10 programs on 132 SMs while 30-60 MB of weights stream from memory.
   Here the K = 9·C reduction is split over ``split`` programs per output tile (split-K), each writing
-  an fp32 partial, and a second small kernel sums the partials, adds the bias and casts.
+  an fp32 partial; the tile's last program to finish sums the partials, adds the bias and casts
+  (``last_sums``), or a second small kernel does, spread over the whole output (measured faster for most
+  split-K shapes on an H200: bench/results/kernels_conv_h200.md).
 * the VAE's output conv (128 -> 3 channels at 512²): N = 3 output channels; cuDNN pads and copies.
   Here one program covers BLOCK_M pixels x all (padded to 16) output channels, no split.
 
@@ -23,7 +25,8 @@ pixels = 2 images): both operands come by TMA descriptor instead of per-thread g
 the box x[b0 : +BB, oy0 + ky − 1 : +TH, kx − 1 : +W, c0 : +BLOCK_K] of the [N, H, W, C] view (TMA zero-fills
 the coordinates outside the image: the padding), seen as [BLOCK_M, BLOCK_K]; the weight block is a box of
 the [N, 9·C] view. Measured on an H200 at 2x1280x8x8 -> 1280 (CUDA-graph replay, weights cycled out of L2;
-bench/results/conv_tma_small_probe_h200.json): 20.5 µs vs 22.9 for the pointer kernel's best, 23.5 cuDNN.
+bench/results/kernels_conv_h200.md): 20.2 µs, 17.2 with the partials summed by the second kernel, against
+22.5 for the pointer kernel's best and 23.7 for cuDNN.
 """
 
 from __future__ import annotations
@@ -208,6 +211,11 @@ def _sm_count(device: torch.device) -> int:
     return sm_count(device) if device.type == "cuda" else 132
 
 
+def fill_split(tiles: int, k_blocks: int, sms: int) -> int:
+    """K splits that give every SM a program, each split keeping >= 4 K-blocks (at most 16)."""
+    return max(1, min(sms // max(tiles, 1), k_blocks // 4, 16))
+
+
 def default_config(m: int, n: int, c: int, taps: int, device: torch.device) -> IgemmConfig:
     """A launch shape for a conv with no measured one: tiles that fit N, and enough K splits to give
     every SM a program (each split keeps >= 4 K-blocks)."""
@@ -215,8 +223,7 @@ def default_config(m: int, n: int, c: int, taps: int, device: torch.device) -> I
     block_n = min(128, max(16, triton.next_power_of_2(n)))
     block_m = 64 if n >= 64 else 128
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_blocks = taps * c // block_k
-    split = max(1, min(_sm_count(device) // tiles, k_blocks // 4, 16))
+    split = fill_split(tiles, taps * c // block_k, _sm_count(device))
     return IgemmConfig(block_m, block_n, block_k, split, warps=4, stages=3)
 
 
