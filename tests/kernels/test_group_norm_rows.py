@@ -16,12 +16,13 @@ from speedsd.kernels.group_norm_rows import rows_apply, rows_stats
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (label, N, C, H, W, groups): CPG 10 like SD's 320 channels, odd spatial sizes, a group of 1 channel
+# (label, N, C, H, W, groups): CPG 10 like SD's 320 channels, odd spatial sizes, a group of 1 channel, CPG 40
 SHAPES = [
     ("sd320_cpg10", 2, 40, 6, 5, 4),
     ("odd_cpg3", 1, 12, 7, 3, 4),
     ("cpg1", 2, 8, 4, 4, 8),
     ("one_pixel", 2, 16, 1, 1, 2),
+    ("cpg40_onehot", 1, 80, 3, 4, 2),  # CPG > 32: the one-hot channel -> group step
 ]
 # (chunks, block_s): one tile a chunk, several tiles a chunk, more chunks than rows fill
 PLANS = [(1, 64), (3, 2), (16, 1)]

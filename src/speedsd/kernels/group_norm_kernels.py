@@ -61,6 +61,23 @@ def _channels_to_groups(mean_c, m2_c, n_c, onehot, CPG):
 
 
 @triton.jit
+def _channels_to_groups_gathered(mean_c, m2_c, n_c, C, CPG: tl.constexpr, CPG_P2: tl.constexpr, BLOCK_G: tl.constexpr):
+    # _channels_to_groups without the [BLOCK_C, BLOCK_G] one-hot: group g's channels g·CPG + j (j < CPG, < C)
+    # gathered to row g of a [BLOCK_G, CPG_P2] tile (CPG_P2 = CPG padded to a power of two), then per row
+    #   mean_g = Σ_j mean_c / CPG,   M2_g = Σ_j M2_c + n_c·(mean_c − mean_g)²
+    i = tl.arange(0, BLOCK_G * CPG_P2)
+    c = (i // CPG_P2) * CPG + i % CPG_P2
+    ok = tl.reshape((i % CPG_P2 < CPG) & (c < C), [BLOCK_G, CPG_P2])
+    src = tl.minimum(c, mean_c.shape[0] - 1)
+    mean_t = tl.reshape(tl.gather(mean_c, src, 0), [BLOCK_G, CPG_P2])
+    m2_t = tl.reshape(tl.gather(m2_c, src, 0), [BLOCK_G, CPG_P2])
+    mean_g = tl.sum(tl.where(ok, mean_t, 0.0), axis=1) / CPG
+    d = mean_t - mean_g[:, None]
+    m2_g = tl.sum(tl.where(ok, m2_t + n_c * d * d, 0.0), axis=1)
+    return mean_g, m2_g
+
+
+@triton.jit
 def _groups_to_channels(v_g, onehot):
     return tl.sum(tl.where(onehot, v_g[None, :], 0.0), axis=1)
 

@@ -8,7 +8,8 @@ to a power of two: 16-byte loads, no per-group masks):
     per channel, shifted sums  S1_c = Σ (x − K_c),  S2_c = Σ (x − K_c)²   (K_c = x[chunk's first row, c])
     accumulated in the tile's own layout and reduced over rows once, then
     mean_c = K_c + S1_c / m,   M2_c = S2_c − S1_c² / m            (m rows; pre-add: mean_c += a[n, c])
-    channels -> groups with Chan's formula (a one-hot over the padded row): part[n, p] = (mean_g, M2_g)
+    channels -> groups with Chan's formula (each group's channels gathered to a row of a [G, CPG padded]
+    tile; a one-hot over the padded row for CPG > 32): part[n, p] = (mean_g, M2_g)
 
 and the program that finishes last for its sample (an arrival count, re-armed to 0) merges the P
 partials: stats[n] = (mean_g, var_g), var = M2 / (S·CPG) (eps is the reader's: statistics handed over by
@@ -32,6 +33,7 @@ from speedsd.kernels.device import arrival_counters
 from speedsd.kernels.gn_tile_stats import _dense
 from speedsd.kernels.group_norm_kernels import (
     _channels_to_groups,
+    _channels_to_groups_gathered,
     _load_add,
     _load_in,
     _onehot,
@@ -47,7 +49,7 @@ def _gn_rows_stats_kernel(
     x_ptr, a_ptr, part_ptr, stats_ptr, cnt_ptr, b_ptr, r_ptr, y_ptr,
     C, S, P, chunk, n_iter, a_sn,
     CPG: tl.constexpr, HAS_ADD: tl.constexpr, PRODUCE: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, CPG_P2: tl.constexpr,
     x2_ptr=None, C1=0, sn1=0, sc1=0, ss1=0, sn2=0, sc2=0, ss2=0, DUAL: tl.constexpr = False,
 ):  # fmt: skip
     p = tl.program_id(0)
@@ -90,8 +92,10 @@ def _gn_rows_stats_kernel(
     mean_c = k_row + t1 / m
     m2_c = tl.maximum(tl.sum(s2, axis=0) - t1 * t1 / m, 0.0)
     mean_c = _plus(mean_c, _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD), HAS_ADD)
-    onehot = _onehot(BLOCK_C, BLOCK_G, CPG, BLOCK_G, mask_c)
-    mean_g, m2_g = _channels_to_groups(mean_c, m2_c, m, onehot, CPG)
+    if CPG_P2 <= 32:  # gathered: 2x320x64² 9.4 -> 7.1 µs, 2x960x64² 12.7 -> 7.9; 2x1280x32² 15.2 -> 17.9 (CPG 40)
+        mean_g, m2_g = _channels_to_groups_gathered(mean_c, m2_c, m, C, CPG, CPG_P2, BLOCK_G)
+    else:  # (bench/results/gn_gather_ab_h200.json)
+        mean_g, m2_g = _channels_to_groups(mean_c, m2_c, m, _onehot(BLOCK_C, BLOCK_G, CPG, BLOCK_G, mask_c), CPG)
     g = tl.arange(0, BLOCK_G)
     dst = part_ptr + ((n * P + p) * 2) * BLOCK_G + g
     tl.store(dst, mean_g)
@@ -178,7 +182,7 @@ def rows_stats(
         x, a, part, stats, arrival_counters(x.device, n), b if b is not None else x, r if r is not None else x, y,
         c, s, p, chunk, chunk // block_s, a_sn, CPG=cpg, HAS_ADD=add is not None, PRODUCE=produce is not None,
         HAS_B=b is not None, HAS_R=r is not None, BLOCK_S=block_s, BLOCK_C=triton.next_power_of_2(c), BLOCK_G=block_g,
-        BLOCK_P=triton.next_power_of_2(p), **(dual or {}), num_warps=warps,
+        BLOCK_P=triton.next_power_of_2(p), CPG_P2=triton.next_power_of_2(cpg), **(dual or {}), num_warps=warps,
     )  # fmt: skip
     return stats
 
