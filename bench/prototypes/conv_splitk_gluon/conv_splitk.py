@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from speedsd.kernels.conv_igemm import _row_tiling as _tiling  # (BB images, TH rows) of a whole-row tile
 from speedsd.kernels.device import arrival_counters, compile_ahead
 
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory a CTA may use on sm_90 (227 KiB)
@@ -81,19 +82,6 @@ def _kernels() -> ModuleType | None:
     except ImportError:
         return None
     return conv_splitk_kernels
-
-
-def _tiling(n: int, h: int, w: int, bm: int) -> tuple[int, int] | None:
-    """(BB images, TH rows) a tile of ``bm`` whole-row pixels covers, or None where rows do not tile it."""
-    if bm % w:
-        return None
-    rows = bm // w
-    if rows <= h:
-        return (1, rows) if h % rows == 0 else None
-    if rows % h:
-        return None
-    bb = rows // h
-    return (bb, h) if n % bb == 0 else None
 
 
 def conv_splitk_problem(
