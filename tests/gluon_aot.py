@@ -58,6 +58,18 @@ def run_compile_child(code: str, package_file: str, *args: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def compile_cases(tmp_path_factory: pytest.TempPathFactory, child: str, package_file: str, cases: dict) -> dict:
+    """Runs a CATCH_LAUNCHES child (``child``, argv: output path, JSON ``cases``) and returns the JSON it
+    wrote; skips where Triton's bundled ptxas is not installed."""
+    import json
+
+    if nvidia_tool("ptxas") is None:
+        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
+    out = tmp_path_factory.mktemp("aot") / "compiled.json"
+    run_compile_child(child, package_file, str(out), json.dumps(cases))
+    return json.loads(out.read_text())
+
+
 def cuobjdump(cubin: bytes, flag: str) -> str:
     """``cuobjdump flag`` of a cubin (-sass, -res-usage); skips the test where the tool is not installed."""
     tool = nvidia_tool("cuobjdump")

@@ -5,11 +5,9 @@ registers (no local-memory spills)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from gluon_aot import CATCH_LAUNCHES, cuobjdump, nvidia_tool, run_compile_child
+from gluon_aot import CATCH_LAUNCHES, compile_cases, cuobjdump
 from speedsd.kernels import group_norm_rows
 
 # compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child, CATCH_LAUNCHES)
@@ -56,11 +54,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    if nvidia_tool("ptxas") is None:
-        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
-    out = tmp_path_factory.mktemp("aot") / "rows.json"
-    run_compile_child(_CHILD, group_norm_rows.__file__, str(out), json.dumps(CASES))
-    return json.loads(out.read_text())
+    return compile_cases(tmp_path_factory, _CHILD, group_norm_rows.__file__, CASES)
 
 
 @pytest.mark.parametrize("label", list(CASES))

@@ -143,6 +143,22 @@ def _apply(x, scale, shift, SILU: tl.constexpr):
     return _silu_if(x * scale[None, :] + shift[None, :], SILU)
 
 
+@triton.jit
+def _stream_apply(x_ptr, y_ptr, n, off_n, s0, n_iter, S, ss, col, c, mask_c, scale, shift,
+                  x2_ptr, C1, sn1, sc1, ss1, sn2, sc2, ss2,
+                  BLOCK_S: tl.constexpr, SILU: tl.constexpr, DUAL: tl.constexpr):  # fmt: skip
+    # y = x·scale + shift (+SiLU) over positions s0 .. s0 + n_iter·BLOCK_S (< S) of sample n, columns col
+    # (x and y strided alike: element off_n + s·ss + col; DUAL: x is cat([x, x2], dim=1))
+    rs = tl.arange(0, BLOCK_S)
+    for i in range(0, n_iter):
+        s = s0 + i * BLOCK_S + rs
+        mask = (s < S)[:, None] & mask_c[None, :]
+        offs = off_n + s[:, None] * ss + col[None, :]
+        x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
+                     C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
+        tl.store(y_ptr + offs, _apply(x.to(tl.float32), scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- kernels -------------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from speedsd.kernels.group_norm_kernels import (
     _onehot,
     _plus,
     _row_affine,
-    _silu_if,
+    _stream_apply,
 )
 from speedsd.kernels.group_norm_split_kernels import _add_store
 
@@ -141,17 +141,8 @@ def _gn_rows_apply_kernel(
     mask_c = c < C
     scale, shift = _group_affine(stats_ptr, w_ptr, b_ptr, n, c, mask_c, eps, CPG, BLOCK_G, HAS_W, HAS_B)
     shift = _plus(shift, _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD) * scale, HAS_ADD)
-    rs = tl.arange(0, BLOCK_S)
-    off_n = n.to(tl.int64) * S * C
-    s0 = p * chunk
-    for i in range(0, n_iter):
-        s = s0 + i * BLOCK_S + rs
-        mask = (s < S)[:, None] & mask_c[None, :]
-        offs = off_n + s[:, None] * C + c[None, :]
-        x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
-                     C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
-        y = _silu_if(x.to(tl.float32) * scale[None, :] + shift[None, :], SILU)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    _stream_apply(x_ptr, y_ptr, n, n.to(tl.int64) * S * C, p * chunk, n_iter, S, C, c, c, mask_c, scale, shift,
+                  x2_ptr, C1, sn1, sc1, ss1, sn2, sc2, ss2, BLOCK_S, SILU, DUAL)  # fmt: skip
 
 
 def rows_stats(

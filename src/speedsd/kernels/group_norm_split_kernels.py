@@ -10,7 +10,6 @@ import triton
 import triton.language as tl
 
 from speedsd.kernels.group_norm_kernels import (
-    _apply,
     _channels_to_groups,
     _load_add,
     _load_in,
@@ -19,6 +18,7 @@ from speedsd.kernels.group_norm_kernels import (
     _plus,
     _scale_shift,
     _silu_if,
+    _stream_apply,
     _tile_stats,
 )
 
@@ -110,19 +110,8 @@ def _gn_norm_kernel(
         mask_c, GB, HAS_W, HAS_B, BLOCK_C, BLOCK_G, BLOCK_P,
     )  # fmt: skip
     shift = _plus(shift, _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD) * scale, HAS_ADD)
-
-    rs = tl.arange(0, BLOCK_S)
-    off_n = n.to(tl.int64) * sn
-    col = c * sc
-    s0 = p * chunk
-    for i in range(0, n_iter):
-        s = s0 + i * BLOCK_S + rs
-        mask = (s < S)[:, None] & mask_c[None, :]
-        offs = off_n + s[:, None] * ss + col[None, :]
-        x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
-                     C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
-        x = x.to(tl.float32)
-        tl.store(y_ptr + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
+    _stream_apply(x_ptr, y_ptr, n, n.to(tl.int64) * sn, p * chunk, n_iter, S, ss, c * sc, c, mask_c, scale, shift,
+                  x2_ptr, C1, sn1, sc1, ss1, sn2, sc2, ss2, BLOCK_S, SILU, DUAL)  # fmt: skip
 
 
 @triton.jit

@@ -220,6 +220,11 @@ def _plan(n_rows: int, c: int, x: torch.Tensor, tensors: int, rows: int | None, 
     return plan_layer_norm(n_rows, c, x.element_size(), tensors, _sm_count(x.device), rows, warps)
 
 
+def _x_bias_args(x_bias: torch.Tensor | None) -> dict[str, object]:
+    """The kernels' x_bias arguments (none without one: the launch as before x_bias existed)."""
+    return dict(xb_ptr=x_bias.contiguous(), HAS_XB=True) if x_bias is not None else {}
+
+
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
@@ -246,7 +251,7 @@ def layer_norm(
         return y
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
-    xb = dict(xb_ptr=x_bias.contiguous(), HAS_XB=True) if x_bias is not None else {}  # (without: as before)
+    xb = _x_bias_args(x_bias)
     _ln_kernel[(plan.programs(n_rows),)](
         x2, y, w, b, n_rows, c, x2.stride(0), eps,
         HAS_W=weight is not None, HAS_B=bias is not None, ROWS=plan.rows, BLOCK_C=plan.block_c, **xb,
@@ -297,7 +302,7 @@ def add_layer_norm(
     b = bias.contiguous() if bias is not None else x2
     db = delta_bias.contiguous() if delta_bias is not None else x2
     sb = s_bias.contiguous() if s_bias is not None else x2
-    xb = dict(xb_ptr=x_bias.contiguous(), HAS_XB=True) if x_bias is not None else {}  # (without: as before)
+    xb = _x_bias_args(x_bias)
     _add_ln_kernel[(plan.programs(n_rows),)](
         x2, d2, db, sb, s, y, w, b, n_rows, c, x2.stride(0), d2.stride(0), eps,
         HAS_DB=delta_bias is not None, HAS_SB=s_bias is not None, HAS_W=weight is not None, HAS_B=bias is not None,
