@@ -91,6 +91,17 @@ def test_gluon_entries_are_recorded_and_chosen(tmp_path, monkeypatch, igemm_ms, 
     assert got == want[best]
 
 
+@pytest.mark.parametrize("gluon, best", [((0.020, True), "gluon"), ((0.020, False), "cudnn"), ((0.040, True), "cudnn")])
+def test_gluon_only_rows(gluon, best):
+    """A --shapes unet row (no implicit-GEMM search: best_config None, best_ms NaN) chooses between cuDNN and a
+    correct, faster Gluon K-split config; the unsearched implicit GEMM never wins (its NaN does not compare)."""
+    row = _row((2, 640, 32, 32), 640, float("nan"), 0.033, ok=True, config=None, gluon=gluon)
+    row["gluon_config"] = "g8x16n128k64s4c1e1sk3p"
+    (entry,) = table_entries([row], torch.float16).values()
+    assert entry["best"] == best
+    assert entry["config"] == ("g8x16n128k64s4c1e1sk3p" if best == "gluon" else None)
+
+
 def test_rows_without_gluon_keep_their_entries():
     (entry,) = table_entries([_row((2, 1280, 8, 8), 1280, 0.020, 0.023)], torch.float16).values()
     assert entry["best"] == "igemm" and "gluon_config" not in entry and set(entry["graph_ms"]) == {"cudnn", "igemm"}

@@ -1,4 +1,4 @@
-"""bench.kernels_conv: the VAE shapes it measures and how it picks the Gluon conv's variant.
+"""bench.kernels_conv: the VAE and UNet shapes it measures and how it picks the Gluon conv's variant or split.
 
 The search and the table entries it records are in tests/test_conv_table.py; the measurements themselves
 run on the GPU (``python -m speedsd.bench.kernels_conv``).
@@ -13,6 +13,7 @@ import torch
 
 from speedsd import ops
 from speedsd.bench import kernels_conv as kc
+from speedsd.models.unet import UNET_PRESETS, UNet2DCondition
 from speedsd.models.vae import AutoencoderKL, VAEConfig
 
 
@@ -41,6 +42,55 @@ def test_vae_shapes_are_the_decoders_3x3_convs(monkeypatch):
     want = {(shape, n): calls for _, shape, n, k, stride, pad, calls in kc.VAE_SHAPES}
     assert all(k == 3 and stride == 1 and pad == 1 for _, _, _, k, stride, pad, _ in kc.VAE_SHAPES)
     assert dict(calls) == want
+
+
+def test_unet_gluon_shapes_are_the_unets_32_and_16_convs(monkeypatch):
+    """UNET_GLUON_SHAPES (shape, Co, calls per step) are the SD-1 UNet's stride-1 3x3 convs at 32² and 16²
+    (batch 2: classifier-free guidance), counted on the meta device with the upsamplers' convs as sub-pixel
+    phase convs (not counted); the base rows' 16² 1280->1280 count agrees."""
+    with torch.device("meta"):
+        unet = UNet2DCondition(UNET_PRESETS["sd1"]).half()
+    calls: collections.Counter = collections.Counter()
+    real = ops.conv2d_op
+
+    def record(x, conv, with_bias=True):
+        if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and x.shape[-1] in (16, 32):
+            calls[(tuple(x.shape), conv.out_channels)] += 1
+        return real(x, conv, with_bias)
+
+    def subpixel(x, conv, next_groups=None):
+        return x.new_empty(x.shape[0], conv.out_channels, 2 * x.shape[2], 2 * x.shape[3])
+
+    monkeypatch.setattr(ops, "conv2d_op", record)
+    monkeypatch.setattr(ops, "upsample_conv_op", subpixel)
+    sample = torch.empty(2, 4, 64, 64, device="meta", dtype=torch.float16)
+    text = torch.empty(2, 77, 768, device="meta", dtype=torch.float16)
+    with torch.inference_mode(), ops.using(ops.Flags(channels_last=True)):
+        unet(sample, torch.tensor([10.0, 10.0], device="meta"), text)
+    want = {(shape, n): c for _, shape, n, _, _, _, c in kc.UNET_GLUON_SHAPES}
+    assert all((k, s, p) == (3, 1, 1) for _, _, _, k, s, p, _ in kc.UNET_GLUON_SHAPES)
+    assert dict(calls) == want
+    base = {(shape, n): c for _, shape, n, k, s, _, c in kc.SHAPES if (k, s) == (3, 1)}
+    assert base[((2, 1280, 16, 16), 1280)] == calls[((2, 1280, 16, 16), 1280)]
+
+
+@pytest.mark.parametrize("shape, co", [((2, 640, 32, 32), 640), ((2, 1280, 16, 16), 1280), ((2, 1280, 8, 8), 1280),
+                                       ((2, 320, 32, 32), 640), ((2, 64, 16, 16), 96)])  # fmt: skip
+def test_gluon_split_configs(shape, co):
+    """Valid configs only: tiles that divide Co, K splits that leave every split a channel block and fill at
+    most 2.2 waves of 132 SMs; each fitting tile also without a split."""
+    n, c, h, w = shape
+    cfgs = kc.gluon_split_configs(shape, co)
+    tiles = {(t.th, t.tw, t.bn, t.consumers) for t in cfgs}
+    assert tiles == {t for t in kc.GLUON_TILES if co % t[2] == 0}
+    for cfg in cfgs:
+        assert cfg.persistent and cfg.bk == 64 and cfg.smem_bytes() <= kc.cg.SMEM_LIMIT and cfg.split <= c // 64
+        units = n * -(-h // cfg.th) * -(-w // cfg.tw) * (co // cfg.bn) * cfg.split
+        assert cfg.split == 1 or units <= 2.2 * 132
+    assert all(any(c.split == 1 and (c.th, c.tw, c.bn, c.consumers) == t for c in cfgs) for t in tiles)
+    if shape == (2, 1280, 16, 16):  # 40 tiles of 8 x 16 px x 128 channels: 2, 3, 4, 5 and 6 splits
+        assert sorted(c.split for c in cfgs if (c.th, c.tw, c.bn) == (8, 16, 128)) == [1, 2, 3, 4, 5, 6]
+    assert len({str(c) for c in cfgs}) == len(cfgs)
 
 
 @pytest.fixture
@@ -89,7 +139,7 @@ def test_bench_gluon_picks_the_fastest_correct_variant(fake_variants, fastest):
 
 def test_no_gluon_off_sm90():
     """On this CPU (no sm_90 GPU) a Gluon row is measured like any other: no Gluon keys."""
-    r = kc.bench_shape(kc.SMOKE[0], "cpu", True, 0.0, kc.SPLITS, gluon=True)
+    r = kc.bench_shape(kc.SMOKE[0], "cpu", True, 0.0, kc.SPLITS, gluon="splits")
     assert "gluon_config" not in r and "gluon_ok" not in r
 
 

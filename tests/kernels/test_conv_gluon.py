@@ -11,6 +11,7 @@ clipped at the tensor's edge, and a CUDA-graph capture through ops.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -48,6 +49,39 @@ def test_variants_fit_co_and_round_trip(name, co):
         assert (cfg.th, cfg.tw, cfg.bn) == (16, 16, 128)
 
 
+def test_split_configs_round_trip():
+    cfg = cg.GluonConvConfig(th=16, tw=16, bn=128, stages=3, consumers=2, epi_split=2, split=3)
+    assert str(cfg) == "g16x16n128k64s3c2e2sk3p" and cg.GluonConvConfig.parse(str(cfg)) == cfg
+    np2 = cg.resolve("g8x16n128k64s4c1e1sk2", 256)
+    assert np2.split == 2 and not np2.persistent
+    assert str(dataclasses.replace(cfg, split=1)) == "g16x16n128k64s3c2e2p"
+    for bad in ("g16x16n128k64s3c2e2sk1p", "g16x16n128k64s3c2e2sk0p", "g16x16n128k64s3c2e2skp"):
+        with pytest.raises(ValueError, match="not a Gluon conv config"):
+            cg.GluonConvConfig.parse(bad)
+    assert cfg.smem_bytes() == 3 * (256 + 128) * 64 * 2 + 256 * 64 * 4 + 2 * 3 * 8  # fp32 partial slabs
+    with pytest.raises(ValueError, match="shared memory"):
+        dataclasses.replace(cfg, stages=4)
+
+
+def test_split_refusals(fake_gpu):
+    x, wt, bias = make(1, 128, 8, 8, 128, bias_dtype=torch.float16)
+    with pytest.raises(ValueError, match="3 K splits need C / 64 >= 3"):
+        cg.conv3x3_gluon(x, wt, bias, "g8x16n128k64s4c1e1sk3p")
+    cfg = cg.resolve("g8x16n128k64s4c1e1sk2p", 128)
+    r = torch.zeros(1, 128, 8, 8).half().contiguous(memory_format=CL)
+    assert "K split" in cg.conv_gluon_epilogue_problem(x, wt, r, None, cfg)
+    assert "K split" in cg.conv_gluon_epilogue_problem(x, wt, None, 32, cfg)
+    with pytest.raises(ValueError, match="K split"):
+        cg.conv3x3_gluon(x, wt, bias, cfg, residual=r)
+    y16 = torch.empty(1, 128, 8, 8).half().contiguous(memory_format=CL)
+    with pytest.raises(ValueError, match="fp32 partials"):
+        cg._launch_args(x, wt, None, y16, cfg, 132)
+    parts = torch.empty(2, 1, 8, 8, 128)
+    with pytest.raises(ValueError, match="without bias"):
+        cg._launch_args(x, wt, bias, parts, cfg, 132)
+    assert not fake_gpu
+
+
 def test_named_configs():
     assert str(cg.VARIANTS["ws2"]) == "g8x16n256k64s4c2e2p" and str(cg.VARIANTS["ws_np"]) == "g8x16n128k64s4c1e1"
     assert cg.resolve(None, 512) == cg.VARIANTS[cg.DEFAULT_VARIANT]
@@ -71,6 +105,8 @@ def test_named_configs():
         (dict(epi_split=3), "powers of 2"),
         (dict(bn=32, epi_split=4), "slabs of >= 16"),
         (dict(bn=256, consumers=2, stages=5), "shared memory"),
+        (dict(split=0), "split must be >= 1"),
+        (dict(bn=256, consumers=2, epi_split=2, split=2), "shared memory"),  # fp32 partial slabs: 4 bytes each
     ],
 )
 def test_invalid_configs_raise(fields, match):
@@ -133,27 +169,32 @@ def fake_gpu(monkeypatch):
 
 
 def _emulate(x, weight, bias, y, cfg, sms):
-    """The kernel's work on the launcher's own descriptors: every program walks tiles p, p + grid, ... (or one
-    each); a tile's 9·C/BK K steps read [TH, TW, BK] boxes (zero outside [N, H, W, C], as TMA fills) and
-    [BN, BK] weight blocks; the fp32 sum (+ bias) is stored as fp16, clipped at the tensor's edge."""
+    """The kernel's work on the launcher's own descriptors: every program walks units p, p + grid, ... (or one
+    each); a unit (tile, split sp) runs channel blocks [sp·KC / S, (sp + 1)·KC / S) of 9 K steps each, reading
+    [TH, TW, BK] boxes (zero outside [N, H, W, C], as TMA fills) and [BN, BK] weight blocks; the fp32 sum
+    (+ bias) is stored as y's dtype (fp16, or a split's fp32 partial at row sp·N + b), clipped at the edge."""
     grid, args, const = cg._launch_args(x, weight, bias, y, cfg, sms)
-    xd, wd, yd, _, _, bias_ptr, _, _, c, _, _, _, n_th, n_tw, n_nb, num_tiles = args
+    xd, wd, yd, _, _, bias_ptr, _, _, c, _, _, _, n_img, n_th, n_tw, n_split, n_nb, num_units = args
     assert xd.block_shape == [1, cfg.th, cfg.tw, cfg.bk] and wd.block_shape == [cfg.bn, cfg.bk]
     assert yd.block_shape == [1, cfg.th, cfg.tw, cfg.bn // cfg.epi_split] and const["num_warps"] == cfg.warps
     assert const["HAS_BIAS"] == (bias is not None) and (bias is None or bias_ptr is bias)
+    assert n_split == cfg.split and yd.base.shape[0] == n_split * n_img
     x_nhwc, w_mat, y_nhwc = xd.base, wd.base, yd.base
     _, h, w, _ = x_nhwc.shape
     xp = F.pad(x_nhwc.float(), (0, 0, 1, cfg.tw + 1, 1, cfg.th + 1))  # zero fill around [H, W]
-    seen = []
+    kc = c // cfg.bk
+    seen, blocks = [], {}
     for p in range(grid[0]):
-        for t in range(p, num_tiles, grid[0]) if cfg.persistent else [p]:
+        for t in range(p, num_units, grid[0]) if cfg.persistent else [p]:
             seen.append(t)
             nb, r = t % n_nb, t // n_nb
+            sp, r = r % n_split, r // n_split
             tx, r = r % n_tw, r // n_tw
             ty, b = r % n_th, r // n_th
             oy0, ox0, n0 = ty * cfg.th, tx * cfg.tw, nb * cfg.bn
             acc = torch.zeros(cfg.bm, cfg.bn)
-            for cb in range(c // cfg.bk):
+            for cb in range(sp * kc // n_split, (sp + 1) * kc // n_split):
+                blocks[(b, ty, tx, nb, cb)] = blocks.get((b, ty, tx, nb, cb), 0) + 1
                 for tap in range(9):
                     ky, kx = divmod(tap, 3)  # box at (oy0 + ky − 1, ox0 + kx − 1): + 1 in the padded xp
                     c0 = cb * cfg.bk
@@ -162,13 +203,17 @@ def _emulate(x, weight, bias, y, cfg, sms):
                     acc += box.reshape(cfg.bm, cfg.bk) @ blk.T  # [TH·TW, BK] @ [BK, BN]
             if bias is not None:
                 acc += bias_ptr[n0 : n0 + cfg.bn].float()
-            tile = acc.half().view(cfg.th, cfg.tw, cfg.bn)[: h - oy0, : w - ox0]  # clipped at the edge
-            y_nhwc[b, oy0 : oy0 + cfg.th, ox0 : ox0 + cfg.tw, n0 : n0 + cfg.bn] = tile
-    assert sorted(seen) == list(range(num_tiles)), "every tile exactly once"
+            tile = acc.to(y_nhwc.dtype).view(cfg.th, cfg.tw, cfg.bn)[: h - oy0, : w - ox0]  # clipped at the edge
+            y_nhwc[sp * n_img + b, oy0 : oy0 + cfg.th, ox0 : ox0 + cfg.tw, n0 : n0 + cfg.bn] = tile
+    assert sorted(seen) == list(range(num_units)), "every unit exactly once"
+    assert len(blocks) == n_img * n_th * n_tw * n_nb * kc and set(blocks.values()) == {1}, "every K block once"
 
 
 CPU_CASES = [
     pytest.param((2, 64, 12, 20, 128), "ws2", None, id="B2-partial-tiles-ws2-16x16"),
+    pytest.param((2, 192, 12, 20, 128), "g8x16n128k64s4c1e1sk3p", torch.float16, id="split3-fp16-bias"),
+    pytest.param((1, 320, 9, 17, 64), "g8x8n64k64s4c1e1sk2p", None, id="split2-uneven-C5blocks"),
+    pytest.param((1, 448, 5, 7, 128), "g8x16n128k64s3c1e2sk3", torch.float32, id="split3-of-7-nonpersistent"),
     pytest.param((1, 128, 9, 17, 256), "ws2_np", torch.float16, id="H9W17-ws2np-fp16-bias"),
     pytest.param((2, 64, 10, 8, 128), "ws", torch.float32, id="B2-ws-fp32-bias"),
     pytest.param((1, 64, 5, 7, 320), "ws_np", None, id="tile-larger-than-image-Co320"),
@@ -181,7 +226,7 @@ def test_launcher_plumbing_against_tile_model(shape, name, bias_dtype, fake_gpu)
     x, wt, bias = make(n, c, h, w, co, bias_dtype=bias_dtype)
     out = torch.full((n, co, h, w), float("nan"), dtype=torch.float16).contiguous(memory_format=CL)
     res = cg.conv3x3_gluon(x, wt, bias, name, out=out)
-    assert fake_gpu == [cg.variant(name, co)] and res is out
+    assert fake_gpu == [cg.resolve(name, co)] and res is out
     assert not out.isnan().any(), "unwritten outputs"
     ref = cg.conv3x3_gluon_ref(x.double(), wt.double(), None if bias is None else bias.double())
     err = (res.double() - ref).abs().max().item()
@@ -219,7 +264,18 @@ def test_launch_grid():
     tiles = 2 * 38 * 4 * 2
     for name, grid in (("ws2", 132), ("ws2_np", tiles)):
         g, args, _ = cg._launch_args(x, wt, None, y, cg.variant(name, 512), 132)
-        assert g == (grid,) and args[7:] == (0, 64, 300, 50, 512, 38, 4, 2, tiles) and args[5] is y
+        assert g == (grid,) and args[7:] == (0, 64, 300, 50, 512, 2, 38, 4, 1, 2, tiles) and args[5] is y
+
+
+def test_launch_grid_with_split():
+    """A K split multiplies the units: 2x16² at 8 x 16 pixels and 128 of 1280 channels is 40 tiles; 3 splits
+    make 120 units (one persistent program each on 132 SMs); y is the [3·N, H, W, Co] fp32 partials."""
+    x, wt, _ = make(2, 1280, 16, 16, 1280)
+    cfg = cg.resolve("g8x16n128k64s4c1e1sk3p", 1280)
+    parts = torch.empty(3, 2, 16, 16, 1280)
+    g, args, const = cg._launch_args(x, wt, None, parts, cfg, 132)
+    assert g == (120,) and args[7:] == (0, 1280, 16, 16, 1280, 2, 2, 1, 3, 10, 120) and not const["HAS_BIAS"]
+    assert list(args[2].base.shape) == [6, 16, 16, 1280] and args[2].block_shape == [1, 8, 16, 128]
 
 
 def test_reference_is_the_conv():
@@ -376,6 +432,25 @@ def test_gpu_odd_shapes(shape, name, bias_dtype, no_tf32):
     _check_gpu(shape, name, bias_dtype, seed=sum(shape))
 
 
+SPLIT_CASES = [  # (shape, config): the UNet's 32² / 16² / 8² convs, uneven splits, partial tiles, 2 consumers
+    pytest.param((2, 640, 32, 32, 640), "g8x16n128k64s4c1e1sk3p", id="unet32-640-split3"),
+    pytest.param((2, 1280, 16, 16, 1280), "g16x16n128k64s3c2e2sk3p", id="unet16-1280-c2-split3"),
+    pytest.param((2, 2560, 16, 16, 1280), "g8x16n256k64s3c2e4sk2p", id="unet16-2560-bn256-split2"),
+    pytest.param((2, 1280, 8, 8, 1280), "g8x8n128k64s5c1e1sk6p", id="unet8-1280-split6"),
+    pytest.param((2, 320, 13, 21, 128), "g8x16n128k64s4c1e1sk4p", id="odd-5blocks-split4"),
+    pytest.param((1, 192, 9, 33, 256), "g8x8n256k64s4c1e2sk3", id="odd-nonpersistent-split3"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias_dtype", [None, torch.float16, torch.float32], ids=["no-bias", "bias16", "bias32"])
+@pytest.mark.parametrize("shape, config", SPLIT_CASES)
+def test_gpu_split_k(shape, config, bias_dtype, no_tf32):
+    """K split over (tile, split) units, fp32 partials summed (+ bias) by the second kernel."""
+    _require_hopper()
+    _check_gpu(shape, config, bias_dtype, seed=sum(shape))
+
+
 @pytest.mark.gpu
 def test_gpu_fp32_bias_and_clipped_writes(no_tf32):
     """Stores are clipped at the tensor's edge: an out inside a larger buffer keeps its neighbours."""
@@ -391,12 +466,14 @@ def test_gpu_fp32_bias_and_clipped_writes(no_tf32):
 
 
 @pytest.mark.gpu
-def test_gpu_dispatch_in_cuda_graph(monkeypatch, tmp_path, no_tf32):
-    """A table entry naming the Gluon conv serves ops.conv2d_op inside a captured CUDA graph; replays see new
-    inputs; a non-channels_last input falls back to cuDNN."""
+@pytest.mark.parametrize("key", ["ws2", "g8x16n128k64s4c1e1sk3p"], ids=["ws2", "split3"])
+def test_gpu_dispatch_in_cuda_graph(monkeypatch, tmp_path, no_tf32, key):
+    """A table entry naming the Gluon conv (also a K-split one: its partials buffer comes from the graph's
+    pool) serves ops.conv2d_op inside a captured CUDA graph; replays see new inputs; a non-channels_last input
+    falls back to cuDNN."""
     _require_hopper()
     shape = (1, 256, 64, 64)
-    cfg = cg.variant("ws2", 256)
+    cfg = cg.resolve(key, 256)
     key = conv_table.shape_key(shape, 256, 3, 1, 1, torch.float16)
     path = tmp_path / "conv_table.json"
     path.write_text(json.dumps({"cards": {torch.cuda.get_device_name(): {key: {"best": "gluon", "config": str(cfg)}}}}))

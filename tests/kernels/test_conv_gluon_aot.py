@@ -18,7 +18,7 @@ from speedsd.kernels import conv_gluon as cg
 # 'ws' with an fp32 bias ('_np' variants compile to the same kernel: persistence is the grid), and a control:
 # one warpgroup on a 128 x 256 tile needs 256 accumulator registers a thread, which must spill.
 # The fused epilogues (test_conv_gluon_epilogue.py): residual K steps + per-warp GroupNorm statistics on the VAE
-# configs, with 4 (128 channels), 8 and 16 channels a group.
+# configs, with 4 (128 channels), 8 and 16 channels a group. K splits: fp32 partial stores, no bias in the kernel.
 AOT = {
     "ws2": (cg.variant("ws2", 256), None),
     "ws2_co128_bias16": (cg.variant("ws2", 128), torch.float16),
@@ -26,6 +26,8 @@ AOT = {
     "res_stats4_c2": (cg.GluonConvConfig.parse("g16x16n128k64s4c2e2p"), torch.float16, True, 4),
     "stats8_c2_bn256": (cg.GluonConvConfig.parse("g8x16n256k64s4c2e2p"), torch.float16, False, 8),
     "res_stats16_c1": (cg.GluonConvConfig.parse("g8x16n128k64s4c1e1p"), torch.float16, True, 16),
+    "split3_c1": (cg.GluonConvConfig.parse("g8x16n128k64s4c1e1sk3p"), None),
+    "split2_c2_bn256": (cg.GluonConvConfig.parse("g8x16n256k64s3c2e4sk2p"), None),
     "control": (cg.GluonConvConfig(bn=256, epi_split=2), None),
 }
 # compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child)

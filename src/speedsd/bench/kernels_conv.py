@@ -1,12 +1,14 @@
 """The implicit-GEMM Triton conv and the Gluon 3x3 conv vs cuDNN on SD convs.
 
     python -m speedsd.bench.kernels_conv --out bench/results [--table src/speedsd/data/conv_table.json]
-        [--shapes all|base|vae] [--budget-s 30]
+        [--shapes all|base|vae|unet] [--budget-s 30]
 
 Shapes ("base"): the UNet's 8² and 16² convs at 64x64 latents with classifier-free guidance (batch 2;
 M = 128 or 512 output pixels, 1280 output channels), its 4-channel output conv, and the VAE's 3-channel
 output conv at 512²; ("vae"): the VAE decoder's ResNet 3x3 convs at 512² output, where on sm_90 the Gluon
-conv's variants (kernels/conv_gluon.py VARIANTS, fitted to Co) are timed too. fp16, channels_last, no bias
+conv's variants (kernels/conv_gluon.py VARIANTS, fitted to Co) are timed too; ("unet"): the UNet's 32² and 16²
+3x3 convs, cuDNN against the Gluon conv's tiles x K splits only (the base shapes time those next to their
+implicit-GEMM search). fp16, channels_last, no bias
 (the engine fuses conv biases downstream: ResNet convs run with ``with_bias=False``).
 
 Search: every tile shape x (warps, stages) with the default K split (the TMA-operand variants first, where the
@@ -43,7 +45,7 @@ SHAPES = [
     ("unet 8² 1280->1280", (2, 1280, 8, 8), 1280, 3, 1, 1, 11),
     ("unet 8² 2560->1280", (2, 2560, 8, 8), 1280, 3, 1, 1, 3),
     ("unet 16²->8² stride 2", (2, 1280, 16, 16), 1280, 3, 2, 1, 1),
-    ("unet 16² 1280->1280", (2, 1280, 16, 16), 1280, 3, 1, 1, 8),
+    ("unet 16² 1280->1280", (2, 1280, 16, 16), 1280, 3, 1, 1, 6),
     ("unet 32²->16² stride 2", (2, 640, 32, 32), 640, 3, 2, 1, 1),
     ("unet conv_out 320->4", (2, 320, 64, 64), 4, 3, 1, 1, 1),
     ("vae conv_out 128->3", (1, 128, 512, 512), 3, 3, 1, 1, 1),
@@ -59,6 +61,23 @@ VAE_SHAPES = [
     ("vae 64² 512->512", (1, 512, 64, 64), 512, 3, 1, 1, 10),
 ]
 VAE_SPLITS = [1, 2]  # thousands of output tiles: K splits only add partial sums
+# the UNet's 3x3 stride-1 convs at 32² and 16² (batch 2), where cuDNN's tiles leave SMs idle (80 CTAs on 132
+# SMs): cuDNN against the Gluon conv's tiles x K splits only (--shapes unet: no implicit-GEMM search; the
+# base shapes time those Gluon candidates next to their implicit-GEMM search)
+UNET_GLUON_SHAPES = [
+    ("unet 32² 640->640", (2, 640, 32, 32), 640, 3, 1, 1, 6),
+    ("unet 32² 320->640", (2, 320, 32, 32), 640, 3, 1, 1, 1),
+    ("unet 32² 960->640", (2, 960, 32, 32), 640, 3, 1, 1, 1),
+    ("unet 32² 1280->640", (2, 1280, 32, 32), 640, 3, 1, 1, 1),
+    ("unet 32² 1920->640", (2, 1920, 32, 32), 640, 3, 1, 1, 1),
+    ("unet 16² 1280->1280 (Gluon only)", (2, 1280, 16, 16), 1280, 3, 1, 1, 6),
+    ("unet 16² 640->1280", (2, 640, 16, 16), 1280, 3, 1, 1, 1),
+    ("unet 16² 1920->1280", (2, 1920, 16, 16), 1280, 3, 1, 1, 1),
+    ("unet 16² 2560->1280", (2, 2560, 16, 16), 1280, 3, 1, 1, 2),
+]
+# Gluon tiles for them, (th, tw, bn, consumer warpgroups); stages and epilogue slabs: the most / fewest that fit
+GLUON_TILES = [(8, 16, 128, 1), (16, 16, 128, 2), (8, 16, 256, 2), (8, 8, 128, 1), (8, 8, 256, 1)]
+GLUON_SPLITS = [1, 2, 3, 4, 5, 6, 8, 10]
 SMOKE = [("smoke 4² 32->48", (2, 32, 4, 4), 48, 3, 1, 1, 1), ("smoke N=3", (1, 16, 8, 8), 3, 3, 1, 1, 1)]
 # candidates, the likeliest first (the per-shape budget may stop the search early)
 TILES_WIDE = [(64, 128), (128, 64), (128, 128), (64, 64), (32, 128)]
@@ -119,13 +138,36 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def bench_gluon(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor, torch_err: float) -> dict[str, Any]:
-    """Every Gluon variant fitted to Co: checked on a NaN-poisoned output (error <= 2x torch fp16's), timed
-    like the other candidates; the fastest correct one."""
+def gluon_split_configs(shape: tuple[int, ...], co: int, sms: int = 132) -> list[Any]:
+    """GLUON_TILES that fit Co, each with the most ring stages and fewest epilogue slabs that fit shared memory,
+    over the K splits that leave each split >= 1 channel block and (for splits > 1) <= 2.2 waves of units."""
+    n, c, h, w = shape
+    out = []
+    for th, tw, bn, consumers in GLUON_TILES:
+        if co % bn or c % 64:
+            continue
+        tiles = n * math.ceil(h / th) * math.ceil(w / tw) * (co // bn)
+        for split in GLUON_SPLITS:
+            if split > c // 64 or (split > 1 and tiles * split > 2.2 * sms):
+                continue
+            for stages, epi in [(st, e) for st in (5, 4, 3) for e in (1, 2, 4)]:
+                try:
+                    out.append(cg.GluonConvConfig(th, tw, bn, 64, stages, consumers, True, epi, split))
+                    break
+                except ValueError:  # shared memory: fewer stages or more slabs
+                    continue
+    return out
+
+
+def bench_gluon(
+    x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor, torch_err: float, configs: list[Any] | None = None
+) -> dict[str, Any]:
+    """Every Gluon variant fitted to Co (or ``configs``): checked on a NaN-poisoned output (error <= 2x torch
+    fp16's), timed like the other candidates; the fastest correct one."""
     n = weights[0].shape[0]
     res: dict[str, Any] = {"gluon_config": None, "gluon_ms": float("nan"), "gluon_ok": False, "gluon_all": {}}
-    for name in cg.VARIANTS:
-        cfg = cg.variant(name, n)
+    named = [(name, cg.variant(name, n)) for name in cg.VARIANTS] if configs is None else [("-", c) for c in configs]
+    for name, cfg in named:
         if str(cfg) in res["gluon_all"]:
             continue
         try:
@@ -143,10 +185,16 @@ def bench_gluon(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor,
 
 
 def bench_shape(
-    row: tuple, device: str, smoke: bool, budget_s: float, splits: list[int] = SPLITS, gluon: bool = False
+    row: tuple,
+    device: str,
+    smoke: bool,
+    budget_s: float,
+    splits: list[int] = SPLITS,
+    gluon: str | None = None,
+    igemm: bool = True,
 ) -> dict[str, Any]:
-    """cuDNN and the implicit-GEMM search on one shape; with ``gluon`` (sm_90 GPU, 3x3 stride 1 pad 1 only)
-    the Gluon variants too."""
+    """cuDNN and (``igemm``) the implicit-GEMM search on one shape; with ``gluon`` (sm_90 GPU, 3x3 stride 1 pad
+    1 only) the Gluon conv too: "variants" (VARIANTS fitted to Co) or "splits" (gluon_split_configs)."""
     label, shape, n, k, stride, pad, calls = row
     dev = torch.device(device)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -176,7 +224,7 @@ def bench_shape(
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a big tile: skip that config
             print(f"  {label} {cfg.key()}: {type(e).__name__}: {str(e)[:100]}", flush=True)
 
-    cands = _tma_configs(x, weights[0], n, stride, pad) + _configs(n, c, m, k * k, dev)
+    cands = _tma_configs(x, weights[0], n, stride, pad) + _configs(n, c, m, k * k, dev) if igemm else []
     for cfg in cands[:4] if smoke else cands:
         run(cfg, budgeted=True)
     ranked = sorted(results, key=results.get)[:3]
@@ -197,14 +245,14 @@ def bench_shape(
         return _rel(ci.conv2d_igemm(x, weights[0], None, stride, pad, IgemmConfig.parse(key)), ref)
 
     err = rel_err(best) if best is not None else None
-    ok = err is not None and err <= tol
+    ok = err is not None and err <= tol if igemm else True  # (no implicit-GEMM search: nothing to be wrong)
     two_key = min(two, key=two.get) if two else None
     two_err = rel_err(two_key) if two_key else None
     best_ms = results.get(best, float("nan")) if best else float("nan")
     extra = {}
     if gluon and not smoke and (k, stride, pad) == (3, 1, 1) and cg._device_ok(dev):
         t1 = time.monotonic()
-        extra = bench_gluon(x, weights, ref, torch_err)
+        extra = bench_gluon(x, weights, ref, torch_err, gluon_split_configs(shape, n) if gluon == "splits" else None)
         extra["gluon_search_s"] = time.monotonic() - t1
     return {
         "label": label, "x_shape": list(shape), "n": n, "kernel": k, "stride": stride, "padding": pad,
@@ -237,7 +285,7 @@ def table_entries(rows: list[dict[str, Any]], dtype: torch.dtype, commit: str | 
     for r in rows:
         igemm_config, igemm_ms = _igemm_choice(r)
         ms = {"cudnn": r["cudnn_ms"], "igemm": igemm_ms}
-        correct = {"cudnn": True, "igemm": r["ok"]}
+        correct = {"cudnn": True, "igemm": r["ok"] and r["best_config"] is not None}
         if r.get("gluon_config") is not None:
             ms["gluon"], correct["gluon"] = r["gluon_ms"], r["gluon_ok"]
         best = min((c for c in ms if correct[c]), key=ms.get)  # a tie goes to cuDNN
@@ -262,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = common.kernel_bench_args("kernels_conv", __doc__)
     ap.add_argument("--table", default=None, help="merge this card's winners into this conv_table JSON")
     ap.add_argument("--budget-s", type=float, default=30.0, help="implicit-GEMM search time per shape")
-    shapes_help = "base: the UNet/output-head convs; vae: the VAE decoder's 3x3 convs (+ Gluon on sm_90)"
-    ap.add_argument("--shapes", choices=("all", "base", "vae"), default="all", help=shapes_help)
+    shapes_help = "base: the UNet/output-head convs; vae: the VAE decoder's 3x3 convs (+ Gluon on sm_90); unet: "
+    shapes_help += "cuDNN vs the Gluon conv with K splits on the UNet's 32², 16² and 8² convs"
+    ap.add_argument("--shapes", choices=("all", "base", "vae", "unet"), default="all", help=shapes_help)
     ap.add_argument(
         "--table-from",
         default=None,
@@ -279,11 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         print(card, {k: (v["best"], v["config"]) for k, v in table.items()})
         return 0
     device, smoke = common.device_and_smoke(args.smoke)
-    plan = [] if args.shapes == "vae" else [(row, SPLITS, False) for row in SHAPES]
-    plan += [] if args.shapes == "base" else [(row, VAE_SPLITS, True) for row in VAE_SHAPES]
+    plan = [(row, SPLITS, "splits", True) for row in SHAPES] if args.shapes in ("all", "base") else []
+    plan += [(row, VAE_SPLITS, "variants", True) for row in VAE_SHAPES] if args.shapes in ("all", "vae") else []
+    plan += [(row, SPLITS, "splits", False) for row in UNET_GLUON_SHAPES] if args.shapes in ("all", "unet") else []
     rows = []
-    for row, splits, gluon in [(row, SPLITS, False) for row in SMOKE] if smoke else plan:
-        r = bench_shape(row, device, smoke, args.budget_s, splits, gluon)
+    for row, splits, gluon, igemm in [(row, SPLITS, None, True) for row in SMOKE] if smoke else plan:
+        r = bench_shape(row, device, smoke, args.budget_s, splits, gluon, igemm)
         rows.append(r)
         g = f", gluon {r['gluon_config']} {r['gluon_ms'] * 1e3:.1f} us ok={r['gluon_ok']}" if "gluon_ok" in r else ""
         print(f"{r['label']}: cuDNN {r['cudnn_ms'] * 1e3:.1f} us, best {r['best_config']} "

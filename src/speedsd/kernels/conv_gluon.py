@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from speedsd.kernels.bias_add import drop_gn_stats
+from speedsd.kernels.conv_igemm import sum_partials
 from speedsd.kernels.device import compile_ahead, is_sm90, sm_count
 from speedsd.kernels.gn_tile_stats import attach
 
@@ -45,7 +46,9 @@ class GluonConvConfig:
     """An output tile of th x tw pixels by bn channels, K steps of bk channels through a `stages`-deep SMEM
     ring, `consumers` warpgroups (4 warps each, stacked along the pixels) on one tile, `persistent`: one
     program per SM walking the tiles (else one tile per program), `epi_split`: the epilogue stores the tile
-    in that many column slabs (less SMEM for the output buffer)."""
+    in that many column slabs (less SMEM for the output buffer), `split`: K splits per tile (> 1: each
+    (tile, split) unit stores an fp32 partial and a second kernel sums them; for convs with too few tiles
+    to fill the SMs)."""
 
     th: int = 8
     tw: int = 16
@@ -55,6 +58,7 @@ class GluonConvConfig:
     consumers: int = 1
     persistent: bool = True
     epi_split: int = 1
+    split: int = 1
 
     def __post_init__(self) -> None:
         pow2 = all(v > 0 and v & (v - 1) == 0 for v in (self.th, self.tw, self.bn, self.epi_split))
@@ -64,6 +68,8 @@ class GluonConvConfig:
             raise ValueError(f"{self}: 1 or 2 consumer warpgroups of a multiple of 64 pixels each, <= 256 pixels")
         if self.stages < 3 or self.bn % self.epi_split or self.bn // self.epi_split < 16:
             raise ValueError(f"{self}: >= 3 stages; epi_split must leave slabs of >= 16 channels")
+        if self.split < 1:
+            raise ValueError(f"{self}: split must be >= 1")
         if self.smem_bytes() > SMEM_LIMIT:
             raise ValueError(f"{self} needs {self.smem_bytes()} B of shared memory (> {SMEM_LIMIT})")
 
@@ -77,11 +83,13 @@ class GluonConvConfig:
 
     def smem_bytes(self) -> int:
         ring = self.stages * (self.bm + self.bn) * self.bk * 2
-        return ring + self.bm * (self.bn // self.epi_split) * 2 + 2 * self.stages * 8
+        out_bytes = 4 if self.split > 1 else 2  # the output slab: fp32 partials with a K split, else fp16
+        return ring + self.bm * (self.bn // self.epi_split) * out_bytes + 2 * self.stages * 8
 
     def __str__(self) -> str:
         p = "p" if self.persistent else ""
-        return f"g{self.th}x{self.tw}n{self.bn}k{self.bk}s{self.stages}c{self.consumers}e{self.epi_split}{p}"
+        sk = f"sk{self.split}" if self.split > 1 else ""
+        return f"g{self.th}x{self.tw}n{self.bn}k{self.bk}s{self.stages}c{self.consumers}e{self.epi_split}{sk}{p}"
 
     def key(self) -> str:
         return str(self)
@@ -89,11 +97,12 @@ class GluonConvConfig:
     @staticmethod
     def parse(key: str) -> GluonConvConfig:
         """Inverse of ``str`` (the per-card conv table stores configs as these strings)."""
-        m = re.fullmatch(r"g(\d+)x(\d+)n(\d+)k(\d+)s(\d+)c(\d+)e(\d+)(p?)", key)
-        if m is None:
+        m = re.fullmatch(r"g(\d+)x(\d+)n(\d+)k(\d+)s(\d+)c(\d+)e(\d+)(?:sk(\d+))?(p?)", key)
+        if m is None or m.group(8) in ("0", "1"):  # (split 1 has no suffix: one key per config)
             raise ValueError(f"not a Gluon conv config key: {key!r}")
-        th, tw, bn, bk, stages, consumers, epi_split = map(int, m.groups()[:-1])
-        return GluonConvConfig(th, tw, bn, bk, stages, consumers, persistent=m.group(8) == "p", epi_split=epi_split)
+        th, tw, bn, bk, stages, consumers, epi_split = map(int, m.groups()[:7])
+        return GluonConvConfig(th, tw, bn, bk, stages, consumers, persistent=m.group(9) == "p", epi_split=epi_split,
+                               split=int(m.group(8) or 1))  # fmt: skip
 
 
 # Named variants, as measured by the prototype. 'ws': one consumer warpgroup on 128 pixels (8 x 16) x 128
@@ -172,6 +181,8 @@ def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         return f"empty conv: x {tuple(x.shape)}, Co={co}"
     if c % cfg.bk or co % cfg.bn:
         return f"config {cfg}: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.bn}"
+    if cfg.split > c // cfg.bk:
+        return f"config {cfg}: {cfg.split} K splits need C / {cfg.bk} >= {cfg.split} channel blocks, C={c}"
     if not x.is_contiguous(memory_format=torch.channels_last):
         return "needs a channels_last x (its [N, H, W, C] view is the TMA tensor)"
     if not weight.is_contiguous(memory_format=torch.channels_last):
@@ -246,6 +257,11 @@ def conv3x3_gluon(
         tiles = -(-h // cfg.th) * -(-w // cfg.tw)
         part = torch.empty((3, n, stats_groups, tiles * cfg.warps), device=x.device, dtype=torch.float32)
     drop_gn_stats(out)
+    if cfg.split > 1:  # fp32 partials [split, N, H, W, Co], summed (+ bias) into out by a second kernel
+        parts = torch.empty((cfg.split, n, h, w, co), device=x.device, dtype=torch.float32)
+        _launch(x, weight, None, parts, cfg)
+        sum_partials(parts.view(cfg.split, n * h * w, co), bias, out)
+        return out
     _launch(x, weight, bias, out, cfg, residual, part)
     return out if part is None else attach(out, part, stats_groups)
 
@@ -272,6 +288,8 @@ def conv_gluon_epilogue_problem(
         return f"residual must be an fp16 channels_last [{n}, {co}, {h}, {w}] tensor on {x.device}"
     if residual is not None and n * h * w * co >= 2**31:
         return "the residual is indexed with int32: N·H·W·Co must stay below 2^31"
+    if cfg.split > 1 and (residual is not None or groups is not None):
+        return f"config {cfg}: a K split sums its partials in a second kernel, which adds no residual or statistics"
     if groups is not None and (groups <= 0 or co % groups or (cfg.bn // cfg.epi_split) % (co // groups)):
         slab = cfg.bn // cfg.epi_split
         return f"stats_groups={groups} must divide Co={co} in groups that tile the {slab}-channel slabs"
@@ -289,26 +307,31 @@ def _launch_args(
     part: torch.Tensor | None = None,
 ) -> tuple[tuple[int], tuple, dict]:
     """(grid, positional args, constexprs + num_warps) of conv3x3_kernel; CPU tensors work too (the AOT
-    compile builds its signature from them)."""
+    compile builds its signature from them). With cfg.split > 1, y is the fp32 partials [split, N, H, W, Co]
+    and bias must be None (the sum adds it)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     n, c, h, w = x.shape
     co = weight.shape[0]
+    if cfg.split > 1 and (y.shape != (cfg.split, n, h, w, co) or y.dtype != torch.float32 or bias is not None):
+        raise ValueError(f"a {cfg.split}-way K split writes fp32 partials [split, N, H, W, Co], without bias")
     # dense views with canonical strides (channels_last-contiguous tensors may carry any stride on size-1 dims)
     x_nhwc = x.as_strided((n, h, w, c), (h * w * c, w * c, c, 1))  # [N, C, H, W] -> [N, H, W, C]
     w_mat = weight.as_strided((co, 9 * c), (9 * c, 1))  # [Co, C, 3, 3] channels_last -> [Co, 9·C]
-    y_nhwc = y.as_strided((n, h, w, co), (h * w * co, w * co, co, 1))
+    ny = cfg.split * n  # the partials [split, N, H, W, Co] as [split·N, H, W, Co]
+    y_nhwc = y.as_strided((ny, h, w, co), (h * w * co, w * co, co, 1))
 
     def desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.float16))
+        dt = gl.float32 if t.dtype == torch.float32 else gl.float16
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dt))
 
     xd = desc(x_nhwc, [1, cfg.th, cfg.tw, cfg.bk])
     wd = desc(w_mat, [cfg.bn, cfg.bk])
     yd = desc(y_nhwc, [1, cfg.th, cfg.tw, cfg.bn // cfg.epi_split])
     n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.bn
-    num_tiles = n * n_th * n_tw * n_nb
-    grid = (min(sms, num_tiles) if cfg.persistent else num_tiles,)
+    num_units = n * n_th * n_tw * cfg.split * n_nb  # (tile, K split) pairs
+    grid = (min(sms, num_units) if cfg.persistent else num_units,)
     # the residual: BN / BK more K steps of [TH, TW, BK] boxes of it times [BN, BK] blocks of an identity
     rd, idd = xd, wd  # (stand-ins: not read without HAS_RES)
     if residual is not None:
@@ -317,7 +340,7 @@ def _launch_args(
     # y stands in for the pointers an epilogue does not read; part: [3, N, G, tiles·warps]
     ptrs = (y if bias is None else bias, y if part is None else part)
     third, cpg = (0, 1) if part is None else (part[0].numel(), co // part.shape[2])
-    args = (xd, wd, yd, rd, idd, *ptrs, third, c, h, w, co, n_th, n_tw, n_nb, num_tiles)
+    args = (xd, wd, yd, rd, idd, *ptrs, third, c, h, w, co, n, n_th, n_tw, cfg.split, n_nb, num_units)
     const = dict(STAGES=cfg.stages, HAS_BIAS=bias is not None, HAS_RES=residual is not None, STATS=part is not None,
                  CPG=cpg, EPI_SPLIT=cfg.epi_split, PRODUCER_REGS=PRODUCER_REGS, num_warps=cfg.warps)  # fmt: skip
     return grid, args, const
@@ -356,10 +379,12 @@ def compile_sm90(
     if kern is None:
         raise RuntimeError("this Triton has no Gluon Hopper API")
     cl = torch.channels_last
-    c, co = 2 * config.bk, 2 * config.bn
+    c, co = max(2, config.split) * config.bk, 2 * config.bn
     x = torch.empty((1, c, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
     wt = torch.empty((co, c, 3, 3), dtype=torch.float16).contiguous(memory_format=cl)
     y = torch.empty((1, co, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
+    if config.split > 1:  # the kernel writes the fp32 partials (the sum kernel adds any bias)
+        y, bias_dtype = torch.empty((config.split, 1, 16, 16, co), dtype=torch.float32), None
     bias = None if bias_dtype is None else torch.empty(co, dtype=bias_dtype)
     res = torch.empty_like(y) if residual else None
     part = None if stats_cpg is None else torch.empty((3, 1, co // stats_cpg, 4), dtype=torch.float32)

@@ -37,6 +37,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # K runs channel-block-major (cb outer, the 9 taps inner and unrolled). Both wgmma operands come from SMEM.
 # HAS_RES: + r[b, oy, ox, n] as BN / BK more K steps of the same ring, A = the residual's [TH, TW, BK] box at
 # channel n0 + j·BK, B = columns j·BK .. of a [BN, BN] identity (exact: fp16 products, fp32 sums).
+# Split-K (n_split > 1): a work unit is (tile, split sp); split sp runs the channel blocks
+#   cb in [sp·KC / n_split, (sp + 1)·KC / n_split),   KC = C / BK   (integer division: every block once)
+# and stores its fp32 partial acc to parts[sp, b, oy, ox, n] (y_desc is then the fp32 [n_split·N, H, W, Co]
+# tensor, box row sp·N + b); a second kernel sums the n_split partials in split order (+ bias) into y
+# (conv_igemm.sum_partials). Without a split the unit is the tile.
 # Epilogue: acc (+ bias[n] in fp32) -> fp16 -> SMEM -> TMA store of the [1, TH, TW, BN] box (TMA clips the rows
 # and columns past the image), in EPI_SPLIT column slabs (less SMEM for the output buffer). STATS: the next
 # GroupNorm's statistics of the stored fp16 values v, per warp w (its rows of the tile, those inside the image)
@@ -56,26 +61,28 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #     step frees nothing (the previous tile's last slot is already free). So every slot use is freed once.
 #     The epilogue's TMA store is left in flight (store_wait(0) comes just before the buffer is rewritten),
 #     overlapping the next tile's mainloop while the producer prefetches its K steps.
-# Persistent: grid = min(#SMs, #tiles), program p takes tiles p, p + grid, ...; otherwise one tile each.
-# Tile ids run output-channel block fastest, then tx, ty, b: programs in flight share their A boxes in L2.
+# Persistent: grid = min(#SMs, #units), program p takes units p, p + grid, ...; otherwise one unit each.
+# Unit ids run output-channel block fastest, then split, tx, ty, b: programs in flight share their A boxes in L2.
 # -------------------------------------------------------------------------------------------------------
 
 
 @gluon.jit
-def _tile_coords(t, n_th, n_tw, n_nb, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr):
-    # t = ((b·n_th + ty)·n_tw + tx)·n_nb + nb  ->  (b, oy0, ox0, n0)
+def _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr):
+    # t = (((b·n_th + ty)·n_tw + tx)·n_split + sp)·n_nb + nb  ->  (b, oy0, ox0, n0, sp, cb0, cb1)
     nb = t % n_nb
     r = t // n_nb
+    sp = r % n_split
+    r = r // n_split
     tx = r % n_tw
     r = r // n_tw
     ty = r % n_th
     b = r // n_th
-    return b, ty * TH, tx * TW, nb * BN
+    return b, ty * TH, tx * TW, nb * BN, sp, sp * kc // n_split, (sp + 1) * kc // n_split
 
 
 @gluon.jit
-def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb, num_tiles,
-                    HAS_RES: gl.constexpr):  # fmt: skip
+def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_split, n_nb,
+                    num_units, HAS_RES: gl.constexpr):  # fmt: skip
     TH: gl.constexpr = x_desc.block_type.shape[1]
     TW: gl.constexpr = x_desc.block_type.shape[2]
     BK: gl.constexpr = x_desc.block_type.shape[3]
@@ -84,9 +91,9 @@ def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty
     NBYTES: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     kc = C // BK
     it = 0
-    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, oy0, ox0, n0 = _tile_coords(t, n_th, n_tw, n_nb, TH, TW, BN)
-        for cb in range(kc):
+    for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
+        b, oy0, ox0, n0, sp, cb0, cb1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TH, TW, BN)
+        for cb in range(cb0, cb1):
             c0 = cb * BK
             for tap in gl.static_range(9):
                 s = it % STAGES
@@ -111,10 +118,10 @@ def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty
 
 
 @gluon.jit
-def _release_prev(empty, it, STAGES: gl.constexpr, cb, TAP: gl.constexpr):
-    # wait(1) just retired the wgmma of step it − 1: free its slot, unless step it is its tile's first
+def _release_prev(empty, it, STAGES: gl.constexpr, not_first, TAP: gl.constexpr):
+    # wait(1) just retired the wgmma of step it − 1: free its slot, unless step it is its unit's first
     if TAP == 0:
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=cb > 0)
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=not_first)
     else:
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
 
@@ -134,11 +141,12 @@ def _split_cols(x, PARTS: gl.constexpr):
 
 
 @gluon.jit
-def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, oy0, ox0, n0, H, W, Co, t_sp, T,
+def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, b_out, oy0, ox0, n0, H, W, Co, t_sp, T,
               STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
               NUM_WARPS: gl.constexpr):  # fmt: skip
-    # fp32 [BM, BN] -> per column slab: fp16 (-> GroupNorm statistics) -> SMEM -> TMA store at
-    # y[b, oy0, ox0, n0 + slab], left in flight. Slab by slab keeps the statistics' fp32 values to one slab.
+    # fp32 [BM, BN] -> per column slab: y's dtype (fp16 -> GroupNorm statistics; fp32: a split's partial) ->
+    # SMEM -> TMA store at y[b_out, oy0, ox0, n0 + slab], left in flight. Slab by slab keeps the statistics'
+    # fp32 values to one slab.
     TH: gl.constexpr = c_smem.type.shape[1]
     TW: gl.constexpr = c_smem.type.shape[2]
     BM: gl.constexpr = TH * TW
@@ -148,20 +156,21 @@ def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, oy0, ox0, n0, H, W, 
         v = parts[i]
         m = gl.arange(0, BM, layout=gl.SliceLayout(1, v.type.layout))
         rows_ok = (oy0 + m // TW < H) & (ox0 + m % TW < W)  # the tile's pixels inside the image
-        out = v.to(gl.float16)
+        out = v.to(c_smem.dtype)
         if STATS:
             _tile_stats(out, rows_ok, part_ptr, part_third, b, t_sp, T, Co // CPG, (n0 + i * SPLIT_N) // CPG, CPG,
                         SPLIT_N, NUM_WARPS)  # fmt: skip
         tma.store_wait(0)
         c_smem.reshape([BM, SPLIT_N]).store(out)  # [1, TH, TW, SPLIT_N] -> [BM, SPLIT_N]
         fence_async_shared()
-        tma.async_copy_shared_to_global(y_desc, [b, oy0, ox0, n0 + i * SPLIT_N], c_smem)
+        tma.async_copy_shared_to_global(y_desc, [b_out, oy0, ox0, n0 + i * SPLIT_N], c_smem)
 
 
 @gluon.jit
 def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_third, C, H, W, Co,
-                   n_th, n_tw, n_nb, num_tiles, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, STATS: gl.constexpr,
-                   CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
+                   n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
+                   STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
+                   NUM_WARPS: gl.constexpr):  # fmt: skip
     TH: gl.constexpr = a_bufs.type.shape[2]
     TW: gl.constexpr = a_bufs.type.shape[3]
     BK: gl.constexpr = a_bufs.type.shape[4]
@@ -173,11 +182,11 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BN, 16]
     )
     kc = C // BK
-    it = 0  # K steps consumed by this program over all its tiles
-    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        b, oy0, ox0, n0 = _tile_coords(t, n_th, n_tw, n_nb, TH, TW, BN)
+    it = 0  # K steps consumed by this program over all its units
+    for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
+        b, oy0, ox0, n0, sp, cb0, cb1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TH, TW, BN)
         acc = gl.zeros([BM, BN], gl.float32, mma_layout)
-        for cb in range(kc):
+        for cb in range(cb0, cb1):
             for tap in gl.static_range(9):
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
@@ -185,7 +194,7 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_
                 b_view = b_bufs.index(s).permute((1, 0))  # [BN, BK] K-major -> [BK, BN]
                 acc = warpgroup_mma(a_view, b_view, acc, is_async=True)
                 acc = warpgroup_mma_wait(1, deps=(acc,))
-                _release_prev(empty, it, STAGES, cb, tap)
+                _release_prev(empty, it, STAGES, cb > cb0, tap)
                 it += 1
         if HAS_RES:
             for _ in gl.static_range(BN // BK):
@@ -197,11 +206,11 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
                 it += 1
         acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the tile's last step
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the unit's last step
         if HAS_BIAS:
             cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
-        _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, oy0, ox0, n0, H, W, Co,
+        _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0, H, W, Co,
                   (oy0 // TH) * n_tw + ox0 // TW, n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
     tma.store_wait(0)
 
@@ -237,13 +246,15 @@ def _tile_stats(v16, rows_ok, part_ptr, third, b, t_sp, T, G, g0, CPG: gl.conste
 
 
 # sizes are not specialized: one compile per (config, bias dtype, epilogue) serves every layer shape
-@gluon.jit(do_not_specialize=["part_third", "C", "H", "W", "Co", "n_th", "n_tw", "n_nb", "num_tiles"])
-def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, part_third, C, H, W, Co, n_th, n_tw,
-                   n_nb, num_tiles, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
+@gluon.jit(do_not_specialize=["part_third", "C", "H", "W", "Co", "n_img", "n_th", "n_tw", "n_split", "n_nb",
+                              "num_units"])  # fmt: skip
+def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, part_third, C, H, W, Co, n_img, n_th,
+                   n_tw, n_split, n_nb, num_units, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
                    STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):  # fmt: skip
     # x_desc: [N, H, W, C] boxes [1, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
-    # y_desc: [N, H, W, Co] boxes [1, TH, TW, BN / EPI_SPLIT]; bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS);
+    # y_desc: [N, H, W, Co] boxes [1, TH, TW, BN / EPI_SPLIT] (n_split > 1: the fp32 partials [n_split·N, H, W, Co]);
+    # bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS);
     # HAS_RES: r_desc: the residual [N, H, W, Co] boxes [1, TH, TW, BK], i_desc: the identity [BN, BN] boxes
     # [BN, BK]; STATS: part_ptr fp32 [3, N, Co / CPG, n_th·n_tw·num_warps], part_third elements a third
     a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
@@ -256,8 +267,8 @@ def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, p
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_third, C,
-                          H, W, Co, n_th, n_tw, n_nb, num_tiles, HAS_BIAS, HAS_RES, STATS, CPG, EPI_SPLIT,
-                          num_warps)),
-        (_load_partition, (x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_nb,
-                           num_tiles, HAS_RES)),
+                          H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS, HAS_RES, STATS, CPG,
+                          EPI_SPLIT, num_warps)),
+        (_load_partition, (x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_split,
+                           n_nb, num_units, HAS_RES)),
     ], [1], [PRODUCER_REGS])  # fmt: skip

@@ -205,6 +205,20 @@ def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def sum_partials(parts: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y = Σ_s parts[s] (+ bias), summed in fp32 in split order: parts fp32 [S, M, N] contiguous, y the [M, N]
+    outputs in memory order (a channels_last [B, N, H, W] tensor: M = B·H·W), bias [N] or None."""
+    split, m, n = parts.shape
+    if parts.dtype != torch.float32 or not parts.is_contiguous() or y.numel() != m * n:
+        raise ValueError(f"sum_partials: parts must be contiguous fp32 [S, M, N] with M·N = y.numel(), got "
+                         f"{tuple(parts.shape)} {parts.dtype} for y {tuple(y.shape)}")  # fmt: skip
+    block = 1024
+    _splitk_sum_kernel[(triton.cdiv(m * n, block),)](
+        parts, parts if bias is None else bias, y, m * n, n, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block,
+        num_warps=4,
+    )  # fmt: skip
+
+
 def _sm_count(device: torch.device) -> int:
     """The device's SMs (cached, kernels/device.py); an H100's 132 under the interpreter, so the CPU
     tests split K as the GPU would."""
@@ -347,8 +361,5 @@ def conv2d_igemm(
             BLOCK_K=cfg.block_k, num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
     if partial and not last_sums:
-        block = 1024
-        _splitk_sum_kernel[(triton.cdiv(m * n, block),)](
-            parts, b_arg, y, m * n, n, SPLIT=split, HAS_BIAS=has_bias, BLOCK=block, num_warps=4
-        )
+        sum_partials(parts, bias, y)
     return y
