@@ -100,6 +100,7 @@ def test_gluon_only_rows(gluon, best):
     (entry,) = table_entries([row], torch.float16).values()
     assert entry["best"] == best
     assert entry["config"] == ("g8x16n128k64s4c1e1sk3p" if best == "gluon" else None)
+    assert entry["graph_ms"] == {"cudnn": 0.033, "gluon": gluon[0]}  # no implicit-GEMM time: none was measured
 
 
 def test_rows_without_gluon_keep_their_entries():

@@ -284,8 +284,9 @@ def table_entries(rows: list[dict[str, Any]], dtype: torch.dtype, commit: str | 
     out = {}
     for r in rows:
         igemm_config, igemm_ms = _igemm_choice(r)
-        ms = {"cudnn": r["cudnn_ms"], "igemm": igemm_ms}
-        correct = {"cudnn": True, "igemm": r["ok"] and r["best_config"] is not None}
+        ms, correct = {"cudnn": r["cudnn_ms"]}, {"cudnn": True}
+        if r["best_config"] is not None:  # (a --shapes unet row did not search the implicit GEMM)
+            ms["igemm"], correct["igemm"] = igemm_ms, r["ok"]
         if r.get("gluon_config") is not None:
             ms["gluon"], correct["gluon"] = r["gluon_ms"], r["gluon_ok"]
         best = min((c for c in ms if correct[c]), key=ms.get)  # a tie goes to cuDNN
