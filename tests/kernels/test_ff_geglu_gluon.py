@@ -31,7 +31,9 @@ def _inputs(m, k, f, dtype=torch.float16, bias=True, device="cpu"):
 # ---- config ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["ff128x64k64s4c1g8", "ff128x128k64s4c2g8", "ff256x64k64s3c2g4", "ff64x64k32s6c1g1"])
+@pytest.mark.parametrize(
+    "key", ["ff128x64k64s4c1g8", "ff128x128k64s4c2g8", "ff256x64k64s3c2g4", "ff64x64k32s6c1g1", "ff128x64k64s2c1g8o2"]
+)
 def test_config_round_trip(key):
     cfg = fg.FFGluonConfig.parse(key)
     assert str(cfg) == key and cfg.smem_bytes() <= fg.SMEM_LIMIT and cfg.warps == 4 * cfg.consumers
@@ -54,8 +56,9 @@ def test_config_round_trip(key):
 def test_invalid_configs_raise(fields, match):
     with pytest.raises(ValueError, match=match):
         fg.FFGluonConfig(**fields)
-    with pytest.raises(ValueError, match="not a Gluon feed-forward config"):
-        fg.FFGluonConfig.parse("ff128x64k64s4c1")
+    for bad in ("ff128x64k64s4c1", "ff128x64k64s4c1g8o1"):
+        with pytest.raises(ValueError, match="not a Gluon feed-forward config"):
+            fg.FFGluonConfig.parse(bad)
 
 
 # ---- launcher checks ---------------------------------------------------------------------------------
@@ -95,6 +98,10 @@ def test_launch_args():
     assert const["HAS_B"] and const["num_warps"] == 4 and const["GROUP_M"] == 8
     small, _, const = fg._launch_args(x[:100], w, None, out[:100], cfg, 0, 132)
     assert small == (20,) and not const["HAS_B"]  # 1 row tile x 20 column tiles
+    two = fg.FFGluonConfig.parse("ff128x64k64s2c1g8o2")
+    assert fg._launch_args(x, w, b, out, two, 0, 132)[0] == (264,)  # two programs an SM
+    per_tile = fg.FFGluonConfig.parse("ff128x64k64s2c1g8o0")
+    assert fg._launch_args(x, w, b, out, per_tile, 0, 132)[0] == (64 * 20,)  # one program a tile
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------
@@ -112,7 +119,14 @@ GPU_SHAPES = [  # (M, K, F): the UNet's three levels (batch 2, 512²) and odd on
     pytest.param(333, 200, 72, id="odd-M-F-K"),
     pytest.param(1, 16, 8, id="tiny"),
 ]
-GPU_CONFIGS = ["ff128x64k64s4c1g8", "ff128x128k64s4c2g8", "ff256x64k64s3c2g4", "ff64x64k32s6c1g1"]
+GPU_CONFIGS = [
+    "ff128x64k64s4c1g8",
+    "ff128x128k64s4c2g8",
+    "ff256x64k64s3c2g4",
+    "ff64x64k32s6c1g1",
+    "ff128x64k64s2c1g8o2",
+    "ff128x32k64s4c1g8o0",
+]
 
 
 @pytest.mark.gpu

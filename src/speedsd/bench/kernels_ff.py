@@ -39,7 +39,8 @@ L2_BYTES = 50 * 2**20
 
 
 def gluon_configs() -> list[Any]:
-    """Each GLUON_TILES tile with the fewest and the most ring stages that fit (3..8), and group_m 1 once."""
+    """Each GLUON_TILES tile with the fewest and the most ring stages that fit (3..8), group_m 1 once, and small
+    rings at two programs an SM or one program a tile."""
     out = []
     for bm, bn, c in GLUON_TILES:
         fits = []
@@ -49,7 +50,12 @@ def gluon_configs() -> list[Any]:
             except ValueError:  # shared memory
                 break
         out += fits[:1] + fits[-1:] if len(fits) > 1 else fits
-    return out + [fg.FFGluonConfig(128, 64, 64, 4, 1, group_m=1)]
+    out.append(fg.FFGluonConfig(128, 64, 64, 4, 1, group_m=1))
+    # two programs an SM (or one a tile) where two fit in shared memory: one's epilogue under the other's MMAs
+    for bm, bn, c, stages in ((128, 64, 1, 2), (128, 64, 1, 3), (128, 32, 1, 4), (64, 64, 1, 4), (128, 64, 2, 3)):
+        for occ in (2, 0):
+            out.append(fg.FFGluonConfig(bm, bn, 64, stages, c, occupancy=occ))
+    return out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

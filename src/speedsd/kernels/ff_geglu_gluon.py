@@ -35,7 +35,8 @@ PRODUCER_REGS = 40  # setmaxnreg of the 1-warp TMA producer
 class FFGluonConfig:
     """Output tiles of bm rows x bn columns (value and gate: a [bm, 2·bn] accumulator), K steps of bk through
     a `stages`-deep SMEM ring, `consumers` warpgroups (4 warps each, stacked along M), tiles in row groups of
-    `group_m` (they share W boxes in L2)."""
+    `group_m` (they share W boxes in L2), `occupancy` persistent programs per SM (0: one program per tile), so
+    that one program's epilogue can run under another's MMAs."""
 
     bm: int = 128
     bn: int = 64
@@ -43,6 +44,7 @@ class FFGluonConfig:
     stages: int = 4
     consumers: int = 1
     group_m: int = 8
+    occupancy: int = 1
 
     def __post_init__(self) -> None:
         if any(v <= 0 or v & (v - 1) for v in (self.bm, self.bn, self.bk)) or self.bk < 16 or self.bn < 16:
@@ -51,8 +53,8 @@ class FFGluonConfig:
             raise ValueError(f"{self}: 1 or 2 warpgroups of a multiple of 64 rows each (bm <= 256), bn <= 128")
         if (self.bm // self.consumers) * 2 * self.bn // 128 > 128:
             raise ValueError(f"{self}: more than 128 fp32 accumulator registers a thread")
-        if self.stages < 2 or self.group_m < 1:
-            raise ValueError(f"{self}: >= 2 stages, group_m >= 1")
+        if self.stages < 2 or self.group_m < 1 or self.occupancy < 0:
+            raise ValueError(f"{self}: >= 2 stages, group_m >= 1, occupancy >= 0")
         if self.smem_bytes() > SMEM_LIMIT:
             raise ValueError(f"{self} needs {self.smem_bytes()} B of shared memory (> {SMEM_LIMIT})")
 
@@ -64,15 +66,16 @@ class FFGluonConfig:
         return self.stages * (self.bm + 2 * self.bn) * self.bk * 2 + self.bm * self.bn * 2 + 2 * self.stages * 8
 
     def __str__(self) -> str:
-        return f"ff{self.bm}x{self.bn}k{self.bk}s{self.stages}c{self.consumers}g{self.group_m}"
+        occ = f"o{self.occupancy}" if self.occupancy != 1 else ""
+        return f"ff{self.bm}x{self.bn}k{self.bk}s{self.stages}c{self.consumers}g{self.group_m}{occ}"
 
     @staticmethod
     def parse(key: str) -> FFGluonConfig:
         """Inverse of ``str``."""
-        m = re.fullmatch(r"ff(\d+)x(\d+)k(\d+)s(\d+)c(\d+)g(\d+)", key)
-        if m is None:
+        m = re.fullmatch(r"ff(\d+)x(\d+)k(\d+)s(\d+)c(\d+)g(\d+)(?:o(\d+))?", key)
+        if m is None or m.group(7) == "1":  # (occupancy 1 has no suffix: one key per config)
             raise ValueError(f"not a Gluon feed-forward config key: {key!r}")
-        return FFGluonConfig(*map(int, m.groups()))
+        return FFGluonConfig(*map(int, m.groups()[:6]), occupancy=int(m.group(7) or 1))
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,7 +137,7 @@ def _launch_args(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, o
     args = (xd, wd, yd, out2 if bias is None else bias, m, f, k)
     const = dict(STAGES=cfg.stages, HAS_B=bias is not None, APPROX=approx, GROUP_M=cfg.group_m,
                  PRODUCER_REGS=PRODUCER_REGS, num_warps=cfg.warps)  # fmt: skip
-    return (min(sms, tiles),), args, const
+    return (min(cfg.occupancy * sms, tiles) if cfg.occupancy else tiles,), args, const
 
 
 def feed_forward_geglu_gluon(
