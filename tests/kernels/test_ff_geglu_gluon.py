@@ -32,7 +32,15 @@ def _inputs(m, k, f, dtype=torch.float16, bias=True, device="cpu"):
 
 
 @pytest.mark.parametrize(
-    "key", ["ff128x64k64s4c1g8", "ff128x128k64s4c2g8", "ff256x64k64s3c2g4", "ff64x64k32s6c1g1", "ff128x64k64s2c1g8o2"]
+    "key",
+    [
+        "ff128x64k64s4c1g8",
+        "ff128x128k64s4c2g8",
+        "ff256x64k64s3c2g4",
+        "ff64x64k32s6c1g1",
+        "ff128x64k64s2c1g8o2",
+        "ff128x64k64s3c1g8pp",
+    ],
 )
 def test_config_round_trip(key):
     cfg = fg.FFGluonConfig.parse(key)
@@ -51,6 +59,8 @@ def test_config_round_trip(key):
         (dict(stages=1), ">= 2 stages"),
         (dict(bm=256, bn=128, consumers=2), "accumulator registers"),
         (dict(bm=256, bn=64, consumers=2, stages=6), "shared memory"),
+        (dict(bm=128, consumers=2, pingpong=True), "ping-pong tile belongs to one warpgroup"),
+        (dict(bm=128, bn=64, stages=4, pingpong=True), "shared memory"),  # two rings
     ],
 )
 def test_invalid_configs_raise(fields, match):
@@ -126,6 +136,8 @@ GPU_CONFIGS = [
     "ff64x64k32s6c1g1",
     "ff128x64k64s2c1g8o2",
     "ff128x32k64s4c1g8o0",
+    "ff128x64k64s3c1g8pp",
+    "ff64x128k64s2c1g1pp",
 ]
 
 

@@ -18,6 +18,7 @@ AOT = {
     "c2_bn128": ("ff128x128k64s4c2g8", True, 0),
     "c2_bm256_nobias": ("ff256x64k64s3c2g4", False, 0),
     "c1_tanh": ("ff128x64k64s4c1g8", True, 1),
+    "pingpong": ("ff128x64k64s3c1g8pp", True, 0),
 }
 _AOT_CHILD = """
 import sys
@@ -66,7 +67,7 @@ def test_aot_compile_sm90(name, sm90_kernels):
     assert "cp.async.bulk.tensor.2d.global.shared::cta" in ptx  # TMA store of the output tile
     assert ("ld.global" in ptx) == bias  # the bias is the only global load
     assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+{fg.PRODUCER_REGS}\b", ptx)
-    assert warps == cfg.warps + 4 and shared <= fg.SMEM_LIMIT
+    assert warps == cfg.warps + (8 if cfg.pingpong else 4) and shared <= fg.SMEM_LIMIT  # + the workers' groups
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert m and (int(m.group(1)), int(m.group(2))) == (0, 0), log
     assert "serialized" not in log, log

@@ -39,8 +39,8 @@ L2_BYTES = 50 * 2**20
 
 
 def gluon_configs() -> list[Any]:
-    """Each GLUON_TILES tile with the fewest and the most ring stages that fit (3..8), group_m 1 once, and small
-    rings at two programs an SM or one program a tile."""
+    """Each GLUON_TILES tile with the fewest and the most ring stages that fit (3..8), group_m 1 once, small
+    rings at two programs an SM or one program a tile, and ping-pong configs."""
     out = []
     for bm, bn, c in GLUON_TILES:
         fits = []
@@ -55,6 +55,9 @@ def gluon_configs() -> list[Any]:
     for bm, bn, c, stages in ((128, 64, 1, 2), (128, 64, 1, 3), (128, 32, 1, 4), (64, 64, 1, 4), (128, 64, 2, 3)):
         for occ in (2, 0):
             out.append(fg.FFGluonConfig(bm, bn, 64, stages, c, occupancy=occ))
+    # ping-pong: two consumer warpgroups on alternate tiles (one's epilogue under the other's MMAs)
+    for bm, bn, stages in ((128, 64, 2), (128, 64, 3), (128, 32, 4), (64, 128, 2), (64, 64, 4)):
+        out.append(fg.FFGluonConfig(bm, bn, 64, stages, 1, pingpong=True))
     return out
 
 

@@ -29,6 +29,7 @@ __all__ = ["FFGluonConfig", "feed_forward_geglu_gluon", "feed_forward_geglu_ref"
 
 SMEM_LIMIT = 232448  # bytes of dynamic shared memory a CTA may use on sm_90 (227 KiB)
 PRODUCER_REGS = 40  # setmaxnreg of the 1-warp TMA producer
+PINGPONG_CONSUMER_REGS = 232  # setmaxnreg of the ping-pong's second consumer warpgroup
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class FFGluonConfig:
     """Output tiles of bm rows x bn columns (value and gate: a [bm, 2·bn] accumulator), K steps of bk through
     a `stages`-deep SMEM ring, `consumers` warpgroups (4 warps each, stacked along M), tiles in row groups of
     `group_m` (they share W boxes in L2), `occupancy` persistent programs per SM (0: one program per tile), so
-    that one program's epilogue can run under another's MMAs."""
+    that one program's epilogue can run under another's MMAs; `pingpong`: two consumer warpgroups on alternate
+    tiles, each with its own ring (one's epilogue under the other's MMAs; `consumers` must be 1: the tile's
+    rows belong to one warpgroup)."""
 
     bm: int = 128
     bn: int = 64
@@ -45,6 +48,7 @@ class FFGluonConfig:
     consumers: int = 1
     group_m: int = 8
     occupancy: int = 1
+    pingpong: bool = False
 
     def __post_init__(self) -> None:
         if any(v <= 0 or v & (v - 1) for v in (self.bm, self.bn, self.bk)) or self.bk < 16 or self.bn < 16:
@@ -53,6 +57,8 @@ class FFGluonConfig:
             raise ValueError(f"{self}: 1 or 2 warpgroups of a multiple of 64 rows each (bm <= 256), bn <= 128")
         if (self.bm // self.consumers) * 2 * self.bn // 128 > 128:
             raise ValueError(f"{self}: more than 128 fp32 accumulator registers a thread")
+        if self.pingpong and self.consumers != 1:
+            raise ValueError(f"{self}: a ping-pong tile belongs to one warpgroup (consumers 1)")
         if self.stages < 2 or self.group_m < 1 or self.occupancy < 0:
             raise ValueError(f"{self}: >= 2 stages, group_m >= 1, occupancy >= 0")
         if self.smem_bytes() > SMEM_LIMIT:
@@ -60,22 +66,26 @@ class FFGluonConfig:
 
     @property
     def warps(self) -> int:
-        return 4 * self.consumers
+        return 4 * self.consumers  # (ping-pong: the first consumer; the second is a worker partition)
 
     def smem_bytes(self) -> int:
-        return self.stages * (self.bm + 2 * self.bn) * self.bk * 2 + self.bm * self.bn * 2 + 2 * self.stages * 8
+        rings = 2 if self.pingpong else 1
+        return rings * (
+            self.stages * (self.bm + 2 * self.bn) * self.bk * 2 + self.bm * self.bn * 2 + 2 * self.stages * 8
+        )
 
     def __str__(self) -> str:
         occ = f"o{self.occupancy}" if self.occupancy != 1 else ""
-        return f"ff{self.bm}x{self.bn}k{self.bk}s{self.stages}c{self.consumers}g{self.group_m}{occ}"
+        pp = "pp" if self.pingpong else ""
+        return f"ff{self.bm}x{self.bn}k{self.bk}s{self.stages}c{self.consumers}g{self.group_m}{occ}{pp}"
 
     @staticmethod
     def parse(key: str) -> FFGluonConfig:
         """Inverse of ``str``."""
-        m = re.fullmatch(r"ff(\d+)x(\d+)k(\d+)s(\d+)c(\d+)g(\d+)(?:o(\d+))?", key)
+        m = re.fullmatch(r"ff(\d+)x(\d+)k(\d+)s(\d+)c(\d+)g(\d+)(?:o(\d+))?(pp)?", key)
         if m is None or m.group(7) == "1":  # (occupancy 1 has no suffix: one key per config)
             raise ValueError(f"not a Gluon feed-forward config key: {key!r}")
-        return FFGluonConfig(*map(int, m.groups()[:6]), occupancy=int(m.group(7) or 1))
+        return FFGluonConfig(*map(int, m.groups()[:6]), occupancy=int(m.group(7) or 1), pingpong=bool(m.group(8)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -137,6 +147,8 @@ def _launch_args(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, o
     args = (xd, wd, yd, out2 if bias is None else bias, m, f, k)
     const = dict(STAGES=cfg.stages, HAS_B=bias is not None, APPROX=approx, GROUP_M=cfg.group_m,
                  PRODUCER_REGS=PRODUCER_REGS, num_warps=cfg.warps)  # fmt: skip
+    if cfg.pingpong:
+        const["CONSUMER_REGS"] = PINGPONG_CONSUMER_REGS
     return (min(cfg.occupancy * sms, tiles) if cfg.occupancy else tiles,), args, const
 
 
@@ -160,8 +172,9 @@ def feed_forward_geglu_gluon(
     kern = _kernels()
     assert kern is not None
     grid, args, const = _launch_args(x2, w, bias, out2, cfg, approx, sm_count(x2.device))
+    fn = kern.ff_geglu_pp_kernel if cfg.pingpong else kern.ff_geglu_kernel
     with torch.cuda.device(x2.device):
-        kern.ff_geglu_kernel[grid](*args, **const)
+        fn[grid](*args, **const)
     return out2
 
 
@@ -179,7 +192,7 @@ def compile_sm90(config: FFGluonConfig, bias: bool = True, approx: int = 0, capa
     out2 = torch.empty((2 * config.bm, 2 * config.bn), dtype=torch.float16)
     b = torch.empty(4 * config.bn, dtype=torch.float16) if bias else None
     _, args, const = _launch_args(x2, w, b, out2, config, approx, 132)
-    fn = kern.ff_geglu_kernel
+    fn = kern.ff_geglu_pp_kernel if config.pingpong else kern.ff_geglu_kernel
     names = fn.arg_names
     sig = {names[i]: mangle_type(a) for i, a in enumerate(args)}
     sig.update({k: "constexpr" for k in const})

@@ -145,3 +145,117 @@ def ff_geglu_kernel(x_desc, w_desc, y_desc, b_ptr, M, F, K, STAGES: gl.constexpr
                           num_warps)),
         (_load_partition, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, F, K, GROUP_M)),
     ], [1], [PRODUCER_REGS])  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------------
+# Ping-pong variant: two consumer warpgroups on ALTERNATE tiles, each with its own SMEM ring, barriers and
+# output buffer, so one warpgroup's epilogue (bias, GELU, store) runs under the other's MMAs. A program's tiles
+# t_j = pid + j·nprog come in pairs: tile 2i goes to consumer 0 and tile 2i + 1 to consumer 1, each as that
+# consumer's i-th tile; its K step kk has the ring counter it = i·KT + kk (slot it mod STAGES, parity
+# (it div STAGES) & 1) on both sides.
+# -------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _pp_load_tile(x_desc, w_desc, a_ring, b_ring, ready, empty, t, i, n_m, n_n, kt, GROUP_M: gl.constexpr):
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BK: gl.constexpr = x_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[1]
+    STAGES: gl.constexpr = a_ring.type.shape[0]
+    NBYTES: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+    pm, pn = _tile(t, n_m, n_n, GROUP_M)
+    for kk in range(kt):
+        it = i * kt + kk
+        s = it % STAGES
+        mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+        bar = ready.index(s)
+        mbarrier.expect(bar, NBYTES)
+        tma.async_copy_global_to_shared(x_desc, [pm * BM, kk * BK], bar, a_ring.index(s))
+        tma.async_copy_global_to_shared(w_desc, [0, pn * BN, kk * BK], bar, b_ring.index(s))
+
+
+@gluon.jit
+def _pp_load_partition(x_desc, w_desc, a0, b0, ready0, empty0, a1, b1, ready1, empty1, M, F, K,
+                       GROUP_M: gl.constexpr):  # fmt: skip
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BK: gl.constexpr = x_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[1]
+    n_m = gl.cdiv(M, BM)
+    n_n = gl.cdiv(F, BN)
+    kt = gl.cdiv(K, BK)
+    nprog = gl.num_programs(0)
+    i = 0
+    for t in range(gl.program_id(0), n_m * n_n, 2 * nprog):
+        _pp_load_tile(x_desc, w_desc, a0, b0, ready0, empty0, t, i, n_m, n_n, kt, GROUP_M)
+        if t + nprog < n_m * n_n:
+            _pp_load_tile(x_desc, w_desc, a1, b1, ready1, empty1, t + nprog, i, n_m, n_n, kt, GROUP_M)
+        i += 1
+
+
+@gluon.jit
+def _pp_consumer(y_desc, a_ring, b_ring, ready, empty, c_smem, b_ptr, M, F, K, CID: gl.constexpr,
+                 HAS_B: gl.constexpr, APPROX: gl.constexpr, GROUP_M: gl.constexpr):  # fmt: skip
+    BM: gl.constexpr = a_ring.type.shape[1]
+    BK: gl.constexpr = a_ring.type.shape[2]
+    BN: gl.constexpr = b_ring.type.shape[2]
+    STAGES: gl.constexpr = a_ring.type.shape[0]
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 2 * BN, 16])  # fmt: skip
+    n_m = gl.cdiv(M, BM)
+    n_n = gl.cdiv(F, BN)
+    kt = gl.cdiv(K, BK)
+    nprog = gl.num_programs(0)
+    it = 0  # = i·KT + kk for this consumer's i-th tile
+    for t in range(gl.program_id(0) + CID * nprog, n_m * n_n, 2 * nprog):
+        pm, pn = _tile(t, n_m, n_n, GROUP_M)
+        acc = gl.zeros([BM, 2 * BN], gl.float32, mma_layout)
+        for kk in range(kt):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            b_view = b_ring.index(s).reshape([2 * BN, BK]).permute((1, 0))
+            acc = warpgroup_mma(a_ring.index(s), b_view, acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc,))
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)
+            it += 1
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+        v, g = acc.reshape([BM, 2, BN]).permute((0, 2, 1)).split()
+        if HAS_B:
+            cols = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, v.type.layout))
+            ok = cols < F
+            v = v + gl.expand_dims(gl.load(b_ptr + cols, mask=ok, other=0.0).to(gl.float32), 0)
+            g = g + gl.expand_dims(gl.load(b_ptr + F + cols, mask=ok, other=0.0).to(gl.float32), 0)
+        y = (v * _gelu(g, APPROX)).to(c_smem.dtype)
+        tma.store_wait(0)
+        c_smem.store(y)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(y_desc, [pm * BM, pn * BN], c_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _alloc_ring(x_desc, w_desc, y_desc, STAGES: gl.constexpr):
+    a = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    b = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    c = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    return a, b, c, ready, empty
+
+
+@gluon.jit(do_not_specialize=["M", "F", "K"])
+def ff_geglu_pp_kernel(x_desc, w_desc, y_desc, b_ptr, M, F, K, STAGES: gl.constexpr, HAS_B: gl.constexpr,
+                       APPROX: gl.constexpr, GROUP_M: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    # as ff_geglu_kernel; num_warps = 4 (consumer 0, the default partition); consumer 1 and the producer are
+    # worker partitions; one (ring, output buffer, barriers) per consumer
+    a0, b0, c0, ready0, empty0 = _alloc_ring(x_desc, w_desc, y_desc, STAGES)
+    a1, b1, c1, ready1, empty1 = _alloc_ring(x_desc, w_desc, y_desc, STAGES)
+    gl.warp_specialize([
+        (_pp_consumer, (y_desc, a0, b0, ready0, empty0, c0, b_ptr, M, F, K, 0, HAS_B, APPROX, GROUP_M)),
+        (_pp_consumer, (y_desc, a1, b1, ready1, empty1, c1, b_ptr, M, F, K, 1, HAS_B, APPROX, GROUP_M)),
+        (_pp_load_partition, (x_desc, w_desc, a0, b0, ready0, empty0, a1, b1, ready1, empty1, M, F, K, GROUP_M)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
