@@ -1,4 +1,4 @@
-"""Gluon kernel of :mod:`speedsd.kernels.ff_geglu_gluon` (Hopper sm_90 only; imported lazily).
+"""Gluon kernels of `ff_geglu_gluon.py` (Hopper sm_90 only; imported lazily).
 
 Gluon kernels do not run under the CPU interpreter: the tests compile this one for sm_90 ahead of time
 (ff_geglu_gluon.compile_sm90) and check its numbers on a GPU.

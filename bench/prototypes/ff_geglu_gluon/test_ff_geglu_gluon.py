@@ -4,7 +4,7 @@ CPU: the config's string round trip and validation, the launcher's clear errors 
 the same inputs), the launch arguments. Gluon kernels do not run under the interpreter, so every numerical check
 is a GPU test (sm_90): NaN-poisoned outputs, error vs fp64 within 2x torch's own fp16/bf16 error, on the UNet's
 shapes and odd ones (M, F past the tiles, K not a multiple of BK), with and without bias, the three GELU forms.
-The sm_90 ahead-of-time compile is test_ff_geglu_gluon_aot.py.
+Run from this folder: TRITON_INTERPRET=1 PYTHONPATH=<repo>/src:<repo>/tests:. pytest -q .
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from precision import assert_low_precision_ok
 
 gg = importlib.import_module("speedsd.kernels.geglu")
-fg = importlib.import_module("speedsd.kernels.ff_geglu_gluon")
+fg = importlib.import_module("ff_geglu_gluon")
 
 
 def _inputs(m, k, f, dtype=torch.float16, bias=True, device="cpu"):

@@ -1,7 +1,7 @@
 """The GEGLU feed-forward projection on the UNet's shapes: the engine's plan, the Triton TMA kernel, the Gluon
 kernel's configs and cuBLAS's GEMM alone.
 
-    python -m speedsd.bench.kernels_ff --out bench/results [--smoke]
+    (from this folder) PYTHONPATH=<repo>/src:. python kernels_ff.py --out <dir> [--smoke]
 
 Shapes: SD-1's FF1 at each UNet level (batch 2 with classifier-free guidance, 512²): x [M, K] @ W [2F, K]ᵀ
 (+ bias) -> value·GELU(gate) [M, F], M = 2·h·w tokens. fp16. Clock: CUDA-graph replay (what the engine pays),
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from speedsd.bench import common
 
 gg = importlib.import_module("speedsd.kernels.geglu")
-fg = importlib.import_module("speedsd.kernels.ff_geglu_gluon")
+fg = importlib.import_module("ff_geglu_gluon")
 
 # (label, M, K, F, calls per UNet step)
 SHAPES = [

@@ -92,7 +92,7 @@ class FFGluonConfig:
 def _kernels() -> ModuleType | None:
     """The Gluon kernel module, or None where this Triton has no Gluon/Hopper API."""
     try:
-        from speedsd.kernels import ff_geglu_gluon_kernels
+        import ff_geglu_gluon_kernels
     except ImportError:
         return None
     return ff_geglu_gluon_kernels

@@ -1,11 +1,11 @@
 """bench.kernels_ff: its Gluon candidates and a smoke run on CPU (the measurements run on the GPU:
-``python -m speedsd.bench.kernels_ff``)."""
+``python kernels_ff.py``)."""
 
 from __future__ import annotations
 
 import json
 
-from speedsd.bench import kernels_ff as kf
+import kernels_ff as kf
 
 
 def test_gluon_candidates_are_valid_and_distinct():
