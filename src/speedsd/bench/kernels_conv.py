@@ -1,15 +1,16 @@
 """The implicit-GEMM Triton conv and the Gluon 3x3 conv vs cuDNN on SD convs.
 
     python -m speedsd.bench.kernels_conv --out bench/results [--table src/speedsd/data/conv_table.json]
-        [--shapes all|base|vae|unet] [--budget-s 30]
+        [--shapes all|base|vae|unet] [--only TEXT] [--budget-s 30]
 
 Shapes ("base"): the UNet's 8² and 16² convs at 64x64 latents with classifier-free guidance (batch 2;
 M = 128 or 512 output pixels, 1280 output channels), its 4-channel output conv, and the VAE's 3-channel
 output conv at 512²; ("vae"): the VAE decoder's ResNet 3x3 convs at 512² output, where on sm_90 the Gluon
 conv's variants (kernels/conv_gluon.py VARIANTS, fitted to Co) are timed too; ("unet"): the UNet's 32² and 16²
-3x3 convs, cuDNN against the Gluon conv's tiles x K splits only (the base shapes time those next to their
-implicit-GEMM search). fp16, channels_last, no bias
-(the engine fuses conv biases downstream: ResNet convs run with ``with_bias=False``).
+3x3 convs (and its 8² ones), cuDNN against the Gluon conv's tiles x K splits and the table's implicit-GEMM
+config where it names one (the base shapes time the Gluon candidates next to their implicit-GEMM search).
+fp16, channels_last, no bias (the engine fuses conv biases downstream: ResNet convs run with
+``with_bias=False``).
 
 Search: every tile shape x (warps, stages) with the default K split (the TMA-operand variants first, where the
 conv takes them), then the best few over K splits, then the best one with its partials summed by a second kernel
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from speedsd import conv_table
 from speedsd.bench import common
 
 ci = importlib.import_module("speedsd.kernels.conv_igemm")
@@ -61,9 +63,9 @@ VAE_SHAPES = [
     ("vae 64² 512->512", (1, 512, 64, 64), 512, 3, 1, 1, 10),
 ]
 VAE_SPLITS = [1, 2]  # thousands of output tiles: K splits only add partial sums
-# the UNet's 3x3 stride-1 convs at 32² and 16² (batch 2), where cuDNN's tiles leave SMs idle (80 CTAs on 132
-# SMs): cuDNN against the Gluon conv's tiles x K splits only (--shapes unet: no implicit-GEMM search; the
-# base shapes time those Gluon candidates next to their implicit-GEMM search)
+# the UNet's 3x3 stride-1 convs at 32², 16² and 8² (batch 2), where cuDNN's tiles leave SMs idle (80 CTAs or
+# fewer on 132 SMs): cuDNN against the Gluon conv's tiles x K splits (--shapes unet: no implicit-GEMM search;
+# where the card's conv table names an implicit-GEMM config, that one config is re-timed in the same run)
 UNET_GLUON_SHAPES = [
     ("unet 32² 640->640", (2, 640, 32, 32), 640, 3, 1, 1, 6),
     ("unet 32² 320->640", (2, 320, 32, 32), 640, 3, 1, 1, 1),
@@ -74,6 +76,8 @@ UNET_GLUON_SHAPES = [
     ("unet 16² 640->1280", (2, 640, 16, 16), 1280, 3, 1, 1, 1),
     ("unet 16² 1920->1280", (2, 1920, 16, 16), 1280, 3, 1, 1, 1),
     ("unet 16² 2560->1280", (2, 2560, 16, 16), 1280, 3, 1, 1, 2),
+    ("unet 8² 1280->1280 (Gluon vs the table)", (2, 1280, 8, 8), 1280, 3, 1, 1, 11),
+    ("unet 8² 2560->1280 (Gluon vs the table)", (2, 2560, 8, 8), 1280, 3, 1, 1, 3),
 ]
 # Gluon tiles for them, (th, tw, bn, consumer warpgroups); stages and epilogue slabs: the most / fewest that fit
 GLUON_TILES = [(8, 16, 128, 1), (16, 16, 128, 2), (8, 16, 256, 2), (8, 8, 128, 1), (8, 8, 256, 1)]
@@ -224,16 +228,20 @@ def bench_shape(
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a big tile: skip that config
             print(f"  {label} {cfg.key()}: {type(e).__name__}: {str(e)[:100]}", flush=True)
 
-    cands = _tma_configs(x, weights[0], n, stride, pad) + _configs(n, c, m, k * k, dev) if igemm else []
+    if igemm:
+        cands = _tma_configs(x, weights[0], n, stride, pad) + _configs(n, c, m, k * k, dev)
+    else:  # no search: the card's table's implicit-GEMM config (where it names one), re-timed in this run
+        current = conv_table.choose(shape, n, k, stride, pad, dtype, dev)
+        cands = [current] if isinstance(current, IgemmConfig) else []
     for cfg in cands[:4] if smoke else cands:
-        run(cfg, budgeted=True)
-    ranked = sorted(results, key=results.get)[:3]
+        run(cfg, budgeted=igemm)  # (the search's compiles are bounded; the table's one config always runs)
+    ranked = sorted(results, key=results.get)[:3] if igemm else []
     for key in ranked:  # the best tile shapes over K splits (split is a launch argument: no recompile)
         for split in splits[:3] if smoke else splits:
             run(dataclasses.replace(IgemmConfig.parse(key), split=split))
     best = min(results, key=results.get) if results else None
     two: dict[str, float] = {}  # the best tile shape with its partials summed by a second kernel, over K splits
-    if best is not None and IgemmConfig.parse(best).split > 1:
+    if igemm and best is not None and IgemmConfig.parse(best).split > 1:
         for split in splits[:3] if smoke else splits:
             key = dataclasses.replace(IgemmConfig.parse(best), split=split, last_sums=False).key()
             run(IgemmConfig.parse(key))
@@ -245,7 +253,7 @@ def bench_shape(
         return _rel(ci.conv2d_igemm(x, weights[0], None, stride, pad, IgemmConfig.parse(key)), ref)
 
     err = rel_err(best) if best is not None else None
-    ok = err is not None and err <= tol if igemm else True  # (no implicit-GEMM search: nothing to be wrong)
+    ok = err is not None and err <= tol if best is not None or igemm else True  # (nothing timed: nothing wrong)
     two_key = min(two, key=two.get) if two else None
     two_err = rel_err(two_key) if two_key else None
     best_ms = results.get(best, float("nan")) if best else float("nan")
@@ -314,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes_help = "base: the UNet/output-head convs; vae: the VAE decoder's 3x3 convs (+ Gluon on sm_90); unet: "
     shapes_help += "cuDNN vs the Gluon conv with K splits on the UNet's 32², 16² and 8² convs"
     ap.add_argument("--shapes", choices=("all", "base", "vae", "unet"), default="all", help=shapes_help)
+    ap.add_argument("--only", default=None, metavar="TEXT", help="only the shapes whose label contains TEXT")
     ap.add_argument(
         "--table-from",
         default=None,
@@ -332,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(row, SPLITS, "splits", True) for row in SHAPES] if args.shapes in ("all", "base") else []
     plan += [(row, VAE_SPLITS, "variants", True) for row in VAE_SHAPES] if args.shapes in ("all", "vae") else []
     plan += [(row, SPLITS, "splits", False) for row in UNET_GLUON_SHAPES] if args.shapes in ("all", "unet") else []
+    plan = [p for p in plan if args.only is None or args.only in p[0][0]]
     rows = []
     for row, splits, gluon, igemm in [(row, SPLITS, None, True) for row in SMOKE] if smoke else plan:
         r = bench_shape(row, device, smoke, args.budget_s, splits, gluon, igemm)
@@ -358,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         from speedsd.conv_table import merge_into
 
         table = table_entries(rows, torch.float16)
-        merge_into(Path(args.table), torch.cuda.get_device_name(), table, keep=args.shapes != "all")
+        merge_into(Path(args.table), torch.cuda.get_device_name(), table, keep=args.shapes != "all" or bool(args.only))
     ok = all(r["ok"] and r.get("gluon_ok", True) for r in rows)  # a Gluon row: some variant correct
     return common.publish(args.out, "kernels_conv", {"rows": rows}, md, ok)
 
