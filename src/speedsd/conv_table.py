@@ -4,7 +4,8 @@
 Measured, not guessed: ``python -m speedsd.bench.kernels_conv --table src/speedsd/data/conv_table.json``
 times every candidate launch shape of :func:`speedsd.kernels.conv_igemm.conv2d_igemm` on the SD convs
 that cuDNN runs below the card's rate, and on sm_90 cards the variants of
-:func:`speedsd.kernels.conv_gluon.conv3x3_gluon` on the VAE decoder's big 3x3 convs, against cuDNN, in
+:func:`speedsd.kernels.conv_gluon.conv3x3_gluon` on the VAE decoder's big 3x3 convs (``--shapes vae``) and its
+tiles x K splits on the UNet's 32², 16² and 8² 3x3 convs (``--shapes unet``), against cuDNN, in
 CUDA-graph replay, and records per card the winner ("best": "cudnn", "igemm" or "gluon") and its config
 (``config``: the winner's, or the best implicit-GEMM one where cuDNN won). A card or shape not in the
 table runs cuDNN.

@@ -11,6 +11,7 @@ import collections
 import pytest
 import torch
 
+from interp_bounds import needs_interpreter
 from speedsd import ops
 from speedsd.bench import kernels_conv as kc
 from speedsd.models.unet import UNET_PRESETS, UNet2DCondition
@@ -156,6 +157,7 @@ def test_tma_candidates_only_where_the_kernel_takes_the_conv():
     assert kc._tma_configs(x.contiguous(), w, 1280, 1, 1) == []
 
 
+@needs_interpreter  # the smoke row's kernels on CPU tensors
 def test_unsearched_rows_retime_the_tables_implicit_gemm_config(monkeypatch):
     """A --shapes unet row does not search the implicit GEMM, but re-times the config the card's table names
     (where it names one) in the same run, so its winner is chosen among numbers of one run."""

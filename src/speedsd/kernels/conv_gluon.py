@@ -1,4 +1,5 @@
-"""Gluon (TMA + wgmma, warp-specialized) 3x3 stride-1 pad-1 conv for Hopper (sm_90): the VAE decoder's big convs.
+"""Gluon (TMA + wgmma, warp-specialized) 3x3 stride-1 pad-1 conv for Hopper (sm_90): the VAE decoder's big convs
+and, with the K reduction split over programs, the UNet's 32², 16² and 8² convs.
 
 y = conv3x3(x, w) (+ bias) (+ residual), fp16 channels_last in and out, fp32 accumulation; optionally the
 epilogue also writes the next GroupNorm's partial statistics (``stats_groups``, kernels/gn_tile_stats.py).
@@ -16,6 +17,12 @@ where a measurement on that card found it fastest: on the H200 (bench/results/ke
 cycled out of L2) 512 at 64² 27.8 vs 31.1 µs (10 calls a decode), 512 at 128² 98.3 vs 102.1 (6), 256 at 256²
 105.1 vs 106.6 (5); cuDNN keeps the other three. The whole decode, fresh processes alternating
 (ab_vae_gluon_conv_h200.txt): 4.95 / 4.86 / 4.96 -> 4.92 / 4.78 / 4.89 ms.
+
+K splits (``GluonConvConfig.split``) for convs with too few tiles to fill the SMs (cuDNN runs the UNet's
+32² and 16² convs on 80 CTAs): each (tile, split) unit stores an fp32 partial, and conv_igemm.sum_partials sums
+them (+ bias) into the output. On the H200 (bench/results/kernels_conv_unet_h200.md, graph replay, weights
+cycled out of L2): 2x1280x16² 28.6 vs cuDNN 33.5 µs (3 splits), 2x1920x32² -> 640 67.9 vs 86.4; the image,
+fresh processes alternating (ab_session19_h200.txt): 112.48 -> 110.28 ms.
 
 :func:`conv3x3_gluon` raises ValueError for anything its kernel cannot take (device, dtype, layout, channel
 counts, alignment); :func:`conv_gluon_supported` answers the same question with False.
