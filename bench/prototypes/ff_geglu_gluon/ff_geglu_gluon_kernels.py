@@ -62,6 +62,44 @@ def _gelu(g, APPROX: gl.constexpr):
 
 
 @gluon.jit
+def _gemm_tile(a_ring, b_ring, ready, empty, it, kt, acc):
+    # acc += the tile's kt K steps from the ring, starting at ring counter it; returns (acc, it + kt). Keeps one
+    # wgmma in flight and frees the previous step's slot (none at the tile's first step); frees the last one.
+    BK: gl.constexpr = a_ring.type.shape[2]
+    BN: gl.constexpr = b_ring.type.shape[2]
+    STAGES: gl.constexpr = a_ring.type.shape[0]
+    for kk in range(kt):
+        s = it % STAGES
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        b_view = b_ring.index(s).reshape([2 * BN, BK]).permute((1, 0))  # [2, BN, BK] -> [BK, 2·BN]
+        acc = warpgroup_mma(a_ring.index(s), b_view, acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=(acc,))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)  # step it − 1's slot
+        it += 1
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the tile's last step
+    return acc, it
+
+
+@gluon.jit
+def _geglu_store(acc, pm, pn, F, b_ptr, c_smem, y_desc, HAS_B: gl.constexpr, APPROX: gl.constexpr):
+    # value, gate (+ bias) -> value·GELU(gate) -> the output buffer -> TMA store, left in flight
+    BM: gl.constexpr = c_smem.type.shape[0]
+    BN: gl.constexpr = c_smem.type.shape[1]
+    v, g = acc.reshape([BM, 2, BN]).permute((0, 2, 1)).split()  # [BM, 2·BN] -> value, gate [BM, BN]
+    if HAS_B:
+        cols = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, v.type.layout))
+        ok = cols < F
+        v = v + gl.expand_dims(gl.load(b_ptr + cols, mask=ok, other=0.0).to(gl.float32), 0)
+        g = g + gl.expand_dims(gl.load(b_ptr + F + cols, mask=ok, other=0.0).to(gl.float32), 0)
+    y = (v * _gelu(g, APPROX)).to(c_smem.dtype)
+    tma.store_wait(0)  # the previous tile's store has left the buffer
+    c_smem.store(y)
+    fence_async_shared()
+    tma.async_copy_shared_to_global(y_desc, [pm * BM, pn * BN], c_smem)
+
+
+@gluon.jit
 def _load_partition(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, F, K, GROUP_M: gl.constexpr):
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
@@ -90,7 +128,6 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, b_ptr, M, F, K,
     BM: gl.constexpr = a_bufs.type.shape[1]
     BK: gl.constexpr = a_bufs.type.shape[2]
     BN: gl.constexpr = b_bufs.type.shape[2]
-    STAGES: gl.constexpr = a_bufs.type.shape[0]
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 2 * BN, 16]
     )
@@ -100,28 +137,8 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, b_ptr, M, F, K,
     it = 0  # K steps consumed by this program over all its tiles
     for t in range(gl.program_id(0), n_m * n_n, gl.num_programs(0)):
         pm, pn = _tile(t, n_m, n_n, GROUP_M)
-        acc = gl.zeros([BM, 2 * BN], gl.float32, mma_layout)
-        for kk in range(kt):
-            s = it % STAGES
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            b_view = b_bufs.index(s).reshape([2 * BN, BK]).permute((1, 0))  # [2, BN, BK] -> [BK, 2·BN]
-            acc = warpgroup_mma(a_bufs.index(s), b_view, acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=(acc,))
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)  # step it − 1's slot
-            it += 1
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the tile's last step
-        v, g = acc.reshape([BM, 2, BN]).permute((0, 2, 1)).split()  # [BM, 2·BN] -> value, gate [BM, BN]
-        if HAS_B:
-            cols = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, v.type.layout))
-            ok = cols < F
-            v = v + gl.expand_dims(gl.load(b_ptr + cols, mask=ok, other=0.0).to(gl.float32), 0)
-            g = g + gl.expand_dims(gl.load(b_ptr + F + cols, mask=ok, other=0.0).to(gl.float32), 0)
-        y = (v * _gelu(g, APPROX)).to(c_smem.dtype)
-        tma.store_wait(0)  # the previous tile's store has left the buffer
-        c_smem.store(y)
-        fence_async_shared()
-        tma.async_copy_shared_to_global(y_desc, [pm * BM, pn * BN], c_smem)
+        acc, it = _gemm_tile(a_bufs, b_bufs, ready, empty, it, kt, gl.zeros([BM, 2 * BN], gl.float32, mma_layout))
+        _geglu_store(acc, pm, pn, F, b_ptr, c_smem, y_desc, HAS_B, APPROX)
     tma.store_wait(0)
 
 
@@ -198,7 +215,6 @@ def _pp_consumer(y_desc, a_ring, b_ring, ready, empty, c_smem, b_ptr, M, F, K, C
     BM: gl.constexpr = a_ring.type.shape[1]
     BK: gl.constexpr = a_ring.type.shape[2]
     BN: gl.constexpr = b_ring.type.shape[2]
-    STAGES: gl.constexpr = a_ring.type.shape[0]
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 2 * BN, 16])  # fmt: skip
     n_m = gl.cdiv(M, BM)
@@ -208,28 +224,8 @@ def _pp_consumer(y_desc, a_ring, b_ring, ready, empty, c_smem, b_ptr, M, F, K, C
     it = 0  # = i·KT + kk for this consumer's i-th tile
     for t in range(gl.program_id(0) + CID * nprog, n_m * n_n, 2 * nprog):
         pm, pn = _tile(t, n_m, n_n, GROUP_M)
-        acc = gl.zeros([BM, 2 * BN], gl.float32, mma_layout)
-        for kk in range(kt):
-            s = it % STAGES
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            b_view = b_ring.index(s).reshape([2 * BN, BK]).permute((1, 0))
-            acc = warpgroup_mma(a_ring.index(s), b_view, acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=(acc,))
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)
-            it += 1
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-        v, g = acc.reshape([BM, 2, BN]).permute((0, 2, 1)).split()
-        if HAS_B:
-            cols = pn * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, v.type.layout))
-            ok = cols < F
-            v = v + gl.expand_dims(gl.load(b_ptr + cols, mask=ok, other=0.0).to(gl.float32), 0)
-            g = g + gl.expand_dims(gl.load(b_ptr + F + cols, mask=ok, other=0.0).to(gl.float32), 0)
-        y = (v * _gelu(g, APPROX)).to(c_smem.dtype)
-        tma.store_wait(0)
-        c_smem.store(y)
-        fence_async_shared()
-        tma.async_copy_shared_to_global(y_desc, [pm * BM, pn * BN], c_smem)
+        acc, it = _gemm_tile(a_ring, b_ring, ready, empty, it, kt, gl.zeros([BM, 2 * BN], gl.float32, mma_layout))
+        _geglu_store(acc, pm, pn, F, b_ptr, c_smem, y_desc, HAS_B, APPROX)
     tma.store_wait(0)
 
 
