@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from speedsd.kernels.bias_add import drop_gn_stats
-from speedsd.kernels.conv_igemm import sum_partials
+from speedsd.kernels.conv_igemm import nhwc_view, sum_partials, weight_matrix
 from speedsd.kernels.device import compile_ahead, is_sm90, sm_count
 from speedsd.kernels.gn_tile_stats import attach
 
@@ -323,11 +323,9 @@ def _launch_args(
     co = weight.shape[0]
     if cfg.split > 1 and (y.shape != (cfg.split, n, h, w, co) or y.dtype != torch.float32 or bias is not None):
         raise ValueError(f"a {cfg.split}-way K split writes fp32 partials [split, N, H, W, Co], without bias")
-    # dense views with canonical strides (channels_last-contiguous tensors may carry any stride on size-1 dims)
-    x_nhwc = x.as_strided((n, h, w, c), (h * w * c, w * c, c, 1))  # [N, C, H, W] -> [N, H, W, C]
-    w_mat = weight.as_strided((co, 9 * c), (9 * c, 1))  # [Co, C, 3, 3] channels_last -> [Co, 9·C]
-    ny = cfg.split * n  # the partials [split, N, H, W, Co] as [split·N, H, W, Co]
-    y_nhwc = y.as_strided((ny, h, w, co), (h * w * co, w * co, co, 1))
+    x_nhwc, w_mat = nhwc_view(x), weight_matrix(weight)  # [N, H, W, C], [Co, 9·C]
+    # y: [N, H, W, Co]; the partials [split, N, H, W, Co] as [split·N, H, W, Co]
+    y_nhwc = nhwc_view(y) if cfg.split == 1 else y.view(cfg.split * n, h, w, co)
 
     def desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
         dt = gl.float32 if t.dtype == torch.float32 else gl.float16
@@ -342,8 +340,8 @@ def _launch_args(
     # the residual: BN / BK more K steps of [TH, TW, BK] boxes of it times [BN, BK] blocks of an identity
     rd, idd = xd, wd  # (stand-ins: not read without HAS_RES)
     if residual is not None:
-        r_nhwc = residual.as_strided((n, h, w, co), (h * w * co, w * co, co, 1))
-        rd, idd = desc(r_nhwc, [1, cfg.th, cfg.tw, cfg.bk]), desc(_identity(cfg.bn, x.device), [cfg.bn, cfg.bk])
+        rd = desc(nhwc_view(residual), [1, cfg.th, cfg.tw, cfg.bk])
+        idd = desc(_identity(cfg.bn, x.device), [cfg.bn, cfg.bk])
     # y stands in for the pointers an epilogue does not read; part: [3, N, G, tiles·warps]
     ptrs = (y if bias is None else bias, y if part is None else part)
     third, cpg = (0, 1) if part is None else (part[0].numel(), co // part.shape[2])

@@ -245,6 +245,19 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def nhwc_view(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last [N, C, H, W] tensor as its dense [N, H, W, C] view with canonical strides (a TMA tensor;
+    channels_last-contiguous tensors may carry any stride on size-1 dims)."""
+    n, c, h, w = t.shape
+    return t.as_strided((n, h, w, c), (h * w * c, w * c, c, 1))
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A channels_last [Co, C, KH, KW] weight read in place as [Co, KH·KW·C] (each output channel's K row)."""
+    co, c, kh, kw = weight.shape
+    return weight.as_strided((co, kh * kw * c), (kh * kw * c, 1))
+
+
 def _row_tiling(bsz: int, h: int, w: int, block_m: int) -> tuple[int, int] | None:
     """(BB images, TH rows) that make a tile of ``block_m`` output pixels whole rows, or None."""
     if block_m % w:
@@ -290,9 +303,7 @@ def _launch_tma(
     bsz, c, h, w = x.shape
     n = weight.shape[0]
     bb, th = _row_tiling(bsz, h, w, cfg.block_m)
-    # dense views with canonical strides (channels_last tensors may carry any stride on size-1 dims)
-    x_nhwc = x.as_strided((bsz, h, w, c), (h * w * c, w * c, c, 1))  # [N, C, H, W] -> [N, H, W, C]
-    w_mat = weight.as_strided((n, 9 * c), (9 * c, 1))  # [N, C, 3, 3] channels_last -> [N, 9·C]
+    x_nhwc, w_mat = nhwc_view(x), weight_matrix(weight)  # [N, H, W, C], [N, 9·C]
     x_desc = TensorDescriptor(x_nhwc, list(x_nhwc.shape), list(x_nhwc.stride()), [bb, th, w, cfg.block_k])
     w_desc = TensorDescriptor(w_mat, list(w_mat.shape), list(w_mat.stride()), [cfg.block_n, cfg.block_k])
     _conv_igemm_tma_kernel[(tiles, split)](
