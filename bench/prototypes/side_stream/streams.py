@@ -36,9 +36,7 @@ class Branch:
 
     __slots__ = ("_value", "_event", "_keep")
 
-    def __init__(
-        self, value: torch.Tensor, event: torch.cuda.Event | None, keep: tuple[object, ...] = ()
-    ) -> None:
+    def __init__(self, value: torch.Tensor, event: torch.cuda.Event | None, keep: tuple[object, ...] = ()) -> None:
         self._value: torch.Tensor | None = value
         self._event = event
         self._keep = keep  # the branch's inputs, alive until the join (see the module doc)

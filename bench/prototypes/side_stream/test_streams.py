@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from speedsd.streams import Branch, fork
+from streams import Branch, fork  # (this folder; was speedsd.streams)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
