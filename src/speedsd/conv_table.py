@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from speedsd.attention_table import write_card_table
+from speedsd.kernels.add_gn_stats import HANDED_OVER
 from speedsd.kernels.conv_gluon import GluonConvConfig
 from speedsd.kernels.conv_igemm import IgemmConfig
+from speedsd.kernels.group_norm import plan_for
 
 TABLE_PATH = Path(__file__).parent / "data" / "conv_table.json"
 # what an entry's "best" may name, and how its "config" string parses for the Triton/Gluon kernels
@@ -90,6 +92,26 @@ def epilogue_config(
     this shape with an epilogue of this kind (EPILOGUE_KINDS), else None (ops.conv_epilogue_op)."""
     key = shape_key(x_shape, n, 3, 1, 1, dtype)
     return _epilogue_table(card_name(device), str(TABLE_PATH)).get((key, kind))
+
+
+def split_residual_config(
+    x_shape: tuple[int, ...], conv: torch.nn.Conv2d, groups: int | None, dtype: torch.dtype, device: torch.device
+) -> GluonConvConfig | None:
+    """For a 3x3 stride-1 pad-1 ``conv`` whose output gets a bias and a residual added: the plain conv's table
+    config where it is a Gluon K split and the output hands no GroupNorm(groups) statistics over (no such
+    reader, or a GroupNorm plan that takes its own in one launch). The split's second kernel, the partial sum,
+    then adds bias and residual, so the closing bias/residual pass is not launched. None elsewhere."""
+    if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
+        return None
+    cfg = choose(x_shape, conv.out_channels, 3, 1, 1, dtype, device)
+    if not isinstance(cfg, GluonConvConfig) or cfg.split == 1:
+        return None
+    n, co, s = x_shape[0], conv.out_channels, x_shape[2] * x_shape[3]
+    if groups and co % groups == 0:  # would the closing pass hand statistics over? (kernels/add_gn_stats.py)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if plan_for(n, co, s, groups, True, itemsize, device).path in HANDED_OVER:
+            return None
+    return cfg
 
 
 def merge_into(path: Path, card: str, table: dict, keep: bool = False) -> None:

@@ -367,8 +367,9 @@ def conv_epilogue_op(
     (the output's next reader is that GroupNorm) and the GroupNorm kernel on, writes its tile statistics
     (kernels/gn_tile_stats.py): the output is then written once and not re-read before it is normalised.
     With ``igemm_conv`` and ``fused_epilogues``, where the conv table measured this kind of epilogue on this
-    card and shape faster than the unfused conv + pass (conv_table.epilogue_config). None elsewhere: the
-    caller runs conv2d_op and its own bias/residual pass."""
+    card and shape faster than the unfused conv + pass (conv_table.epilogue_config), or, for a residual, where
+    the plain conv is a Gluon K split that hands no statistics over (conv_table.split_residual_config). None
+    elsewhere: the caller runs conv2d_op and its own bias/residual pass."""
     flags = current()
     if not (flags.igemm_conv and flags.fused_epilogues and _triton_runs(x) and x.dim() == 4):
         return None
@@ -377,6 +378,9 @@ def conv_epilogue_op(
     if kind == "stats" and not groups:
         return None  # a bias alone: conv2d_op's own bias handling
     cfg = conv_table.epilogue_config(tuple(x.shape), conv.out_channels, kind, x.dtype, x.device)
+    if cfg is None and kind == "residual":  # a K-split conv's partial sum adds bias and residual (no statistics)
+        cfg = conv_table.split_residual_config(tuple(x.shape), conv, groups, x.dtype, x.device)
+        groups = None
     if cfg is None or not conv_gluon_supported(x, conv, bias, cfg):
         return None
     if conv_gluon_epilogue_problem(x, conv.weight, residual, groups, cfg) is not None:

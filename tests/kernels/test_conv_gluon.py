@@ -69,10 +69,11 @@ def test_split_refusals(fake_gpu):
         cg.conv3x3_gluon(x, wt, bias, "g8x16n128k64s4c1e1sk3p")
     cfg = cg.resolve("g8x16n128k64s4c1e1sk2p", 128)
     r = torch.zeros(1, 128, 8, 8).half().contiguous(memory_format=CL)
-    assert "K split" in cg.conv_gluon_epilogue_problem(x, wt, r, None, cfg)
-    assert "K split" in cg.conv_gluon_epilogue_problem(x, wt, None, 32, cfg)
+    assert cg.conv_gluon_epilogue_problem(x, wt, r, None, cfg) is None  # the partial sum adds a residual
+    assert "K split" in cg.conv_gluon_epilogue_problem(x, wt, None, 32, cfg)  # but writes no statistics
+    assert "K split" in cg.conv_gluon_epilogue_problem(x, wt, r, 32, cfg)
     with pytest.raises(ValueError, match="K split"):
-        cg.conv3x3_gluon(x, wt, bias, cfg, residual=r)
+        cg.conv3x3_gluon(x, wt, bias, cfg, residual=r, stats_groups=32)
     y16 = torch.empty(1, 128, 8, 8).half().contiguous(memory_format=CL)
     with pytest.raises(ValueError, match="fp32 partials"):
         cg._launch_args(x, wt, None, y16, cfg, 132)
@@ -460,6 +461,26 @@ def test_gpu_split_k(shape, config, bias_dtype, no_tf32):
     """K split over (tile, split) units, fp32 partials summed (+ bias) by the second kernel."""
     _require_hopper()
     _check_gpu(shape, config, bias_dtype, seed=sum(shape))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, config", [SPLIT_CASES[1], SPLIT_CASES[3], SPLIT_CASES[4]])
+def test_gpu_split_k_residual(shape, config, no_tf32):
+    """A K split with a residual: the partial sum adds bias and residual in fp32 and rounds once; <= 2x the
+    error of cuDNN fp16 + bias followed by a torch fp16 residual add (the unfused pair)."""
+    _require_hopper()
+    n, c, h, w, co = shape
+    x, wt, bias = make(n, c, h, w, co, device="cuda", seed=7, bias_dtype=torch.float16)
+    g = torch.Generator().manual_seed(8)
+    r = (torch.randn(n, co, h, w, generator=g) - 0.4).half().cuda().contiguous(memory_format=CL)
+    out = torch.full((n, co, h, w), float("nan"), device="cuda", dtype=torch.float16).contiguous(memory_format=CL)
+    res = cg.conv3x3_gluon(x, wt, bias, config, out=out, residual=r)
+    torch.cuda.synchronize()
+    assert res is out and not out.isnan().any(), "unwritten outputs"
+    ref = F.conv2d(x.float(), wt.float(), bias.float(), padding=1) + r.float()
+    pair = F.conv2d(x, wt, bias, padding=1) + r
+    err, err16 = (res.float() - ref).abs().max().item(), (pair.float() - ref).abs().max().item()
+    assert err <= 2 * err16, (err, err16)
 
 
 @pytest.mark.gpu

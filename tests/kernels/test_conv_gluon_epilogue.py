@@ -186,6 +186,56 @@ def test_resnet_block_with_fused_epilogues(fake_epilogue, epilogue_table, cin):
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-3)
 
 
+@needs_interpreter
+def test_split_conv_residual_goes_to_the_partial_sum(monkeypatch, tmp_path):
+    """A UNet-style conv2 whose plain table entry is a Gluon K split: conv_epilogue_op runs it with the residual
+    (the partial sum adds bias and residual, no statistics) where the next GroupNorm takes its own statistics in
+    one launch, and declines where the closing pass would hand statistics over, or for the statistics kind."""
+    from types import SimpleNamespace
+
+    x, wt, bias, r = make(2, 128, 8, 8, 128)
+    cfg = cg.GluonConvConfig.parse("g8x8n128k64s4c1e1sk2p")
+    key = conv_table.shape_key(tuple(x.shape), 128, 3, 1, 1, torch.float16)
+    path = tmp_path / "conv_table.json"
+    card = conv_table.card_name(torch.device("cpu"))
+    path.write_text(json.dumps({"cards": {card: {key: {"best": "gluon", "config": str(cfg)}}}}))
+    monkeypatch.setattr(conv_table, "TABLE_PATH", path)
+    conv_table._table.cache_clear()
+    conv_table._epilogue_table.cache_clear()
+    launches = []
+
+    def launch(x, weight, bias, y, cfg, residual=None, part=None):  # the whole conv in partial 0, zeros after
+        launches.append((cfg, bias, residual, part, tuple(y.shape), y.dtype))
+        y.zero_()
+        y[0].copy_(F.conv2d(x.float(), weight.float(), padding=1).permute(0, 2, 3, 1))
+
+    monkeypatch.setattr(cg, "_device_ok", lambda device: True)
+    monkeypatch.setattr(cg, "_launch", launch)
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).half().to(memory_format=CL)
+    conv.weight.data = wt
+    on = ops.Flags(igemm_conv=True, fused_epilogues=True, group_norm=True)
+    try:
+        with ops.using(on):
+            y = ops.conv_epilogue_op(x, conv, bias, r, 32)
+            assert launches == [(cfg, None, None, None, (2, 2, 8, 8, 128), torch.float32)]
+            want = F.conv2d(x.float(), wt.float(), bias.float(), padding=1) + r.float()
+            torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-3)
+            assert not hasattr(y, GN_STATS_ATTR)
+            assert ops.conv_epilogue_op(x, conv, bias, None, 32) is None  # statistics: not from a split
+            with monkeypatch.context() as m:  # a GroupNorm plan whose statistics the closing pass would write
+                m.setattr(conv_table, "plan_for", lambda *a: SimpleNamespace(path="rows"))
+                assert ops.conv_epilogue_op(x, conv, bias, r, 32) is None
+                assert ops.conv_epilogue_op(x, conv, bias, r, None) is not None  # no GroupNorm reader
+        with ops.using(on.replace(igemm_conv=False)):
+            assert ops.conv_epilogue_op(x, conv, bias, r, 32) is None
+        stride2 = torch.nn.Conv2d(128, 128, 3, stride=2, padding=1).half()
+        assert conv_table.split_residual_config(tuple(x.shape), stride2, None, x.dtype, x.device) is None
+        assert len(launches) == 2
+    finally:
+        conv_table._table.cache_clear()
+        conv_table._epilogue_table.cache_clear()
+
+
 # ---- GPU (sm_90) -------------------------------------------------------------------------------------
 
 

@@ -98,6 +98,24 @@ def test_second_kernel_sum_equals_last_split_sum():
         assert int(arrival_counters(x.device, 1).abs().sum()) == 0
 
 
+def test_sum_partials_adds_bias_and_residual_once():
+    """y = round(Σ_s parts[s] + bias + residual) over a channels_last y, summed in split order in fp32; a
+    residual laid out otherwise (or y itself) is refused."""
+    g = torch.Generator().manual_seed(5)
+    n, co, h, w = 2, 48, 3, 5
+    cl = torch.channels_last
+    parts = (torch.randn(3, n * h * w, co, generator=g) * 4 + 0.5).to(DEVICE)
+    bias = (torch.randn(co, generator=g) + 0.3).half().to(DEVICE)
+    r = (torch.randn(n, co, h, w, generator=g) - 0.4).half().to(DEVICE).contiguous(memory_format=cl)
+    y = torch.full((n, co, h, w), float("nan")).half().to(DEVICE).contiguous(memory_format=cl)
+    ci.sum_partials(parts, bias, y, r)
+    want = parts[0] + parts[1] + parts[2] + bias.float() + r.permute(0, 2, 3, 1).reshape(-1, co).float()
+    assert torch.equal(y.permute(0, 2, 3, 1).reshape(-1, co), want.half())
+    for bad in (r.contiguous(), r.float(), y):
+        with pytest.raises(ValueError, match="residual"):
+            ci.sum_partials(parts, bias, y, bad)
+
+
 def test_config_key_round_trips():
     for cfg in (
         IgemmConfig(128, 16, 64, 5, 8, 4),

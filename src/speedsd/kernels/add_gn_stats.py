@@ -32,9 +32,10 @@ from speedsd.kernels.group_norm import GroupNormPlan, plan_for
 from speedsd.kernels.group_norm_rows import rows_stats
 from speedsd.kernels.group_norm_split_kernels import _gn_rows_cl_stats_kernel, _gn_stats_kernel
 
-__all__ = ["GNStats", "add_with_group_norm_stats", "bias_add_ref"]
+__all__ = ["HANDED_OVER", "GNStats", "add_with_group_norm_stats", "bias_add_ref"]
 
 ATTR = GN_STATS_ATTR  # group_norm() looks for this attribute
+HANDED_OVER = ("split", "rows")  # the GroupNorm plan paths whose statistics launch a producer can replace
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def add_with_group_norm_stats(
     if not (x.is_contiguous() or cl) or N * C * S == 0 or C * S >= 2**31:
         return bias_add(x, bias, residual, out=out)
     plan = plan_for(N, C, S, num_groups, cl, x.element_size(), x.device)
-    if plan.path not in ("split", "rows"):
+    if plan.path not in HANDED_OVER:
         return bias_add(x, bias, residual, out=out)
     x, bias, residual, y, _ = prepare_operands(x, bias, residual, out)
     if plan.path == "rows":  # the rows statistics launch in producer mode (kernels/group_norm_rows.py)

@@ -264,10 +264,10 @@ def conv3x3_gluon(
         tiles = -(-h // cfg.th) * -(-w // cfg.tw)
         part = torch.empty((3, n, stats_groups, tiles * cfg.warps), device=x.device, dtype=torch.float32)
     drop_gn_stats(out)
-    if cfg.split > 1:  # fp32 partials [split, N, H, W, Co], summed (+ bias) into out by a second kernel
+    if cfg.split > 1:  # fp32 partials [split, N, H, W, Co], summed (+ bias, residual) into out by a second kernel
         parts = torch.empty((cfg.split, n, h, w, co), device=x.device, dtype=torch.float32)
         _launch(x, weight, None, parts, cfg)
-        sum_partials(parts.view(cfg.split, n * h * w, co), bias, out)
+        sum_partials(parts.view(cfg.split, n * h * w, co), bias, out, residual)
         return out
     _launch(x, weight, bias, out, cfg, residual, part)
     return out if part is None else attach(out, part, stats_groups)
@@ -295,8 +295,8 @@ def conv_gluon_epilogue_problem(
         return f"residual must be an fp16 channels_last [{n}, {co}, {h}, {w}] tensor on {x.device}"
     if residual is not None and n * h * w * co >= 2**31:
         return "the residual is indexed with int32: N·H·W·Co must stay below 2^31"
-    if cfg.split > 1 and (residual is not None or groups is not None):
-        return f"config {cfg}: a K split sums its partials in a second kernel, which adds no residual or statistics"
+    if cfg.split > 1 and groups is not None:
+        return f"config {cfg}: a K split sums its partials in a second kernel, which writes no statistics"
     if groups is not None and (groups <= 0 or co % groups or (cfg.bn // cfg.epi_split) % (co // groups)):
         slab = cfg.bn // cfg.epi_split
         return f"stats_groups={groups} must divide Co={co} in groups that tile the {slab}-channel slabs"

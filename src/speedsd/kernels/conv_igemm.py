@@ -192,9 +192,13 @@ def _conv_igemm_tma_kernel(
     _finish(acc, y_ptr, b_ptr, p_ptr, cnt_ptr, pid, s, offs_m, offs_n, M, N, PARTIAL, LAST_SUMS, HAS_BIAS)
 
 
-# y[i] = Σ_s partial[s, i] (+ bias[i mod N]), i over the M·N outputs, summed in fp32.
+# y[i] = Σ_s partial[s, i] (+ bias[i mod N]) (+ residual[i]), i over the M·N outputs, summed in fp32 and
+# rounded once.
 @triton.jit
-def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _splitk_sum_kernel(
+    p_ptr, b_ptr, r_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
@@ -202,20 +206,30 @@ def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS
         acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        acc += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def sum_partials(parts: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
-    """y = Σ_s parts[s] (+ bias), summed in fp32 in split order: parts fp32 [S, M, N] contiguous, y the [M, N]
-    outputs in memory order (a channels_last [B, N, H, W] tensor: M = B·H·W), bias [N] or None."""
+def sum_partials(
+    parts: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, residual: torch.Tensor | None = None
+) -> None:
+    """y = Σ_s parts[s] (+ bias) (+ residual), summed in fp32 in split order and rounded once: parts fp32
+    [S, M, N] contiguous, y the [M, N] outputs in memory order (a channels_last [B, N, H, W] tensor: M = B·H·W),
+    bias [N] or None, residual None or a tensor of y's shape, dtype and memory order (not y itself)."""
     split, m, n = parts.shape
     if parts.dtype != torch.float32 or not parts.is_contiguous() or y.numel() != m * n:
         raise ValueError(f"sum_partials: parts must be contiguous fp32 [S, M, N] with M·N = y.numel(), got "
                          f"{tuple(parts.shape)} {parts.dtype} for y {tuple(y.shape)}")  # fmt: skip
+    if residual is not None and (
+        residual.shape != y.shape or residual.dtype != y.dtype or residual.stride() != y.stride()
+        or residual.data_ptr() == y.data_ptr()
+    ):  # fmt: skip
+        raise ValueError("sum_partials: the residual must be laid out like y (and not be y)")
     block = 1024
     _splitk_sum_kernel[(triton.cdiv(m * n, block),)](
-        parts, parts if bias is None else bias, y, m * n, n, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block,
-        num_warps=4,
+        parts, parts if bias is None else bias, parts if residual is None else residual, y, m * n, n, SPLIT=split,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK=block, num_warps=4,
     )  # fmt: skip
 
 
