@@ -94,6 +94,16 @@ def epilogue_config(
     return _epilogue_table(card_name(device), str(TABLE_PATH)).get((key, kind))
 
 
+def split_config(
+    x_shape: tuple[int, ...], conv: torch.nn.Conv2d, dtype: torch.dtype, device: torch.device
+) -> GluonConvConfig | None:
+    """The table's config for a 3x3 stride-1 pad-1 ``conv`` of this input where it is a Gluon K split, else None."""
+    if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
+        return None
+    cfg = choose(x_shape, conv.out_channels, 3, 1, 1, dtype, device)
+    return cfg if isinstance(cfg, GluonConvConfig) and cfg.split > 1 else None
+
+
 def split_residual_config(
     x_shape: tuple[int, ...], conv: torch.nn.Conv2d, groups: int | None, dtype: torch.dtype, device: torch.device
 ) -> GluonConvConfig | None:
@@ -101,10 +111,8 @@ def split_residual_config(
     config where it is a Gluon K split and the output hands no GroupNorm(groups) statistics over (no such
     reader, or a GroupNorm plan that takes its own in one launch). The split's second kernel, the partial sum,
     then adds bias and residual, so the closing bias/residual pass is not launched. None elsewhere."""
-    if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1:
-        return None
-    cfg = choose(x_shape, conv.out_channels, 3, 1, 1, dtype, device)
-    if not isinstance(cfg, GluonConvConfig) or cfg.split == 1:
+    cfg = split_config(x_shape, conv, dtype, device)
+    if cfg is None:
         return None
     n, co, s = x_shape[0], conv.out_channels, x_shape[2] * x_shape[3]
     if groups and co % groups == 0:  # would the closing pass hand statistics over? (kernels/add_gn_stats.py)

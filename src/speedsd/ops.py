@@ -31,6 +31,7 @@ from speedsd.kernels.bias_add import bias_add, bias_add_ref
 from speedsd.kernels.conv_gluon import (
     GluonConvConfig,
     conv3x3_gluon,
+    conv3x3_gluon_partials,
     conv_gluon_epilogue_problem,
     conv_gluon_supported,
 )
@@ -40,6 +41,7 @@ from speedsd.kernels.flash_attention import flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
 from speedsd.kernels.group_norm import group_norm, group_norm_ref
 from speedsd.kernels.group_norm_affine import group_norm_scale_shift
+from speedsd.kernels.group_norm_partials import group_norm_partials, partials_plan
 from speedsd.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from speedsd.kernels.narrow_conv import MAX_CO, conv3x3_narrow
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
@@ -386,6 +388,27 @@ def conv_epilogue_op(
     if conv_gluon_epilogue_problem(x, conv.weight, residual, groups, cfg) is not None:
         return None
     return conv3x3_gluon(x, conv.weight, bias, cfg, residual=residual, stats_groups=groups)
+
+
+def conv_norm_silu_op(
+    x: torch.Tensor, conv: torch.nn.Conv2d, norm: torch.nn.GroupNorm, add: torch.Tensor | None
+) -> torch.Tensor | None:
+    """SiLU(norm(conv(x) + add)), ``conv`` without its bias (``add`` carries it), normalised straight from a
+    K-split Gluon conv's fp32 partials (kernels/group_norm_partials.py: the sum is never written) where the conv
+    table names such a split for this shape and GroupNorm runs the output in one launch. None elsewhere (the
+    caller runs the conv, then GroupNorm)."""
+    flags = current()
+    if not (flags.igemm_conv and flags.fused_epilogues and flags.group_norm and _triton_runs(x) and x.dim() == 4):
+        return None
+    cfg = conv_table.split_config(tuple(x.shape), conv, x.dtype, x.device)
+    if cfg is None or not conv_gluon_supported(x, conv, None, cfg):
+        return None
+    n, co, h, w = x.shape[0], conv.out_channels, x.shape[2], x.shape[3]
+    if partials_plan(n, co, h * w, norm.num_groups, x.dtype, x.device) is None or cfg.split * n * h * w * co >= 2**31:
+        return None
+    parts = conv3x3_gluon_partials(x, conv.weight, cfg)
+    gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return group_norm_partials(parts, (n, co, h, w), *gn, silu=True, add=add, dtype=x.dtype)
 
 
 def norm_silu_conv_op(

@@ -251,6 +251,21 @@ def test_launcher_plumbing_against_tile_model(shape, name, bias_dtype, fake_gpu)
     assert cg.conv_gluon_supported(x, conv, bias, name)
 
 
+def test_partials_sum_to_the_conv(fake_gpu):
+    """conv3x3_gluon_partials: the split's fp32 partials [split, N·H·W, Co] in the output's channels_last order,
+    not summed; their sum is the conv. A config without a K split is refused."""
+    x, wt, _ = make(2, 192, 12, 20, 128)
+    parts = cg.conv3x3_gluon_partials(x, wt, "g8x16n128k64s4c1e1sk3p")
+    assert parts.shape == (3, 2 * 12 * 20, 128) and parts.dtype == torch.float32 and parts.is_contiguous()
+    got = parts.double().sum(0).view(2, 12, 20, 128).permute(0, 3, 1, 2)  # [N·H·W, Co] -> [N, Co, H, W]
+    ref = cg.conv3x3_gluon_ref(x.double(), wt.double())
+    assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    assert all(p.abs().sum() > 0 for p in parts), "every split contributes"
+    with pytest.raises(ValueError, match="no K split"):
+        cg.conv3x3_gluon_partials(x, wt, "g8x16n128k64s4c1e1p")
+    assert len(fake_gpu) == 1
+
+
 def test_out_and_geometry_checks(fake_gpu):
     x, wt, _ = make(1, 64, 6, 8, 128)
     for out in (torch.empty(1, 128, 6, 8).half(), torch.empty(1, 128, 6, 8).contiguous(memory_format=CL),

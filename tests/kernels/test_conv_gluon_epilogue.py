@@ -236,6 +236,83 @@ def test_split_conv_residual_goes_to_the_partial_sum(monkeypatch, tmp_path):
         conv_table._epilogue_table.cache_clear()
 
 
+@pytest.fixture
+def split_table(tmp_path, monkeypatch):
+    """A conv table on this machine's card naming a Gluon K split for the 128 -> 128 conv at 2x8x8, and a fake
+    sm_90 launch that writes the whole conv into partial 0 and zeros into the others (their sum is the conv)."""
+    cfg = cg.GluonConvConfig.parse("g8x8n128k64s4c1e1sk2p")
+    key = conv_table.shape_key((2, 128, 8, 8), 128, 3, 1, 1, torch.float16)
+    path = tmp_path / "conv_table.json"
+    card = conv_table.card_name(torch.device("cpu"))
+    path.write_text(json.dumps({"cards": {card: {key: {"best": "gluon", "config": str(cfg)}}}}))
+    monkeypatch.setattr(conv_table, "TABLE_PATH", path)
+    conv_table._table.cache_clear()
+    launches = []
+
+    def launch(x, weight, bias, y, cfg, residual=None, part=None):
+        launches.append((cfg, bias, residual, part, tuple(y.shape), y.dtype))
+        y.zero_()
+        y[0].copy_(F.conv2d(x.float(), weight.float(), padding=1).permute(0, 2, 3, 1))
+
+    monkeypatch.setattr(cg, "_device_ok", lambda device: True)
+    monkeypatch.setattr(cg, "_launch", launch)
+    yield cfg, launches
+    conv_table._table.cache_clear()
+
+
+@needs_interpreter
+def test_conv_norm_silu_op_reads_the_partials(split_table, monkeypatch):
+    """A K-split conv followed by GroupNorm+SiLU with a [N, C] pre-add: one conv launch writing partials, then
+    GroupNorm reading them (no sum launch, no fp16 conv output); None where it does not apply."""
+
+    cfg, launches = split_table
+    x, wt, _, _ = make(2, 128, 8, 8, 128)
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).half().to(memory_format=CL)
+    conv.weight.data = wt
+    norm = torch.nn.GroupNorm(32, 128, eps=1e-6).half()
+    norm.weight.data.uniform_(0.8, 1.2)
+    norm.bias.data.uniform_(-0.2, 0.2)
+    add = (torch.randn(2, 128, generator=torch.Generator().manual_seed(3)) + 0.3).half()
+    summed = []
+    monkeypatch.setattr(cg, "sum_partials", lambda *a, **k: summed.append(a))
+    on = ops.Flags(igemm_conv=True, fused_epilogues=True, group_norm=True)
+    with ops.using(on):
+        y = ops.conv_norm_silu_op(x, conv, norm, add)
+    assert launches == [(cfg, None, None, None, (2, 2, 8, 8, 128), torch.float32)] and not summed
+    h = F.conv2d(x.float(), wt.float(), padding=1) + add.float()[:, :, None, None]
+    want = F.silu(F.group_norm(h, 32, norm.weight.float(), norm.bias.float(), 1e-6))
+    torch.testing.assert_close(y.float(), want, atol=5e-3, rtol=5e-3)
+    for flags in (on.replace(group_norm=False), on.replace(igemm_conv=False), on.replace(fused_epilogues=False)):
+        with ops.using(flags):
+            assert ops.conv_norm_silu_op(x, conv, norm, add) is None
+    with ops.using(on):
+        assert ops.conv_norm_silu_op(x[:1], conv, norm, add[:1]) is None  # no split in the table for batch 1
+        monkeypatch.setattr(ops, "partials_plan", lambda *a: None)  # GroupNorm would not run it in one launch
+        assert ops.conv_norm_silu_op(x, conv, norm, add) is None
+    assert len(launches) == 1
+
+
+@needs_interpreter
+def test_unet_resnet_block_with_split_convs(split_table):
+    """A UNet ResNet block (time embedding) whose conv1 and conv2 are K splits: conv1's partials go straight to
+    norm2, conv2's partial sum adds bias and residual; the same values as the block with cuDNN's convs."""
+    _, launches = split_table
+    torch.manual_seed(0)
+    block = ResnetBlock2D(128, 128, 32, groups=32, eps=1e-6).half().to(memory_format=CL).eval()
+    for p in block.parameters():
+        p.data.add_(0.05)
+    x = make(2, 128, 8, 8, 128)[0]
+    temb = torch.randn(2, 32).half()
+    flags = ops.Flags(igemm_conv=True, fused_epilogues=True, group_norm=True, channels_last=True)
+    with torch.inference_mode():
+        with ops.using(flags):
+            y = block(x, temb)
+        assert [launch[4] for launch in launches] == [(2, 2, 8, 8, 128)] * 2  # conv1 and conv2, partials
+        with ops.using(flags.replace(igemm_conv=False)):
+            y0 = block(x, temb)
+    torch.testing.assert_close(y.float(), y0.float(), atol=3e-2, rtol=3e-3)
+
+
 # ---- GPU (sm_90) -------------------------------------------------------------------------------------
 
 
@@ -317,3 +394,38 @@ def test_gpu_epilogue_in_cuda_graph():
             ref = F.conv2d(x.float(), wt.float(), bias.float(), padding=1) + r.float()
             want = F.silu(F.group_norm(ref, 32, eps=1e-6))
             assert (out.float() - want).abs().max().item() < 2e-2, seed
+
+
+SPLIT_NORM_CASES = [  # (N, C, H, W, Co), config, GroupNorm plan knobs: the UNet's K-split conv1s (16², 8², the
+    # plan GroupNorm picks there) and an odd shape with the one-launch plan forced
+    pytest.param((2, 1280, 16, 16, 1280), "g8x16n128k64s5c1e1sk3p", {}, id="unet16-1280-split3"),
+    pytest.param((2, 1280, 8, 8, 1280), "g8x8n128k64s5c1e1sk5p", {}, id="unet8-1280-split5"),
+    pytest.param((2, 2560, 8, 8, 1280), "g8x8n128k64s5c1e1sk6p", {}, id="unet8-2560-split6"),
+    pytest.param((2, 320, 13, 21, 128), "g8x16n128k64s4c1e1sk4p", {"gb": 1}, id="odd-edge-tiles-split4"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, key, knobs", SPLIT_NORM_CASES)
+def test_gpu_group_norm_from_split_partials(shape, key, knobs):
+    """SiLU(GroupNorm(conv + add[n, c])) from the split's partials (never summed to fp16) vs fp32: at most 2x the
+    error of the path it replaces (cuDNN's fp16 conv, then the GroupNorm kernel with the same pre-add)."""
+    from speedsd.kernels.group_norm import group_norm
+    from speedsd.kernels.group_norm_partials import group_norm_partials
+
+    _require_hopper()
+    n, c, h, w, co = shape
+    x, wt, _, _ = make(n, c, h, w, co, device="cuda", seed=co + h)
+    g = torch.Generator().manual_seed(h)
+    add = (torch.randn(n, co, generator=g) + 0.3).cuda()
+    gw = (torch.rand(co, generator=g) * 0.4 + 0.8).half().cuda()
+    gb = (torch.randn(co, generator=g) * 0.2).half().cuda()
+    parts = cg.conv3x3_gluon_partials(x, wt, key)
+    y = group_norm_partials(parts, (n, co, h, w), 32, gw, gb, 1e-6, True, add=add, **knobs)
+    torch.cuda.synchronize()
+    assert y is not None and not y.isnan().any()
+    ref = F.conv2d(x.float(), wt.float(), padding=1) + add[:, :, None, None]
+    want = F.silu(F.group_norm(ref, 32, gw.float(), gb.float(), 1e-6))
+    old = group_norm(F.conv2d(x, wt, padding=1), 32, gw, gb, 1e-6, True, add=add)
+    err, err_old = (y.float() - want).abs().max().item(), (old.float() - want).abs().max().item()
+    assert err <= 2 * err_old, (err, err_old)

@@ -264,13 +264,30 @@ def conv3x3_gluon(
         tiles = -(-h // cfg.th) * -(-w // cfg.tw)
         part = torch.empty((3, n, stats_groups, tiles * cfg.warps), device=x.device, dtype=torch.float32)
     drop_gn_stats(out)
-    if cfg.split > 1:  # fp32 partials [split, N, H, W, Co], summed (+ bias, residual) into out by a second kernel
-        parts = torch.empty((cfg.split, n, h, w, co), device=x.device, dtype=torch.float32)
-        _launch(x, weight, None, parts, cfg)
-        sum_partials(parts.view(cfg.split, n * h * w, co), bias, out, residual)
+    if cfg.split > 1:  # fp32 partials, summed (+ bias, residual) into out by a second kernel
+        sum_partials(_partials(x, weight, cfg), bias, out, residual)
         return out
     _launch(x, weight, bias, out, cfg, residual, part)
     return out if part is None else attach(out, part, stats_groups)
+
+
+def _partials(x: torch.Tensor, weight: torch.Tensor, cfg: GluonConvConfig) -> torch.Tensor:
+    """The K split's fp32 partials of conv2d(x, weight) as [split, N·H·W, Co] (unit s of every tile in slice s)."""
+    n, _, h, w = x.shape
+    co = weight.shape[0]
+    parts = torch.empty((cfg.split, n, h, w, co), device=x.device, dtype=torch.float32)
+    _launch(x, weight, None, parts, cfg)
+    return parts.view(cfg.split, n * h * w, co)
+
+
+def conv3x3_gluon_partials(x: torch.Tensor, weight: torch.Tensor, config: GluonConvConfig | str) -> torch.Tensor:
+    """A K-split config's fp32 partials of conv2d(x, weight, padding=1), not summed: [split, N·H·W, Co], the
+    output's channels_last order (their sum is the conv; kernels/group_norm_partials.py normalises it)."""
+    cfg = resolve(config, weight.shape[0] if weight.dim() == 4 else 0)
+    why = _problem(x, weight, None, cfg) or (None if cfg.split > 1 else f"config {cfg} has no K split")
+    if why is not None:
+        raise ValueError(f"conv3x3_gluon_partials: {why}")
+    return _partials(x, weight, cfg)
 
 
 @functools.lru_cache(maxsize=8)

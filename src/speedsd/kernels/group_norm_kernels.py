@@ -138,6 +138,19 @@ def _load_in(ptrs, mask, x_ptr, x2_ptr, n, s, c, C1, sn1, sc1, ss1, sn2, sc2, ss
 
 
 @triton.jit
+def _load_fused_in(ptrs, mask, x_ptr, x2_ptr, n, s, c, C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL: tl.constexpr,
+                   SPLIT: tl.constexpr, MN):  # fmt: skip
+    # _load_in, or (SPLIT > 1) the sum of SPLIT fp32 partials MN elements apart, added in split order
+    if SPLIT > 1:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+        for k in tl.static_range(1, SPLIT):
+            v += tl.load(ptrs + k * MN, mask=mask, other=0.0)
+    else:
+        v = _load_in(ptrs, mask, x_ptr, x2_ptr, n, s, c, C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)
+    return v
+
+
+@triton.jit
 def _apply(x, scale, shift, SILU: tl.constexpr):
     # y = x·scale + shift (per column), then SiLU if asked
     return _silu_if(x * scale[None, :] + shift[None, :], SILU)
@@ -166,6 +179,8 @@ def _stream_apply(x_ptr, y_ptr, n, off_n, s0, n_iter, S, ss, col, c, mask_c, sca
 #   load once; per-channel mean/M2 (two-pass in registers); merge to groups; y = x·scale + shift (+SiLU).
 # Otherwise sweep 1 accumulates per-channel (count, mean, M2) tile by tile (Chan merge), sweep 2 writes.
 # Pre-add: mean_c += a_c before the merge to groups; shift += a·scale.
+# SPLIT > 1: x is a K-split conv's fp32 partials, SPLIT slices MN elements apart (each [N, C, S] with x's
+# strides); the input is their sum in split order, never written (group_norm_partials).
 @triton.jit
 def _gn_fused_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, a_ptr,
@@ -174,6 +189,7 @@ def _gn_fused_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
     x2_ptr=None, C1=0, sn1=0, sc1=0, ss1=0, sn2=0, sc2=0, ss2=0, DUAL: tl.constexpr = False,
+    MN=0, SPLIT: tl.constexpr = 1,
 ):  # fmt: skip
     cb = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -190,7 +206,8 @@ def _gn_fused_kernel(
         mask_s = rs < S
         mask = mask_s[:, None] & mask_c[None, :]
         offs = rs[:, None] * ss + col[None, :]
-        x = _load_in(xb + offs, mask, x_ptr, x2_ptr, n, rs[:, None], c[None, :], C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)
+        x = _load_fused_in(xb + offs, mask, x_ptr, x2_ptr, n, rs[:, None], c[None, :], C1, sn1, sc1, ss1, sn2, sc2, ss2,
+                           DUAL, SPLIT, MN)  # fmt: skip
         x = x.to(tl.float32)
         mean_c, m2_c = _tile_stats(x, mask_s, S * 1.0)
         a = _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD)  # [BC]
@@ -206,8 +223,8 @@ def _gn_fused_kernel(
             s = i * BLOCK_S + rs
             mask_s = s < S
             mask = mask_s[:, None] & mask_c[None, :]
-            x = _load_in(xb + s[:, None] * ss + col[None, :], mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
-                         C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
+            x = _load_fused_in(xb + s[:, None] * ss + col[None, :], mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
+                               C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL, SPLIT, MN)  # fmt: skip
             ns = tl.minimum(S - i * BLOCK_S, BLOCK_S) * 1.0
             t_mean, t_m2 = _tile_stats(x.to(tl.float32), mask_s, ns)
             n_c, mean_c, m2_c = _merge(n_c, mean_c, m2_c, ns, t_mean, t_m2)
@@ -219,9 +236,10 @@ def _gn_fused_kernel(
             s = i * BLOCK_S + rs
             mask = (s < S)[:, None] & mask_c[None, :]
             offs = s[:, None] * ss + col[None, :]
-            x = _load_in(
-                xb + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :], C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL
-            )
+            x = _load_fused_in(
+                xb + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :], C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL,
+                SPLIT, MN,
+            )  # fmt: skip
             x = x.to(tl.float32)
             tl.store(yb + offs, _apply(x, scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
 

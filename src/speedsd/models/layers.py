@@ -212,6 +212,7 @@ class ResnetBlock2D(nn.Module):
         # shortcut conv's) bias and the residual are one pass written over conv2's output. Where the
         # Gluon conv applies (ops.conv_epilogue_op), its epilogue adds them instead and writes the next
         # GroupNorm's statistics: conv1's (no time embedding: the VAE) and conv2's (once the shortcut exists).
+        # A K-split conv1 (the UNet's 16² / 8²) hands norm2 its partials instead (ops.conv_norm_silu_op).
         x, h, shortcut = self._norm1(x, shortcut_bias=False)
         groups = self.norm1.num_groups if hand_over else None
         h1 = None
@@ -221,13 +222,17 @@ class ResnetBlock2D(nn.Module):
             h, h1 = h1, None  # (norm1's output is freed here)
             h = self.norm2(h, silu=True, inplace=True)
         else:
-            h = self.conv1(h, with_bias=False)
             add = self.conv1.bias
             if isinstance(temb, TimeAdds):
                 add = temb[self]
             elif self.time_emb_proj is not None and temb is not None:
                 add = self.time_emb_proj(F.silu(temb)) + add  # [B, C]
-            h = self.norm2(h, silu=True, add=add, inplace=True)
+            h1 = ops.conv_norm_silu_op(h, self.conv1, self.norm2, add)  # a K-split conv1: norm2 reads its partials
+            if h1 is not None:
+                h, h1 = h1, None
+            else:
+                h = self.conv1(h, with_bias=False)
+                h = self.norm2(h, silu=True, add=add, inplace=True)
         bias = self._closing_bias()
         if shortcut is not None or self.conv_shortcut is None:  # (never a new live tensor before conv2)
             y = ops.conv_epilogue_op(h, self.conv2, bias, shortcut if shortcut is not None else x, groups)
