@@ -8,7 +8,8 @@ that cuDNN runs below the card's rate, and on sm_90 cards the variants of
 tiles x K splits on the UNet's 32², 16² and 8² 3x3 convs (``--shapes unet``), against cuDNN, in
 CUDA-graph replay, and records per card the winner ("best": "cudnn", "igemm" or "gluon") and its config
 (``config``: the winner's, or the best implicit-GEMM one where cuDNN won). A card or shape not in the
-table runs cuDNN.
+table runs cuDNN. Where the winner is a Gluon K split, its partial sum may also add a ResNet block's
+residual (:func:`split_residual_config`) or be left to the next GroupNorm (:func:`split_config`, ops).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ cycled out of L2) 512 at 64² 27.8 vs 31.1 µs (10 calls a decode), 512 at 128²
 
 K splits (``GluonConvConfig.split``) for convs with too few tiles to fill the SMs (cuDNN runs the UNet's
 32² and 16² convs on 80 CTAs): each (tile, split) unit stores an fp32 partial, and conv_igemm.sum_partials sums
-them (+ bias) into the output. On the H200 (bench/results/kernels_conv_unet_h200.md, graph replay, weights
-cycled out of L2): 2x1280x16² 28.6 vs cuDNN 33.5 µs (3 splits), 2x1920x32² -> 640 67.9 vs 86.4; the image,
-fresh processes alternating (ab_session19_h200.txt): 112.48 -> 110.28 ms.
+them (+ bias, + a residual) into the output, or :func:`conv3x3_gluon_partials` hands them to a reader that sums
+them itself (kernels/group_norm_partials.py). On the H200 (bench/results/kernels_conv_unet_h200.md, graph
+replay, weights cycled out of L2): 2x1280x16² 28.6 vs cuDNN 33.5 µs (3 splits), 2x1920x32² -> 640 67.9 vs
+86.4; the image, fresh processes alternating (ab_session19_h200.txt): 112.48 -> 110.28 ms.
 
 :func:`conv3x3_gluon` raises ValueError for anything its kernel cannot take (device, dtype, layout, channel
 counts, alignment); :func:`conv_gluon_supported` answers the same question with False.

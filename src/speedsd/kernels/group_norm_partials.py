@@ -17,10 +17,9 @@ that one-launch channels_last plan; the caller then sums and normalises as befor
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from speedsd.kernels.device import sm_count
-from speedsd.kernels.group_norm import _add_rows, plan_for
+from speedsd.kernels.group_norm import _add_rows, group_norm_ref, plan_for
 from speedsd.kernels.group_norm_kernels import _gn_fused_kernel
 from speedsd.kernels.group_norm_plan import GroupNormPlan, plan_group_norm
 
@@ -41,11 +40,8 @@ def group_norm_partials_ref(
     n, c, h, w = shape
     acc = torch.promote_types(parts.dtype, torch.float32)
     x = parts.to(acc).sum(0).view(n, h, w, c).permute(0, 3, 1, 2)  # [N·H·W, C] -> [N, C, H, W]
-    if add is not None:
-        x = x + (add.to(acc)[None, :, None, None] if add.dim() == 1 else add.to(acc)[:, :, None, None])
     f = lambda t: None if t is None else t.to(acc)  # noqa: E731
-    y = F.group_norm(x, num_groups, f(weight), f(bias), eps)
-    return F.silu(y) if silu else y
+    return group_norm_ref(x, num_groups, f(weight), f(bias), eps, silu, f(add))
 
 
 def partials_plan(
