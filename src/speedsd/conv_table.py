@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from speedsd.attention_table import write_card_table
-from speedsd.kernels.add_gn_stats import HANDED_OVER
+from speedsd.kernels.add_gn_stats import handover_plan
 from speedsd.kernels.conv_gluon import GluonConvConfig
 from speedsd.kernels.conv_igemm import IgemmConfig
-from speedsd.kernels.group_norm import plan_for
 
 TABLE_PATH = Path(__file__).parent / "data" / "conv_table.json"
 # what an entry's "best" may name, and how its "config" string parses for the Triton/Gluon kernels
@@ -116,10 +115,8 @@ def split_residual_config(
     if cfg is None:
         return None
     n, co, s = x_shape[0], conv.out_channels, x_shape[2] * x_shape[3]
-    if groups and co % groups == 0:  # would the closing pass hand statistics over? (kernels/add_gn_stats.py)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if plan_for(n, co, s, groups, True, itemsize, device).path in HANDED_OVER:
-            return None
+    if groups and co % groups == 0 and handover_plan(n, co, s, groups, True, dtype.itemsize, device) is not None:
+        return None  # the closing pass would hand statistics over (kernels/add_gn_stats.py)
     return cfg
 
 

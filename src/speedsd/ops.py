@@ -404,7 +404,7 @@ def conv_norm_silu_op(
     if cfg is None or not conv_gluon_supported(x, conv, None, cfg):
         return None
     n, co, h, w = x.shape[0], conv.out_channels, x.shape[2], x.shape[3]
-    if partials_plan(n, co, h * w, norm.num_groups, x.dtype, x.device) is None or cfg.split * n * h * w * co >= 2**31:
+    if partials_plan(n, co, h * w, norm.num_groups, x.dtype, x.device, cfg.split) is None:
         return None
     parts = conv3x3_gluon_partials(x, conv.weight, cfg)
     gn = (norm.num_groups, norm.weight, norm.bias, norm.eps)

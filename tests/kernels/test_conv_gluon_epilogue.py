@@ -193,6 +193,8 @@ def test_split_conv_residual_goes_to_the_partial_sum(monkeypatch, tmp_path):
     one launch, and declines where the closing pass would hand statistics over, or for the statistics kind."""
     from types import SimpleNamespace
 
+    from speedsd.kernels import add_gn_stats
+
     x, wt, bias, r = make(2, 128, 8, 8, 128)
     cfg = cg.GluonConvConfig.parse("g8x8n128k64s4c1e1sk2p")
     key = conv_table.shape_key(tuple(x.shape), 128, 3, 1, 1, torch.float16)
@@ -223,7 +225,7 @@ def test_split_conv_residual_goes_to_the_partial_sum(monkeypatch, tmp_path):
             assert not hasattr(y, GN_STATS_ATTR)
             assert ops.conv_epilogue_op(x, conv, bias, None, 32) is None  # statistics: not from a split
             with monkeypatch.context() as m:  # a GroupNorm plan whose statistics the closing pass would write
-                m.setattr(conv_table, "plan_for", lambda *a: SimpleNamespace(path="rows"))
+                m.setattr(add_gn_stats, "plan_for", lambda *a: SimpleNamespace(path="rows"))
                 assert ops.conv_epilogue_op(x, conv, bias, r, 32) is None
                 assert ops.conv_epilogue_op(x, conv, bias, r, None) is not None  # no GroupNorm reader
         with ops.using(on.replace(igemm_conv=False)):

@@ -32,10 +32,9 @@ from speedsd.kernels.group_norm import GroupNormPlan, plan_for
 from speedsd.kernels.group_norm_rows import rows_stats
 from speedsd.kernels.group_norm_split_kernels import _gn_rows_cl_stats_kernel, _gn_stats_kernel
 
-__all__ = ["HANDED_OVER", "GNStats", "add_with_group_norm_stats", "bias_add_ref"]
+__all__ = ["GNStats", "add_with_group_norm_stats", "bias_add_ref", "handover_plan"]
 
 ATTR = GN_STATS_ATTR  # group_norm() looks for this attribute
-HANDED_OVER = ("split", "rows")  # the GroupNorm plan paths whose statistics launch a producer can replace
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,8 @@ def add_with_group_norm_stats(
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not (x.is_contiguous() or cl) or N * C * S == 0 or C * S >= 2**31:
         return bias_add(x, bias, residual, out=out)
-    plan = plan_for(N, C, S, num_groups, cl, x.element_size(), x.device)
-    if plan.path not in HANDED_OVER:
+    plan = handover_plan(N, C, S, num_groups, cl, x.element_size(), x.device)
+    if plan is None:
         return bias_add(x, bias, residual, out=out)
     x, bias, residual, y, _ = prepare_operands(x, bias, residual, out)
     if plan.path == "rows":  # the rows statistics launch in producer mode (kernels/group_norm_rows.py)
@@ -106,6 +105,15 @@ def add_with_group_norm_stats(
         )  # fmt: skip
     setattr(y, ATTR, GNStats(num_groups, plan, _version(y), part))
     return y
+
+
+def handover_plan(
+    n: int, c: int, s: int, num_groups: int, cl: bool, itemsize: int, device: torch.device
+) -> GroupNormPlan | None:
+    """The plan GroupNorm(num_groups) picks for an [N, C, S] tensor where a producer can write its statistics
+    (the two-launch "split" and "rows" paths), else None (GroupNorm takes its own in one launch)."""
+    plan = plan_for(n, c, s, num_groups, cl, itemsize, device)
+    return plan if plan.path in ("split", "rows") else None
 
 
 def _version(t: torch.Tensor) -> int | None:

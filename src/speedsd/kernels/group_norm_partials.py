@@ -45,13 +45,21 @@ def group_norm_partials_ref(
 
 
 def partials_plan(
-    n: int, c: int, s: int, num_groups: int, dtype: torch.dtype, device: torch.device, **knobs: int | bool | None
+    n: int,
+    c: int,
+    s: int,
+    num_groups: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    splits: int = 1,
+    **knobs: int | bool | None,
 ) -> GroupNormPlan | None:
     """The plan GroupNorm would run on the summed channels_last tensor of ``dtype`` (``knobs``: forced, as
-    :func:`speedsd.kernels.group_norm.group_norm` takes them), if it is the one-launch kernel; else None."""
-    if num_groups <= 0 or c % num_groups:
+    :func:`speedsd.kernels.group_norm.group_norm` takes them), if it is the one-launch kernel and ``splits``
+    partials of it stay within int32 offsets; else None."""
+    if num_groups <= 0 or c % num_groups or splits * n * s * c >= 2**31:
         return None
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if knobs:
         sms = sm_count(device) if device.type == "cuda" else 132
         plan = plan_group_norm(n, c, s, num_groups, True, itemsize, sms, "fused", **knobs)
@@ -76,8 +84,8 @@ def group_norm_partials(
     """GroupNorm(Σ_s parts[s] + add[n, c]) (+ SiLU) -> a new channels_last [N, C, H, W] tensor of ``dtype``.
 
     parts: contiguous fp32 [S, N·H·W, C], the partials of a channels_last [N, C, H, W] output (``shape``);
-    weight / bias: [C] or None; add: None or a float [C] / [N, C] tensor (as group_norm's). None where the plan
-    is not the one-launch one (:func:`partials_plan`) or the partials are too large for int32 offsets."""
+    weight / bias: [C] or None; add: None or a float [C] / [N, C] tensor (as group_norm's). None where
+    :func:`partials_plan` says no (not the one-launch plan, or partials too large for int32 offsets)."""
     n, c, h, w = shape
     s = h * w
     if parts.dim() != 3 or parts.dtype != torch.float32 or not parts.is_contiguous() or parts.shape[1:] != (n * s, c):
@@ -87,8 +95,8 @@ def group_norm_partials(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.shape != (c,) or t.device != parts.device):
             raise ValueError(f"{name} must be a [{c}] tensor on {parts.device}")
-    plan = partials_plan(n, c, s, num_groups, dtype, parts.device, **knobs)
-    if plan is None or parts.numel() >= 2**31:
+    plan = partials_plan(n, c, s, num_groups, dtype, parts.device, parts.shape[0], **knobs)
+    if plan is None:
         return None
     a, a_sn = _add_rows(add, n, c, parts.device) if add is not None else (parts, 0)
     out = torch.empty(shape, dtype=dtype, device=parts.device, memory_format=torch.channels_last)
