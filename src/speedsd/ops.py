@@ -58,7 +58,7 @@ class Flags:
 
     group_norm: bool = False  # fused Triton GroupNorm (+SiLU) in one launch
     gelu: bool = False  # fused Triton GELU / GEGLU feed-forward
-    # math (materialized softmax) | sdpa | partial | flash | auto | gluon (the Hopper d=40 fused-QKV
+    # math (materialized softmax) | sdpa | partial | flash | auto | gluon (the Hopper d=40/80 fused-QKV
     # self-attention kernel where it applies, SDPA elsewhere) | cross (the one-pass kernel for <= 128 keys
     # where it applies, flash elsewhere)
     attention: str = "math"
@@ -306,7 +306,7 @@ def attention_op(
 
     ``upcast`` computes the scores in fp32 (SD 2.x's upcast_attention); the Triton kernels always
     accumulate in fp32, so it only changes the reference paths. "gluon" runs the Gluon kernel where it
-    applies (fp16 fused-QKV d=40 self-attention on sm_90, kernels/attention_gluon.py) and SDPA elsewhere;
+    applies (fp16 fused-QKV d=40/80 self-attention on sm_90, kernels/attention_gluon.py) and SDPA elsewhere;
     "cross" the one-pass kernel for short contexts (Nk <= 128, kernels/cross_attention.py), flash elsewhere.
     """
     mode = current().attention

@@ -1,4 +1,4 @@
-"""Gluon d=40 attention (kernels/attention_gluon.py).
+"""Gluon d=40 / d=80 self-attention (kernels/attention_gluon.py).
 
 CPU: the launcher's contract (it takes exactly the fused-QKV views Attention.forward makes, returns None
 for other valid input, raises ValueError for invalid input), the plumbing to the kernel with the device
@@ -91,7 +91,8 @@ def fake_gpu(monkeypatch):
 
     def launch(qkv2d, out, n, h, qk_c, cfg):
         calls.append(dict(qkv2d=qkv2d, n=n, h=h, qk_c=qk_c, cfg=cfg))
-        q, k, v = fused(qkv2d.shape[0] // n, h, n, qkv=qkv2d.view(-1, n, qkv2d.shape[1]))
+        d = qkv2d.shape[1] // (3 * h)
+        q, k, v = fused(qkv2d.shape[0] // n, h, n, D=d, qkv=qkv2d.view(-1, n, qkv2d.shape[1]))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=qk_c / ag.LOG2E)
         out.copy_(ref.transpose(1, 2).flatten(2))  # [B, H, N, D] -> [B, N, H·D]
 
@@ -146,7 +147,8 @@ def test_launcher_plumbing(fake_gpu):
         pytest.param(lambda: fused(B, H, N, dtype=torch.float32), id="fp32"),
         pytest.param(lambda: fused(B, H, N, dtype=torch.bfloat16), id="bf16"),
         pytest.param(lambda: fused(B, 5, N, D=64), id="d64"),
-        pytest.param(lambda: fused(B, H, N, D=80), id="d80"),
+        pytest.param(lambda: fused(B, H, N, D=160), id="d160"),
+        pytest.param(lambda: fused(B, H, N, D=48), id="d48"),
         pytest.param(lambda: fused(B, H, 200), id="N200-not-a-key-tile-multiple"),
         pytest.param(lambda: fused(B, H, 96), id="N96-not-a-key-tile-multiple"),
         pytest.param(lambda: fused(B, H, 32), id="N32-below-a-key-tile"),
@@ -155,7 +157,7 @@ def test_launcher_plumbing(fake_gpu):
 )
 def test_unsupported_problems_return_none(make, fake_gpu):
     q, k, v = make()
-    assert not ag._shape_ok(q, k, ag.BLOCK_N)
+    assert not ag._shape_ok(q, k)
     assert ag.attention_gluon(q, k, v) is None and not fake_gpu
 
 
@@ -188,21 +190,41 @@ def test_bad_scale_and_out_raise(scale, fake_gpu):
 
 
 @pytest.mark.parametrize(
-    "n, tiles",
+    "d, n, tiles, block_n",
     [
-        pytest.param(64, 1, id="N64-one-key-tile"),
-        pytest.param(576, 3, id="N576-last-tile-64-rows"),
-        pytest.param(640, 3, id="N640-last-tile-128-rows"),
-        pytest.param(4096, 16, id="N4096-sd512"),
-        pytest.param(16384, 64, id="N16384-sd1024"),
+        pytest.param(40, 64, 1, 64, id="d40-N64-one-key-tile"),
+        pytest.param(40, 576, 3, 64, id="d40-N576-last-tile-64-rows"),
+        pytest.param(40, 640, 3, 64, id="d40-N640-last-tile-128-rows"),
+        pytest.param(40, 4096, 16, 64, id="d40-N4096-sd512"),
+        pytest.param(40, 16384, 64, 64, id="d40-N16384-sd1024"),
+        pytest.param(80, 64, 1, 64, id="d80-N64-one-key-tile"),
+        pytest.param(80, 320, 3, 64, id="d80-N320-last-tile-64-rows"),
+        pytest.param(80, 1024, 8, 128, id="d80-N1024-sd512"),
+        pytest.param(80, 1280, 10, 128, id="d80-N1280-640x512"),
+        pytest.param(80, 4096, 32, 128, id="d80-N4096-sd1024"),
     ],
 )
-def test_supported_sizes_and_query_tiles(n, tiles):
-    """Every multiple of the 64-key tile is taken; 256-row query tiles (4 consumers x 64 rows) cover N."""
-    q = torch.empty(2, 8, n, 40, dtype=torch.float16, device="meta")
-    assert ag._shape_ok(q, q, ag.BLOCK_N) and ag.BLOCK_N == 64 and ag.HOPPER_D40.block_m == 256
-    assert ag.launch_grid(2, 8, n) == (tiles, 16)
-    assert (tiles - 1) * 256 < n <= tiles * 256
+def test_supported_sizes_and_query_tiles(d, n, tiles, block_n):
+    """Every multiple of 64 keys is taken (d=80: 128-key blocks where they divide N); query tiles (d=40:
+    4 consumers x 64 rows, d=80: 2 x 64) cover N."""
+    q = torch.empty(2, 8, n, d, dtype=torch.float16, device="meta")
+    cfg = ag.config_for(d, n)
+    assert ag._shape_ok(q, q) and cfg.block_n == block_n and cfg.head_dim == d and n % cfg.block_n == 0
+    assert cfg.block_m == {40: 256, 80: 128}[d]
+    assert ag.launch_grid(2, 8, n, cfg) == (tiles, 16)
+    assert (tiles - 1) * cfg.block_m < n <= tiles * cfg.block_m
+    assert sum(cfg.boxes) >= d and all(w * 2 <= 128 for w in cfg.boxes)  # TMA box rows of <= 128 B
+
+
+@pytest.mark.parametrize(
+    "d, n, cfg", [(40, 384, ag.HOPPER_D40), (80, 384, ag.HOPPER_D80), (80, 320, ag.HOPPER_D80_BN64)]
+)
+def test_launcher_picks_the_head_dims_instance(d, n, cfg, fake_gpu):
+    q, k, v = fused(2, 3, n, D=d)
+    res = ag.attention_gluon(q, k, v)
+    (call,) = fake_gpu
+    assert call["cfg"] == cfg and res.shape == (2, 3, n, d)
+    torch.testing.assert_close(res, ag.attention_gluon_ref(q, k, v), atol=0, rtol=0)
 
 
 def test_cpu_tensors_are_not_supported():
@@ -259,12 +281,18 @@ def _require_hopper() -> None:
 
 
 GPU_SHAPES = [
-    pytest.param((2, 8, 4096), id="sd-level0-B2-H8-N4096"),
-    pytest.param((1, 2, 16384), id="sd-1024px-N16384"),
-    pytest.param((1, 8, 640), id="odd-N640-partial-query-tile"),
-    pytest.param((2, 8, 576), id="odd-N576-last-tile-one-consumer"),
-    pytest.param((3, 5, 384), id="odd-B3-H5-N384"),
-    pytest.param((2, 8, 64), id="one-key-tile-N64"),
+    pytest.param((2, 8, 4096, 40), id="d40-sd-level0-B2-H8-N4096"),
+    pytest.param((1, 2, 16384, 40), id="d40-sd-1024px-N16384"),
+    pytest.param((1, 8, 640, 40), id="d40-odd-N640-partial-query-tile"),
+    pytest.param((2, 8, 576, 40), id="d40-odd-N576-last-tile-one-consumer"),
+    pytest.param((3, 5, 384, 40), id="d40-odd-B3-H5-N384"),
+    pytest.param((2, 8, 64, 40), id="d40-one-key-tile-N64"),
+    pytest.param((2, 8, 1024, 80), id="d80-sd-level1-B2-H8-N1024"),
+    pytest.param((1, 8, 4096, 80), id="d80-sd-1024px-N4096"),
+    pytest.param((1, 8, 320, 80), id="d80-odd-N320-partial-query-tile"),
+    pytest.param((3, 5, 192, 80), id="d80-odd-B3-H5-N192-64-key-blocks"),
+    pytest.param((1, 3, 384, 80), id="d80-odd-B1-H3-N384-last-tile-one-consumer"),
+    pytest.param((2, 8, 64, 80), id="d80-one-key-tile-N64"),
 ]
 
 
@@ -273,10 +301,10 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("scale", [None, 0.3], ids=["default-scale", "scale0.3"])
 def test_gpu_matches_fp64_sdpa(shape, scale):
     _require_hopper()
-    b, h, n = shape
-    q, k, v = fused(b, h, n, device="cuda", seed=n + h)
+    b, h, n, d = shape
+    q, k, v = fused(b, h, n, D=d, device="cuda", seed=n + h)
     assert ag.attention_gluon_supported(q, k)
-    out = torch.full((b, n, h * 40), float("nan"), device="cuda", dtype=torch.float16)
+    out = torch.full((b, n, h * d), float("nan"), device="cuda", dtype=torch.float16)
     res = ag.attention_gluon(q, k, v, scale=scale, out=out)
     torch.cuda.synchronize()
     assert res is not None and res.data_ptr() == out.data_ptr()
@@ -319,14 +347,18 @@ def test_gpu_fallbacks_and_table_dispatch(monkeypatch, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_attention_layer_in_cuda_graph(monkeypatch):
-    """SD level-0 self-attention (320 channels, 8 heads of 40, 64x64 latent) with fused QKV, captured and
+@pytest.mark.parametrize(
+    "channels, dim_head, tokens",
+    [pytest.param(320, 40, 4096, id="level0-d40-64x64"), pytest.param(640, 80, 1024, id="level1-d80-32x32")],
+)
+def test_gpu_attention_layer_in_cuda_graph(monkeypatch, channels, dim_head, tokens):
+    """SD level-0 / level-1 self-attention (8 heads, 64x64 / 32x32 latent) with fused QKV, captured and
     replayed by GraphCache: "gluon" within 2x of "sdpa"'s error against the fp32 layer, kernel really used."""
     _require_hopper()
     from speedsd.graphs import GraphCache
 
     torch.manual_seed(0)
-    layer = Attention(320, heads=8, dim_head=40)
+    layer = Attention(channels, heads=8, dim_head=dim_head)
     with torch.no_grad():
         layer.to_q.weight.mul_(4)  # peakier softmax than the default init gives
     layer32 = copy.deepcopy(layer).cuda()
@@ -340,7 +372,7 @@ def test_gpu_attention_layer_in_cuda_graph(monkeypatch):
         return out
 
     monkeypatch.setattr(ops, "attention_gluon", counting)
-    xs = [(torch.randn(2, 4096, 320, device="cuda") * (1 + i) + 0.5).half() for i in range(2)]
+    xs = [(torch.randn(2, tokens, channels, device="cuda") * (1 + i) + 0.5).half() for i in range(2)]
     outs = {}
     for mode in ("gluon", "sdpa"):
         flags = ops.Flags(attention=mode, fused_qkv=True)

@@ -7,7 +7,7 @@ median time, TFLOP/s, peak memory.
 
 The sweep prints a ``TUNED_CONFIGS`` table to paste into speedsd/kernels/flash_attention.py.
 :func:`best_attention_table` gives, per shape, the fastest of {flash, partial, sdpa, gluon, cross}: the data
-behind ``Flags(attention="auto")``. On the shapes the Gluon kernel takes (gluon_shape: the d=40
+behind ``Flags(attention="auto")``. On the shapes the Gluon kernel takes (gluon_shape: the d=40 and d=80
 self-attention) every variant reads fused-QKV views, the only layout it takes (sm_90 only).
 """
 

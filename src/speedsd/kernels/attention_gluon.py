@@ -1,19 +1,23 @@
-"""Gluon (warp-specialized, TMA + wgmma) FlashAttention forward for SD's d=40 self-attention, Hopper only.
+"""Gluon (warp-specialized, TMA + wgmma) FlashAttention forward for SD's d=40 and d=80 self-attention, Hopper only.
 
-One problem, specialised: the UNet's first-level self-attention with fused QKV (``Flags(fused_qkv=True)``),
-where q, k, v [B, H, N, 40] fp16 are head-split views of the column blocks of one contiguous
-qkv [B, N, 3·H·40] (models/layers.py Attention.forward: ``F.linear(...).chunk(3, -1)``, then
-``unflatten(-1, (H, D)).transpose(1, 2)``). The kernel reads qkv through TMA descriptors over
-[B·N, 3·H·40] and writes out [B, N, H·40]; it is returned as the [B, H, N, 40] view, so the caller's
-``transpose(1, 2).flatten(2)`` is free. N must be a multiple of the key tile (64); query tiles of
-256 rows may run past N (N = 640, 4160 ...: rows past N are computed, never stored). Kernel and its
-math: kernels/attention_gluon_kernels.py.
+One problem, specialised: the UNet's first- and second-level self-attention with fused QKV
+(``Flags(fused_qkv=True)``), where q, k, v [B, H, N, D] fp16 (D = 40 or 80) are head-split views of the
+column blocks of one contiguous qkv [B, N, 3·H·D] (models/layers.py Attention.forward:
+``F.linear(...).chunk(3, -1)``, then ``unflatten(-1, (H, D)).transpose(1, 2)``). The kernel reads qkv
+through TMA descriptors over [B·N, 3·H·D] and writes out [B, N, H·D]; it is returned as the [B, H, N, D]
+view, so the caller's ``transpose(1, 2).flatten(2)`` is free. N must be a multiple of 64 (the d=40 key
+tile; d=80 takes 128-key blocks where they divide N); query tiles of 256 (d=40) or 128 (d=80) rows may run
+past N (N = 640, 4160 ...: rows past N are computed, never stored). Kernel and its math:
+kernels/attention_gluon_kernels.py; :func:`config_for` picks the instance.
 
 :func:`attention_gluon` returns None (the caller falls back to SDPA) for anything else that is valid
 attention input: another device, card, dtype, head dim, layout, cross-attention or N; it raises
 ValueError only for input no attention could take (mismatched shapes, dtypes, devices, bad scale).
 
-Measured as the prototype (bench/prototypes/gluon_attn, round 2, variant ws4_pp_narrow_bn64_fadd): 136.9 µs
+d=80 (H200, B=2, H=8, N=1024, CUDA-graph replay, bench/results/attention_gluon_d80_h200.txt): 15.7 µs vs
+SDPA's 18.4 (cuDNN, with its memset node); pipeline A/B in the same file.
+
+d=40: Measured as the prototype (bench/prototypes/gluon_attn, round 2, variant ws4_pp_narrow_bn64_fadd): 136.9 µs
 vs 143.6 for round 1's ws3_pp_narrow (this file's previous kernel) and 150.1 for cuDNN SDPA, on an H200 at
 B=2, H=8, N=4096 (CUDA-graph replay; bench/results/attention_gluon_probe_r2_h200.txt). This file's kernel
 compiles to the prototype variant's SASS (same instruction mnemonics and counts; tests check registers
@@ -35,27 +39,39 @@ import torch.nn.functional as F
 from speedsd.kernels.device import compile_ahead, is_sm90
 
 LOG2E = 1.4426950408889634
-HEAD_DIM = 40
 PROTOTYPE_VARIANT = "ws4_pp_narrow_bn64_fadd"  # bench/prototypes/gluon_attn: what was timed (module docstring)
-NUM_CONSUMERS = 4  # consumer warpgroups per CTA, 64 query rows each (fixed by the kernel)
 
 
 @dataclass(frozen=True)
 class GluonAttentionConfig:
+    head_dim: int = 40  # the kernel instance: 40 (K/V boxes of 32 + 16 columns, Q padded) or 80 (64 + 16)
+    consumers: int = 4  # consumer warpgroups per CTA (2 or 4), 64 query rows each
     block_n: int = 64  # keys per K/V tile; N must be a multiple
     stages: int = 6  # K/V SMEM ring depth
     producer_regs: int = 24  # setmaxnreg of the 1-warp TMA producer
-    consumer_regs: int = 112  # setmaxnreg of the three worker consumer warpgroups (the default one gets the rest)
+    consumer_regs: int = 112  # setmaxnreg of the worker consumer warpgroups (the default one gets the rest)
 
     @property
     def block_m(self) -> int:  # query rows per CTA
-        return 64 * NUM_CONSUMERS
+        return 64 * self.consumers
+
+    @property
+    def boxes(self) -> tuple[int, int]:  # the head's columns as two TMA boxes (A, B): rows of <= 128 B
+        return (32, 16) if self.head_dim == 40 else (64, 16)
 
 
 # The configuration measured on the H200 (prototype variant ws4_pp_narrow_bn64_fadd); 107.0 KB of shared
 # memory, 96 registers a thread at launch (setmaxnreg: producer 24, worker consumers 112, default consumer
 # 120), no spills (ptxas for sm_90).
 HOPPER_D40 = GluonAttentionConfig()
+# d=80 (the UNet's 32² level, N = 1024): two consumers, 128 query rows a CTA (128 CTAs at B=2, H=8), so each
+# consumer has the registers of its [64, 80] fp32 accumulator; 128-key blocks where N allows. H200, B=2, H=8,
+# N=1024, CUDA-graph replay (bench/results/attention_gluon_d80_h200.txt): 15.7 µs (128-key blocks, 3 stages),
+# 17.3 (64-key blocks, 4 stages) vs SDPA (cuDNN) 18.4, our Triton flash 18.9.
+HOPPER_D80 = GluonAttentionConfig(head_dim=80, consumers=2, block_n=128, stages=3, consumer_regs=232)
+HOPPER_D80_BN64 = GluonAttentionConfig(head_dim=80, consumers=2, block_n=64, stages=4, consumer_regs=232)
+CONFIGS = (HOPPER_D40, HOPPER_D80, HOPPER_D80_BN64)  # config_for takes the first that fits
+HEAD_DIMS = (40, 80)
 BLOCK_N = HOPPER_D40.block_n
 
 
@@ -92,18 +108,25 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     return scale
 
 
-def shape_supported(nq: int, nk: int, d: int, block_n: int = BLOCK_N) -> bool:
-    """The problem sizes the kernel takes: self-attention (Nq == Nk) with D = 40 and N a multiple of the key
-    tile. (Batch, heads, dtype, layout and device are checked on the tensors.)"""
-    return nq == nk and d == HEAD_DIM and nq > 0 and nq % block_n == 0
+def config_for(d: int, n: int) -> GluonAttentionConfig | None:
+    """The kernel instance for head dim ``d`` over ``n`` keys: the first of CONFIGS whose key tile divides n
+    (None: no instance takes it)."""
+    return next((c for c in CONFIGS if c.head_dim == d and n > 0 and n % c.block_n == 0), None)
 
 
-def _shape_ok(q: torch.Tensor, k: torch.Tensor, block_n: int) -> bool:
+def shape_supported(nq: int, nk: int, d: int, config: GluonAttentionConfig | None = None) -> bool:
+    """The problem sizes the kernel takes: self-attention (Nq == Nk) with D = 40 or 80 and N a multiple of
+    64. (Batch, heads, dtype, layout and device are checked on the tensors.)"""
+    cfg = config or config_for(d, nk)
+    return cfg is not None and d == cfg.head_dim and nq == nk and nq > 0 and nq % cfg.block_n == 0
+
+
+def _shape_ok(q: torch.Tensor, k: torch.Tensor, config: GluonAttentionConfig | None = None) -> bool:
     B, H, N, D = q.shape
     return (
         q.dtype == k.dtype == torch.float16
         and q.shape == k.shape  # self-attention with the same batch and heads
-        and shape_supported(N, k.shape[2], D, block_n)
+        and shape_supported(N, k.shape[2], D, config)
         and 0 < B * H <= 65535  # grid axis 1
     )
 
@@ -134,7 +157,7 @@ def attention_gluon_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     :func:`attention_gluon` (:func:`fused_qkv_views`); elsewhere it returns None."""
     if q.dim() != 4 or k.dim() != 4:
         return False
-    return _shape_ok(q, k, BLOCK_N) and _device_ok(q.device)
+    return _shape_ok(q, k) and _device_ok(q.device)
 
 
 def attention_gluon(
@@ -143,7 +166,7 @@ def attention_gluon(
     v: torch.Tensor,
     scale: float | None = None,
     out: torch.Tensor | None = None,
-    config: GluonAttentionConfig = HOPPER_D40,
+    config: GluonAttentionConfig | None = None,
 ) -> torch.Tensor | None:
     """softmax(q kᵀ·scale) v for fused-QKV views q, k, v [B, H, N, 40] fp16 -> [B, H, N, 40] (a view of a
     contiguous [B, N, H·40]: ``out`` when given); None where the kernel does not apply (module docstring)."""
@@ -153,7 +176,8 @@ def attention_gluon(
         out.shape != (B, N, H * D) or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous()
     ):
         raise ValueError(f"out must be a contiguous [B, N, H·D] = {(B, N, H * D)} {q.dtype} tensor on {q.device}")
-    if not (_shape_ok(q, k, config.block_n) and fused_qkv_views(q, k, v) and _device_ok(q.device)):
+    config = config or config_for(D, N)
+    if not (_shape_ok(q, k, config) and fused_qkv_views(q, k, v) and _device_ok(q.device)):
         return None
     if out is None:
         out = torch.empty(B, N, H * D, device=q.device, dtype=q.dtype)  # [B, N, H·D]
@@ -163,7 +187,9 @@ def attention_gluon(
     return out.unflatten(-1, (H, D)).transpose(1, 2)  # [B, N, H·D] -> [B, H, N, D] view
 
 
-def _descriptors(qkv2d: torch.Tensor, block_n: int) -> tuple:
+def _descriptors(qkv2d: torch.Tensor, cfg: GluonAttentionConfig) -> tuple:
+    """(q, q_b, k/v a, k/v b) TMA descriptors over qkv [B·N, 3·H·D]: Q boxes [64, 64] (d=40: padded) or
+    [64, A] + [64, B]; K/V boxes [block_n, A] + [block_n, B]."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -172,12 +198,14 @@ def _descriptors(qkv2d: torch.Tensor, block_n: int) -> tuple:
         lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float16)
         return TensorDescriptor.from_tensor(qkv2d, [rows, cols], lay)
 
-    return desc(64, 64), desc(block_n, 32), desc(block_n, 16)
+    a, b = cfg.boxes
+    q_cols = 64 if a + b > cfg.head_dim else a
+    return desc(64, q_cols), desc(64, b), desc(cfg.block_n, a), desc(cfg.block_n, b)
 
 
 def launch_grid(B: int, H: int, N: int, cfg: GluonAttentionConfig = HOPPER_D40) -> tuple[int, int]:
     """(query tiles of block_m rows per (batch, head), B·H): one CTA each; the last tile of a batch may
-    run past N (N = 640: 3 tiles of 256, 128 rows past N; its consumers 2 and 3 store nothing)."""
+    run past N (d=40, N = 640: 3 tiles of 256, 128 rows past N; its consumers 2 and 3 store nothing)."""
     return (N + cfg.block_m - 1) // cfg.block_m, B * H
 
 
@@ -186,9 +214,9 @@ def _launch(qkv2d: torch.Tensor, out: torch.Tensor, N: int, H: int, qk_c: float,
     assert kern is not None
     B = qkv2d.shape[0] // N
     with torch.cuda.device(out.device):
-        kern.attn_fwd_d40_kernel[launch_grid(B, H, N, cfg)](
-            *_descriptors(qkv2d, cfg.block_n), out, N, H, qk_c,
-            cfg.stages, cfg.producer_regs, cfg.consumer_regs, num_warps=4,
+        kern.attn_fwd_kernel[launch_grid(B, H, N, cfg)](
+            *_descriptors(qkv2d, cfg), out, N, H, qk_c,
+            cfg.head_dim, cfg.consumers, cfg.stages, cfg.producer_regs, cfg.consumer_regs, num_warps=4,
         )  # fmt: skip
 
 
@@ -208,17 +236,25 @@ def compile_sm90(config: GluonAttentionConfig = HOPPER_D40, capability: int = 90
     kern = _kernels()
     if kern is None:
         raise RuntimeError("this Triton has no Gluon Hopper API")
-    fn = kern.attn_fwd_d40_kernel
+    fn = kern.attn_fwd_kernel
 
     def desc_ty(rows: int, cols: int) -> str:
         lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float16)
         return f"tensordesc<fp16[{rows}, {cols}],{lay!r}>"
 
-    const = {"STAGES": config.stages, "PRODUCER_REGS": config.producer_regs, "CONSUMER_REGS": config.consumer_regs}
+    const = {
+        "HEAD_D": config.head_dim,
+        "NC": config.consumers,
+        "STAGES": config.stages,
+        "PRODUCER_REGS": config.producer_regs,
+        "CONSUMER_REGS": config.consumer_regs,
+    }
+    a, b = config.boxes
     sig = {
-        "q_desc": desc_ty(64, 64),
-        "ka_desc": desc_ty(config.block_n, 32),
-        "kb_desc": desc_ty(config.block_n, 16),
+        "q_desc": desc_ty(64, 64 if a + b > config.head_dim else a),
+        "qb_desc": desc_ty(64, b),
+        "ka_desc": desc_ty(config.block_n, a),
+        "kb_desc": desc_ty(config.block_n, b),
         "o_ptr": "*fp16",
         "n_ctx": "i32",
         "H": "i32",
