@@ -57,7 +57,7 @@ def test_gluon_shapes_get_fused_qkv_views_with_the_same_values():
     from speedsd.kernels.attention_gluon import fused_qkv_views
 
     labels = [s[0] for s in ka.SHAPES + ka.LONG_SHAPES if ka.gluon_shape(*s[3:])]
-    assert labels == ["self 4096 d40", "self 1024 d80", "self 16384 d40"]
+    assert labels == ["self 4096 d40", "self 1024 d80", "self 256 d160", "self 64 d160", "self 16384 d40"]
     sep = ka.make_qkv(2, 2, 128, 128, 40, device="cpu")
     fused = ka.make_qkv(2, 2, 128, 128, 40, device="cpu", fused=True)
     assert fused_qkv_views(*fused) and not fused_qkv_views(*sep)

@@ -1,4 +1,4 @@
-"""Gluon d=40 / d=80 self-attention (kernels/attention_gluon.py).
+"""Gluon d=40 / 80 / 160 self-attention (kernels/attention_gluon.py).
 
 CPU: the launcher's contract (it takes exactly the fused-QKV views Attention.forward makes, returns None
 for other valid input, raises ValueError for invalid input), the plumbing to the kernel with the device
@@ -147,7 +147,7 @@ def test_launcher_plumbing(fake_gpu):
         pytest.param(lambda: fused(B, H, N, dtype=torch.float32), id="fp32"),
         pytest.param(lambda: fused(B, H, N, dtype=torch.bfloat16), id="bf16"),
         pytest.param(lambda: fused(B, 5, N, D=64), id="d64"),
-        pytest.param(lambda: fused(B, H, N, D=160), id="d160"),
+        pytest.param(lambda: fused(B, H, N, D=128), id="d128"),
         pytest.param(lambda: fused(B, H, N, D=48), id="d48"),
         pytest.param(lambda: fused(B, H, 200), id="N200-not-a-key-tile-multiple"),
         pytest.param(lambda: fused(B, H, 96), id="N96-not-a-key-tile-multiple"),
@@ -202,22 +202,32 @@ def test_bad_scale_and_out_raise(scale, fake_gpu):
         pytest.param(80, 1024, 8, 128, id="d80-N1024-sd512"),
         pytest.param(80, 1280, 10, 128, id="d80-N1280-640x512"),
         pytest.param(80, 4096, 32, 128, id="d80-N4096-sd1024"),
+        pytest.param(160, 64, 1, 64, id="d160-N64-sd512-mid"),
+        pytest.param(160, 192, 3, 64, id="d160-N192"),
+        pytest.param(160, 256, 4, 128, id="d160-N256-sd512"),
     ],
 )
 def test_supported_sizes_and_query_tiles(d, n, tiles, block_n):
-    """Every multiple of 64 keys is taken (d=80: 128-key blocks where they divide N); query tiles (d=40:
-    4 consumers x 64 rows, d=80: 2 x 64) cover N."""
+    """Every multiple of 64 keys is taken (d=80/160: 128-key blocks where they divide N); query tiles (d=40:
+    4 consumers x 64 rows, d=80: 2 x 64, d=160: 1 x 64) cover N."""
     q = torch.empty(2, 8, n, d, dtype=torch.float16, device="meta")
     cfg = ag.config_for(d, n)
     assert ag._shape_ok(q, q) and cfg.block_n == block_n and cfg.head_dim == d and n % cfg.block_n == 0
-    assert cfg.block_m == {40: 256, 80: 128}[d]
+    assert cfg.block_m == {40: 256, 80: 128, 160: 64}[d]
     assert ag.launch_grid(2, 8, n, cfg) == (tiles, 16)
     assert (tiles - 1) * cfg.block_m < n <= tiles * cfg.block_m
     assert sum(cfg.boxes) >= d and all(w * 2 <= 128 for w in cfg.boxes)  # TMA box rows of <= 128 B
 
 
 @pytest.mark.parametrize(
-    "d, n, cfg", [(40, 384, ag.HOPPER_D40), (80, 384, ag.HOPPER_D80), (80, 320, ag.HOPPER_D80_BN64)]
+    "d, n, cfg",
+    [
+        (40, 384, ag.HOPPER_D40),
+        (80, 384, ag.HOPPER_D80),
+        (80, 320, ag.HOPPER_D80_BN64),
+        (160, 256, ag.HOPPER_D160),
+        (160, 192, ag.HOPPER_D160_BN64),
+    ],
 )
 def test_launcher_picks_the_head_dims_instance(d, n, cfg, fake_gpu):
     q, k, v = fused(2, 3, n, D=d)
@@ -293,6 +303,10 @@ GPU_SHAPES = [
     pytest.param((3, 5, 192, 80), id="d80-odd-B3-H5-N192-64-key-blocks"),
     pytest.param((1, 3, 384, 80), id="d80-odd-B1-H3-N384-last-tile-one-consumer"),
     pytest.param((2, 8, 64, 80), id="d80-one-key-tile-N64"),
+    pytest.param((2, 8, 256, 160), id="d160-sd-level2-B2-H8-N256"),
+    pytest.param((2, 8, 64, 160), id="d160-sd-mid-N64"),
+    pytest.param((1, 5, 192, 160), id="d160-odd-B1-H5-N192-64-key-blocks"),
+    pytest.param((1, 8, 1024, 160), id="d160-sd-1024px-N1024"),
 ]
 
 
@@ -349,10 +363,14 @@ def test_gpu_fallbacks_and_table_dispatch(monkeypatch, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "channels, dim_head, tokens",
-    [pytest.param(320, 40, 4096, id="level0-d40-64x64"), pytest.param(640, 80, 1024, id="level1-d80-32x32")],
+    [
+        pytest.param(320, 40, 4096, id="level0-d40-64x64"),
+        pytest.param(640, 80, 1024, id="level1-d80-32x32"),
+        pytest.param(1280, 160, 256, id="level2-d160-16x16"),
+    ],
 )
 def test_gpu_attention_layer_in_cuda_graph(monkeypatch, channels, dim_head, tokens):
-    """SD level-0 / level-1 self-attention (8 heads, 64x64 / 32x32 latent) with fused QKV, captured and
+    """SD level-0 / 1 / 2 self-attention (8 heads, 64x64 / 32x32 / 16x16 latent) with fused QKV, captured and
     replayed by GraphCache: "gluon" within 2x of "sdpa"'s error against the fp32 layer, kernel really used."""
     _require_hopper()
     from speedsd.graphs import GraphCache

@@ -1,13 +1,13 @@
-"""Gluon (warp-specialized, TMA + wgmma) FlashAttention forward for SD's d=40 and d=80 self-attention, Hopper only.
+"""Gluon (warp-specialized, TMA + wgmma) FlashAttention forward for SD's d=40/80/160 self-attention, Hopper only.
 
-One problem, specialised: the UNet's first- and second-level self-attention with fused QKV
-(``Flags(fused_qkv=True)``), where q, k, v [B, H, N, D] fp16 (D = 40 or 80) are head-split views of the
+One problem, specialised: the UNet's self-attention with fused QKV (``Flags(fused_qkv=True)``) at its three
+attention levels, where q, k, v [B, H, N, D] fp16 (D = 40, 80 or 160) are head-split views of the
 column blocks of one contiguous qkv [B, N, 3·H·D] (models/layers.py Attention.forward:
 ``F.linear(...).chunk(3, -1)``, then ``unflatten(-1, (H, D)).transpose(1, 2)``). The kernel reads qkv
 through TMA descriptors over [B·N, 3·H·D] and writes out [B, N, H·D]; it is returned as the [B, H, N, D]
 view, so the caller's ``transpose(1, 2).flatten(2)`` is free. N must be a multiple of 64 (the d=40 key
-tile; d=80 takes 128-key blocks where they divide N); query tiles of 256 (d=40) or 128 (d=80) rows may run
-past N (N = 640, 4160 ...: rows past N are computed, never stored). Kernel and its math:
+tile; d=80/160 take 128-key blocks where they divide N); query tiles of 256 (d=40), 128 (d=80) or 64 (d=160)
+rows may run past N (N = 640, 4160 ...: rows past N are computed, never stored). Kernel and its math:
 kernels/attention_gluon_kernels.py; :func:`config_for` picks the instance.
 
 :func:`attention_gluon` returns None (the caller falls back to SDPA) for anything else that is valid
@@ -15,7 +15,7 @@ attention input: another device, card, dtype, head dim, layout, cross-attention 
 ValueError only for input no attention could take (mismatched shapes, dtypes, devices, bad scale).
 
 d=80 (H200, B=2, H=8, N=1024, CUDA-graph replay, bench/results/attention_gluon_d80_h200.txt): 15.7 µs vs
-SDPA's 18.4 (cuDNN, with its memset node); pipeline A/B in the same file.
+SDPA's 18.4 (cuDNN, with its memset node); pipeline A/B in the same file. d=160: see HOPPER_D160.
 
 d=40: Measured as the prototype (bench/prototypes/gluon_attn, round 2, variant ws4_pp_narrow_bn64_fadd): 136.9 µs
 vs 143.6 for round 1's ws3_pp_narrow (this file's previous kernel) and 150.1 for cuDNN SDPA, on an H200 at
@@ -44,20 +44,25 @@ PROTOTYPE_VARIANT = "ws4_pp_narrow_bn64_fadd"  # bench/prototypes/gluon_attn: wh
 
 @dataclass(frozen=True)
 class GluonAttentionConfig:
-    head_dim: int = 40  # the kernel instance: 40 (K/V boxes of 32 + 16 columns, Q padded) or 80 (64 + 16)
-    consumers: int = 4  # consumer warpgroups per CTA (2 or 4), 64 query rows each
+    head_dim: int = 40  # the kernel instance: 40 (K/V boxes of 32 + 16 columns, Q padded), 80 (64 + 16), 160
+    consumers: int = 4  # consumer warpgroups per CTA (1, 2 or 4), 64 query rows each
     block_n: int = 64  # keys per K/V tile; N must be a multiple
     stages: int = 6  # K/V SMEM ring depth
     producer_regs: int = 24  # setmaxnreg of the 1-warp TMA producer
-    consumer_regs: int = 112  # setmaxnreg of the worker consumer warpgroups (the default one gets the rest)
+    consumer_regs: int = 112  # setmaxnreg of the worker consumer warpgroups (the default one gets the rest;
+    # unused with one consumer: the default partition is the only consumer)
 
     @property
     def block_m(self) -> int:  # query rows per CTA
         return 64 * self.consumers
 
     @property
-    def boxes(self) -> tuple[int, int]:  # the head's columns as two TMA boxes (A, B): rows of <= 128 B
-        return (32, 16) if self.head_dim == 40 else (64, 16)
+    def boxes(self) -> tuple[int, ...]:  # the head's columns as TMA boxes: rows of <= 128 B (the widest swizzle)
+        return {40: (32, 16), 80: (64, 16), 160: (64, 64, 32)}[self.head_dim]
+
+    @property
+    def padded_q(self) -> bool:  # the boxes overrun the head (d=40): Q as one [64, 64] box, columns >= d zeroed
+        return sum(self.boxes) > self.head_dim
 
 
 # The configuration measured on the H200 (prototype variant ws4_pp_narrow_bn64_fadd); 107.0 KB of shared
@@ -70,8 +75,15 @@ HOPPER_D40 = GluonAttentionConfig()
 # 17.3 (64-key blocks, 4 stages) vs SDPA (cuDNN) 18.4, our Triton flash 18.9.
 HOPPER_D80 = GluonAttentionConfig(head_dim=80, consumers=2, block_n=128, stages=3, consumer_regs=232)
 HOPPER_D80_BN64 = GluonAttentionConfig(head_dim=80, consumers=2, block_n=64, stages=4, consumer_regs=232)
-CONFIGS = (HOPPER_D40, HOPPER_D80, HOPPER_D80_BN64)  # config_for takes the first that fits
-HEAD_DIMS = (40, 80)
+# d=160 (the 16² level, N = 256): K/V/Q as 64 + 64 + 32-column boxes, one consumer warpgroup (64 query rows a
+# CTA: 64 CTAs at B=2, H=8, N=256; two consumers leave 100 SMs idle), 128-key blocks where N allows. H200, B=2,
+# H=8, N=256 (bench/results/attention_gluon_d160_h200.txt): 6.84 µs (128-key blocks), 7.27 (64-key blocks,
+# 3 stages) vs our Triton flash 9.0 and SDPA 10.5; at N=64 (8²) the one-pass cross kernel stays faster (4.40 vs
+# 4.77).
+HOPPER_D160 = GluonAttentionConfig(head_dim=160, consumers=1, block_n=128, stages=2, consumer_regs=0)
+HOPPER_D160_BN64 = GluonAttentionConfig(head_dim=160, consumers=1, block_n=64, stages=3, consumer_regs=0)
+CONFIGS = (HOPPER_D40, HOPPER_D80, HOPPER_D80_BN64, HOPPER_D160, HOPPER_D160_BN64)  # config_for: the first that fits
+HEAD_DIMS = (40, 80, 160)
 BLOCK_N = HOPPER_D40.block_n
 
 
@@ -115,8 +127,8 @@ def config_for(d: int, n: int) -> GluonAttentionConfig | None:
 
 
 def shape_supported(nq: int, nk: int, d: int, config: GluonAttentionConfig | None = None) -> bool:
-    """The problem sizes the kernel takes: self-attention (Nq == Nk) with D = 40 or 80 and N a multiple of
-    64. (Batch, heads, dtype, layout and device are checked on the tensors.)"""
+    """The problem sizes the kernel takes: self-attention (Nq == Nk) with D = 40, 80 or 160 and N a multiple
+    of 64. (Batch, heads, dtype, layout and device are checked on the tensors.)"""
     cfg = config or config_for(d, nk)
     return cfg is not None and d == cfg.head_dim and nq == nk and nq > 0 and nq % cfg.block_n == 0
 
@@ -188,8 +200,9 @@ def attention_gluon(
 
 
 def _descriptors(qkv2d: torch.Tensor, cfg: GluonAttentionConfig) -> tuple:
-    """(q, q_b, k/v a, k/v b) TMA descriptors over qkv [B·N, 3·H·D]: Q boxes [64, 64] (d=40: padded) or
-    [64, A] + [64, B]; K/V boxes [block_n, A] + [block_n, B]."""
+    """(q padded, q_a, q_b, q_c, kv_a, kv_b, kv_c) TMA descriptors over qkv [B·N, 3·H·D]: Q boxes [64, 64]
+    (d=40: padded) and [64, w], K/V boxes [block_n, w], one per column box w of the head (an absent third
+    box repeats the second: the kernel does not read it)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -198,9 +211,14 @@ def _descriptors(qkv2d: torch.Tensor, cfg: GluonAttentionConfig) -> tuple:
         lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float16)
         return TensorDescriptor.from_tensor(qkv2d, [rows, cols], lay)
 
-    a, b = cfg.boxes
-    q_cols = 64 if a + b > cfg.head_dim else a
-    return desc(64, q_cols), desc(64, b), desc(cfg.block_n, a), desc(cfg.block_n, b)
+    w = _box_widths(cfg)
+    qs = [desc(64, c) for c in w]
+    return (desc(64, 64) if cfg.padded_q else qs[0], *qs, *(desc(cfg.block_n, c) for c in w))
+
+
+def _box_widths(cfg: GluonAttentionConfig) -> tuple[int, int, int]:
+    a, b, *c = cfg.boxes
+    return a, b, c[0] if c else b
 
 
 def launch_grid(B: int, H: int, N: int, cfg: GluonAttentionConfig = HOPPER_D40) -> tuple[int, int]:
@@ -216,7 +234,8 @@ def _launch(qkv2d: torch.Tensor, out: torch.Tensor, N: int, H: int, qk_c: float,
     with torch.cuda.device(out.device):
         kern.attn_fwd_kernel[launch_grid(B, H, N, cfg)](
             *_descriptors(qkv2d, cfg), out, N, H, qk_c,
-            cfg.head_dim, cfg.consumers, cfg.stages, cfg.producer_regs, cfg.consumer_regs, num_warps=4,
+            cfg.head_dim, len(cfg.boxes), cfg.consumers, cfg.stages, cfg.producer_regs, cfg.consumer_regs,
+            num_warps=4,
         )  # fmt: skip
 
 
@@ -244,17 +263,21 @@ def compile_sm90(config: GluonAttentionConfig = HOPPER_D40, capability: int = 90
 
     const = {
         "HEAD_D": config.head_dim,
+        "NBOX": len(config.boxes),
         "NC": config.consumers,
         "STAGES": config.stages,
         "PRODUCER_REGS": config.producer_regs,
         "CONSUMER_REGS": config.consumer_regs,
     }
-    a, b = config.boxes
+    a, b, c = _box_widths(config)
     sig = {
-        "q_desc": desc_ty(64, 64 if a + b > config.head_dim else a),
+        "q_desc": desc_ty(64, 64 if config.padded_q else a),
+        "qa_desc": desc_ty(64, a),
         "qb_desc": desc_ty(64, b),
+        "qc_desc": desc_ty(64, c),
         "ka_desc": desc_ty(config.block_n, a),
         "kb_desc": desc_ty(config.block_n, b),
+        "kc_desc": desc_ty(config.block_n, c),
         "o_ptr": "*fp16",
         "n_ctx": "i32",
         "H": "i32",
