@@ -1,10 +1,15 @@
 """Every kernel of one eager UNet step (default flags, CFG batch 2, 512²), in launch order with µs (median of 5
 steps), and per kernel name: launches and µs. python kernel_list.py OUT.txt"""
-import statistics, sys
+
+import statistics
+import sys
 from collections import defaultdict
+
 import torch
 from torch.profiler import ProfilerActivity, profile
+
 import speedsd
+
 pipe = speedsd.load("random:sd1.4", device="cuda", dtype=torch.float16)
 eager = pipe.with_flags(pipe.flags.replace(cuda_graphs=False))
 x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
@@ -21,7 +26,7 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
 evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 evs.sort(key=lambda e: e.time_range.start)
 n = len(evs) // R
-seq = [evs[i * n:(i + 1) * n] for i in range(R)]
+seq = [evs[i * n : (i + 1) * n] for i in range(R)]
 lines = [f"# {torch.cuda.get_device_name()} torch {torch.__version__}: {n} kernels a UNet step (eager, default flags)"]
 agg = defaultdict(lambda: [0, 0.0])
 tot = 0.0
