@@ -189,3 +189,28 @@ def test_kernel_flag_on_cpu_without_interpreter_raises(monkeypatch):
 def test_flags_reject_unknown_attention():
     with pytest.raises(ValueError, match="attention must be one of"):
         ops.Flags(attention="fastest")
+
+
+def test_ops_reexports_the_flags_module():
+    """The models and tests reach the flags through ops; they are the objects of speedsd.flags."""
+    from speedsd import flags
+
+    for name in ("ATTENTION_MODES", "PRESETS", "Flags", "current", "default_flags", "set_flags", "using"):
+        assert getattr(ops, name) is getattr(flags, name), name
+
+
+def test_using_scopes_the_flags_and_restores_them_on_error():
+    before = ops.current()
+    inner = ops.Flags(group_norm=True, attention="flash")
+    with pytest.raises(RuntimeError, match="boom"), ops.using(inner) as got:
+        assert got is inner and ops.current() is inner
+        raise RuntimeError("boom")
+    assert ops.current() is before
+
+
+@pytest.mark.parametrize(
+    "device, preset", [("cpu", "reference"), ("cuda", "fast"), ("cuda:1", "fast"), ("meta", "reference")]
+)
+def test_default_flags_per_device(device, preset):
+    assert ops.default_flags(device) == ops.PRESETS[preset]
+    assert ops.PRESETS["baseline"] == ops.Flags()  # the paper's starting point: every flag off
