@@ -227,20 +227,6 @@ def _attend(qbufs, kbufs, vbufs, k_ready, v_ready, kv_empty, turn, n_kv, qk_c, W
 
 
 @gluon.jit
-def _store_part(o, l, o_ptr, row0, rows_left, col0, o_stride, C0: gl.constexpr, HEAD_D: gl.constexpr):
-    """out[row0 + r, col0 + C0 + c] = O[r, c] / l[r] for C0 + c < HEAD_D and r < rows_left."""
-    lay: gl.constexpr = o.type.layout
-    BW: gl.constexpr = o.shape[1]
-    inv = gl.convert_layout(1.0 / l, gl.SliceLayout(1, lay))
-    o16 = (o * gl.expand_dims(inv, 1)).to(gl.float16)
-    r = gl.arange(0, BM, layout=gl.SliceLayout(1, lay))
-    c = C0 + gl.arange(0, BW, layout=gl.SliceLayout(0, lay))
-    offs = gl.expand_dims((row0 + r).to(gl.int64) * o_stride, 1) + gl.expand_dims(col0 + c, 0)
-    mask = (gl.expand_dims(r, 1) < rows_left) & (gl.expand_dims(c, 0) < HEAD_D)
-    gl.store(o_ptr + offs, o16, mask=mask)
-
-
-@gluon.jit
 def _load_kv(kv_descs, kbufs, vbufs, k_bar, v_bar, row, k_col, v_col, st):
     """TMA of key rows [row, row+BN) into stage st: K and V as the boxes' columns from k_col / v_col."""
     A: gl.constexpr = kv_descs[0].block_type.shape[1]
