@@ -2,7 +2,7 @@
 
 The choice is measured, not guessed: ``python -m speedsd.bench.kernels --attention-table
 src/speedsd/data/attention_table.json`` times flash / partial / SDPA (and the Gluon kernel on the shapes
-it takes: fp16 d=40 self-attention on sm_90, measured on fused-QKV views; the one-pass cross kernel on
+it takes: fp16 d=40/80/160 self-attention on sm_90, measured on fused-QKV views; the one-pass cross kernel on
 those with Nk <= 128) on each SD attention shape and records the fastest correct one per card. Shapes are
 matched on (heads, Nq, Nk, head dim); the batch only scales the work. Unknown card or shape: SDPA
 (PyTorch picks its best backend), except head dims SDPA's fused backends reject (> 256), which go to our

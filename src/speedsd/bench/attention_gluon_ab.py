@@ -1,12 +1,12 @@
-"""Pipeline A/B of the Gluon d=40 attention kernel: the default flags with and without it.
+"""Pipeline A/B of the Gluon attention kernel (d=40/80/160): the default flags with and without it.
 
     python -m speedsd.bench.attention_gluon_ab --out DIR [--pairs 2] [--model random:sd1.4]
 
 Fresh processes, alternating old / new (the first pair also warms the Triton cache). Both run
 ``ops.default_flags("cuda")`` (attention="auto", fused QKV, CUDA graphs) with the auto-attention choice
 wrapped: "old" turns a table choice of "gluon" into "sdpa" (the engine before the kernel was landed),
-"new" picks "gluon" wherever :func:`attention_gluon_supported` (the UNet's 64x64-latent self-attention
-at 512²) and the table's choice elsewhere. Each child reports ``bench.e2e.measure_row`` (ms per
+"new" picks "gluon" wherever :func:`attention_gluon_supported` (at 512² the UNet's self-attention at every
+level: 4096, 1024, 256 and the mid-block's 64 tokens) and the table's choice elsewhere. Each child reports ``bench.e2e.measure_row`` (ms per
 component, the 20-step image) and how many attention calls the Gluon kernel served; the first old and
 new images (seed 0) are compared. Writes attention_gluon_ab.{json,md}.
 """
@@ -82,7 +82,7 @@ def markdown(res: dict[str, Any]) -> str:
     cols = ["text_encoder_ms", "unet_step_ms", "vae_decode_ms", "image_ms", "peak_mib", "gluon_calls"]
     rows = [[r.get("variant")] + [r.get(c, r.get("error", "-")) for c in cols] for r in res["rows"]]
     md = [
-        f"# Gluon d=40 attention, pipeline A/B ({res['model']}, {res['size']}², {res['steps']} steps, default flags, "
+        f"# Gluon attention, pipeline A/B ({res['model']}, {res['size']}², {res['steps']} steps, default flags, "
         "fresh processes alternating)",
         common.md_table(["variant"] + cols, rows),
     ]
