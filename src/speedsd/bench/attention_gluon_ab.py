@@ -6,9 +6,9 @@ Fresh processes, alternating old / new (the first pair also warms the Triton cac
 ``ops.default_flags("cuda")`` (attention="auto", fused QKV, CUDA graphs) with the auto-attention choice
 wrapped: "old" turns a table choice of "gluon" into "sdpa" (the engine before the kernel was landed),
 "new" picks "gluon" wherever :func:`attention_gluon_supported` (at 512² the UNet's self-attention at every
-level: 4096, 1024, 256 and the mid-block's 64 tokens) and the table's choice elsewhere. Each child reports ``bench.e2e.measure_row`` (ms per
-component, the 20-step image) and how many attention calls the Gluon kernel served; the first old and
-new images (seed 0) are compared. Writes attention_gluon_ab.{json,md}.
+level: 4096, 1024, 256 and the mid-block's 64 tokens) and the table's choice elsewhere. Each child reports
+``bench.e2e.measure_row`` (ms per component, the 20-step image) and how many attention calls the Gluon kernel
+served; the first old and new images (seed 0) are compared. Writes attention_gluon_ab.{json,md}.
 """
 
 from __future__ import annotations
