@@ -64,6 +64,24 @@ class GluonAttentionConfig:
     def padded_q(self) -> bool:  # the boxes overrun the head (d=40): Q as one [64, 64] box, columns >= d zeroed
         return sum(self.boxes) > self.head_dim
 
+    def descriptor_boxes(self) -> list[tuple[int, int]]:
+        """The kernel's seven TMA descriptors' boxes (rows, columns), in its argument order: Q padded, Q per
+        column box (a, b, c), K/V per column box (a, b, c); an absent third box repeats the second (unread)."""
+        a, b, *rest = self.boxes
+        w = (a, b, rest[0] if rest else b)
+        return [(64, 64 if self.padded_q else a), *((64, c) for c in w), *((self.block_n, c) for c in w)]
+
+    def constexprs(self) -> dict[str, int]:
+        """The kernel's constexpr arguments for this instance."""
+        return {
+            "HEAD_D": self.head_dim,
+            "NBOX": len(self.boxes),
+            "NC": self.consumers,
+            "STAGES": self.stages,
+            "PRODUCER_REGS": self.producer_regs,
+            "CONSUMER_REGS": self.consumer_regs,
+        }
+
 
 # The configuration measured on the H200 (prototype variant ws4_pp_narrow_bn64_fadd); 107.0 KB of shared
 # memory, 96 registers a thread at launch (setmaxnreg: producer 24, worker consumers 112, default consumer
@@ -83,8 +101,6 @@ HOPPER_D80_BN64 = GluonAttentionConfig(head_dim=80, consumers=2, block_n=64, sta
 HOPPER_D160 = GluonAttentionConfig(head_dim=160, consumers=1, block_n=128, stages=2, consumer_regs=0)
 HOPPER_D160_BN64 = GluonAttentionConfig(head_dim=160, consumers=1, block_n=64, stages=3, consumer_regs=0)
 CONFIGS = (HOPPER_D40, HOPPER_D80, HOPPER_D80_BN64, HOPPER_D160, HOPPER_D160_BN64)  # config_for: the first that fits
-HEAD_DIMS = (40, 80, 160)
-BLOCK_N = HOPPER_D40.block_n
 
 
 @functools.lru_cache(maxsize=1)
@@ -180,8 +196,9 @@ def attention_gluon(
     out: torch.Tensor | None = None,
     config: GluonAttentionConfig | None = None,
 ) -> torch.Tensor | None:
-    """softmax(q kᵀ·scale) v for fused-QKV views q, k, v [B, H, N, 40] fp16 -> [B, H, N, 40] (a view of a
-    contiguous [B, N, H·40]: ``out`` when given); None where the kernel does not apply (module docstring)."""
+    """softmax(q kᵀ·scale) v for fused-QKV views q, k, v [B, H, N, D] fp16 (D = 40, 80, 160) -> [B, H, N, D] (a
+    view of a contiguous [B, N, H·D]: ``out`` when given); None where the kernel does not apply (module
+    docstring). ``config``: the instance (default :func:`config_for`)."""
     scale = _check(q, k, v, scale)
     B, H, N, D = q.shape
     if out is not None and (
@@ -199,10 +216,8 @@ def attention_gluon(
     return out.unflatten(-1, (H, D)).transpose(1, 2)  # [B, N, H·D] -> [B, H, N, D] view
 
 
-def _descriptors(qkv2d: torch.Tensor, cfg: GluonAttentionConfig) -> tuple:
-    """(q padded, q_a, q_b, q_c, kv_a, kv_b, kv_c) TMA descriptors over qkv [B·N, 3·H·D]: Q boxes [64, 64]
-    (d=40: padded) and [64, w], K/V boxes [block_n, w], one per column box w of the head (an absent third
-    box repeats the second: the kernel does not read it)."""
+def _descriptors(qkv2d: torch.Tensor, cfg: GluonAttentionConfig) -> list:
+    """The kernel's TMA descriptors over qkv [B·N, 3·H·D], boxes as :meth:`GluonAttentionConfig.descriptor_boxes`."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -211,14 +226,7 @@ def _descriptors(qkv2d: torch.Tensor, cfg: GluonAttentionConfig) -> tuple:
         lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float16)
         return TensorDescriptor.from_tensor(qkv2d, [rows, cols], lay)
 
-    w = _box_widths(cfg)
-    qs = [desc(64, c) for c in w]
-    return (desc(64, 64) if cfg.padded_q else qs[0], *qs, *(desc(cfg.block_n, c) for c in w))
-
-
-def _box_widths(cfg: GluonAttentionConfig) -> tuple[int, int, int]:
-    a, b, *c = cfg.boxes
-    return a, b, c[0] if c else b
+    return [desc(rows, cols) for rows, cols in cfg.descriptor_boxes()]
 
 
 def launch_grid(B: int, H: int, N: int, cfg: GluonAttentionConfig = HOPPER_D40) -> tuple[int, int]:
@@ -233,10 +241,8 @@ def _launch(qkv2d: torch.Tensor, out: torch.Tensor, N: int, H: int, qk_c: float,
     B = qkv2d.shape[0] // N
     with torch.cuda.device(out.device):
         kern.attn_fwd_kernel[launch_grid(B, H, N, cfg)](
-            *_descriptors(qkv2d, cfg), out, N, H, qk_c,
-            cfg.head_dim, len(cfg.boxes), cfg.consumers, cfg.stages, cfg.producer_regs, cfg.consumer_regs,
-            num_warps=4,
-        )  # fmt: skip
+            *_descriptors(qkv2d, cfg), out, N, H, qk_c, **cfg.constexprs(), num_warps=4
+        )
 
 
 def attention_gluon_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -261,23 +267,10 @@ def compile_sm90(config: GluonAttentionConfig = HOPPER_D40, capability: int = 90
         lay = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float16)
         return f"tensordesc<fp16[{rows}, {cols}],{lay!r}>"
 
-    const = {
-        "HEAD_D": config.head_dim,
-        "NBOX": len(config.boxes),
-        "NC": config.consumers,
-        "STAGES": config.stages,
-        "PRODUCER_REGS": config.producer_regs,
-        "CONSUMER_REGS": config.consumer_regs,
-    }
-    a, b, c = _box_widths(config)
+    const = config.constexprs()
+    names = ("q_desc", "qa_desc", "qb_desc", "qc_desc", "ka_desc", "kb_desc", "kc_desc")
     sig = {
-        "q_desc": desc_ty(64, 64 if config.padded_q else a),
-        "qa_desc": desc_ty(64, a),
-        "qb_desc": desc_ty(64, b),
-        "qc_desc": desc_ty(64, c),
-        "ka_desc": desc_ty(config.block_n, a),
-        "kb_desc": desc_ty(config.block_n, b),
-        "kc_desc": desc_ty(config.block_n, c),
+        **{name: desc_ty(rows, cols) for name, (rows, cols) in zip(names, config.descriptor_boxes())},
         "o_ptr": "*fp16",
         "n_ctx": "i32",
         "H": "i32",

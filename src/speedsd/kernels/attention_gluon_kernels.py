@@ -227,28 +227,31 @@ def _attend(qbufs, kbufs, vbufs, k_ready, v_ready, kv_empty, turn, n_kv, qk_c, W
 
 
 @gluon.jit
-def _load_kv(kv_descs, kbufs, vbufs, k_bar, v_bar, row, k_col, v_col, st):
-    """TMA of key rows [row, row+BN) into stage st: K and V as the boxes' columns from k_col / v_col."""
-    A: gl.constexpr = kv_descs[0].block_type.shape[1]
-    B: gl.constexpr = kv_descs[1].block_type.shape[1]
-    nb: gl.constexpr = kv_descs[0].block_type.nbytes + kv_descs[1].block_type.nbytes
-    if len(kv_descs) == 3:
-        nb3: gl.constexpr = nb + kv_descs[2].block_type.nbytes
-        mbarrier.expect(k_bar, nb3)
-        tma.async_copy_global_to_shared(kv_descs[0], [row, k_col], k_bar, kbufs[0].index(st))
-        tma.async_copy_global_to_shared(kv_descs[1], [row, k_col + A], k_bar, kbufs[1].index(st))
-        tma.async_copy_global_to_shared(kv_descs[2], [row, k_col + A + B], k_bar, kbufs[2].index(st))
-        mbarrier.expect(v_bar, nb3)
-        tma.async_copy_global_to_shared(kv_descs[0], [row, v_col], v_bar, vbufs[0].index(st))
-        tma.async_copy_global_to_shared(kv_descs[1], [row, v_col + A], v_bar, vbufs[1].index(st))
-        tma.async_copy_global_to_shared(kv_descs[2], [row, v_col + A + B], v_bar, vbufs[2].index(st))
+def _views(bufs, slot):
+    """bufs[i].index(slot) for each box's buffer: one stage of the K/V ring, or one consumer's Q tile."""
+    if len(bufs) == 3:
+        return (bufs[0].index(slot), bufs[1].index(slot), bufs[2].index(slot))
     else:
-        mbarrier.expect(k_bar, nb)
-        tma.async_copy_global_to_shared(kv_descs[0], [row, k_col], k_bar, kbufs[0].index(st))
-        tma.async_copy_global_to_shared(kv_descs[1], [row, k_col + A], k_bar, kbufs[1].index(st))
-        mbarrier.expect(v_bar, nb)
-        tma.async_copy_global_to_shared(kv_descs[0], [row, v_col], v_bar, vbufs[0].index(st))
-        tma.async_copy_global_to_shared(kv_descs[1], [row, v_col + A], v_bar, vbufs[1].index(st))
+        return (bufs[0].index(slot), bufs[1].index(slot))
+
+
+@gluon.jit
+def _copy_boxes(descs, views, bar, row, col):
+    """TMA of rows [row, row + box rows) of the head whose columns start at col, one box per descriptor
+    (columns col, col + A[, col + A + B]) into views, all on barrier bar."""
+    A: gl.constexpr = descs[0].block_type.shape[1]
+    nb: gl.constexpr = descs[0].block_type.nbytes + descs[1].block_type.nbytes
+    if len(descs) == 3:
+        B: gl.constexpr = descs[1].block_type.shape[1]
+        nb3: gl.constexpr = nb + descs[2].block_type.nbytes
+        mbarrier.expect(bar, nb3)
+        tma.async_copy_global_to_shared(descs[0], [row, col], bar, views[0])
+        tma.async_copy_global_to_shared(descs[1], [row, col + A], bar, views[1])
+        tma.async_copy_global_to_shared(descs[2], [row, col + A + B], bar, views[2])
+    else:
+        mbarrier.expect(bar, nb)
+        tma.async_copy_global_to_shared(descs[0], [row, col], bar, views[0])
+        tma.async_copy_global_to_shared(descs[1], [row, col + A], bar, views[1])
 
 
 @gluon.jit
@@ -259,36 +262,26 @@ def _producer(kv_descs, kbufs, vbufs, k_ready, v_ready, kv_empty, kv_row, k_col,
     for j in range(n_kv):
         st = j % STAGES
         mbarrier.wait(kv_empty.index(st), ((j // STAGES) & 1) ^ 1)  # fresh barrier: parity 1 counts as completed
-        _load_kv(kv_descs, kbufs, vbufs, k_ready.index(st), v_ready.index(st), kv_row + j * BN, k_col, v_col, st)
+        _copy_boxes(kv_descs, _views(kbufs, st), k_ready.index(st), kv_row + j * BN, k_col)
+        _copy_boxes(kv_descs, _views(vbufs, st), v_ready.index(st), kv_row + j * BN, v_col)
 
 
 @gluon.jit
 def _load_q(q_descs, q_smem, bar, row0, q_col, WG: gl.constexpr, HEAD_D: gl.constexpr):
     """Consumer WG's Q tile into SMEM; returns its wgmma A operands, one per K box (Q_a, Q_b[, Q_c]).
-    q_descs = (padded [64, 64] box, then one [64, w] box per K box)."""
-    A: gl.constexpr = q_descs[1].block_type.shape[1]
-    B: gl.constexpr = q_descs[2].block_type.shape[1]
+    q_descs = (the padded [64, 64] box, the [64, w] boxes of the head's column boxes)."""
     if len(q_smem) == 1:  # d=40: one padded [BM, 64] box, its columns >= HEAD_D zeroed
+        A: gl.constexpr = q_descs[1][0].block_type.shape[1]
+        B: gl.constexpr = q_descs[1][1].block_type.shape[1]
         q_view = q_smem[0].index(WG)
         mbarrier.expect(bar, q_descs[0].block_type.nbytes)
         tma.async_copy_global_to_shared(q_descs[0], [row0, q_col], bar, q_view)
         mbarrier.wait(bar, 0)
         _zero_q_pad(q_view, HEAD_D)
         return (q_view.slice(0, A, dim=1), q_view.slice(A, B, dim=1))
-    elif len(q_smem) == 2:  # d=80: the head's columns exactly, as an A- and a B-column box
-        qbufs = (q_smem[0].index(WG), q_smem[1].index(WG))
-        mbarrier.expect(bar, q_descs[1].block_type.nbytes + q_descs[2].block_type.nbytes)
-        tma.async_copy_global_to_shared(q_descs[1], [row0, q_col], bar, qbufs[0])
-        tma.async_copy_global_to_shared(q_descs[2], [row0, q_col + A], bar, qbufs[1])
-        mbarrier.wait(bar, 0)
-        return qbufs
-    else:  # d=160: A-, B- and C-column boxes
-        qbufs = (q_smem[0].index(WG), q_smem[1].index(WG), q_smem[2].index(WG))
-        nb: gl.constexpr = q_descs[1].block_type.nbytes + q_descs[2].block_type.nbytes + q_descs[3].block_type.nbytes
-        mbarrier.expect(bar, nb)
-        tma.async_copy_global_to_shared(q_descs[1], [row0, q_col], bar, qbufs[0])
-        tma.async_copy_global_to_shared(q_descs[2], [row0, q_col + A], bar, qbufs[1])
-        tma.async_copy_global_to_shared(q_descs[3], [row0, q_col + A + B], bar, qbufs[2])
+    else:  # d=80 / d=160: the head's columns exactly, one box each
+        qbufs = _views(q_smem, WG)
+        _copy_boxes(q_descs[1], qbufs, bar, row0, q_col)
         mbarrier.wait(bar, 0)
         return qbufs
 
@@ -367,10 +360,12 @@ def attn_fwd_kernel(q_desc, qa_desc, qb_desc, qc_desc, ka_desc, kb_desc, kc_desc
         kbufs = (ka, kb, kc)
         vbufs = (va, vb, vc)
         kv_descs = (ka_desc, kb_desc, kc_desc)
+        q_box_descs = (qa_desc, qb_desc, qc_desc)
     else:
         kbufs = (ka, kb)
         vbufs = (va, vb)
         kv_descs = (ka_desc, kb_desc)
+        q_box_descs = (qa_desc, qb_desc)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -385,7 +380,7 @@ def attn_fwd_kernel(q_desc, qa_desc, qb_desc, qc_desc, ka_desc, kb_desc, kc_desc
         mbarrier.init(turn.index(i), count=1)
     fence_async_shared()  # barrier inits -> visible to the async proxy / other partitions
 
-    cargs = ((q_desc, qa_desc, qb_desc, qc_desc), o_ptr, q_smem, kbufs, vbufs, k_ready, v_ready, kv_empty, q_bar,
+    cargs = ((q_desc, q_box_descs), o_ptr, q_smem, kbufs, vbufs, k_ready, v_ready, kv_empty, q_bar,
              turn, q_row, rows_left, q_col, hd, n_ctx // BN, qk_c)  # fmt: skip
     pargs = (kv_descs, kbufs, vbufs, k_ready, v_ready, kv_empty, b * n_ctx, hd + q_col, 2 * hd + q_col, n_ctx // BN)
     # partition 0 (default, 4 warps) and the 4-warp workers are the consumers; the 1-warp worker loads
