@@ -1,37 +1,24 @@
-"""GPU probe: the fused projection + residual add + LayerNorm (kernels/linear_add_ln.py) against the engine's
-unfused pair (cuBLAS F.linear, then kernels/layer_norm.add_layer_norm) on the UNet's 64² transformer shape
-(M = 2·64² tokens, K = N = 320), every bias on as in the first add of a block. CUDA-graph replay of 20 calls,
-median of 7 replays; error of s and y vs fp64. python probe.py OUT.json [--m 8192]"""
+"""GPU probe: the fused projection + residual add + LayerNorm (linear_add_ln.py here) against the engine's unfused
+pair (cuBLAS F.linear, then kernels/layer_norm.add_layer_norm) on the UNet's 64² transformer shape (M = 2·64²
+tokens, K = N = 320), every bias on as in the first add of a block. CUDA-graph replay of 20 calls, median of 7
+replays (speedsd.bench.common.graph_ms; the measured run had the same loop inline, without graph_ms's warm-up on
+a side stream); error of s and y vs fp64.  python probe.py OUT.json [--m 8192]"""
 
 import json
-import statistics
 import sys
 
 import linear_add_ln as lal
 import torch
 import torch.nn.functional as F
 
+from speedsd.bench.common import graph_ms
 from speedsd.kernels.layer_norm import add_layer_norm
 
 CONFIGS = [(64, 64, 8, 3), (64, 64, 8, 2), (64, 64, 8, 4), (64, 32, 8, 4), (64, 32, 8, 6), (64, 128, 8, 2)]
 
 
 def graph_us(fn, calls=20, reps=7):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(times)
+    return 1000 * graph_ms(fn, calls=calls, reps=reps)
 
 
 def main():
