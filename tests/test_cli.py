@@ -85,6 +85,57 @@ def test_no_seed_records_a_reproducible_one(model: str, tmp_path, capsys) -> Non
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
+def _init_image(path, size=(40, 32)) -> str:
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_img2img_from_init_image(model: str, tmp_path, capsys) -> None:
+    init = _init_image(tmp_path / "in.png")
+    out = tmp_path / "i2i.png"
+    argv = ["generate", "a red fox", "--model", model, "--init-image", init, "--strength", "0.5", "--steps", "4"]
+    rc, stdout, err = run_main(capsys, argv + ["--seed", "7", "--device", "cpu", "-o", str(out)])
+    assert rc == 0, err
+    assert stdout.split() == [str(out)]
+    fields = parse_parameters(read_parameters(out))
+    assert fields["Denoising strength"] == "0.5" and fields["Size"] == "40x32" and fields["Seed"] == "7"
+    # the library's img2img with the same image, strength and seed
+    pipe = speedsd.load(model, device="cpu")
+    with Image.open(init) as im:
+        [ref] = pipe.img2img("a red fox", im.convert("RGB"), strength=0.5, steps=4, seed=7)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(ref))
+    # --size resizes the init image first
+    out2 = tmp_path / "i2i_sized.png"
+    rc, _, err = run_main(capsys, argv + ["--size", "48x48", "-o", str(out2)])
+    assert rc == 0, err
+    with Image.open(out2) as im:
+        assert im.size == (48, 48)
+    assert parse_parameters(read_parameters(out2))["Size"] == "48x48"
+
+
+def test_img2img_bad_arguments(model: str, tmp_path, capsys) -> None:
+    init = _init_image(tmp_path / "in.png")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    tiny = _init_image(tmp_path / "tiny.png", size=(4, 4))
+    out = str(tmp_path / "o.png")
+    cases = [
+        (["--strength", "0.5"], "--strength needs --init-image"),
+        (["--init-image", init, "--strength", "0"], "--strength must be in (0, 1]"),
+        (["--init-image", init, "--strength", "1.5"], "--strength must be in (0, 1]"),
+        (["--init-image", init, "--strength", "nan"], "--strength must be in (0, 1]"),
+        (["--init-image", str(tmp_path / "missing.png")], "does not exist"),
+        (["--init-image", str(not_image)], "cannot read --init-image"),
+        (["--init-image", tiny], "too small"),
+        (["--init-image", init, "--steps", "1", "--strength", "0.5"], "leaves no denoising step"),
+    ]
+    for extra, needle in cases:
+        rc, _, err = run_main(capsys, ["generate", "x", "--model", model, "--steps", "2", "-o", out, *extra])
+        assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "o.png").exists()
+
+
 def _hostile_ckpt(path, marker) -> None:
     class Evil:
         def __reduce__(self):

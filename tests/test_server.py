@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import threading
@@ -76,6 +77,53 @@ def test_random_seed_reported(server) -> None:
     assert parse_parameters(Image.open(io.BytesIO(png)).info["parameters"])["Seed"] == str(seed)
     again = post(server, {"prompt": "owl", "steps": 1, "width": 32, "height": 32, "seed": seed})[2]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(io.BytesIO(again))))
+
+
+def _b64_image(size=(40, 32), fmt="PNG") -> str:
+    rng = np.random.default_rng(5)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_img2img(server) -> None:
+    init = _b64_image()
+    body = {"prompt": "a red fox", "steps": 4, "strength": 0.5, "seed": 9, "init_image": init}
+    status, headers, png = post(server, body)
+    assert status == 200, png
+    im = Image.open(io.BytesIO(png))
+    assert im.size == (40, 32)  # the init image's own size
+    fields = parse_parameters(im.info["parameters"])
+    assert fields["Denoising strength"] == "0.5" and fields["Size"] == "40x32" and fields["Seed"] == "9"
+    source = Image.open(io.BytesIO(base64.b64decode(init))).convert("RGB")
+    ref = server.pipe.img2img("a red fox", source, strength=0.5, steps=4, seed=9)[0]
+    assert np.array_equal(np.asarray(im), np.asarray(ref))
+    # width/height resize the init image first (a JPEG here)
+    status, _, png = post(server, {**body, "init_image": _b64_image(fmt="JPEG"), "width": 48, "height": 48})
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (48, 48)
+
+
+I2I = {"prompt": "x", "steps": 2, "init_image": _b64_image()}
+BAD_I2I = [
+    ({**REQ, "strength": 0.5}, "strength needs init_image"),
+    ({**I2I, "strength": 0}, "strength must be in (0, 1]"),
+    ({**I2I, "strength": 2}, "strength must be in (0, 1]"),
+    ({**I2I, "strength": "high"}, "field 'strength' must be a number"),
+    ({**I2I, "steps": 1, "strength": 0.5}, "leaves no denoising step"),
+    ({**I2I, "init_image": "not base64!"}, "base64-encoded image"),
+    ({**I2I, "init_image": base64.b64encode(b"plain text").decode()}, "not a readable image"),
+    ({**I2I, "init_image": _b64_image((1100, 8))}, "larger than 1024 on a side"),
+    ({**I2I, "init_image": _b64_image((4, 4))}, "at least 8x8"),
+    ({**I2I, "width": 36}, "width must be a positive multiple of 8"),
+    ({**I2I, "width": 512}, "must be <= 256"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD_I2I, ids=[n for _, n in BAD_I2I])
+def test_bad_img2img_requests_are_400(server, body, needle: str) -> None:
+    status, headers, raw = post(server, body)
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    assert raw.decode().count("\n") == 1 and needle in json.loads(raw)["error"]
 
 
 BAD = [

@@ -2,6 +2,7 @@
 
     speedsd generate "a red fox in the snow" --model path/to/sd-v1-4 --seed 42 -o fox.png
     speedsd generate "test" --model random:sd1.4 --size 64x64 --steps 4   # random weights, no download
+    speedsd generate "a watercolor fox" --model path/to/sd-v1-4 --init-image fox.png --strength 0.6  # img2img
     speedsd serve --model path/to/model --port 8000
     speedsd bench ...                                                   # speedsd.bench.e2e
 
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", "--sampler", help=f"one of {', '.join(_schedulers())} (default: the model's)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("-o", "--output", default="out.png", help="PNG path; more images: out-1.png, out-2.png ...")
+    g.add_argument("--init-image", metavar="PATH", help="img2img: repaint this image (its size, or --size)")
+    g.add_argument("--strength", type=float, help="img2img: how much of the schedule repaints it, (0, 1] (default 0.8)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="HTTP API", description="Serve POST /generate and GET /health.")
@@ -165,6 +168,31 @@ def output_paths(output: str, n: int) -> list[Path]:
     return paths
 
 
+def read_init_image(path: str | None, strength: float | None, size: tuple[int | None, int | None]) -> Any:
+    """--init-image as an RGB PIL image (resized to --size when given), or None; checks --strength."""
+    if path is None:
+        if strength is not None:
+            raise ValueError("--strength needs --init-image")
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"--init-image {path!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read --init-image {path!r} as an image ({type(e).__name__})") from None
+    width, height = size
+    if width is not None and height is not None and image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    if min(image.size) < 8:
+        raise ValueError(f"--init-image is too small: {image.size[0]}x{image.size[1]}, need at least 8x8")
+    return image
+
+
 def load_pipeline(args: argparse.Namespace) -> Any:
     from speedsd.pipeline import load
 
@@ -196,6 +224,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     scheduler = args.scheduler
     pl.check_common(args.steps, args.guidance, args.num_images, scheduler or "pndm", "pil")
     pl.check_seed(args.seed)
+    init = read_init_image(args.init_image, args.strength, (width, height))
+    strength = 0.8 if args.strength is None else args.strength
+    if init is not None and int(args.steps * strength) < 1:
+        raise ValueError(f"--steps {args.steps} x --strength {strength} leaves no denoising step")
     paths = output_paths(args.output, args.num_images)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
 
@@ -207,23 +239,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.total = n
         bar.update(1)
 
+    common = dict(
+        negative_prompt=args.negative or None,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=seed,
+        scheduler=scheduler,
+        num_images=args.num_images,
+        callback=progress,
+    )
     try:
-        images = pipe(
-            args.prompt,
-            negative_prompt=args.negative or None,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            height=height,
-            width=width,
-            seed=seed,
-            scheduler=scheduler,
-            num_images=args.num_images,
-            callback=progress,
-        )
+        if init is None:
+            images = pipe(args.prompt, height=height, width=width, **common)
+        else:
+            images = pipe.img2img(args.prompt, init, strength=strength, **common)
     finally:
         bar.close()
     for i, (image, path) in enumerate(zip(images, paths)):
-        extra = {"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {}
+        extra = {"Denoising strength": strength} if init is not None else {}
+        extra.update({"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {})
         params = GenerationParams(
             prompt=args.prompt,
             negative_prompt=args.negative,

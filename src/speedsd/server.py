@@ -4,14 +4,18 @@
     curl -s localhost:8000/generate -d '{"prompt": "a red fox", "seed": 42}' -o fox.png
 
 POST /generate takes a JSON object {prompt, negative_prompt, steps, guidance_scale, width, height,
-seed, scheduler} (all but prompt optional) and answers image/png with the A1111 ``parameters``
-chunk (and the seed in an ``X-Seed`` header). GET /health answers JSON. A malformed request gets
+seed, scheduler, init_image, strength} (all but prompt optional) and answers image/png with the A1111
+``parameters`` chunk (and the seed in an ``X-Seed`` header). ``init_image`` (a base64-encoded PNG/JPEG/...)
+makes it img2img: that image (resized to width x height when they are given) is repainted over
+``strength`` (0, 1], default 0.8, of the schedule. GET /health answers JSON. A malformed request gets
 400 and a one-line JSON ``{"error": "..."}``. Requests are served on threads, but generations run
 one at a time (one pipeline, one lock).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import secrets
@@ -21,7 +25,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MAX_BODY = 1 << 20  # bytes
+MAX_BODY = 32 << 20  # bytes (a base64 init image of 2048² fits)
 FIELDS = {
     "prompt": str,
     "negative_prompt": str,
@@ -31,6 +35,8 @@ FIELDS = {
     "height": int,
     "seed": int,
     "scheduler": str,
+    "init_image": str,
+    "strength": (int, float),
 }
 
 
@@ -57,9 +63,16 @@ class SpeedSDServer(ThreadingHTTPServer):
 
         req = parse_request(body)
         pipe = self.pipe
-        width = req.get("width", pipe.default_size)
-        height = req.get("height", pipe.default_size)
-        pl.check_size(height, width)
+        # an init image may be larger than max_size (it is resized to width x height), up to 4x a side
+        init = decode_image(req["init_image"], 4 * self.max_size) if "init_image" in req else None
+        if init is None and "strength" in req:
+            raise ValueError("strength needs init_image")
+        width = req.get("width", pipe.default_size if init is None else init.width)
+        height = req.get("height", pipe.default_size if init is None else init.height)
+        if init is None or "width" in req or "height" in req:
+            pl.check_size(height, width)
+        elif min(width, height) < 8:  # its own size: the pipeline cuts it to multiples of 8
+            raise ValueError(f"init_image must be at least 8x8, got {width}x{height}")
         if max(width, height) > self.max_size:
             raise ValueError(f"width and height must be <= {self.max_size}, got {width}x{height}")
         seed = req.get("seed")
@@ -71,14 +84,27 @@ class SpeedSDServer(ThreadingHTTPServer):
             negative_prompt=req.get("negative_prompt") or None,
             steps=req.get("steps", 20),
             guidance_scale=float(req.get("guidance_scale", 7.5)),
-            height=height,
-            width=width,
             seed=seed,
             scheduler=scheduler,
         )
         pl.check_common(kwargs["steps"], kwargs["guidance_scale"], 1, scheduler, "pil")
+        extra = {}
+        if init is not None:
+            strength = float(req.get("strength", 0.8))
+            if not 0.0 < strength <= 1.0:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+            if int(kwargs["steps"] * strength) < 1:
+                raise ValueError(f"steps {kwargs['steps']} x strength {strength} leaves no denoising step")
+            if init.size != (width, height):
+                from PIL import Image
+
+                init = init.resize((width, height), resample=Image.LANCZOS)
+            extra["Denoising strength"] = strength
         with self.lock:
-            [image] = pipe(req["prompt"], **kwargs)
+            if init is None:
+                [image] = pipe(req["prompt"], height=height, width=width, **kwargs)
+            else:
+                [image] = pipe.img2img(req["prompt"], init, strength=strength, **kwargs)
         params = GenerationParams(
             prompt=req["prompt"],
             negative_prompt=req.get("negative_prompt", ""),
@@ -86,13 +112,32 @@ class SpeedSDServer(ThreadingHTTPServer):
             sampler=scheduler,
             cfg_scale=kwargs["guidance_scale"],
             seed=seed,
-            width=width,
-            height=height,
+            width=image.width,
+            height=image.height,
             model=pipe.name,
+            extra=extra,
         )
         buf = io.BytesIO()
         image.save(buf, format="PNG", pnginfo=png_info(params.to_text()))
         return buf.getvalue(), seed
+
+
+def decode_image(text: str, max_side: int) -> Any:
+    """A base64-encoded image file of sides <= max_side -> RGB PIL image (ValueError with one line for anything
+    else; the size is checked from the header, before the pixels are decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("init_image must be a base64-encoded image file") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if max(im.size) > max_side:
+                raise ValueError(f"init_image is {im.width}x{im.height}, larger than {max_side} on a side")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"init_image is not a readable image ({type(e).__name__})") from None
 
 
 def parse_request(body: Any) -> dict[str, Any]:
