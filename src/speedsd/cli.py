@@ -168,16 +168,12 @@ def output_paths(output: str, n: int) -> list[Path]:
     return paths
 
 
-def read_init_image(path: str | None, strength: float | None, size: tuple[int | None, int | None]) -> Any:
-    """--init-image as an RGB PIL image (resized to --size when given), or None; checks --strength."""
+def read_init_image(path: str | None, size: tuple[int | None, int | None]) -> Any:
+    """--init-image as an RGB PIL image (resized to --size when given), or None."""
     if path is None:
-        if strength is not None:
-            raise ValueError("--strength needs --init-image")
         return None
     from PIL import Image, UnidentifiedImageError
 
-    if strength is not None and not 0.0 < strength <= 1.0:
-        raise ValueError(f"--strength must be in (0, 1], got {strength}")
     try:
         with Image.open(path) as im:
             image = im.convert("RGB")
@@ -224,10 +220,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     scheduler = args.scheduler
     pl.check_common(args.steps, args.guidance, args.num_images, scheduler or "pndm", "pil")
     pl.check_seed(args.seed)
-    init = read_init_image(args.init_image, args.strength, (width, height))
     strength = 0.8 if args.strength is None else args.strength
-    if init is not None and int(args.steps * strength) < 1:
-        raise ValueError(f"--steps {args.steps} x --strength {strength} leaves no denoising step")
+    if args.init_image is None and args.strength is not None:
+        raise ValueError("--strength needs --init-image")
+    if args.init_image is not None:
+        pl.check_strength(args.steps, strength, "--strength", "--steps")
+    init = read_init_image(args.init_image, (width, height))
     paths = output_paths(args.output, args.num_images)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
 

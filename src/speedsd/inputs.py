@@ -66,6 +66,14 @@ def check_common(steps: object, guidance_scale: object, num_images: object, sche
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
 
+def check_strength(steps: int, strength: object, name: str = "strength", steps_name: str = "steps") -> None:
+    """img2img's strength: a number in (0, 1] that leaves at least one of ``steps`` denoising steps."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {strength!r}")
+    if int(steps * strength) < 1:
+        raise ValueError(f"{steps_name} {steps} x {name} {strength} leaves no denoising step (need at least one step)")
+
+
 def check_seed(seed: object) -> None:
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")

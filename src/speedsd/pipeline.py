@@ -34,6 +34,7 @@ from speedsd.inputs import (
     check_common,
     check_seed,
     check_size,
+    check_strength,
     negatives_list,
     preprocess_image,
     prompts_list,
@@ -356,10 +357,7 @@ class Pipeline:
         scheduler = scheduler or self.components.default_scheduler
         check_common(steps, guidance_scale, num_images, scheduler, output)
         check_seed(seed)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
-        if int(steps * strength) < 1:
-            raise ValueError(f"steps * strength must leave at least one step, got {steps} * {strength}")
+        check_strength(steps, strength)
         pixels = preprocess_image(image, self.size_multiple)  # [B, 3, H, W] in [-1, 1]
         n = len(prompts) * num_images
         if n % pixels.shape[0]:

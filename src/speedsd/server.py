@@ -91,10 +91,7 @@ class SpeedSDServer(ThreadingHTTPServer):
         extra = {}
         if init is not None:
             strength = float(req.get("strength", 0.8))
-            if not 0.0 < strength <= 1.0:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
-            if int(kwargs["steps"] * strength) < 1:
-                raise ValueError(f"steps {kwargs['steps']} x strength {strength} leaves no denoising step")
+            pl.check_strength(kwargs["steps"], strength)
             if init.size != (width, height):
                 from PIL import Image
 
