@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from precision import assert_low_precision_ok
-from speedsd.kernels.device import arrival_counters
 from speedsd.kernels.group_norm import _dual_args, group_norm, group_norm_ref
 from speedsd.kernels.group_norm_rows import rows_apply, rows_stats
 
@@ -56,7 +55,6 @@ def test_rows_fp32_matches_reference(label, n, c, h, w, groups, chunks, block_s,
     want = group_norm_ref(x.double(), groups, wt.double(), bs.double(), silu=silu).float()
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     assert got.is_contiguous(memory_format=torch.channels_last)
-    assert int(arrival_counters(x.device, 1).abs().sum()) == 0  # the last program re-armed its count
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
