@@ -1,5 +1,7 @@
-"""GroupNorm(+SiLU) as the engine runs it (auto plan) on the shapes that take the rows path, per call from
-CUDA-graph replay, for A/B of two source trees in fresh processes: python pair.py LABEL (prints a JSON line)."""
+"""GroupNorm(+SiLU) as the engine runs it (auto plan) on the UNet's 64² (rows path) and 32² and the VAE's
+(split path) shapes, per call from CUDA-graph replay, with each output's max abs error against torch fp32
+GroupNorm+SiLU (err) and torch fp16's (err16), for A/B of two source trees in fresh processes:
+python pair.py LABEL (prints a JSON line)."""
 
 import functools
 import json
@@ -22,18 +24,29 @@ def handover(x: torch.Tensor, b: torch.Tensor, r: torch.Tensor, w: torch.Tensor)
     return group_norm(y, 32, w, b, eps=1e-5, silu=True)
 
 
+def errors(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 32, w.float(), b.float(), 1e-5))
+    low = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b, 1e-5))
+    return round((got.float() - ref).abs().max().item(), 5), round((low.float() - ref).abs().max().item(), 5)
+
+
 def main() -> None:
     row = {"label": sys.argv[1]}
-    for n, c, h in ((2, 320, 64), (1, 512, 128), (1, 256, 256)):
+    for n, c, h in ((2, 320, 64), (2, 640, 32), (2, 1280, 32), (1, 512, 128), (1, 256, 256)):
         x, r = cl(n, c, h, h), cl(n, c, h, h)
         w, b = torch.rand(c, device="cuda").half() + 0.5, torch.randn(c, device="cuda").half()
         key = f"{n}x{c}x{h}²"
         row[key + " path"] = plan_for(n, c, h * h, 32, True, 2, x.device).path
         row[key] = round(graph_ms(functools.partial(group_norm, x, 32, w, b, eps=1e-5, silu=True)) * 1e3, 2)
+        row[key + " err, err16"] = errors(group_norm(x, 32, w, b, eps=1e-5, silu=True), x, w, b)
         row[key + " handover"] = round(graph_ms(functools.partial(handover, x, b, r, w)) * 1e3, 2)
-    x1, x2 = cl(2, 640, 64, 64), cl(2, 320, 64, 64)
-    w, b = torch.rand(960, device="cuda").half() + 0.5, torch.randn(960, device="cuda").half()
-    row["2x640+320x64²"] = round(graph_ms(functools.partial(group_norm, x1, 32, w, b, silu=True, concat=x2)) * 1e3, 2)
+    for c1, c2, h in ((640, 320, 64), (1280, 640, 32)):
+        x1, x2 = cl(2, c1, h, h), cl(2, c2, h, h)
+        w, b = torch.rand(c1 + c2, device="cuda").half() + 0.5, torch.randn(c1 + c2, device="cuda").half()
+        key = f"2x{c1}+{c2}x{h}²"
+        fn = functools.partial(group_norm, x1, 32, w, b, eps=1e-5, silu=True, concat=x2)
+        row[key] = round(graph_ms(fn) * 1e3, 2)
+        row[key + " err, err16"] = errors(fn(), torch.cat([x1, x2], 1), w, b)
     print(json.dumps(row), flush=True)
 
 
