@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import speedsd.pipeline
 from checkpoints import make_diffusers_folder
 from speedsd import cli
 from speedsd.pngmeta import parse_parameters, read_parameters
+from speedsd.tokenizer import Tokenizer
 
 SIZE = "32x32"
 
@@ -83,6 +85,25 @@ def test_no_seed_records_a_reproducible_one(model: str, tmp_path, capsys) -> Non
     argv = ["generate", "owl", "--model", model, "--steps", "2", "--size", SIZE, "--seed", seed, "-o", str(b)]
     assert run_main(capsys, argv)[0] == 0
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_truncated_prompt_warns_on_one_line(model: str, tmp_path, capsys) -> None:
+    prompt, negative = "a red fox " * 30, "blurry " * 80
+    tok = Tokenizer.from_dir(Path(model) / "tokenizer")
+    n, m = len(tok.encode(prompt)), len(tok.encode(negative))
+    assert n > 75 and m > 75
+    argv = ["generate", "--model", model, "--steps", "1", "--size", SIZE, "--seed", "3", "-o", str(tmp_path / "o.png")]
+    rc, _, err = run_main(capsys, argv + [prompt, "--negative", negative])
+    assert rc == 0 and (tmp_path / "o.png").exists()
+    warnings = [line for line in err.splitlines() if line.startswith("speedsd: warning:")]
+    reads = "the text encoder reads the first 75, the last"
+    assert warnings == [
+        f"speedsd: warning: the prompt is {n} tokens; {reads} {n - 75} are ignored",
+        f"speedsd: warning: the negative prompt is {m} tokens; {reads} {m - 75} are ignored",
+    ]
+    assert parse_parameters(read_parameters(tmp_path / "o.png"))["prompt"] == prompt  # the PNG keeps it whole
+    rc, _, err = run_main(capsys, argv + ["a red fox"])
+    assert rc == 0 and "warning" not in err
 
 
 def _init_image(path, size=(40, 32)) -> str:

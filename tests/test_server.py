@@ -79,6 +79,17 @@ def test_random_seed_reported(server) -> None:
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(io.BytesIO(again))))
 
 
+def test_truncated_prompt_warning_header(server) -> None:
+    prompt = "a red fox " * 30
+    n = len(server.pipe.tokenizer.encode(prompt))
+    status, headers, _ = post(server, {**REQ, "prompt": prompt, "negative_prompt": "", "steps": 1})
+    assert status == 200 and n > 75
+    want = f"the prompt is {n} tokens; the text encoder reads the first 75, the last {n - 75} are ignored"
+    assert headers["X-Warning"] == want
+    status, headers, _ = post(server, {**REQ, "steps": 1})
+    assert status == 200 and "X-Warning" not in headers
+
+
 def _b64_image(size=(40, 32), fmt="PNG") -> str:
     rng = np.random.default_rng(5)
     buf = io.BytesIO()

@@ -54,6 +54,14 @@ def test_truncation_keeps_eos(tmp_path):
     assert (ids[0, 1:76] == V["the</w>"]).all()
 
 
+def test_overflow_counts_the_tokens_truncation_drops(tmp_path):
+    for tok in (Tokenizer.from_dir(make_tokenizer_files(tmp_path / "tok")), Tokenizer.fallback()):
+        assert tok.overflow("the " * 75) == 0 and tok.overflow("") == 0  # 75 + BOS + EOS fill the 77
+        assert tok.overflow("the " * 76) == 1 and tok.overflow("the " * 200) == 125
+        kept = tok(["the " * 200])[0, 1:76]
+        assert torch.equal(kept, tok(["the " * 75])[0, 1:76])  # what overflow counts is what __call__ drops
+
+
 def test_from_dir_errors(tmp_path):
     d = tmp_path / "half"
     d.mkdir()

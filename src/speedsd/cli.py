@@ -230,6 +230,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
 
     pipe = load_pipeline(args)
+    for warning in pl.truncation_warnings(pipe.tokenizer, args.prompt, args.negative):
+        print(f"speedsd: warning: {warning}", file=sys.stderr)
     scheduler = scheduler or pipe.components.default_scheduler
     bar = tqdm(desc="denoising", unit="step", file=sys.stderr, disable=None, leave=False)
 

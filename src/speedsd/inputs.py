@@ -74,6 +74,20 @@ def check_strength(steps: int, strength: object, name: str = "strength", steps_n
         raise ValueError(f"{steps_name} {steps} x {name} {strength} leaves no denoising step (need at least one step)")
 
 
+def truncation_warnings(tokenizer: Any, prompt: str, negative_prompt: str | None = None) -> list[str]:
+    """One line for each of the prompt and the negative prompt that the tokenizer truncates (CLIP reads
+    max_length − 2 tokens; the rest is silently dropped by the model): what the CLI prints and the API's
+    X-Warning header carries."""
+    out = []
+    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        n = tokenizer.overflow(text) if text else 0
+        if n:
+            keep = tokenizer.max_length - 2
+            out.append(f"the {name} is {keep + n} tokens; the text encoder reads the first {keep}, the last {n} "
+                       "are ignored")  # fmt: skip
+    return out
+
+
 def check_seed(seed: object) -> None:
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")

@@ -5,7 +5,8 @@
 
 POST /generate takes a JSON object {prompt, negative_prompt, steps, guidance_scale, width, height,
 seed, scheduler, init_image, strength} (all but prompt optional) and answers image/png with the A1111
-``parameters`` chunk (and the seed in an ``X-Seed`` header). ``init_image`` (a base64-encoded PNG/JPEG/...)
+``parameters`` chunk (and the seed in an ``X-Seed`` header; an ``X-Warning`` header says when the text
+encoder cut a prompt past its 75 tokens). ``init_image`` (a base64-encoded PNG/JPEG/...)
 makes it img2img: that image (resized to width x height when they are given) is repainted over
 ``strength`` (0, 1], default 0.8, of the schedule. GET /health answers JSON. A malformed request gets
 400 and a one-line JSON ``{"error": "..."}``. Requests are served on threads, but generations run
@@ -56,8 +57,9 @@ class SpeedSDServer(ThreadingHTTPServer):
         self.quiet = quiet
         self.lock = threading.Lock()
 
-    def generate(self, body: dict[str, Any]) -> tuple[bytes, int]:
-        """Validate a /generate request and run it; returns (PNG bytes, seed). Raises ValueError."""
+    def generate(self, body: dict[str, Any]) -> tuple[bytes, int, list[str]]:
+        """Validate a /generate request and run it; returns (PNG bytes, seed, warnings: a truncated prompt,
+        inputs.truncation_warnings). Raises ValueError."""
         from speedsd import inputs as pl
         from speedsd.pngmeta import GenerationParams, png_info
 
@@ -116,7 +118,7 @@ class SpeedSDServer(ThreadingHTTPServer):
         )
         buf = io.BytesIO()
         image.save(buf, format="PNG", pnginfo=png_info(params.to_text()))
-        return buf.getvalue(), seed
+        return buf.getvalue(), seed, pl.truncation_warnings(pipe.tokenizer, req["prompt"], kwargs["negative_prompt"])
 
 
 def decode_image(text: str, max_side: int) -> Any:
@@ -202,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no such endpoint: POST {self.path}")
         try:
             body = self._read_json()
-            png, seed = self.server.generate(body)
+            png, seed, warnings = self.server.generate(body)
         except RequestError as e:
             return self._error(e.status, str(e))
         except ValueError as e:
@@ -210,7 +212,8 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:  # a bug: keep serving, say so, log the traceback
             traceback.print_exc(file=sys.stderr)
             return self._error(500, "internal error (see the server log)")
-        self._send(200, png, "image/png", {"X-Seed": str(seed)})
+        headers = {"X-Seed": str(seed)} | ({"X-Warning": "; ".join(warnings)} if warnings else {})
+        self._send(200, png, "image/png", headers)
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")

@@ -304,6 +304,10 @@ class Tokenizer:
                         ids += self._bpe(word)
         return ids
 
+    def overflow(self, prompt: str) -> int:
+        """How many of the prompt's tokens fall past what the text encoder reads (max_length − 2): 0 if none."""
+        return max(0, len(self.encode(prompt)) - (self.max_length - 2))
+
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
