@@ -80,8 +80,8 @@ def add_with_group_norm_stats(
         return bias_add(x, bias, residual, out=out)
     x, bias, residual, y, _ = prepare_operands(x, bias, residual, out)
     if plan.path == "rows":  # the rows statistics launch in producer mode (kernels/group_norm_rows.py)
-        stats = rows_stats(x, num_groups, plan.chunks, plan.block_s, plan.warps, produce=(bias, residual, y))
-        setattr(y, ATTR, GNStats(num_groups, plan, _version(y), stats))
+        part = rows_stats(x, num_groups, plan.chunks, plan.block_s, plan.warps, produce=(bias, residual, y))
+        setattr(y, ATTR, GNStats(num_groups, plan, _version(y), part))
         return y
     b = bias if bias is not None else x
     r = residual if residual is not None else x

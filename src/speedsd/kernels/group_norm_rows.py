@@ -49,6 +49,15 @@ from speedsd.kernels.group_norm_split_kernels import _add_store
 
 
 @triton.jit
+def _rows_tile(x_ptr, x2_ptr, n, off_n, s, end, C, c, mask_c, C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL: tl.constexpr):
+    # rows s (< end) of sample n, all C channels: (mask, offsets, the tile; DUAL: of cat([x, x2], dim=1))
+    mask = (s < end)[:, None] & mask_c[None, :]
+    offs = off_n + s[:, None] * C + c[None, :]
+    x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :], C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)
+    return mask, offs, x
+
+
+@triton.jit
 def _gn_rows_stats_kernel(
     x_ptr, a_ptr, part_ptr, b_ptr, r_ptr, y_ptr,
     C, S, P, chunk, n_iter, a_sn,
@@ -83,26 +92,20 @@ def _gn_rows_stats_kernel(
     if PRODUCE:  # (y's store and the residual's loads: a second tile in flight would spill)
         for i in range(0, n_iter):
             s = s0 + i * BLOCK_S + rs
-            mask = (s < S)[:, None] & mask_c[None, :]
-            offs = off_n + s[:, None] * C + c[None, :]
-            x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
-                         C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
+            mask, offs, x = _rows_tile(x_ptr, x2_ptr, n, off_n, s, S, C, c, mask_c, C1, sn1, sc1, ss1, sn2, sc2, ss2,
+                                       DUAL)  # fmt: skip
             x = _add_store(x, bias, r_ptr + offs, y_ptr + offs, mask, HAS_B, HAS_R)
             d = tl.where(mask, x.to(tl.float32) - k, 0.0)
             s1 += d
             s2 += d * d
     else:  # each tile's load issues before the previous tile's sums (a two-deep software pipeline by hand)
+        end = tl.minimum(S, s0 + n_iter * BLOCK_S)
         s = s0 + rs
-        mask = (s < S)[:, None] & mask_c[None, :]
-        offs = off_n + s[:, None] * C + c[None, :]
-        x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :],
-                     C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
+        mask, _, x = _rows_tile(x_ptr, x2_ptr, n, off_n, s, end, C, c, mask_c, C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)
         for _ in range(0, n_iter):
             s_next = s + BLOCK_S
-            mask_next = (s_next < tl.minimum(S, s0 + n_iter * BLOCK_S))[:, None] & mask_c[None, :]
-            offs_next = off_n + s_next[:, None] * C + c[None, :]
-            x_next = _load_in(x_ptr + offs_next, mask_next, x_ptr, x2_ptr, n, s_next[:, None], c[None, :],
-                              C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
+            mask_next, _, x_next = _rows_tile(x_ptr, x2_ptr, n, off_n, s_next, end, C, c, mask_c,
+                                              C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
             d = tl.where(mask, x.to(tl.float32) - k, 0.0)
             s1 += d
             s2 += d * d
@@ -158,23 +161,19 @@ def _gn_rows_apply_kernel(
     c = tl.arange(0, BLOCK_C)
     mask_c = c < C
     off_n = n.to(tl.int64) * S * C
-    rs = tl.arange(0, BLOCK_S)
     # the first tile's load issues before the partials' merge waits on L2, then each tile's load before
     # the previous tile's math and store (a two-deep software pipeline by hand)
-    s = p * chunk + rs
-    mask = (s < S)[:, None] & mask_c[None, :]
-    offs = off_n + s[:, None] * C + c[None, :]
-    x = _load_in(x_ptr + offs, mask, x_ptr, x2_ptr, n, s[:, None], c[None, :], C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)
+    end = tl.minimum(S, p * chunk + n_iter * BLOCK_S)
+    s = p * chunk + tl.arange(0, BLOCK_S)
+    mask, offs, x = _rows_tile(x_ptr, x2_ptr, n, off_n, s, end, C, c, mask_c, C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)
     scale, shift = _group_affine(part_ptr, P, w_ptr, b_ptr, n, c, mask_c, eps, CPG, BLOCK_G, BLOCK_P, HAS_W, HAS_B)
     shift = _plus(shift, _load_add(a_ptr, n * a_sn + c, mask_c, HAS_ADD) * scale, HAS_ADD)
     for _ in range(0, n_iter):
-        s_next = s + BLOCK_S
-        mask_next = (s_next < tl.minimum(S, p * chunk + n_iter * BLOCK_S))[:, None] & mask_c[None, :]
-        offs_next = off_n + s_next[:, None] * C + c[None, :]
-        x_next = _load_in(x_ptr + offs_next, mask_next, x_ptr, x2_ptr, n, s_next[:, None], c[None, :],
-                          C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
+        s = s + BLOCK_S
+        mask_next, offs_next, x_next = _rows_tile(x_ptr, x2_ptr, n, off_n, s, end, C, c, mask_c,
+                                                  C1, sn1, sc1, ss1, sn2, sc2, ss2, DUAL)  # fmt: skip
         tl.store(y_ptr + offs, _apply(x.to(tl.float32), scale, shift, SILU).to(y_ptr.dtype.element_ty), mask=mask)
-        s, mask, offs, x = s_next, mask_next, offs_next, x_next
+        mask, offs, x = mask_next, offs_next, x_next
 
 
 def rows_stats(
