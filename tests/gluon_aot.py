@@ -37,7 +37,22 @@ def compile_caught(fn, args, kwargs):
     opts, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
     src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=target, options=opts.__dict__)
+
+
+def record_caught(res, key):
+    # every caught launch compiled: res["key|kernel"] = [its PTX global-load kinds, its cubin in base64]
+    for fn, args, kwargs in caught:
+        k = compile_caught(fn, args, kwargs)
+        loads = re.findall(r"ld\\.global[\\w.]*", k.asm["ptx"])
+        res[f"{key}|{fn.fn.__name__}"] = [sorted(set(loads)), base64.b64encode(k.asm["cubin"]).decode()]
 """
+
+
+def recorded(compiled: dict, label: str) -> dict[str, tuple[list[str], bytes]]:
+    """A record_caught child's launches for ``label``: kernel name -> (PTX global-load kinds, cubin)."""
+    import base64
+
+    return {k.split("|")[1]: (v[0], base64.b64decode(v[1])) for k, v in compiled.items() if k.startswith(f"{label}|")}
 
 
 def nvidia_tool(name: str) -> str | None:

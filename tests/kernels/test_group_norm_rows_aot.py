@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gluon_aot import CATCH_LAUNCHES, compile_cases, cuobjdump
+from gluon_aot import CATCH_LAUNCHES, compile_cases, cuobjdump, recorded
 from speedsd.kernels import group_norm_rows
 
 # compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child, CATCH_LAUNCHES)
@@ -28,10 +28,7 @@ for label, (c1, c2, hw, mode, knobs) in json.loads(sys.argv[2]).items():
     else:
         add = torch.empty(2, c1 + c2, dtype=torch.float16) if mode == "add" else None
         gn.group_norm(new(c1), 32, w, w, 1e-5, True, add=add, concat=new(c2) if c2 else None, path="rows", **knobs)
-    for fn, args, kwargs in caught:
-        k = compile_caught(fn, args, kwargs)
-        loads = re.findall(r"ld\\.global[\\w.]*", k.asm["ptx"])
-        res[f"{label}|{fn.fn.__name__}"] = [sorted(set(loads)), base64.b64encode(k.asm["cubin"]).decode()]
+    record_caught(res, label)
 with open(sys.argv[1], "w") as f:
     json.dump(res, f)
 """
@@ -59,12 +56,10 @@ def compiled(tmp_path_factory):
 
 @pytest.mark.parametrize("label", list(CASES))
 def test_rows_kernels_compile_for_sm90_with_16_byte_loads_and_no_spills(label, compiled):
-    import base64
-
-    mine = {k.split("|")[1]: v for k, v in compiled.items() if k.startswith(f"{label}|")}
+    mine = recorded(compiled, label)
     want = {"_gn_rows_stats_kernel"} | ({"_gn_rows_apply_kernel"} if "producer" not in label else set())
     assert set(mine) == want
     for name, (kinds, cubin) in mine.items():
         assert any(k.startswith("ld.global.v4") for k in kinds), (name, kinds)  # the whole-row tiles
-        sass = cuobjdump(base64.b64decode(cubin), "-sass")
+        sass = cuobjdump(cubin, "-sass")
         assert "LDL" not in sass and "STL" not in sass, name  # no local-memory spills

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from gluon_aot import CATCH_LAUNCHES, compile_cases, cuobjdump
+from gluon_aot import CATCH_LAUNCHES, compile_cases, cuobjdump, recorded
 from speedsd.kernels import group_norm_split_kernels
 
 # compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child, CATCH_LAUNCHES)
@@ -22,10 +22,7 @@ for label, (n, c1, c2, hw, knobs) in json.loads(sys.argv[2]).items():
     w = torch.empty(c1 + c2, dtype=torch.float16)
     caught.clear()
     gn.group_norm(new(c1), 32, w, w, 1e-5, True, concat=new(c2) if c2 else None, path="split", **knobs)
-    for fn, args, kwargs in caught:
-        k = compile_caught(fn, args, kwargs)
-        loads = re.findall(r"ld\\.global[\\w.]*", k.asm["ptx"])
-        res[f"{label}|{fn.fn.__name__}"] = [sorted(set(loads)), base64.b64encode(k.asm["cubin"]).decode()]
+    record_caught(res, label)
 with open(sys.argv[1], "w") as f:
     json.dump(res, f)
 """
@@ -47,12 +44,10 @@ def compiled(tmp_path_factory):
 
 @pytest.mark.parametrize("label", list(CASES))
 def test_split_kernels_compile_for_sm90_with_16_byte_loads_and_no_spills(label, compiled):
-    import base64
-
-    mine = {k.split("|")[1]: v for k, v in compiled.items() if k.startswith(f"{label}|")}
+    mine = recorded(compiled, label)
     assert set(mine) == {"_gn_stats_kernel", "_gn_norm_kernel"}
     for name, (kinds, cubin) in mine.items():
         if "VAE" in label:
             assert any(k.startswith("ld.global.v4") for k in kinds), (name, kinds)
-        sass = cuobjdump(base64.b64decode(cubin), "-sass")
+        sass = cuobjdump(cubin, "-sass")
         assert "LDL" not in sass and "STL" not in sass, name  # no local-memory spills
