@@ -200,6 +200,12 @@ def test_cuda_device_without_cuda(model: str, tmp_path, capsys) -> None:
     assert_one_line_error(rc, err, "CUDA is not available")
 
 
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"speedsd {speedsd.__version__}\n"
+
+
 def test_missing_model_argument(capsys) -> None:
     rc, _, err = run_main(capsys, ["generate", "x"])
     assert_one_line_error(rc, err, "--model")

@@ -23,6 +23,8 @@ from typing import Any, NoReturn
 
 import torch
 
+import speedsd
+
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -70,6 +72,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="speedsd", description="Fast Stable Diffusion.")
+    parser.add_argument("--version", action="version", version=f"speedsd {speedsd.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     g = sub.add_parser("generate", help="text to image", description="Generate images from a prompt.")
