@@ -177,6 +177,8 @@ def read_init_image(path: str | None, size: tuple[int | None, int | None]) -> An
         return None
     from PIL import Image, UnidentifiedImageError
 
+    from speedsd.inputs import fit_image
+
     try:
         with Image.open(path) as im:
             image = im.convert("RGB")
@@ -185,8 +187,8 @@ def read_init_image(path: str | None, size: tuple[int | None, int | None]) -> An
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read --init-image {path!r} as an image ({type(e).__name__})") from None
     width, height = size
-    if width is not None and height is not None and image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
+    if width is not None and height is not None:
+        image = fit_image(image, (width, height))
     if min(image.size) < 8:
         raise ValueError(f"--init-image is too small: {image.size[0]}x{image.size[1]}, need at least 8x8")
     return image

@@ -101,6 +101,14 @@ def to_pil(image: torch.Tensor) -> list[Any]:
     return [Image.fromarray(a) for a in arr]
 
 
+def fit_image(image: Any, size: tuple[int, int]) -> Any:
+    """A PIL image at ``size`` (width, height): Lanczos-resized where it differs (the pipeline's img2img, the
+    CLI's --size and the API's width/height all resize this one way)."""
+    from PIL import Image
+
+    return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
+
+
 def preprocess_image(image: Any, multiple: int = 8) -> torch.Tensor:
     """PIL image(s) or [0, 1] tensor -> [B, 3, H, W] fp32 in [-1, 1], PIL sides cut to ``multiple``."""
     from PIL import Image
@@ -114,9 +122,7 @@ def preprocess_image(image: Any, multiple: int = 8) -> torch.Tensor:
             raise ValueError(f"image is too small: {image[0].size}, need at least {multiple}x{multiple}")
         arrs = []
         for im in image:
-            im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), resample=Image.LANCZOS)
+            im = fit_image(im.convert("RGB"), (w, h))
             arrs.append(np.asarray(im, dtype=np.float32) / 255.0)  # [H, W, 3]
         x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()  # [B, H, W, 3] -> [B, 3, H, W]
     elif isinstance(image, torch.Tensor):

@@ -94,10 +94,7 @@ class SpeedSDServer(ThreadingHTTPServer):
         if init is not None:
             strength = float(req.get("strength", 0.8))
             pl.check_strength(kwargs["steps"], strength)
-            if init.size != (width, height):
-                from PIL import Image
-
-                init = init.resize((width, height), resample=Image.LANCZOS)
+            init = pl.fit_image(init, (width, height))
             extra["Denoising strength"] = strength
         with self.lock:
             if init is None:
