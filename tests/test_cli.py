@@ -88,22 +88,36 @@ def test_no_seed_records_a_reproducible_one(model: str, tmp_path, capsys) -> Non
 
 
 def test_truncated_prompt_warns_on_one_line(model: str, tmp_path, capsys) -> None:
+    """A prompt past 75 tokens is read in blocks by default (no warning, and the image differs from the
+    truncated one's); --truncate-prompt reads 75 and warns; past 600 tokens even the blocks warn."""
     prompt, negative = "a red fox " * 30, "blurry " * 80
     tok = Tokenizer.from_dir(Path(model) / "tokenizer")
     n, m = len(tok.encode(prompt)), len(tok.encode(negative))
     assert n > 75 and m > 75
-    argv = ["generate", "--model", model, "--steps", "1", "--size", SIZE, "--seed", "3", "-o", str(tmp_path / "o.png")]
-    rc, _, err = run_main(capsys, argv + [prompt, "--negative", negative])
-    assert rc == 0 and (tmp_path / "o.png").exists()
+    out = tmp_path / "o.png"
+    argv = ["generate", "--model", model, "--steps", "1", "--size", SIZE, "--seed", "3", "-o", str(out)]
+    rc, _, err = run_main(capsys, argv + [prompt, "--negative", negative, "--truncate-prompt"])
+    assert rc == 0 and out.exists()
     warnings = [line for line in err.splitlines() if line.startswith("speedsd: warning:")]
     reads = "the text encoder reads the first 75, the last"
     assert warnings == [
         f"speedsd: warning: the prompt is {n} tokens; {reads} {n - 75} are ignored",
         f"speedsd: warning: the negative prompt is {m} tokens; {reads} {m - 75} are ignored",
     ]
-    assert parse_parameters(read_parameters(tmp_path / "o.png"))["prompt"] == prompt  # the PNG keeps it whole
+    fields = parse_parameters(read_parameters(out))
+    assert fields["prompt"] == prompt and fields["Truncate prompt"] == "True"  # the PNG keeps it whole
+    truncated = np.asarray(Image.open(out))
+    rc, _, err = run_main(capsys, argv + [prompt, "--negative", negative])
+    assert rc == 0 and "warning" not in err and "Truncate prompt" not in parse_parameters(read_parameters(out))
+    assert not np.array_equal(np.asarray(Image.open(out)), truncated)  # the tokens past 75 were read
     rc, _, err = run_main(capsys, argv + ["a red fox"])
     assert rc == 0 and "warning" not in err
+    huge = "a red fox " * 210
+    k = len(tok.encode(huge))
+    assert k > 600
+    rc, _, err = run_main(capsys, argv + [huge])
+    want = f"speedsd: warning: the prompt is {k} tokens; the text encoder reads the first 600, the last {k - 600} are ignored"
+    assert rc == 0 and err.splitlines().count(want) == 1
 
 
 def _init_image(path, size=(40, 32)) -> str:

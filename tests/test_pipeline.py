@@ -231,6 +231,40 @@ def test_img2img_matches_diffusers(sd1_f64: Pair, monkeypatch) -> None:
     assert rel(other.permute(0, 2, 3, 1).numpy(), ref) > 1e-3  # the seed matters
 
 
+def test_long_prompt_blocks_match_diffusers_given_their_embeddings(sd1_folder) -> None:
+    """A prompt past 75 tokens: speedsd reads it in 75-token blocks (the negative padded with empty blocks),
+    the oracle is diffusers fed those blocks' text-encoder outputs side by side (prompt_embeds);
+    truncate_prompt=True is diffusers' own reading of the prompt string (the first 75 tokens). fp64; the
+    cross-attention's to_out is scaled up in both models so the text moves the latents well past rtol."""
+    pair = Pair(sd1_folder, torch.float64)  # its own models: the weights are changed below
+    for model in (pair.ref.unet, pair.ours.unet):
+        for name, w in model.named_parameters():
+            if name.endswith("attn2.to_out.0.weight"):
+                w.data.mul_(300.0)
+    pair.ref.scheduler = diffusers_scheduler(pair.ours, "ddim")
+    prompt = "a red fox in the snow under a green tree " * 12
+    tok = pair.ours.tokenizer
+    k = tok.chunks(prompt)
+    assert k >= 2 and tok.chunks(NEG) == 1
+    ids = tok([NEG, prompt], chunks=k)  # [2, k·77]
+    with torch.no_grad():
+        emb = pair.ref.text_encoder(ids.view(-1, 77))[0].view(2, k * 77, -1)  # each block on its own
+    lat = pair.latents()
+    common = dict(guidance_scale=7.5, height=SIZE, width=SIZE)
+    ref = pair.ref(prompt_embeds=emb[1:], negative_prompt_embeds=emb[:1], num_inference_steps=3,
+                   latents=lat.clone(), output_type="latent", **common).images  # fmt: skip
+    ref_cut = pair.ref(prompt, negative_prompt=NEG, num_inference_steps=3, latents=lat.clone(),
+                       output_type="latent", **common).images  # fmt: skip
+    run = dict(negative_prompt=NEG, steps=3, latents=lat, scheduler="ddim", output="latent", **common)
+    ours = pair.ours(prompt, **run)
+    ours_cut = pair.ours(prompt, truncate_prompt=True, **run)
+    assert rel(ref, ref_cut) > 30 * pair.rtol, f"{rel(ref, ref_cut):.2e}"  # the blocks past the first matter
+    assert rel(ours, ref) <= pair.rtol, f"{rel(ours, ref):.2e}"
+    assert rel(ours_cut, ref_cut) <= pair.rtol, f"{rel(ours_cut, ref_cut):.2e}"
+    with pytest.raises(ValueError, match="truncate_prompt must be true or false"):
+        pair.ours(prompt, truncate_prompt="yes", **run)
+
+
 def test_seed_determinism_and_documented_noise(sd1: Pair) -> None:
     kw = dict(steps=3, scheduler="euler", height=SIZE, width=SIZE, output="tensor")
     a = sd1.ours(PROMPT, seed=42, **kw)

@@ -80,14 +80,22 @@ def test_random_seed_reported(server) -> None:
 
 
 def test_truncated_prompt_warning_header(server) -> None:
+    """truncate_prompt: the first 75 tokens and an X-Warning; by default a long prompt is read in blocks."""
     prompt = "a red fox " * 30
     n = len(server.pipe.tokenizer.encode(prompt))
-    status, headers, _ = post(server, {**REQ, "prompt": prompt, "negative_prompt": "", "steps": 1})
+    req = {**REQ, "prompt": prompt, "negative_prompt": "", "steps": 1}
+    status, headers, png = post(server, {**req, "truncate_prompt": True})
     assert status == 200 and n > 75
     want = f"the prompt is {n} tokens; the text encoder reads the first 75, the last {n - 75} are ignored"
     assert headers["X-Warning"] == want
+    assert parse_parameters(Image.open(io.BytesIO(png)).info["parameters"])["Truncate prompt"] == "True"
+    status, headers, whole = post(server, req)  # (tests/test_pipeline.py checks what the blocks feed the UNet)
+    assert status == 200 and "X-Warning" not in headers
+    assert "Truncate prompt" not in parse_parameters(Image.open(io.BytesIO(whole)).info["parameters"])
     status, headers, _ = post(server, {**REQ, "steps": 1})
     assert status == 200 and "X-Warning" not in headers
+    status, _, body = post(server, {**req, "truncate_prompt": 1})
+    assert status == 400 and "'truncate_prompt' must be true or false" in json.loads(body)["error"]
 
 
 def _b64_image(size=(40, 32), fmt="PNG") -> str:

@@ -62,6 +62,27 @@ def test_overflow_counts_the_tokens_truncation_drops(tmp_path):
         assert torch.equal(kept, tok(["the " * 75])[0, 1:76])  # what overflow counts is what __call__ drops
 
 
+def test_chunks_are_77_blocks_of_75_tokens(tmp_path):
+    """chunks=k: block j is BOS, tokens [75j, 75j + 75), EOS, padding; an empty block is BOS, EOS, padding.
+    chunks=1 is the plain (truncating) call."""
+    for tok in (Tokenizer.from_dir(make_tokenizer_files(tmp_path / "tok")), Tokenizer.fallback(pad_id=7)):
+        prompt = " ".join(["the", "photo", "a"] * 53)  # 159 tokens: 75 + 75 + 9
+        tokens = tok.encode(prompt)
+        assert len(tokens) == 159 and tok.chunks(prompt) == 3
+        assert tok.chunks("") == 1 and tok.chunks("the " * 75) == 1 and tok.chunks("the " * 76) == 2
+        ids = tok([prompt, "photo"], chunks=4)
+        assert ids.shape == (2, 4 * 77)
+        for j, block in enumerate(ids[0].view(4, 77).tolist()):
+            body = tokens[75 * j : 75 * (j + 1)]
+            assert block == [tok.bos_token_id, *body, tok.eos_token_id] + [tok.pad_token_id] * (75 - len(body))
+        empty = [tok.bos_token_id, tok.eos_token_id] + [tok.pad_token_id] * 75
+        assert ids[1].view(4, 77)[1:].tolist() == [empty] * 3
+        assert torch.equal(ids[:, :77], tok([prompt, "photo"]))  # block 0 = the truncating call
+        assert tok.overflow(prompt, 2) == 9 and tok.overflow(prompt, 3) == 0
+        with pytest.raises(ValueError, match="chunks must be an integer >= 1"):
+            tok("photo", chunks=0)
+
+
 def test_from_dir_errors(tmp_path):
     d = tmp_path / "half"
     d.mkdir()

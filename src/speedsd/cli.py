@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="out.png", help="PNG path; more images: out-1.png, out-2.png ...")
     g.add_argument("--init-image", metavar="PATH", help="img2img: repaint this image (its size, or --size)")
     g.add_argument("--strength", type=float, help="img2img: how much of the schedule repaints it, (0, 1] (default 0.8)")
+    g.add_argument("--truncate-prompt", action="store_true",
+                   help="read only a prompt's first 75 tokens, as diffusers does (default: longer prompts are "
+                        "read in blocks of 75 tokens, up to 600, as AUTOMATIC1111 does)")  # fmt: skip
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="HTTP API", description="Serve POST /generate and GET /health.")
@@ -235,7 +238,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
 
     pipe = load_pipeline(args)
-    for warning in pl.truncation_warnings(pipe.tokenizer, args.prompt, args.negative):
+    for warning in pl.truncation_warnings(pipe.tokenizer, args.prompt, args.negative, args.truncate_prompt):
         print(f"speedsd: warning: {warning}", file=sys.stderr)
     scheduler = scheduler or pipe.components.default_scheduler
     bar = tqdm(desc="denoising", unit="step", file=sys.stderr, disable=None, leave=False)
@@ -252,6 +255,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         scheduler=scheduler,
         num_images=args.num_images,
         callback=progress,
+        truncate_prompt=args.truncate_prompt,
     )
     try:
         if init is None:
@@ -263,6 +267,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, (image, path) in enumerate(zip(images, paths)):
         extra = {"Denoising strength": strength} if init is not None else {}
         extra.update({"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {})
+        extra.update({"Truncate prompt": True} if args.truncate_prompt else {})
         params = GenerationParams(
             prompt=args.prompt,
             negative_prompt=args.negative,

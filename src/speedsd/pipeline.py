@@ -37,6 +37,7 @@ from speedsd.inputs import (
     check_strength,
     negatives_list,
     preprocess_image,
+    prompt_chunks,
     prompts_list,
     to_pil,
 )
@@ -175,22 +176,33 @@ class Pipeline:
 
     @torch.inference_mode()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, 77] -> text embeddings [B, 77, D] in the model dtype."""
+        """Token ids [B, k·77] (k blocks, see Tokenizer) -> text embeddings [B, k·77, D] in the model dtype:
+        each block is encoded on its own, the blocks' embeddings side by side."""
         ids = ids.to(self.device)
+        b, n = ids.shape
+        block = self.tokenizer.max_length
+        if n % block:
+            raise ValueError(f"token ids must be blocks of {block}, got {n} a row")
         run = self._text_graphs if self._text_graphs is not None else self._text_forward
-        return run(ids).to(self.dtype)
+        emb = run(ids.reshape(-1, block))  # [B, k·77] -> [B·k, 77]: one text-encoder batch
+        return emb.reshape(b, n, emb.shape[-1]).to(self.dtype)  # [B·k, 77, D] -> [B, k·77, D]
 
     def _text_forward(self, ids: torch.Tensor) -> torch.Tensor:
         with ops.using(self.flags):
             return self.text_encoder(ids)
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """[B] strings -> [B, 77, D] text embeddings in the model dtype."""
-        return self.encode_ids(self.tokenizer(prompts))  # ids [B, 77]
+    def encode_text(self, prompts: list[str], chunks: int = 1) -> torch.Tensor:
+        """[B] strings -> [B, chunks·77, D] text embeddings in the model dtype."""
+        return self.encode_ids(self.tokenizer(prompts, chunks))  # ids [B, chunks·77]
 
-    def text_embeddings(self, prompts: list[str], negatives: list[str], num_images: int, cfg: bool) -> torch.Tensor:
-        """[uncond; cond] (or just cond) embeddings, each prompt repeated num_images times in a row."""
-        emb = self.encode_text(negatives + prompts if cfg else prompts)  # one text-encoder batch
+    def text_embeddings(
+        self, prompts: list[str], negatives: list[str], num_images: int, cfg: bool, truncate_prompt: bool = False
+    ) -> torch.Tensor:
+        """[uncond; cond] (or just cond) embeddings, each prompt repeated num_images times in a row. Prompts
+        past 75 tokens are read in blocks of 75 (every row as many as the longest needs), unless
+        ``truncate_prompt`` (diffusers' way: the first 75 tokens only)."""
+        texts = negatives + prompts if cfg else prompts
+        emb = self.encode_text(texts, prompt_chunks(self.tokenizer, texts, truncate_prompt))  # one batch
         return emb.repeat_interleave(num_images, dim=0)  # [p0, p0, p1, p1, ...] as diffusers orders them
 
     @torch.inference_mode()
@@ -290,13 +302,16 @@ class Pipeline:
         callback: StepCallback | None = None,
         output: str = "pil",
         tiled_decode: bool | None = None,
+        truncate_prompt: bool = False,
     ) -> list[Any] | torch.Tensor:
         """Generate images from text.
 
         Returns a list of PIL images (output="pil"), a float32 (fp64 for an fp64 model) [N, 3, H, W] tensor in [0, 1]
         (output="tensor") or the final scaled latents [N, 4, H/8, W/8] (output="latent"), where
         N = len(prompts) * num_images. ``callback(step_index, num_steps, timestep, latents)`` runs
-        after every step. height/width None -> the model's default size.
+        after every step. height/width None -> the model's default size. A prompt past the text encoder's
+        75 tokens is read in blocks of 75, up to 600 tokens (AUTOMATIC1111's way); ``truncate_prompt``
+        reads the first 75 only, as diffusers does.
         """
         prompts = prompts_list(prompt)
         negatives = negatives_list(negative_prompt, len(prompts))
@@ -319,7 +334,7 @@ class Pipeline:
         latents = latents.to(self.device, self.latent_dtype)
 
         cfg = guidance_scale > 1.0
-        emb = self.text_embeddings(prompts, negatives, num_images, cfg)
+        emb = self.text_embeddings(prompts, negatives, num_images, cfg, truncate_prompt)
         sched = self.make_scheduler(scheduler)
         # Timesteps stay on the CPU: the samplers read them as Python numbers (int(t)), which for a GPU
         # tensor would be a device sync per step and keep the CPU from queueing the next step early.
@@ -344,6 +359,7 @@ class Pipeline:
         callback: StepCallback | None = None,
         output: str = "pil",
         tiled_decode: bool | None = None,
+        truncate_prompt: bool = False,
     ) -> list[Any] | torch.Tensor:
         """Repaint ``image`` (PIL image, or a [3, H, W] / [B, 3, H, W] float tensor in [0, 1]).
 
@@ -365,7 +381,7 @@ class Pipeline:
 
         generator = self._generator(seed, need_seed=True)
         cfg = guidance_scale > 1.0
-        emb = self.text_embeddings(prompts, negatives, num_images, cfg)
+        emb = self.text_embeddings(prompts, negatives, num_images, cfg, truncate_prompt)
         sched = self.make_scheduler(scheduler)
         timesteps, _ = sched.timesteps_for_strength(steps, strength)  # on the CPU: no sync per step
         timesteps = list(timesteps)

@@ -4,9 +4,11 @@
     curl -s localhost:8000/generate -d '{"prompt": "a red fox", "seed": 42}' -o fox.png
 
 POST /generate takes a JSON object {prompt, negative_prompt, steps, guidance_scale, width, height,
-seed, scheduler, init_image, strength} (all but prompt optional) and answers image/png with the A1111
-``parameters`` chunk (and the seed in an ``X-Seed`` header; an ``X-Warning`` header says when the text
-encoder cut a prompt past its 75 tokens). ``init_image`` (a base64-encoded PNG/JPEG/...)
+seed, scheduler, init_image, strength, truncate_prompt} (all but prompt optional) and answers image/png
+with the A1111 ``parameters`` chunk (and the seed in an ``X-Seed`` header; an ``X-Warning`` header says
+when the text encoder did not read a prompt whole: past 600 tokens, or past 75 with ``truncate_prompt``,
+which reads the first 75 only, as diffusers does; by default longer prompts are read in blocks of 75,
+as AUTOMATIC1111 does). ``init_image`` (a base64-encoded PNG/JPEG/...)
 makes it img2img: that image (resized to width x height when they are given) is repainted over
 ``strength`` (0, 1], default 0.8, of the schedule. GET /health answers JSON. A malformed request gets
 400 and a one-line JSON ``{"error": "..."}``. Requests are served on threads, but generations run
@@ -38,6 +40,7 @@ FIELDS = {
     "scheduler": str,
     "init_image": str,
     "strength": (int, float),
+    "truncate_prompt": bool,
 }
 
 
@@ -88,6 +91,7 @@ class SpeedSDServer(ThreadingHTTPServer):
             guidance_scale=float(req.get("guidance_scale", 7.5)),
             seed=seed,
             scheduler=scheduler,
+            truncate_prompt=req.get("truncate_prompt", False),
         )
         pl.check_common(kwargs["steps"], kwargs["guidance_scale"], 1, scheduler, "pil")
         extra = {}
@@ -96,6 +100,8 @@ class SpeedSDServer(ThreadingHTTPServer):
             pl.check_strength(kwargs["steps"], strength)
             init = pl.fit_image(init, (width, height))
             extra["Denoising strength"] = strength
+        if kwargs["truncate_prompt"]:
+            extra["Truncate prompt"] = True
         with self.lock:
             if init is None:
                 [image] = pipe(req["prompt"], height=height, width=width, **kwargs)
@@ -115,7 +121,8 @@ class SpeedSDServer(ThreadingHTTPServer):
         )
         buf = io.BytesIO()
         image.save(buf, format="PNG", pnginfo=png_info(params.to_text()))
-        return buf.getvalue(), seed, pl.truncation_warnings(pipe.tokenizer, req["prompt"], kwargs["negative_prompt"])
+        negative, truncate = kwargs["negative_prompt"], kwargs["truncate_prompt"]
+        return buf.getvalue(), seed, pl.truncation_warnings(pipe.tokenizer, req["prompt"], negative, truncate)
 
 
 def decode_image(text: str, max_side: int) -> Any:
@@ -149,8 +156,8 @@ def parse_request(body: Any) -> dict[str, Any]:
         if value is None and key != "prompt":
             continue
         kind = FIELDS[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            want = {str: "a string", int: "an integer"}.get(kind, "a number")  # type: ignore[call-overload]
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            want = {str: "a string", int: "an integer", bool: "true or false"}.get(kind, "a number")  # type: ignore[call-overload]
             raise ValueError(f"field {key!r} must be {want}, got {json.dumps(value)[:40]}")
         out[key] = value
     return out

@@ -1,11 +1,15 @@
-"""The CLIP tokenizer: prompts -> token ids [B, 77].
+"""The CLIP tokenizer: prompts -> token ids [B, 77] (or [B, k·77]: k chunks of a long prompt).
 
     tok = Tokenizer.from_dir("sd-v1-4/tokenizer")  # vocab.json + merges.txt (+ tokenizer_config.json ...)
     ids = tok(["a photo of an astronaut", ""])        # LongTensor [2, 77]
+    ids = tok([long_prompt, ""], chunks=2)            # LongTensor [2, 154]: tokens 0-74 and 75-149
 
 Our own byte-level BPE, id for id what transformers' (5.x) ``CLIPTokenizer`` gives on the same files
 (tests/test_tokenizer.py compares them); no transformers at runtime. A row is BOS, the prompt's tokens,
 EOS, then padding up to ``max_length`` (77); a prompt that is too long is truncated and keeps its EOS.
+With ``chunks=k`` a row is k such blocks side by side, block j holding tokens [75j, 75j + 75) (an
+empty block is BOS, EOS, padding): each block is encoded on its own and the embeddings are
+concatenated, as AUTOMATIC1111's web UI reads prompts past 75 tokens.
 The pad token is what the files say: SD 1.x pads with ``<|endoftext|>``, SD 2.x with ``!`` (id 0);
 for a bare vocab.json + merges.txt the caller passes the family's. A prompt, step by step:
 
@@ -304,18 +308,36 @@ class Tokenizer:
                         ids += self._bpe(word)
         return ids
 
-    def overflow(self, prompt: str) -> int:
-        """How many of the prompt's tokens fall past what the text encoder reads (max_length − 2): 0 if none."""
-        return max(0, len(self.encode(prompt)) - (self.max_length - 2))
+    @property
+    def chunk_tokens(self) -> int:
+        """Prompt tokens one max_length block holds (75): the rest are BOS and EOS."""
+        return self.max_length - 2
 
-    def __call__(self, prompts: list[str] | str) -> torch.Tensor:
+    def chunks(self, prompt: str) -> int:
+        """How many max_length blocks hold the whole prompt (at least 1)."""
+        return max(1, -(-len(self.encode(prompt)) // self.chunk_tokens))
+
+    def overflow(self, prompt: str, chunks: int = 1) -> int:
+        """How many of the prompt's tokens fall past ``chunks`` blocks (what the text encoder reads): 0 if none."""
+        return max(0, len(self.encode(prompt)) - chunks * self.chunk_tokens)
+
+    def __call__(self, prompts: list[str] | str, chunks: int = 1) -> torch.Tensor:
+        """[B] prompts -> ids [B, chunks · max_length]: block j of a row is BOS, the prompt's tokens
+        [75j, 75j + 75), EOS, padding. Tokens past the last block are dropped."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
+        n = self.chunk_tokens
         rows = []
         for prompt in prompts:
-            ids = [self.bos_token_id, *self.encode(prompt)[: self.max_length - 2], self.eos_token_id]
-            rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long)  # [B, max_length]
+            tokens = self.encode(prompt)
+            row: list[int] = []
+            for j in range(chunks):
+                ids = [self.bos_token_id, *tokens[j * n : (j + 1) * n], self.eos_token_id]
+                row += ids + [self.pad_token_id] * (self.max_length - len(ids))
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.long)  # [B, chunks · max_length]
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source}, vocab={self.vocab_size}, pad={self.pad_token_id}, len={self.max_length})"
