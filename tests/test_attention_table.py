@@ -51,6 +51,19 @@ def test_merge_keeps_other_cards_and_rejects_unknown_choices(table):
         at.choose(torch.Size(SELF), torch.Size(SELF), torch.float16, card="Card B")
 
 
+def test_merge_with_keep_others_adds_entries_to_a_card(table):
+    """A partial run (speedsd.bench.kernels --attention-shapes) adds its shapes and keeps the card's others;
+    a full run replaces the card's entries."""
+    long_k = [2, 8, 154, 40]
+    at.merge_into(table, "Card A", {"self": _entry(SELF, SELF, "gluon"), "cross": _entry(SELF, CROSS_K, "cross")})
+    at.merge_into(table, "Card A", {"cross 154": _entry(SELF, long_k, "flash")}, keep_others=True)
+    at._table.cache_clear()
+    assert at.choose(torch.Size(SELF), torch.Size(SELF), torch.float16, card="Card A") == "gluon"
+    assert at.choose(torch.Size(SELF), torch.Size(long_k), torch.float16, card="Card A") == "flash"
+    at.merge_into(table, "Card A", {"cross 154": _entry(SELF, long_k, "sdpa")})
+    assert set(json.loads(table.read_text())["cards"]["Card A"]) == {"cross 154"}
+
+
 def test_committed_table_names_known_choices():
     data = json.loads(at.TABLE_PATH.read_text())
     for card in data["cards"].values():

@@ -49,16 +49,18 @@ def choose(q_shape: torch.Size, k_shape: torch.Size, dtype: torch.dtype, card: s
     return "partial" if d > 256 else "sdpa"
 
 
-def write_card_table(path: Path, card: str, table: dict) -> None:
+def write_card_table(path: Path, card: str, table: dict, keep_others: bool = False) -> None:
     """Record one card's measured entries in a per-card JSON, ``{"cards": {card: table}}`` (other cards'
-    entries are kept). The attention and conv tables share this format."""
+    entries are kept; this card's other entries too with ``keep_others``). The attention and conv tables
+    share this format."""
     data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("cards", {})[card] = table
+    cards = data.setdefault("cards", {})
+    cards[card] = {**cards.get(card, {}), **table} if keep_others else table
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def merge_into(path: Path, card: str, table: dict) -> None:
+def merge_into(path: Path, card: str, table: dict, keep_others: bool = False) -> None:
     """Record one card's measured attention table (see :func:`write_card_table`)."""
-    write_card_table(path, card, table)
+    write_card_table(path, card, table, keep_others)
     _table.cache_clear()

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--attention-table", default=None, help="write the auto-attention choice JSON here")
     ap.add_argument("--only", default="norm_gelu,attention")
+    ap.add_argument("--attention-shapes", default=None, metavar="LABELS",
+                    help="comma-separated attention shape labels: measure only these and add their entries to "
+                         "--attention-table, keeping the card's other entries")  # fmt: skip
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("speedsd.bench.kernels needs a CUDA GPU")
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     for part in a.only.split(","):
         try:
             mod = __import__(f"speedsd.bench.kernels_{part}", fromlist=["run", "markdown"])
-            res = mod.run()
+            labels = a.attention_shapes.split(",") if part == "attention" and a.attention_shapes else None
+            res = mod.run(labels=labels) if labels else mod.run()
             payload[part] = res
             md.append(
                 mod.markdown(res) if hasattr(mod, "markdown") else "```\n" + json.dumps(res, indent=1)[:4000] + "\n```"
@@ -45,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             if part == "attention" and a.attention_table:
                 from speedsd.attention_table import merge_into
 
-                merge_into(Path(a.attention_table), torch.cuda.get_device_name(), res["best_attention"])
+                entries = {k: {**v, "measured_at": common.git_commit()} for k, v in res["best_attention"].items()}
+                merge_into(Path(a.attention_table), torch.cuda.get_device_name(), entries, keep_others=bool(labels))
         except Exception:
             payload[part] = {"error": traceback.format_exc()}
             print(payload[part]["error"], flush=True)

@@ -39,7 +39,14 @@ SHAPES: list[tuple[str, int, int, int, int, int]] = [
     ("self 256 d160", 2, 8, 256, 256, 160),
     ("cross 256x77 d160", 2, 8, 256, 77, 160),
     ("self 64 d160", 2, 8, 64, 64, 160),
+    ("cross 64x77 d160", 2, 8, 64, 77, 160),  # the mid block's cross-attention (8²)
     ("vae mid 4096 d512", 1, 1, 4096, 4096, 512),
+]
+# prompts read in 2 and 3 blocks of 75 tokens: the cross-attentions over 154 and 231 text tokens
+SHAPES += [
+    (f"cross {nq}x{77 * k} d{d}", 2, 8, nq, 77 * k, d)
+    for k in (2, 3)
+    for nq, d in ((4096, 40), (1024, 80), (256, 160), (64, 160))
 ]
 # 1024² image: the first UNet level attends over 16384 tokens (materialized variants skipped: 8.6 GB S).
 LONG_SHAPES = [("self 16384 d40", 2, 8, 16384, 16384, 40)]
@@ -301,17 +308,23 @@ def sweep(shapes: list[tuple[str, int, int, int, int, int]] | None = None) -> di
     return result
 
 
-def run(device: str = "cuda", long: bool = True) -> dict[str, Any]:
-    """Correctness then timing on every shape; returns rows, per-shape summary and the best table.
+def run(device: str = "cuda", long: bool = True, labels: list[str] | None = None) -> dict[str, Any]:
+    """Correctness then timing on every shape (``labels``: only these); returns rows, per-shape summary and
+    the best table.
 
     A shape whose setup fails is recorded and skipped; a CUDA error that poisons the context (illegal
     memory access) stops the run but keeps every row measured before it (``fatal`` says where)."""
     assert device == "cuda" and torch.cuda.is_available(), "this bench needs a CUDA GPU"
+    known = [s[0] for s in SHAPES + LONG_SHAPES]
+    unknown = sorted(set(labels or ()) - set(known))
+    if unknown:
+        raise ValueError(f"unknown attention shape(s) {unknown}; known: {known}")
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
     fatal = None
     t0 = time.time()
-    for s, is_long in [(s, False) for s in SHAPES] + ([(s, True) for s in LONG_SHAPES] if long else []):
+    todo = [(s, False) for s in SHAPES] + ([(s, True) for s in LONG_SHAPES] if long or labels else [])
+    for s, is_long in [(s, x) for s, x in todo if labels is None or s[0] in labels]:
         print(f"attention bench: {s[0]} (t = {time.time() - t0:.0f} s)", flush=True)
         try:
             rows += bench_shape(*s, long=is_long)
