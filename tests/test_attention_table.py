@@ -64,6 +64,33 @@ def test_merge_with_keep_others_adds_entries_to_a_card(table):
     assert set(json.loads(table.read_text())["cards"]["Card A"]) == {"cross 154"}
 
 
+def test_unmeasured_shapes_take_the_nearest_measured_choice_of_their_kind(table):
+    """Another image size: the nearest measured shape (log scale, within NEAREST_FACTOR in Nq and Nk) of the
+    same kind, heads and head dim lends its choice; nothing near, another kind or head dim: SDPA."""
+    entries = {
+        "self 4096": _entry(SELF, SELF, "gluon"),
+        "self 1024": _entry([2, 8, 1024, 40], [2, 8, 1024, 40], "flash"),
+        "cross 77": _entry(SELF, CROSS_K, "cross"),
+        "cross 154": _entry(SELF, [2, 8, 154, 40], "flash"),
+        "vae": _entry([1, 1, 4096, 512], [1, 1, 4096, 512], "partial"),
+    }
+    at.write_card_table(table, "Card A", entries)
+    at._table.cache_clear()
+
+    def pick(nq: int, nk: int, h: int = 8, d: int = 40) -> str:
+        return at.choose(torch.Size([2, h, nq, d]), torch.Size([2, h, nk, d]), torch.float16, card="Card A")
+
+    assert pick(6400, 6400) == "gluon"  # 640²: 1.56x the 512² level's tokens
+    assert pick(1536, 1536) == "flash" and pick(2304, 2304) == "gluon"  # 1.5x from 1024 / 1.78x from 4096
+    assert pick(8192, 8192) == "gluon" and pick(8200, 8200) == "sdpa"  # NEAREST_FACTOR (2) from 4096
+    assert pick(6400, 77) == "cross" and pick(4096, 300) == "flash" and pick(64, 77) == "sdpa"  # 64 rows: 64x off
+    assert pick(6400, 6400, h=5) == "sdpa" and pick(6400, 6400, d=64) == "sdpa"  # other heads / head dim
+    assert pick(6400, 6400, h=1, d=512) == "partial"  # the VAE's mid block at 640²
+    at.write_card_table(table, "Card A", {"cross 77": entries["cross 77"]})
+    at._table.cache_clear()
+    assert pick(4096, 4096) == "sdpa"  # self-attention never borrows a cross-attention's choice
+
+
 def test_committed_table_names_known_choices():
     data = json.loads(at.TABLE_PATH.read_text())
     for card in data["cards"].values():

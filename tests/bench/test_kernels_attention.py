@@ -57,7 +57,11 @@ def test_gluon_shapes_get_fused_qkv_views_with_the_same_values():
     from speedsd.kernels.attention_gluon import fused_qkv_views
 
     labels = [s[0] for s in ka.SHAPES + ka.LONG_SHAPES if ka.gluon_shape(*s[3:])]
-    assert labels == ["self 4096 d40", "self 1024 d80", "self 256 d160", "self 64 d160", "self 16384 d40"]
+    assert labels[:4] == ["self 4096 d40", "self 1024 d80", "self 256 d160", "self 64 d160"]  # 512²
+    assert labels[-1] == "self 16384 d40"
+    # 768², 512x768, 1024²: every self-attention whose token count is a multiple of 64 (not 144 and 96)
+    more = ["self 9216 d40", "self 2304 d80", "self 576 d160", "self 6144 d40", "self 1536 d80", "self 384 d160"]
+    assert labels[4:-1] == more + ["self 4096 d80", "self 1024 d160"]
     sep = ka.make_qkv(2, 2, 128, 128, 40, device="cpu")
     fused = ka.make_qkv(2, 2, 128, 128, 40, device="cpu", fused=True)
     assert fused_qkv_views(*fused) and not fused_qkv_views(*sep)

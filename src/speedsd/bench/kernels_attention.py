@@ -48,6 +48,27 @@ SHAPES += [
     for k in (2, 3)
     for nq, d in ((4096, 40), (1024, 80), (256, 160), (64, 160))
 ]
+
+
+def unet_shapes(latent_h: int, latent_w: int) -> list[tuple[str, int, int, int, int, int]]:
+    """SD-1.x's UNet attentions for one latent size: per level (the latent, /2, /4, /8; head dims 40, 80, 160,
+    160; 8 heads; CFG batch 2) the self-attention and the cross-attention over 77 text tokens."""
+    out = []
+    for level, d in enumerate((40, 80, 160, 160)):
+        n = (latent_h >> level) * (latent_w >> level)
+        out += [(f"self {n} d{d}", 2, 8, n, n, d), (f"cross {n}x77 d{d}", 2, 8, n, 77, d)]
+    return out
+
+
+# other image sizes: 768², 512x768 (and 768x512: the same token counts), 1024² (the table's other shapes
+# are found by speedsd.attention_table's nearest-shape rule)
+_KEYS = {s[1:] for s in SHAPES}
+for _size in ((96, 96), (64, 96), (128, 128)):
+    _vae = (f"vae mid {_size[0] * _size[1]} d512", 1, 1, _size[0] * _size[1], _size[0] * _size[1], 512)
+    for _s in unet_shapes(*_size) + [_vae]:
+        if _s[1:] not in _KEYS and _s[0] != "self 16384 d40":  # (LONG_SHAPES: measured without materializing)
+            SHAPES.append(_s)
+            _KEYS.add(_s[1:])
 # 1024² image: the first UNet level attends over 16384 tokens (materialized variants skipped: 8.6 GB S).
 LONG_SHAPES = [("self 16384 d40", 2, 8, 16384, 16384, 40)]
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
