@@ -50,13 +50,19 @@ SHAPES += [
 ]
 
 
-def unet_shapes(latent_h: int, latent_w: int) -> list[tuple[str, int, int, int, int, int]]:
-    """SD-1.x's UNet attentions for one latent size: per level (the latent, /2, /4, /8; head dims 40, 80, 160,
-    160; 8 heads; CFG batch 2) the self-attention and the cross-attention over 77 text tokens."""
+def unet_shapes(latent_h: int, latent_w: int, sd2: bool = False) -> list[tuple[str, int, int, int, int, int]]:
+    """The UNet's attentions for one latent size: per level (the latent, /2, /4, /8; CFG batch 2) the
+    self-attention and the cross-attention over 77 text tokens. SD 1.x: 8 heads of 40, 80, 160, 160; SD 2.x
+    (labels "sd2 ..."): 5, 10, 20, 20 heads of 64."""
     out = []
-    for level, d in enumerate((40, 80, 160, 160)):
+    for level in range(4):
         n = (latent_h >> level) * (latent_w >> level)
-        out += [(f"self {n} d{d}", 2, 8, n, n, d), (f"cross {n}x77 d{d}", 2, 8, n, 77, d)]
+        if sd2:
+            h, d = (5, 10, 20, 20)[level], 64
+            out += [(f"sd2 self {n} h{h} d{d}", 2, h, n, n, d), (f"sd2 cross {n}x77 h{h} d{d}", 2, h, n, 77, d)]
+        else:
+            h, d = 8, (40, 80, 160, 160)[level]
+            out += [(f"self {n} d{d}", 2, h, n, n, d), (f"cross {n}x77 d{d}", 2, h, n, 77, d)]
     return out
 
 
@@ -69,6 +75,8 @@ for _size in ((96, 96), (64, 96), (128, 128)):
         if _s[1:] not in _KEYS and _s[0] != "self 16384 d40":  # (LONG_SHAPES: measured without materializing)
             SHAPES.append(_s)
             _KEYS.add(_s[1:])
+# SD 2.x: 2.1-base at 512², 2.1 (768-v) at 768²
+SHAPES += unet_shapes(64, 64, sd2=True) + unet_shapes(96, 96, sd2=True)
 # 1024² image: the first UNet level attends over 16384 tokens (materialized variants skipped: 8.6 GB S).
 LONG_SHAPES = [("self 16384 d40", 2, 8, 16384, 16384, 40)]
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
