@@ -103,3 +103,23 @@ def test_choose_returns_cross_where_the_table_says_so(table):
     assert at.choose(torch.Size(SELF), torch.Size(CROSS_K), torch.float16, card="Card A") == "cross"
     assert at.choose(torch.Size(SELF), torch.Size(SELF), torch.float16, card="Card A") == "sdpa"  # not measured
     assert at.choose(torch.Size(SELF), torch.Size(CROSS_K), torch.float16, card="Card B") == "sdpa"
+
+
+def test_upcast_models_get_flash_where_the_table_says_sdpa(monkeypatch):
+    """SD 2.1-v (upcast_attention): the table's "sdpa" was timed in fp16, but upcast runs SDPA in fp32; the
+    flash kernel's fp32 scores are upcast's math. Our kernels' choices, fp32 inputs, head dims flash does not
+    take and models without upcast keep the table's choice."""
+    from types import SimpleNamespace
+
+    from speedsd import ops
+
+    assert ops.upcast_choice("sdpa", torch.float16, 64, upcast=True) == "flash"
+    assert ops.upcast_choice("sdpa", torch.bfloat16, 64, upcast=True) == "flash"
+    assert ops.upcast_choice("sdpa", torch.float16, 64, upcast=False) == "sdpa"
+    assert ops.upcast_choice("sdpa", torch.float32, 64, upcast=True) == "sdpa"
+    assert ops.upcast_choice("sdpa", torch.float16, 512, upcast=True) == "sdpa"
+    assert ops.upcast_choice("cross", torch.float16, 64, upcast=True) == "cross"
+    # pick_attention hands the model's upcast to it (a CUDA tensor's attributes, without a GPU)
+    monkeypatch.setattr(at, "choose", lambda q_shape, k_shape, dtype: "sdpa")
+    q = SimpleNamespace(is_cuda=True, shape=torch.Size([2, 5, 9216, 64]), dtype=torch.float16)
+    assert ops.pick_attention(q, q, upcast=True) == "flash" and ops.pick_attention(q, q) == "sdpa"

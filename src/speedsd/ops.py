@@ -36,7 +36,7 @@ from speedsd.kernels.conv_gluon import (
 )
 from speedsd.kernels.conv_igemm import conv2d_igemm, tma_problem
 from speedsd.kernels.cross_attention import cross_attention
-from speedsd.kernels.flash_attention import flash_attention
+from speedsd.kernels.flash_attention import MAX_FLASH_HEAD_DIM, flash_attention
 from speedsd.kernels.geglu import feed_forward_geglu, feed_forward_geglu_ref, gelu, gelu_ref
 from speedsd.kernels.group_norm import group_norm, group_norm_ref
 from speedsd.kernels.group_norm_affine import group_norm_scale_shift
@@ -225,7 +225,7 @@ def attention_op(
     """
     mode = current().attention
     if mode == "auto":
-        mode = pick_attention(q, k)
+        mode = pick_attention(q, k, upcast)
     if mode == "gluon":
         out = attention_gluon(q, k, v, scale=scale)
         if out is not None:
@@ -247,13 +247,23 @@ def attention_op(
     raise AssertionError(mode)
 
 
-def pick_attention(q: torch.Tensor, k: torch.Tensor) -> str:
-    """Attention implementation for 'auto': measured per shape (see speedsd.bench.kernels)."""
+def pick_attention(q: torch.Tensor, k: torch.Tensor, upcast: bool = False) -> str:
+    """Attention implementation for 'auto': measured per shape (see speedsd.bench.kernels), then
+    :func:`upcast_choice`."""
     if not q.is_cuda:
         return "sdpa"
     from speedsd.attention_table import choose
 
-    return choose(q.shape, k.shape, q.dtype)
+    return upcast_choice(choose(q.shape, k.shape, q.dtype), q.dtype, q.shape[-1], upcast)
+
+
+def upcast_choice(best: str, dtype: torch.dtype, head_dim: int, upcast: bool) -> str:
+    """The table's choice for an ``upcast`` model (SD 2.1-v): its "sdpa" was timed in fp16, but upcast runs
+    SDPA in fp32, several times slower; the flash kernel computes the scores and softmax in fp32 from the
+    fp16/bf16 inputs, which is what upcast asks for, at fp16 speed. Other choices (our kernels) are kept."""
+    if best == "sdpa" and upcast and dtype in (torch.float16, torch.bfloat16) and head_dim <= MAX_FLASH_HEAD_DIM:
+        return "flash"
+    return best
 
 
 def _igemm_conv(x: torch.Tensor, conv: torch.nn.Conv2d, bias: torch.Tensor | None) -> torch.Tensor | None:
