@@ -44,16 +44,19 @@ def unet_shapes(latent_h: int, latent_w: int, sd2: bool = False) -> list[tuple[s
     return out
 
 
-# other image sizes: 768², 512x768 (and 768x512: the same token counts), 1024² (the table's other shapes
-# are found by speedsd.attention_table's nearest-shape rule)
-_KEYS = {s[1:] for s in SHAPES}
-for _size in ((96, 96), (64, 96), (128, 128)):
-    _vae = (f"vae mid {_size[0] * _size[1]} d512", 1, 1, _size[0] * _size[1], _size[0] * _size[1], 512)
-    for _s in unet_shapes(*_size) + [_vae]:
-        if _s[1:] not in _KEYS and _s[0] != "self 16384 d40":  # (LONG_SHAPES: measured without materializing)
-            SHAPES.append(_s)
-            _KEYS.add(_s[1:])
-# SD 2.x: 2.1-base at 512², 2.1 (768-v) at 768²
-SHAPES += unet_shapes(64, 64, sd2=True) + unet_shapes(96, 96, sd2=True)
+def _vae_mid(latent_h: int, latent_w: int) -> tuple[str, int, int, int, int, int]:
+    n = latent_h * latent_w
+    return (f"vae mid {n} d512", 1, 1, n, n, 512)
+
+
 # 1024² image: the first UNet level attends over 16384 tokens (materialized variants skipped: 8.6 GB S).
 LONG_SHAPES = [("self 16384 d40", 2, 8, 16384, 16384, 40)]
+# other image sizes: 768², 512x768 (and 768x512: the same token counts), 1024², each shape once (the sizes
+# between take the nearest measured choice: speedsd.attention_table); then SD 2.x: 2.1-base at 512², 2.1
+# (768-v) at 768²
+_seen = {s[1:] for s in SHAPES + LONG_SHAPES}
+for _s in [s for size in ((96, 96), (64, 96), (128, 128)) for s in unet_shapes(*size) + [_vae_mid(*size)]]:
+    if _s[1:] not in _seen:
+        SHAPES.append(_s)
+        _seen.add(_s[1:])
+SHAPES += unet_shapes(64, 64, sd2=True) + unet_shapes(96, 96, sd2=True)
