@@ -13,13 +13,13 @@ projection, as the model makes them.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from speedsd import attention_table, ops
+from speedsd.bench.common import graph_ms
 from speedsd.bench.kernels_attention import make_qkv
 from speedsd.kernels import attention_gluon
 from speedsd.kernels.cross_attention import cross_attention, cross_attention_supported
@@ -31,25 +31,8 @@ LEVELS = [(8, 40), (8, 80), (8, 160), (8, 160)]  # (heads, head dim) at latent /
 
 
 def graph_us(fn, calls: int = 50) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+    """µs a call from CUDA-graph replay (speedsd.bench.common.graph_ms: median of 5 replays)."""
+    return graph_ms(fn, calls=calls, reps=5) * 1e3
 
 
 def measure(label: str, B: int, H: int, nq: int, nk: int, d: int) -> dict:

@@ -20,6 +20,7 @@ import torch
 
 import speedsd
 from speedsd import attention_table
+from speedsd.bench.common import graph_ms
 from speedsd.bench.kernels_attention import make_qkv
 from speedsd.kernels.flash_attention import flash_attention
 
@@ -46,25 +47,8 @@ def image_ms(pipe, prompt: str) -> float:
 
 
 def graph_us(fn, calls: int = 50) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+    """µs a call from CUDA-graph replay (speedsd.bench.common.graph_ms: median of 5 replays)."""
+    return graph_ms(fn, calls=calls, reps=5) * 1e3
 
 
 def main(out: str) -> None:
