@@ -116,7 +116,8 @@ def test_truncated_prompt_warns_on_one_line(model: str, tmp_path, capsys) -> Non
     k = len(tok.encode(huge))
     assert k > 600
     rc, _, err = run_main(capsys, argv + [huge])
-    want = f"speedsd: warning: the prompt is {k} tokens; the text encoder reads the first 600, the last {k - 600} are ignored"
+    want = f"speedsd: warning: the prompt is {k} tokens; the text encoder reads the first 600, the last {k - 600} are"
+    want += " ignored"
     assert rc == 0 and err.splitlines().count(want) == 1
 
 
