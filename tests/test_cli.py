@@ -121,6 +121,21 @@ def test_truncated_prompt_warns_on_one_line(model: str, tmp_path, capsys) -> Non
     assert rc == 0 and err.splitlines().count(want) == 1
 
 
+def test_prompt_weights_flag(model: str, tmp_path, capsys) -> None:
+    """--prompt-weights reads (word:1.5) as emphasis (another image than reading the brackets as text) and
+    says so in the PNG; a prompt without emphasis draws the same image either way."""
+    out = tmp_path / "o.png"
+    argv = ["generate", "--model", model, "--steps", "1", "--size", SIZE, "--seed", "3", "-o", str(out)]
+    images = {}
+    for flags in ([], ["--prompt-weights"]):
+        for prompt in ("a red (fox:1.8)", "a red fox"):
+            assert run_main(capsys, argv + [prompt] + flags)[0] == 0
+            images[prompt, bool(flags)] = np.asarray(Image.open(out))
+            assert parse_parameters(read_parameters(out)).get("Prompt weights") == ("True" if flags else None)
+    assert not np.array_equal(images["a red (fox:1.8)", True], images["a red (fox:1.8)", False])
+    assert np.array_equal(images["a red fox", True], images["a red fox", False])
+
+
 def _init_image(path, size=(40, 32)) -> str:
     rng = np.random.default_rng(3)
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)

@@ -98,6 +98,15 @@ def test_truncated_prompt_warning_header(server) -> None:
     assert status == 400 and "'truncate_prompt' must be true or false" in json.loads(body)["error"]
 
 
+def test_prompt_weights_field(server) -> None:
+    req = {**REQ, "prompt": "a (red:1.5) fox", "steps": 1, "prompt_weights": True}
+    status, headers, png = post(server, req)
+    assert status == 200 and "X-Warning" not in headers
+    assert parse_parameters(Image.open(io.BytesIO(png)).info["parameters"])["Prompt weights"] == "True"
+    status, _, body = post(server, {**req, "prompt_weights": "yes"})
+    assert status == 400 and "'prompt_weights' must be true or false" in json.loads(body)["error"]
+
+
 def _b64_image(size=(40, 32), fmt="PNG") -> str:
     rng = np.random.default_rng(5)
     buf = io.BytesIO()

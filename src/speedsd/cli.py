@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--truncate-prompt", action="store_true",
                    help="read only a prompt's first 75 tokens, as diffusers does (default: longer prompts are "
                         "read in blocks of 75 tokens, up to 600, as AUTOMATIC1111 does)")  # fmt: skip
+    g.add_argument("--prompt-weights", action="store_true",
+                   help="read AUTOMATIC1111's emphasis: (word) x1.1, [word] /1.1, (word:1.3) (default: brackets are "
+                        "plain text, as diffusers reads them)")  # fmt: skip
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="HTTP API", description="Serve POST /generate and GET /health.")
@@ -222,6 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from speedsd import inputs as pl
+    from speedsd import prompts
     from speedsd.pngmeta import GenerationParams, save_png
 
     width, height = parse_size(args.size)
@@ -238,7 +242,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
 
     pipe = load_pipeline(args)
-    for warning in pl.truncation_warnings(pipe.tokenizer, args.prompt, args.negative, args.truncate_prompt):
+    how = args.truncate_prompt, args.prompt_weights
+    for warning in prompts.truncation_warnings(pipe.tokenizer, args.prompt, args.negative, *how):
         print(f"speedsd: warning: {warning}", file=sys.stderr)
     scheduler = scheduler or pipe.components.default_scheduler
     bar = tqdm(desc="denoising", unit="step", file=sys.stderr, disable=None, leave=False)
@@ -256,6 +261,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         callback=progress,
         truncate_prompt=args.truncate_prompt,
+        prompt_weights=args.prompt_weights,
     )
     try:
         if init is None:
@@ -268,6 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         extra = {"Denoising strength": strength} if init is not None else {}
         extra.update({"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {})
         extra.update({"Truncate prompt": True} if args.truncate_prompt else {})
+        extra.update({"Prompt weights": True} if args.prompt_weights else {})
         params = GenerationParams(
             prompt=args.prompt,
             negative_prompt=args.negative,

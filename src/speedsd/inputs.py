@@ -15,8 +15,6 @@ import torch
 
 OUTPUTS = ("pil", "tensor", "latent")
 MAX_SEED = 2**64 - 1
-# A prompt past 75 tokens is read as blocks of 75 (AUTOMATIC1111's way), up to this many: 600 tokens.
-MAX_PROMPT_CHUNKS = 8
 
 
 def is_int(x: object) -> bool:
@@ -76,32 +74,9 @@ def check_strength(steps: int, strength: object, name: str = "strength", steps_n
         raise ValueError(f"{steps_name} {steps} x {name} {strength} leaves no denoising step (need at least one step)")
 
 
-def prompt_chunks(tokenizer: Any, texts: Sequence[str], truncate: bool = False) -> int:
-    """How many 75-token blocks the text encoder reads for a batch of prompts (negatives included: every
-    row of one batch has the same length): 1 with ``truncate`` (diffusers' behaviour), else enough for the
-    longest prompt, at most MAX_PROMPT_CHUNKS."""
-    if not isinstance(truncate, (bool, np.bool_)):
-        raise ValueError(f"truncate_prompt must be true or false, got {truncate!r}")
-    if truncate:
-        return 1
-    return min(MAX_PROMPT_CHUNKS, max((tokenizer.chunks(t) for t in texts if t), default=1))
-
-
-def truncation_warnings(
-    tokenizer: Any, prompt: str, negative_prompt: str | None = None, truncate: bool = False
-) -> list[str]:
-    """One line for each of the prompt and the negative prompt that the text encoder does not read whole
-    (past 75 tokens with ``truncate``, else past MAX_PROMPT_CHUNKS blocks of 75): what the CLI prints
-    and the API's X-Warning header carries."""
-    chunks = prompt_chunks(tokenizer, [prompt, negative_prompt or ""], truncate)
-    keep = chunks * tokenizer.chunk_tokens
-    out = []
-    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        n = tokenizer.overflow(text, chunks) if text else 0
-        if n:
-            out.append(f"the {name} is {keep + n} tokens; the text encoder reads the first {keep}, the last {n} "
-                       "are ignored")  # fmt: skip
-    return out
+def check_flag(value: object, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def check_seed(seed: object) -> None:

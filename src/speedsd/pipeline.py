@@ -37,10 +37,10 @@ from speedsd.inputs import (
     check_strength,
     negatives_list,
     preprocess_image,
-    prompt_chunks,
     prompts_list,
     to_pil,
 )
+from speedsd.prompts import apply_weights, prompt_ids
 
 # unet module -> (memory format its weights (and the VAE's) are in, conversion count)
 _LAYOUT: weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.memory_format, int]] = weakref.WeakKeyDictionary()
@@ -196,13 +196,23 @@ class Pipeline:
         return self.encode_ids(self.tokenizer(prompts, chunks))  # ids [B, chunks·77]
 
     def text_embeddings(
-        self, prompts: list[str], negatives: list[str], num_images: int, cfg: bool, truncate_prompt: bool = False
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        num_images: int,
+        cfg: bool,
+        truncate_prompt: bool = False,
+        prompt_weights: bool = False,
     ) -> torch.Tensor:
         """[uncond; cond] (or just cond) embeddings, each prompt repeated num_images times in a row. Prompts
         past 75 tokens are read in blocks of 75 (every row as many as the longest needs), unless
-        ``truncate_prompt`` (diffusers' way: the first 75 tokens only)."""
+        ``truncate_prompt`` (diffusers' way: the first 75 tokens only). ``prompt_weights``: read the
+        emphasis syntax, (text), [text], (text:1.3) (speedsd.prompts)."""
         texts = negatives + prompts if cfg else prompts
-        emb = self.encode_text(texts, prompt_chunks(self.tokenizer, texts, truncate_prompt))  # one batch
+        ids, weights = prompt_ids(self.tokenizer, texts, truncate_prompt, prompt_weights)
+        emb = self.encode_ids(ids)  # one text-encoder batch
+        if weights is not None:
+            emb = apply_weights(emb, weights, self.tokenizer.max_length)
         return emb.repeat_interleave(num_images, dim=0)  # [p0, p0, p1, p1, ...] as diffusers orders them
 
     @torch.inference_mode()
@@ -303,6 +313,7 @@ class Pipeline:
         output: str = "pil",
         tiled_decode: bool | None = None,
         truncate_prompt: bool = False,
+        prompt_weights: bool = False,
     ) -> list[Any] | torch.Tensor:
         """Generate images from text.
 
@@ -311,7 +322,8 @@ class Pipeline:
         N = len(prompts) * num_images. ``callback(step_index, num_steps, timestep, latents)`` runs
         after every step. height/width None -> the model's default size. A prompt past the text encoder's
         75 tokens is read in blocks of 75, up to 600 tokens (AUTOMATIC1111's way); ``truncate_prompt``
-        reads the first 75 only, as diffusers does.
+        reads the first 75 only, as diffusers does. ``prompt_weights`` reads AUTOMATIC1111's emphasis,
+        (text) / [text] / (text:1.3); without it brackets are plain text, as in diffusers.
         """
         prompts = prompts_list(prompt)
         negatives = negatives_list(negative_prompt, len(prompts))
@@ -334,7 +346,7 @@ class Pipeline:
         latents = latents.to(self.device, self.latent_dtype)
 
         cfg = guidance_scale > 1.0
-        emb = self.text_embeddings(prompts, negatives, num_images, cfg, truncate_prompt)
+        emb = self.text_embeddings(prompts, negatives, num_images, cfg, truncate_prompt, prompt_weights)
         sched = self.make_scheduler(scheduler)
         # Timesteps stay on the CPU: the samplers read them as Python numbers (int(t)), which for a GPU
         # tensor would be a device sync per step and keep the CPU from queueing the next step early.
@@ -360,6 +372,7 @@ class Pipeline:
         output: str = "pil",
         tiled_decode: bool | None = None,
         truncate_prompt: bool = False,
+        prompt_weights: bool = False,
     ) -> list[Any] | torch.Tensor:
         """Repaint ``image`` (PIL image, or a [3, H, W] / [B, 3, H, W] float tensor in [0, 1]).
 
@@ -381,7 +394,7 @@ class Pipeline:
 
         generator = self._generator(seed, need_seed=True)
         cfg = guidance_scale > 1.0
-        emb = self.text_embeddings(prompts, negatives, num_images, cfg, truncate_prompt)
+        emb = self.text_embeddings(prompts, negatives, num_images, cfg, truncate_prompt, prompt_weights)
         sched = self.make_scheduler(scheduler)
         timesteps, _ = sched.timesteps_for_strength(steps, strength)  # on the CPU: no sync per step
         timesteps = list(timesteps)

@@ -4,11 +4,12 @@
     curl -s localhost:8000/generate -d '{"prompt": "a red fox", "seed": 42}' -o fox.png
 
 POST /generate takes a JSON object {prompt, negative_prompt, steps, guidance_scale, width, height,
-seed, scheduler, init_image, strength, truncate_prompt} (all but prompt optional) and answers image/png
-with the A1111 ``parameters`` chunk (and the seed in an ``X-Seed`` header; an ``X-Warning`` header says
-when the text encoder did not read a prompt whole: past 600 tokens, or past 75 with ``truncate_prompt``,
-which reads the first 75 only, as diffusers does; by default longer prompts are read in blocks of 75,
-as AUTOMATIC1111 does). ``init_image`` (a base64-encoded PNG/JPEG/...)
+seed, scheduler, init_image, strength, truncate_prompt, prompt_weights} (all but prompt optional) and
+answers image/png with the A1111 ``parameters`` chunk (and the seed in an ``X-Seed`` header; an
+``X-Warning`` header says when the text encoder did not read a prompt whole: past 600 tokens, or past 75
+with ``truncate_prompt``, which reads the first 75 only, as diffusers does; by default longer prompts are
+read in blocks of 75, as AUTOMATIC1111 does). ``prompt_weights`` reads AUTOMATIC1111's emphasis,
+(word) / [word] / (word:1.3) (speedsd.prompts). ``init_image`` (a base64-encoded PNG/JPEG/...)
 makes it img2img: that image (resized to width x height when they are given) is repainted over
 ``strength`` (0, 1], default 0.8, of the schedule. GET /health answers JSON. A malformed request gets
 400 and a one-line JSON ``{"error": "..."}``. Requests are served on threads, but generations run
@@ -41,6 +42,7 @@ FIELDS = {
     "init_image": str,
     "strength": (int, float),
     "truncate_prompt": bool,
+    "prompt_weights": bool,
 }
 
 
@@ -62,8 +64,9 @@ class SpeedSDServer(ThreadingHTTPServer):
 
     def generate(self, body: dict[str, Any]) -> tuple[bytes, int, list[str]]:
         """Validate a /generate request and run it; returns (PNG bytes, seed, warnings: a truncated prompt,
-        inputs.truncation_warnings). Raises ValueError."""
+        prompts.truncation_warnings). Raises ValueError."""
         from speedsd import inputs as pl
+        from speedsd import prompts
         from speedsd.pngmeta import GenerationParams, png_info
 
         req = parse_request(body)
@@ -92,6 +95,7 @@ class SpeedSDServer(ThreadingHTTPServer):
             seed=seed,
             scheduler=scheduler,
             truncate_prompt=req.get("truncate_prompt", False),
+            prompt_weights=req.get("prompt_weights", False),
         )
         pl.check_common(kwargs["steps"], kwargs["guidance_scale"], 1, scheduler, "pil")
         extra = {}
@@ -100,8 +104,8 @@ class SpeedSDServer(ThreadingHTTPServer):
             pl.check_strength(kwargs["steps"], strength)
             init = pl.fit_image(init, (width, height))
             extra["Denoising strength"] = strength
-        if kwargs["truncate_prompt"]:
-            extra["Truncate prompt"] = True
+        extra.update({"Truncate prompt": True} if kwargs["truncate_prompt"] else {})
+        extra.update({"Prompt weights": True} if kwargs["prompt_weights"] else {})
         with self.lock:
             if init is None:
                 [image] = pipe(req["prompt"], height=height, width=width, **kwargs)
@@ -121,8 +125,8 @@ class SpeedSDServer(ThreadingHTTPServer):
         )
         buf = io.BytesIO()
         image.save(buf, format="PNG", pnginfo=png_info(params.to_text()))
-        negative, truncate = kwargs["negative_prompt"], kwargs["truncate_prompt"]
-        return buf.getvalue(), seed, pl.truncation_warnings(pipe.tokenizer, req["prompt"], negative, truncate)
+        how = kwargs["negative_prompt"], kwargs["truncate_prompt"], kwargs["prompt_weights"]
+        return buf.getvalue(), seed, prompts.truncation_warnings(pipe.tokenizer, req["prompt"], *how)
 
 
 def decode_image(text: str, max_side: int) -> Any:

@@ -326,18 +326,24 @@ class Tokenizer:
         [75j, 75j + 75), EOS, padding. Tokens past the last block are dropped."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        return self.blocks([self.encode(p) for p in prompts], chunks)
+
+    def blocks(self, token_lists: list[list[int]], chunks: int = 1) -> torch.Tensor:
+        """Token ids without BOS/EOS (one list a prompt) -> ids [B, chunks · max_length], as __call__ lays them out."""
+        rows = [self.layout(t, chunks, self.bos_token_id, self.eos_token_id, self.pad_token_id) for t in token_lists]
+        return torch.tensor(rows, dtype=torch.long)  # [B, chunks · max_length]
+
+    def layout(self, values: list, chunks: int, first: object, last: object, fill: object) -> list:
+        """One row of ``chunks`` blocks: [first, values[75j : 75j + 75], last, fill ...] for block j (per-token
+        values of any kind: ids, or weights with first = last = fill = 1)."""
         if not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
         n = self.chunk_tokens
-        rows = []
-        for prompt in prompts:
-            tokens = self.encode(prompt)
-            row: list[int] = []
-            for j in range(chunks):
-                ids = [self.bos_token_id, *tokens[j * n : (j + 1) * n], self.eos_token_id]
-                row += ids + [self.pad_token_id] * (self.max_length - len(ids))
-            rows.append(row)
-        return torch.tensor(rows, dtype=torch.long)  # [B, chunks · max_length]
+        row: list = []
+        for j in range(chunks):
+            body = values[j * n : (j + 1) * n]
+            row += [first, *body, last] + [fill] * (n - len(body))
+        return row
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source}, vocab={self.vocab_size}, pad={self.pad_token_id}, len={self.max_length})"
