@@ -13,7 +13,8 @@ Emphasis, read when a call passes ``prompt_weights=True``:
 
 Brackets nest and their factors multiply. A bracket never closed applies its factor up to the end of the
 prompt; a closing bracket with no opener, or a ``:`` that does not end a ``(text:number)``, is plain text.
-Without ``prompt_weights`` every character is plain text, as diffusers reads prompts.
+Without ``prompt_weights`` every character is plain text, as diffusers reads prompts. Not read (plain text
+here): the web UI's ``BREAK``, prompt editing ``[a:b:0.5]`` and alternation ``[a|b]``.
 
 How the weights act (the web UI's way): each run of text between markers is tokenized on its own and its
 tokens carry the run's weight; BOS, EOS and padding weigh 1. After the text encoder each token's embedding
