@@ -273,7 +273,7 @@ def test_attention_op_returns_the_kernel_result(monkeypatch):
     marker = torch.zeros_like(q)
     result = [marker]
     monkeypatch.setattr(ops, "attention_gluon", lambda q, k, v, scale=None: result[0])
-    monkeypatch.setattr(ops, "pick_attention", lambda q, k: "gluon")
+    monkeypatch.setattr(ops, "pick_attention", lambda q, k, upcast=False: "gluon")
     for mode in ("gluon", "auto"):
         with ops.using(ops.Flags(attention=mode)):
             assert ops.attention_op(q, k, v) is marker

@@ -258,7 +258,7 @@ def test_attention_op_runs_the_kernel_where_supported(mode, monkeypatch):
 
     real = ca._cross_attn_kernel
     monkeypatch.setattr(ca, "_cross_attn_kernel", Spy())
-    monkeypatch.setattr(ops, "pick_attention", lambda q, k: "cross")
+    monkeypatch.setattr(ops, "pick_attention", lambda q, k, upcast=False: "cross")
     q, k, v = _inputs((1, 2, 24, 77, 40), torch.float16)
     with ops.using(ops.Flags(attention=mode)):
         got = ops.attention_op(q, k, v, upcast=True)
