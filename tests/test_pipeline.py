@@ -380,19 +380,6 @@ def test_bf16_close_to_fp32(sd1: Pair) -> None:
     assert rel(out, sd1.ours(PROMPT, **kw)) < 5e-2
 
 
-def test_tiled_decode_choice(sd1: Pair, monkeypatch) -> None:
-    used = []
-    vae = sd1.ours.vae
-    monkeypatch.setattr(vae, "decode", lambda z: used.append("full") or torch.zeros(z.shape[0], 3, 8, 8))
-    monkeypatch.setattr(vae, "decode_tiled", lambda z: used.append("tiled") or torch.zeros(z.shape[0], 3, 8, 8))
-    small, big = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 97)
-    sd1.ours._finish(small, "tensor", None)
-    sd1.ours._finish(big, "tensor", None)
-    sd1.ours._finish(big, "tensor", False)
-    sd1.ours._finish(small, "tensor", True)
-    assert used == ["full", "tiled", "full", "tiled"]
-
-
 def test_tiled_decode_real(sd1: Pair) -> None:
     kw = dict(steps=2, scheduler="ddim", height=SIZE, width=SIZE, seed=2, output="tensor")
     a = sd1.ours(PROMPT, tiled_decode=False, **kw)

@@ -145,7 +145,7 @@ class GraphCache:
         Only the signature of ``args`` matters (their values feed any warm-up run): the pipeline
         captures the VAE decode before the denoising loop this way, so the loop's capture, sharing
         the pool, carves its blocks out of the decode's large freed segments instead of the decode
-        needing segments of its own (see ``Pipeline._prepare_decode``)."""
+        needing segments of its own (see ``speedsd.decode.prepare``)."""
         if not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
             raise ValueError("GraphCache takes CUDA tensors only")
         key = _signature(args)

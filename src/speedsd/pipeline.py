@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from speedsd import arena, ops
+from speedsd import arena, decode, ops
 from speedsd.denoise import StepCallback, denoise
 from speedsd.graphs import GraphCache
 from speedsd.inputs import (
@@ -38,13 +38,11 @@ from speedsd.inputs import (
     negatives_list,
     preprocess_image,
     prompts_list,
-    to_pil,
 )
 from speedsd.prompts import apply_weights, prompt_ids
 
 # unet module -> (memory format its weights (and the VAE's) are in, conversion count)
 _LAYOUT: weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.memory_format, int]] = weakref.WeakKeyDictionary()
-TILED_DECODE_ABOVE = 96  # latent side above which decoding goes tile by tile when tiled_decode=None
 
 
 def default_device() -> torch.device:
@@ -352,9 +350,9 @@ class Pipeline:
         # tensor would be a device sync per step and keep the CPU from queueing the next step early.
         sched.set_timesteps(steps)
         latents = latents * sched.init_noise_sigma
-        self._prepare_decode(shape, output, tiled_decode)
+        decode.prepare(self, shape, output, tiled_decode)
         latents = denoise(self, sched, list(sched.timesteps), latents, emb, guidance_scale, generator, callback)
-        return self._finish(latents, output, tiled_decode)
+        return decode.finish(self, latents, output, tiled_decode)
 
     @torch.inference_mode()
     def img2img(
@@ -404,9 +402,9 @@ class Pipeline:
         noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(self.device, self.latent_dtype)
         t0 = torch.as_tensor(timesteps[0], device=self.device).reshape(1).expand(n)
         latents = sched.add_noise(init, noise, t0)
-        self._prepare_decode(tuple(latents.shape), output, tiled_decode)
+        decode.prepare(self, tuple(latents.shape), output, tiled_decode)
         latents = denoise(self, sched, timesteps, latents, emb, guidance_scale, generator, callback)
-        return self._finish(latents, output, tiled_decode)
+        return decode.finish(self, latents, output, tiled_decode)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -418,31 +416,3 @@ class Pipeline:
         if seed is not None:
             g.manual_seed(seed)
         return g
-
-    def _prepare_decode(self, shape: tuple[int, ...], output: str, tiled_decode: bool | None) -> None:
-        """Capture the VAE decode graph before the loop's if this image's decode would capture: in their
-        shared pool the loop's blocks then come out of the decode's large freed segments (captured after
-        the loop, the decode's 64-128 MiB activations needed segments of their own: 392 -> 336 MiB at 512²,
-        `bench/results/graph_capture_order_ab_h200.txt`)."""
-        if self._decode_graphs is None or output == "latent" or self._tiled(shape, tiled_decode):
-            return
-        # decode_latents' input signature; the values only feed a warm-up, which the first image's eager
-        # decode normally made unnecessary: no fill or layout copy launched every image
-        fmt = torch.channels_last if self.flags.channels_last else torch.contiguous_format
-        z = torch.empty(shape, device=self.device, dtype=self.dtype, memory_format=fmt)
-        self._ensure_layout()
-        self._decode_graphs.prepare(z)
-
-    @staticmethod
-    def _tiled(shape: tuple[int, ...], tiled_decode: bool | None) -> bool:
-        return max(shape[-2:]) > TILED_DECODE_ABOVE if tiled_decode is None else tiled_decode
-
-    def _finish(self, latents: torch.Tensor, output: str, tiled_decode: bool | None) -> list[Any] | torch.Tensor:
-        if output == "latent":
-            return latents
-        tiled_decode = self._tiled(tuple(latents.shape), tiled_decode)
-        image = self.decode_latents(latents, tiled=tiled_decode)
-        image = (image.to(self.latent_dtype) / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
-        if output == "tensor":
-            return image
-        return to_pil(image)
