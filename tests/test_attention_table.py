@@ -123,3 +123,21 @@ def test_upcast_models_get_flash_where_the_table_says_sdpa(monkeypatch):
     monkeypatch.setattr(at, "choose", lambda q_shape, k_shape, dtype: "sdpa")
     q = SimpleNamespace(is_cuda=True, shape=torch.Size([2, 5, 9216, 64]), dtype=torch.float16)
     assert ops.pick_attention(q, q, upcast=True) == "flash" and ops.pick_attention(q, q) == "sdpa"
+
+
+@pytest.mark.gpu
+def test_upcast_dispatch_on_the_gpu_is_flash_and_accurate():
+    """On a GPU, an upcast fp16 attention the table does not know (3 heads of 64) dispatches to flash, and its
+    error against an fp64 reference stays within 2x of what fp16 SDPA makes (upcast's fp32 SDPA: the old path)."""
+    import torch.nn.functional as F
+
+    from speedsd import ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 576, 64, device="cuda", generator=g).mul(s).add(0.3).half() for s in (2.0, 2.0, 1.0))
+    assert ops.pick_attention(q, k, upcast=True) == "flash" and ops.pick_attention(q, k) == "sdpa"
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    with ops.using(ops.PRESETS["fast"]):
+        got = ops.attention_op(q, k, v, upcast=True)
+    torch_err = (F.scaled_dot_product_attention(q, k, v).double() - ref).abs().max()
+    assert got.dtype == torch.float16 and (got.double() - ref).abs().max() <= 2 * torch_err
