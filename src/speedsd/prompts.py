@@ -117,7 +117,13 @@ def weighted_tokens(tokenizer: Any, prompt: str) -> tuple[list[int], list[float]
 def weighted_ids(tokenizer: Any, prompts: list[str], chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """[B] prompts -> ids [B, chunks · 77] laid out as ``tokenizer(prompts, chunks)`` lays them out, and the
     fp32 weights [B, chunks · 77] of those positions (1 for BOS, EOS and padding)."""
-    rows = [weighted_tokens(tokenizer, p) for p in prompts]
+    return _laid_out(tokenizer, [weighted_tokens(tokenizer, p) for p in prompts], chunks)
+
+
+def _laid_out(
+    tokenizer: Any, rows: list[tuple[list[int], list[float]]], chunks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # (ids, weights) of each prompt -> ids [B, chunks · 77] and their fp32 weights, BOS/EOS/padding weighing 1
     ids = tokenizer.blocks([r[0] for r in rows], chunks)
     weights = [tokenizer.layout(r[1], chunks, 1.0, 1.0, 1.0) for r in rows]
     return ids, torch.tensor(weights, dtype=torch.float32)
@@ -148,12 +154,16 @@ def prompt_chunks(tokenizer: Any, texts: Sequence[str], truncate: bool = False, 
     """How many 75-token blocks the text encoder reads for a batch of prompts (negatives included: every
     row of one batch has the same length): 1 with ``truncate`` (diffusers' behaviour), else enough for the
     longest prompt, at most MAX_PROMPT_CHUNKS. ``weighted``: prompts in the emphasis syntax."""
-    check_flag(truncate, "truncate_prompt")
     check_flag(weighted, "prompt_weights")
+    return _chunks_for(tokenizer, [token_count(tokenizer, t, weighted) for t in texts if t], truncate)
+
+
+def _chunks_for(tokenizer: Any, counts: list[int], truncate: bool) -> int:
+    # blocks for a batch whose prompts have these token counts
+    check_flag(truncate, "truncate_prompt")
     if truncate:
         return 1
-    longest = max((token_count(tokenizer, t, weighted) for t in texts if t), default=0)
-    return min(MAX_PROMPT_CHUNKS, max(1, -(-longest // tokenizer.chunk_tokens)))
+    return min(MAX_PROMPT_CHUNKS, max(1, -(-max(counts, default=0) // tokenizer.chunk_tokens)))
 
 
 def truncation_warnings(
@@ -178,7 +188,9 @@ def prompt_ids(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One text-encoder batch: ids [B, k·77] (k = :func:`prompt_chunks`), and with ``weighted`` the tokens'
     fp32 weights [B, k·77] for :func:`apply_weights` (else None)."""
-    chunks = prompt_chunks(tokenizer, texts, truncate, weighted)
-    if weighted:
-        return weighted_ids(tokenizer, texts, chunks)
-    return tokenizer(texts, chunks), None
+    check_flag(weighted, "prompt_weights")
+    if not weighted:  # each prompt tokenized once, its count deciding the blocks
+        tokens = [tokenizer.encode(t) for t in texts]
+        return tokenizer.blocks(tokens, _chunks_for(tokenizer, [len(t) for t in tokens], truncate)), None
+    rows = [weighted_tokens(tokenizer, t) for t in texts]
+    return _laid_out(tokenizer, rows, _chunks_for(tokenizer, [len(r[0]) for r in rows], truncate))
