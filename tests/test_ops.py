@@ -65,6 +65,52 @@ def test_folded_weight_follows_in_place_updates(monkeypatch) -> None:
     torch.testing.assert_close(after.double(), _want(x, conv), atol=2e-5, rtol=2e-5)
 
 
+@needs_interpreter
+def test_loop_scope_folds_small_upsamplers_once_and_drops_the_fold(monkeypatch) -> None:
+    """Below SUBPIXEL_MIN_PIXELS the phase form runs only inside ops.loop_scope: its weight is folded once
+    there (not again on the next call, again after an in-place update), never kept on the module, and
+    released when the scope ends; inputs under SUBPIXEL_LOOP_MIN_PIXELS stay plain inside it too."""
+    monkeypatch.setattr(ops, "SUBPIXEL_MIN_PIXELS", 10**9)
+    monkeypatch.setattr(ops, "SUBPIXEL_LOOP_MIN_PIXELS", 4 * 4)
+    conv = _conv(4)
+    x = torch.randn(2, 4, 4, 5) * 2 + 0.5
+    convs, folds = [], []
+    real_conv, real_fold = ops.subpixel_upsample_conv, ops.subpixel_weight
+    monkeypatch.setattr(ops, "subpixel_upsample_conv", lambda *a, **kw: convs.append(1) or real_conv(*a, **kw))
+    monkeypatch.setattr(ops, "subpixel_weight", lambda w: folds.append(1) or real_fold(w))
+    with ops.using(ops.Flags(subpixel_upsample=True)):
+        outside = ops.upsample_conv_op(x, conv)
+        assert (len(convs), len(folds)) == (0, 0)
+        with ops.loop_scope():
+            a = ops.upsample_conv_op(x, conv)
+            b = ops.upsample_conv_op(x, conv)
+            assert (len(convs), len(folds)) == (2, 1)
+            small = ops.upsample_conv_op(x[:, :, :3], conv)  # 15 < 16 pixels: plain
+            assert len(convs) == 2
+            with torch.no_grad():
+                conv.weight.mul_(-2.0)
+            c = ops.upsample_conv_op(x, conv)
+            assert (len(convs), len(folds)) == (3, 2)
+            assert len(ops._loop_weights) == 1
+        assert ops._loop_weights is None
+        assert not hasattr(conv, "_speedsd_subpixel")
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a.double(), _want(x, _conv(4)), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(outside.double(), _want(x, _conv(4)), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(small.double(), _want(x[:, :, :3], _conv(4)), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(c.double(), _want(x, conv), atol=2e-5, rtol=2e-5)
+
+
+def test_loop_scopes_nest_and_restore() -> None:
+    assert ops._loop_weights is None
+    with ops.loop_scope():
+        outer = ops._loop_weights
+        with ops.loop_scope():
+            assert ops._loop_weights is not outer and ops._loop_weights == {}
+        assert ops._loop_weights is outer
+    assert ops._loop_weights is None
+
+
 def test_subpixel_without_interpreter_uses_torch_interleave(monkeypatch) -> None:
     """On a CPU without the Triton interpreter the flag still works (torch's strided interleave)."""
     monkeypatch.setattr(ops, "SUBPIXEL_MIN_PIXELS", 0)

@@ -17,7 +17,9 @@ measure what it says it measures.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,8 @@ from speedsd.kernels.group_norm_partials import group_norm_partials, partials_pl
 from speedsd.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from speedsd.kernels.narrow_conv import MAX_CO, conv3x3_narrow
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
-from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsample_conv, subpixel_weight
+from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsample_conv
+from speedsd.kernels.subpixel_weight import subpixel_weight, subpixel_weight_ref
 from speedsd.kernels.upsample import upsample_nearest2x, upsample_nearest2x_ref
 from speedsd.kernels.winograd import winograd_conv3x3_module
 
@@ -152,10 +155,24 @@ def bias_add_op(
 
 # Measured on an H200 (bench/results/kernels_subpixel.md): the phase form is 1.5-2.4x faster at the
 # VAE decoder's upsamplers (inputs 64²..256²), 1.3-1.5x at the UNet's 16² and 32² ones and 0.92x at 8².
-# Its folded weights are kept (16/9 of the 3x3 weight): 18 MiB for the VAE, but 62.5 MiB for the
-# UNet's two 1280/640-channel upsamplers, which save only ~0.06 ms a step. So from 64x64 inputs: the
-# VAE decoder at 512², and the UNet's upsamplers from 1024² images up.
+# Its folded weights (16/9 of the 3x3 weight) are kept on the module from 64x64 inputs (18 MiB for the
+# VAE at 512²). The UNet's 16² and 32² ones (62.5 MiB) only inside a loop scope (:func:`loop_scope`): folded
+# once per denoising loop, dropped at its end, live only while the UNet runs, whose activations stay far
+# below the VAE decode's that set the pipeline's peak (memory_probe_trace_h200.txt: 78 vs 256 MiB).
 SUBPIXEL_MIN_PIXELS = 64 * 64
+SUBPIXEL_LOOP_MIN_PIXELS = 16 * 16
+_loop_weights: dict[int, tuple] | None = None  # id(conv) -> (conv, key, folded weight) inside a loop scope
+
+
+@contextlib.contextmanager
+def loop_scope() -> Iterator[None]:
+    """Weights derived for a loop (the folded upsampler weights above) are kept until this block ends."""
+    global _loop_weights
+    prev, _loop_weights = _loop_weights, {}
+    try:
+        yield
+    finally:
+        _loop_weights = prev
 
 
 def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d, next_groups: int | None = None) -> torch.Tensor:
@@ -163,31 +180,41 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d, next_groups: int | 
     output's next reader is GroupNorm(next_groups): with the GroupNorm kernel on, the sub-pixel interleave also
     writes its statistics (kernels/gn_tile_stats.py)."""
     flags = current()
+    pixels = x.shape[2] * x.shape[3]
+    scoped = _loop_weights is not None and pixels >= SUBPIXEL_LOOP_MIN_PIXELS
     if (
         flags.subpixel_upsample
-        and x.shape[2] * x.shape[3] >= SUBPIXEL_MIN_PIXELS
+        and (pixels >= SUBPIXEL_MIN_PIXELS or scoped)
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == (1, 1)
     ):
-        w4 = _subpixel_weight_for(conv, x.dtype)
+        w4 = _subpixel_weight_for(conv, x.dtype, keep=pixels >= SUBPIXEL_MIN_PIXELS)
         if _triton_runs(x):
             return subpixel_upsample_conv(x, w4, conv.bias, stats_groups=next_groups if flags.group_norm else None)
         return subpixel_upsample_conv(x, w4, conv.bias, interleave=phase_interleave_ref)  # torch's interleave
     return conv2d_op(upsample_nearest2x_op(x), conv)
 
 
-def _subpixel_weight_for(conv: torch.nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
-    """The folded [4·Co, Ci, 2, 2] weight, cached on the module; re-folded when the weight changes
-    (in-place updates bump ``_version``) or moves."""
+def _subpixel_weight_for(conv: torch.nn.Conv2d, dtype: torch.dtype, keep: bool = True) -> torch.Tensor:
+    """The folded [4·Co, Ci, 2, 2] weight, cached on the module (``keep``) or in the loop scope; re-folded
+    when the weight changes (in-place updates bump ``_version``) or moves. One Triton launch where Triton
+    runs (no fp32 temporaries of the whole weight inside a denoising loop), else torch."""
     w = conv.weight
     key = (w._version, w.data_ptr(), w.device, dtype, w.is_contiguous(memory_format=torch.channels_last))
     cached = getattr(conv, "_speedsd_subpixel", None)
-    if cached is None or cached[0] != key:
-        with torch.inference_mode(False), torch.no_grad():
-            cached = (key, subpixel_weight(w.detach().to(dtype)))
-        conv._speedsd_subpixel = cached
-    return cached[1]
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fold = subpixel_weight if _triton_runs(w) and dtype != torch.float64 else subpixel_weight_ref
+    if not keep and _loop_weights is not None:
+        scoped = _loop_weights.get(id(conv))
+        if scoped is None or scoped[1] != key:
+            with torch.no_grad():
+                scoped = _loop_weights[id(conv)] = (conv, key, fold(w.detach().to(dtype)))
+        return scoped[2]
+    with torch.inference_mode(False), torch.no_grad():
+        conv._speedsd_subpixel = (key, fold(w.detach().to(dtype)))
+    return conv._speedsd_subpixel[1]
 
 
 def upsample_nearest2x_op(x: torch.Tensor) -> torch.Tensor:

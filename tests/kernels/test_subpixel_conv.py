@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from interp_bounds import bounds_checked
 from precision import INTERPRET
+from speedsd.kernels.subpixel_weight import subpixel_weight_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,7 +93,7 @@ def _phase_input(n, c, h, w, dtype, layout, poison=True):
 @pytest.mark.parametrize("label,shape", SHAPES, ids=SHAPE_IDS)
 def test_matches_upsample_then_conv(label, shape, layout, dtype, dname, with_bias):
     x, weight, bias = _problem(shape, dtype, layout, with_bias)
-    y = sc.subpixel_upsample_conv(x, sc.subpixel_weight(weight), bias)
+    y = sc.subpixel_upsample_conv(x, subpixel_weight_ref(weight), bias)
     ref = _ref64(x, weight, bias)
     theirs = sc.subpixel_upsample_conv_ref(x, weight, bias)  # torch in this dtype: the yardstick
     assert y.shape == ref.shape and y.dtype == dtype and not torch.isnan(y).any()
@@ -104,7 +105,7 @@ def test_matches_upsample_then_conv(label, shape, layout, dtype, dname, with_bia
     if INTERPRET and dtype == torch.bfloat16:
         # the interpreter truncates fp32 -> bf16 (the GPU rounds): the kernel's bias add must be within
         # one bf16 ulp of the same math rounded to nearest, and that rounded result obeys the 2x rule
-        checked = sc.phase_interleave_ref(F.conv2d(x, sc.subpixel_weight(weight), None, padding=1), bias)
+        checked = sc.phase_interleave_ref(F.conv2d(x, subpixel_weight_ref(weight), None, padding=1), bias)
         torch.testing.assert_close(y.double(), checked.double(), rtol=BF16_ULP, atol=1e-30)
     ours, torchs = _rel(checked, ref), _rel(theirs, ref)
     assert ours <= 2 * torchs + 1e-6, (ours, torchs)
@@ -117,7 +118,7 @@ def test_matches_upsample_then_conv(label, shape, layout, dtype, dname, with_bia
 def test_folding_is_exact_in_fp64(label, shape):
     """The math alone (no kernel): fp64 folded weights + 2x2 conv + strided interleave == upsample + 3x3 conv."""
     x, weight, bias = (t.double() for t in _problem(shape, torch.float32, "nchw", True))
-    p = F.conv2d(x, sc.subpixel_weight(weight), None, padding=1)  # [N, Ci, H, W] -> [N, 4·Co, H+1, W+1]
+    p = F.conv2d(x, subpixel_weight_ref(weight), None, padding=1)  # [N, Ci, H, W] -> [N, 4·Co, H+1, W+1]
     torch.testing.assert_close(sc.phase_interleave_ref(p, bias), _ref64(x, weight, bias), atol=1e-12, rtol=1e-12)
 
 
@@ -168,36 +169,11 @@ def test_interleave_empty():
     assert sc.phase_interleave(torch.empty((0, 8, 4, 4), device=DEVICE), None).shape == (0, 2, 6, 6)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_subpixel_weight_layout_and_folds(layout):
-    weight = _randn((6, 5, 3, 3), torch.float16, layout, std=0.3)
-    w4 = sc.subpixel_weight(weight)
-    assert w4.shape == (24, 5, 2, 2) and w4.dtype == torch.float16
-    assert w4.is_contiguous(memory_format=FORMATS[layout]) and not (layout == "channels_last" and w4.is_contiguous())
-    # summed in fp32, rounded once: the same bits as folding the fp32 copy
-    assert torch.equal(_bits(w4), _bits(sc.subpixel_weight(weight.float()).half()))
-    w, f = weight.double(), w4.double().view(4, 6, 5, 2, 2)  # [4·Co, Ci, 2, 2] -> [phase, Co, Ci, 2, 2]
-    hand = {  # one tap of each phase, summed by hand
-        (0, 0, 0): w[..., 0, 0],
-        (0, 1, 1): w[..., 1:, 1:].sum((-2, -1)),
-        (1, 0, 1): w[..., 0, 2],
-        (2, 1, 0): w[..., 2, 0],
-        (3, 0, 0): w[..., :2, :2].sum((-2, -1)),
-        (3, 1, 1): w[..., 2, 2],
-    }
-    for (k, r, s), want in hand.items():
-        torch.testing.assert_close(f[k, :, :, r, s], want, atol=2e-3, rtol=2e-3)  # one fp16 rounding
-    assert sc.subpixel_weight(w).dtype == torch.float64
-
-
 def test_bad_arguments_raise():
     x, weight, bias = _problem((1, 4, 6, 3, 3), torch.float32, "channels_last", True)
-    w4 = sc.subpixel_weight(weight)
+    w4 = subpixel_weight_ref(weight)
     p = _phase_input(1, 6, 3, 3, torch.float32, "channels_last", poison=False)
     cases = [
-        (lambda: sc.subpixel_weight(weight[0]), r"\[Co, Ci, 3, 3\]"),
-        (lambda: sc.subpixel_weight(_randn((6, 4, 5, 5))), r"\[Co, Ci, 3, 3\]"),
-        (lambda: sc.subpixel_weight(weight.int()), "float"),
         (lambda: sc.phase_interleave(p[0], None), r"4·C, H\+1, W\+1"),
         (lambda: sc.phase_interleave(p[:, :23], None), "4·C > 0 channels"),
         (lambda: sc.phase_interleave(p.double(), None), "fp32/fp16/bf16"),
@@ -255,7 +231,7 @@ def test_interleave_one_phase_at_a_time_equals_all_phases(label, shape, layout, 
 def test_upsample_conv_by_phase_is_bit_identical(label, shape, layout, with_bias):
     """Four phase convs (W4's row blocks) + one-phase interleaves == one conv + the four-phase interleave."""
     x, weight, bias = _problem(shape, torch.float32, layout, with_bias)
-    w4 = sc.subpixel_weight(weight)
+    w4 = subpixel_weight_ref(weight)
     one = sc.subpixel_upsample_conv(x, w4, bias, by_phase=False)
     split = sc.subpixel_upsample_conv(x, w4, bias, by_phase=True)
     assert split.stride() == one.stride()
@@ -272,7 +248,7 @@ def test_upsample_conv_by_phase_is_bit_identical(label, shape, layout, with_bias
 def test_phase_split_threshold(monkeypatch):
     """By default the split follows the size of P [N, 4·Co, H+1, W+1] against PHASE_SPLIT_BYTES."""
     x, weight, bias = _problem((1, 8, 6, 3, 4), torch.float32, "channels_last", True)
-    w4 = sc.subpixel_weight(weight)
+    w4 = subpixel_weight_ref(weight)
     p_bytes = 4 * 6 * 4 * 5 * 4
     calls = []
 

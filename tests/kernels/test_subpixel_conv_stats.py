@@ -16,6 +16,7 @@ from speedsd.kernels import subpixel_conv as sc
 from speedsd.kernels.bias_add import GN_STATS_ATTR
 from speedsd.kernels.group_norm import group_norm, group_norm_ref
 from speedsd.kernels.group_norm_affine import group_norm_scale_shift_ref
+from speedsd.kernels.subpixel_weight import subpixel_weight_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last
@@ -37,7 +38,7 @@ def _problem(shape, dtype, seed=0):
     x = (torch.randn(n, ci, h, w, generator=g) * 2 + 0.5).to(dtype).to(DEVICE).contiguous(memory_format=CL)
     weight = (torch.randn(co, ci, 3, 3, generator=g) / (3 * ci**0.5) + 0.02).to(dtype).to(DEVICE)
     bias = (torch.randn(co, generator=g) + 0.3).to(dtype).to(DEVICE)
-    return x, sc.subpixel_weight(weight.contiguous(memory_format=CL)), bias
+    return x, subpixel_weight_ref(weight.contiguous(memory_format=CL)), bias
 
 
 @pytest.mark.parametrize("by_phase", [False, True], ids=["one-conv", "by-phase"])

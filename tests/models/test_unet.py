@@ -271,6 +271,31 @@ def test_sd14_forward_matches_diffusers() -> None:
 
 
 @torch.no_grad()
+def test_context_scope_runs_small_upsamplers_as_subpixel_convs(monkeypatch) -> None:
+    """Inside context_scope (an ops.loop_scope) the upsampler below SUBPIXEL_MIN_PIXELS runs as the
+    sub-pixel conv on a weight folded once for the scope; the UNet still matches diffusers."""
+    ref, ours = _models("sd1-tiny")
+    x, ctx = _inputs(TINY_SD1, 1, 8, 8)
+    monkeypatch.setattr(ops, "SUBPIXEL_LOOP_MIN_PIXELS", 1)
+    folds, convs = [], []
+    for name in ("subpixel_weight", "subpixel_weight_ref"):  # the kernel where Triton runs, else torch
+        monkeypatch.setattr(ops, name, lambda w, real=getattr(ops, name): folds.append(1) or real(w))
+    real_conv = ops.subpixel_upsample_conv
+    monkeypatch.setattr(ops, "subpixel_upsample_conv", lambda *a, **kw: convs.append(1) or real_conv(*a, **kw))
+    upsamplers = sum(len(u.upsamplers) for u in ours.up_blocks)
+    assert upsamplers >= 1
+    with ops.using(ops.Flags(subpixel_upsample=True)):
+        ours(x, 400, ctx)
+        assert convs == []  # outside a scope: 4x4 inputs stay plain
+        with ours.context_scope():
+            a = ours(x, 400, ctx)
+            b = ours(x, 300, ctx)
+        assert (len(convs), len(folds)) == (2 * upsamplers, upsamplers)
+    assert _rel(a, ref(x, 400, ctx).sample) <= RTOL
+    assert _rel(b, ref(x, 300, ctx).sample) <= RTOL
+
+
+@torch.no_grad()
 def test_context_scope_projects_the_text_once() -> None:
     """With fused_qkv every cross-attention K/V comes from one GEMM (CrossKV); inside context_scope a
     second forward on the same context object reuses it, a new context object is projected anew."""

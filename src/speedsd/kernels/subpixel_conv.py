@@ -49,29 +49,6 @@ TILE = 1024  # elements of one phase tile; a program moves four (one 4·TILE til
 PHASE_SPLIT_BYTES = 96 * 2**20
 
 
-def _fold(t: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
-    """Fold 3 taps along ``dim`` into the 2 that phase ``phase`` sees: 0 -> [t0, t1 + t2], 1 -> [t0 + t1, t2]."""
-    t0, t1, t2 = t.unbind(dim)
-    pair = (t0, t1 + t2) if phase == 0 else (t0 + t1, t2)
-    return torch.stack(pair, dim)
-
-
-def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
-    """3x3 conv weight [Co, Ci, 3, 3] -> the four phases' 2x2 weights W4 [4·Co, Ci, 2, 2] (phase 2a + b).
-
-    Sums in fp32 (fp64 stays fp64), one rounding to weight.dtype; returned in the weight's memory format.
-    """
-    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"subpixel_weight expects a 3x3 conv weight [Co, Ci, 3, 3], got shape {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        raise ValueError(f"subpixel_weight expects a float weight, got {weight.dtype}")
-    w = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    rows = [_fold(w, 2, a) for a in (0, 1)]  # [Co, Ci, 3, 3] -> [Co, Ci, 2, 3] per a
-    w4 = torch.cat([_fold(rows[a], 3, b) for a in (0, 1) for b in (0, 1)], 0)  # 4 x [Co, Ci, 2, 2] -> [4·Co, ...]
-    cl = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    return w4.to(weight.dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-
-
 def subpixel_upsample_conv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Plain torch: nearest 2x upsampling, then the 3x3 conv (``weight`` is the original [Co, Ci, 3, 3])."""
     return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
@@ -354,7 +331,7 @@ def subpixel_upsample_conv(
     interleave: Callable[..., torch.Tensor] = phase_interleave,
     stats_groups: int | None = None,
 ) -> torch.Tensor:
-    """conv2d(interpolate(x, 2, "nearest"), W, bias, padding=1) from W4 = subpixel_weight(W).
+    """conv2d(interpolate(x, 2, "nearest"), W, bias, padding=1) from W4 = subpixel_weight(W) (its own module).
 
     x [N, Ci, H, W] fp32/fp16/bf16; weight4 [4·Co, Ci, 2, 2] in x's dtype; bias [Co] or None.
     Returns [N, Co, 2H, 2W] in the conv output's memory format (channels_last for channels_last x).

@@ -316,11 +316,14 @@ class UNet2DCondition(nn.Module):
     def context_scope(self) -> Iterator[None]:
         """Within this block every forward given the SAME context tensor (same object) reuses its
         cross-attention K/V (with ``Flags.fused_qkv``): a denoising loop could project the text once, not
-        once a step. Only for callers that do not change that tensor in place inside the block. The
-        denoising loop (:mod:`speedsd.denoise`) runs in one scope when eager and when captured whole."""
+        once a step. Only for callers that do not change that tensor in place inside the block. It is also
+        an :func:`speedsd.ops.loop_scope`: the 16² and 32² upsamplers run as sub-pixel convs on weights
+        folded once for the block. The denoising loop (:mod:`speedsd.denoise`) runs in one scope when
+        eager and when captured whole."""
         prev, self._scoped_kv = self._scoped_kv, {}
         try:
-            yield
+            with ops.loop_scope():
+                yield
         finally:
             self._scoped_kv = prev
 
