@@ -278,8 +278,12 @@ def test_context_scope_runs_small_upsamplers_as_subpixel_convs(monkeypatch) -> N
     x, ctx = _inputs(TINY_SD1, 1, 8, 8)
     monkeypatch.setattr(ops, "SUBPIXEL_LOOP_MIN_PIXELS", 1)
     folds, convs = [], []
+
+    def counting(real):
+        return lambda w: folds.append(1) or real(w)
+
     for name in ("subpixel_weight", "subpixel_weight_ref"):  # the kernel where Triton runs, else torch
-        monkeypatch.setattr(ops, name, lambda w, real=getattr(ops, name): folds.append(1) or real(w))
+        monkeypatch.setattr(ops, name, counting(getattr(ops, name)))
     real_conv = ops.subpixel_upsample_conv
     monkeypatch.setattr(ops, "subpixel_upsample_conv", lambda *a, **kw: convs.append(1) or real_conv(*a, **kw))
     upsamplers = sum(len(u.upsamplers) for u in ours.up_blocks)

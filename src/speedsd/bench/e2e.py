@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from speedsd import ops
-from speedsd.bench import common
+from speedsd.bench import common, targets
 from speedsd.bench.peers import fidelity, peer_rows
 from speedsd.kernels.winograd import drop_prepared
 
@@ -160,7 +160,10 @@ def run(
     rows: str = "all",
     graphed: bool = True,
     profile: bool = True,
+    targets_only: bool = False,
 ) -> dict:
+    """``targets_only``: no ablation; the default flags' rows (PNDM and DPM++ 2M), cold start (CUDA), the
+    peers and fidelity: what :mod:`speedsd.bench.targets` judges, in a few minutes."""
     import speedsd
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,7 +175,7 @@ def run(
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     results: list[dict[str, Any]] = []
     for name, flags in ablation():
-        if rows != "all" and name not in rows.split(","):
+        if targets_only or (rows != "all" and name not in rows.split(",")):
             continue
         if device != "cuda" and not interp and (_needs_kernels(flags) or flags.cuda_graphs):
             results.append({"row": name, "flags": asdict(flags), "skipped": "needs CUDA"})
@@ -201,23 +204,26 @@ def run(
         "weight_mib": weight_mib,
         "ablation": results,
     }
-    if device == "cuda" and rows == "all":
+    if targets_only or (device == "cuda" and rows == "all"):
         default = ops.default_flags(device)
+        named = [("default", default)] if targets_only else variants(default)
         payload["variants"] = [
-            {"row": n, "flags": asdict(f), **_measure(base, n, f, steps, size, reps)} for n, f in variants(default)
+            {"row": n, "flags": asdict(f), **_measure(base, n, f, steps, size, reps)} for n, f in named
         ]
         # like for like with peers that count one UNet evaluation per step (PNDM makes steps + 1)
         n = f"default, DPM-Solver++ 2M ({steps} UNet evaluations)"
         row = _measure(base, n, default, steps, size, reps, scheduler="dpmpp_2m")
         payload["variants"].append({"row": n, "flags": asdict(default), "scheduler": "dpmpp_2m", **row})
-        if profile:
+        if profile and device == "cuda" and not targets_only:
             from speedsd.bench.profile import profile_pipeline
 
             payload["profile"] = profile_pipeline(base.with_flags(default), size)
-        payload["cold_start"] = cold_start(model, size)
+        if device == "cuda":
+            payload["cold_start"] = cold_start(model, size)
     if peers:
         payload["peers"] = peer_rows(base, steps, size, reps)
         payload["fidelity"] = fidelity(base.with_flags(ops.default_flags(device)), steps, size)
+    payload["targets"] = targets.verdicts(payload)
     return payload
 
 
@@ -275,8 +281,14 @@ def markdown(payload: dict) -> str:
         rows.append([r["row"]] + [r.get(c, "-") for c in cols] + [f"{r.get('reduction_pct', 0):.1f} %"])
     head = ["config", "text enc ms", "UNet/step ms", f"UNet x{steps} ms", "VAE ms", "image ms", "peak MiB",
             "held MiB", "vs base"]  # fmt: skip
-    md = f"## Ablation, eager ({payload['model']}, {payload['size']}², {steps} steps, {payload['dtype']})\n\n"
-    md += common.md_table(head, rows) + "\n"
+    md = ""
+    if any(t["met"] is not None for t in payload.get("targets", [])):
+        where = f"{payload['model']}, {payload['size']}², {steps} steps"
+        md += f"## Targets ({where}; they are stated for SD-1.4 at 512², 20 steps)\n\n"
+        md += targets.markdown(payload["targets"]) + "\n\n"
+    if rows:
+        md += f"## Ablation, eager ({payload['model']}, {payload['size']}², {steps} steps, {payload['dtype']})\n\n"
+        md += common.md_table(head, rows) + "\n"
     graphed = [r for r in payload["ablation"] if "graphed" in r or r["flags"].get("cuda_graphs")]
     if graphed:
         md += "\n## Ablation, every row replayed from CUDA graphs (GPU work without launch overhead)\n\n"
@@ -333,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="all", help="comma-separated row names, or all")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="e2e")
+    ap.add_argument(
+        "--targets",
+        action="store_true",
+        help="only what the targets need: the default rows, cold start, peers, fidelity (no ablation)",
+    )
     a = ap.parse_args(argv)
     if a.steps < 1 or a.size % 8:
         ap.error("steps must be >= 1 and size a multiple of 8")
@@ -345,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         rows=a.rows,
         graphed=not a.no_graphed,
         profile=not a.no_profile,
+        targets_only=a.targets,
     )
     md = markdown(payload)
     jp, _ = common.write_results(a.out, a.name, payload, md)
