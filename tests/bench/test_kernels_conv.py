@@ -78,19 +78,23 @@ def test_unet_gluon_shapes_are_the_unets_32_16_and_8_convs(monkeypatch):
 @pytest.mark.parametrize("shape, co", [((2, 640, 32, 32), 640), ((2, 1280, 16, 16), 1280), ((2, 1280, 8, 8), 1280),
                                        ((2, 320, 32, 32), 640), ((2, 64, 16, 16), 96)])  # fmt: skip
 def test_gluon_split_configs(shape, co):
-    """Valid configs only: tiles that divide Co, K splits that leave every split a channel block and fill at
-    most 2.2 waves of 132 SMs; each fitting tile also without a split."""
+    """Valid configs only: tiles that divide Co (two images a tile only where an image fits one tile), K splits
+    that leave every split a channel block and fill at most 2.2 waves of 132 SMs; each fitting tile also
+    without a split."""
     n, c, h, w = shape
     cfgs = kc.gluon_split_configs(shape, co)
-    tiles = {(t.th, t.tw, t.bn, t.consumers) for t in cfgs}
-    assert tiles == {t for t in kc.GLUON_TILES if co % t[2] == 0}
+    tiles = {(t.th, t.tw, t.bn, t.consumers, t.tb) for t in cfgs}
+    fits = {t for t in kc.GLUON_TILES if co % t[2] == 0 and (t[4] == 1 or (h <= t[0] and w <= t[1]))}
+    assert tiles == fits
     for cfg in cfgs:
         assert cfg.persistent and cfg.bk == 64 and cfg.smem_bytes() <= kc.cg.SMEM_LIMIT and cfg.split <= c // 64
-        units = n * -(-h // cfg.th) * -(-w // cfg.tw) * (co // cfg.bn) * cfg.split
+        units = n // cfg.tb * -(-h // cfg.th) * -(-w // cfg.tw) * (co // cfg.bn) * cfg.split
         assert cfg.split == 1 or units <= 2.2 * 132
-    assert all(any(c.split == 1 and (c.th, c.tw, c.bn, c.consumers) == t for c in cfgs) for t in tiles)
+    assert all(any(c.split == 1 and (c.th, c.tw, c.bn, c.consumers, c.tb) == t for c in cfgs) for t in tiles)
     if shape == (2, 1280, 16, 16):  # 40 tiles of 8 x 16 px x 128 channels: 2, 3, 4, 5 and 6 splits
         assert sorted(c.split for c in cfgs if (c.th, c.tw, c.bn) == (8, 16, 128)) == [1, 2, 3, 4, 5, 6]
+    if shape == (2, 1280, 8, 8):  # both images a tile: 10 tiles, up to 16 splits (20 channel blocks)
+        assert sorted(c.split for c in cfgs if c.tb == 2 and c.consumers == 2) == kc.GLUON_SPLITS
     assert len({str(c) for c in cfgs}) == len(cfgs)
 
 

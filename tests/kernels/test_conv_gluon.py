@@ -63,6 +63,28 @@ def test_split_configs_round_trip():
         dataclasses.replace(cfg, stages=4)
 
 
+def test_images_per_tile_round_trip_and_refusals(fake_gpu):
+    cfg = cg.GluonConvConfig(th=8, tw=8, bn=128, stages=5, consumers=2, split=5, tb=2)
+    assert str(cfg) == "g8x8b2n128k64s5c2e1sk5p" and cg.GluonConvConfig.parse(str(cfg)) == cfg and cfg.bm == 128
+    assert str(dataclasses.replace(cfg, tb=1, consumers=1)) == "g8x8n128k64s5c1e1sk5p"
+    for bad in ("g8x8b1n128k64s5c2e1p", "g8x8b0n128k64s5c2e1p", "g8x8bn128k64s5c2e1p"):
+        with pytest.raises(ValueError, match="not a Gluon conv config"):
+            cg.GluonConvConfig.parse(bad)
+    with pytest.raises(ValueError, match="tb"):
+        dataclasses.replace(cfg, tb=3)
+    with pytest.raises(ValueError, match="<= 256 pixels"):
+        cg.GluonConvConfig(th=16, tw=16, tb=2)  # 512 rows a tile
+    x, wt, _ = make(3, 128, 8, 8, 128)
+    with pytest.raises(ValueError, match="N=3 must be a multiple of its 2 images"):
+        cg.conv3x3_gluon(x, wt, None, "g8x8b2n128k64s4c1e1p")
+    one = cg.resolve("g8x8b2n128k64s4c1e1p", 128)
+    assert "writes no statistics" in cg.conv_gluon_epilogue_problem(x[:2], wt, None, 32, one)
+    g, args, _ = cg._launch_args(x[:2], wt, None, torch.empty(2, 128, 8, 8).half().contiguous(memory_format=CL), one,
+                                 132)  # fmt: skip
+    assert g == (1,) and args[-1] == 1 and args[0].block_shape == [2, 8, 8, 64]  # one unit: both images
+    assert not fake_gpu
+
+
 def test_split_refusals(fake_gpu):
     x, wt, bias = make(1, 128, 8, 8, 128, bias_dtype=torch.float16)
     with pytest.raises(ValueError, match="3 K splits need C / 64 >= 3"):
@@ -176,8 +198,8 @@ def _emulate(x, weight, bias, y, cfg, sms):
     (+ bias) is stored as y's dtype (fp16, or a split's fp32 partial at row sp·N + b), clipped at the edge."""
     grid, args, const = cg._launch_args(x, weight, bias, y, cfg, sms)
     xd, wd, yd, _, _, bias_ptr, _, _, c, _, _, _, n_img, n_th, n_tw, n_split, n_nb, num_units = args
-    assert xd.block_shape == [1, cfg.th, cfg.tw, cfg.bk] and wd.block_shape == [cfg.bn, cfg.bk]
-    assert yd.block_shape == [1, cfg.th, cfg.tw, cfg.bn // cfg.epi_split] and const["num_warps"] == cfg.warps
+    assert xd.block_shape == [cfg.tb, cfg.th, cfg.tw, cfg.bk] and wd.block_shape == [cfg.bn, cfg.bk]
+    assert yd.block_shape == [cfg.tb, cfg.th, cfg.tw, cfg.bn // cfg.epi_split] and const["num_warps"] == cfg.warps
     assert const["HAS_BIAS"] == (bias is not None) and (bias is None or bias_ptr is bias)
     assert n_split == cfg.split and yd.base.shape[0] == n_split * n_img
     x_nhwc, w_mat, y_nhwc = xd.base, wd.base, yd.base
@@ -191,7 +213,7 @@ def _emulate(x, weight, bias, y, cfg, sms):
             nb, r = t % n_nb, t // n_nb
             sp, r = r % n_split, r // n_split
             tx, r = r % n_tw, r // n_tw
-            ty, b = r % n_th, r // n_th
+            ty, b = r % n_th, r // n_th * cfg.tb  # a tile's first image
             oy0, ox0, n0 = ty * cfg.th, tx * cfg.tw, nb * cfg.bn
             acc = torch.zeros(cfg.bm, cfg.bn)
             for cb in range(sp * kc // n_split, (sp + 1) * kc // n_split):
@@ -199,15 +221,17 @@ def _emulate(x, weight, bias, y, cfg, sms):
                 for tap in range(9):
                     ky, kx = divmod(tap, 3)  # box at (oy0 + ky − 1, ox0 + kx − 1): + 1 in the padded xp
                     c0 = cb * cfg.bk
-                    box = xp[b, oy0 + ky : oy0 + ky + cfg.th, ox0 + kx : ox0 + kx + cfg.tw, c0 : c0 + cfg.bk]
+                    rows, cols = slice(oy0 + ky, oy0 + ky + cfg.th), slice(ox0 + kx, ox0 + kx + cfg.tw)
+                    box = xp[b : b + cfg.tb, rows, cols, c0 : c0 + cfg.bk]
                     blk = w_mat[n0 : n0 + cfg.bn, tap * c + c0 : tap * c + c0 + cfg.bk].float()
-                    acc += box.reshape(cfg.bm, cfg.bk) @ blk.T  # [TH·TW, BK] @ [BK, BN]
+                    acc += box.reshape(cfg.bm, cfg.bk) @ blk.T  # [TB·TH·TW, BK] @ [BK, BN]
             if bias is not None:
                 acc += bias_ptr[n0 : n0 + cfg.bn].float()
-            tile = acc.to(y_nhwc.dtype).view(cfg.th, cfg.tw, cfg.bn)[: h - oy0, : w - ox0]  # clipped at the edge
-            y_nhwc[sp * n_img + b, oy0 : oy0 + cfg.th, ox0 : ox0 + cfg.tw, n0 : n0 + cfg.bn] = tile
+            tile = acc.to(y_nhwc.dtype).view(cfg.tb, cfg.th, cfg.tw, cfg.bn)[:, : h - oy0, : w - ox0]  # clipped
+            out_rows = slice(sp * n_img + b, sp * n_img + b + cfg.tb)
+            y_nhwc[out_rows, oy0 : oy0 + cfg.th, ox0 : ox0 + cfg.tw, n0 : n0 + cfg.bn] = tile
     assert sorted(seen) == list(range(num_units)), "every unit exactly once"
-    assert len(blocks) == n_img * n_th * n_tw * n_nb * kc and set(blocks.values()) == {1}, "every K block once"
+    assert len(blocks) == n_img // cfg.tb * n_th * n_tw * n_nb * kc and set(blocks.values()) == {1}, "each K block once"
 
 
 CPU_CASES = [
@@ -229,6 +253,12 @@ CPU_CASES = [
     pytest.param((1, 128, 9, 17, 256), "ws2_np", torch.float16, id="H9W17-ws2np-fp16-bias"),
     pytest.param((2, 64, 10, 8, 128), "ws", torch.float32, id="B2-ws-fp32-bias"),
     pytest.param((1, 64, 5, 7, 320), "ws_np", None, id="tile-larger-than-image-Co320"),
+    # two images a tile (the UNet's 8² level): 8 x 8 pixels of both, and an image smaller than the tile
+    pytest.param((2, 128, 8, 8, 256), "g8x8b2n128k64s5c2e1p", torch.float16, id="tb2-8x8-c2-fp16-bias"),
+    pytest.param((4, 64, 5, 6, 128), "g8x8b2n128k64s4c1e1", None, id="tb2-N4-image-smaller-than-tile"),
+    pytest.param(
+        (2, 320, 8, 8, 128), "g8x8b2n128k64s5c1e1sk3p", torch.float32, id="tb2-split3", marks=needs_interpreter
+    ),
 ]
 
 
@@ -466,6 +496,10 @@ SPLIT_CASES = [  # (shape, config): the UNet's 32² / 16² / 8² convs, uneven s
     pytest.param((2, 1280, 8, 8, 1280), "g8x8n128k64s5c1e1sk6p", id="unet8-1280-split6"),
     pytest.param((2, 320, 13, 21, 128), "g8x16n128k64s4c1e1sk4p", id="odd-5blocks-split4"),
     pytest.param((1, 192, 9, 33, 256), "g8x8n256k64s4c1e2sk3", id="odd-nonpersistent-split3"),
+    # two images a tile (both CFG halves of the 8² level in one 128-row tile), uneven splits, N = 4
+    pytest.param((2, 1280, 8, 8, 1280), "g8x8b2n128k64s5c2e1sk12p", id="unet8-1280-tb2-c2-split12"),
+    pytest.param((2, 2560, 8, 8, 1280), "g8x8b2n128k64s5c1e1sk16p", id="unet8-2560-tb2-c1-split16"),
+    pytest.param((4, 192, 5, 7, 128), "g8x8b2n128k64s4c2e1sk2", id="odd-tb2-N4-nonpersistent-split2"),
 ]
 
 
@@ -479,7 +513,7 @@ def test_gpu_split_k(shape, config, bias_dtype, no_tf32):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape, config", [SPLIT_CASES[1], SPLIT_CASES[3], SPLIT_CASES[4]])
+@pytest.mark.parametrize("shape, config", [SPLIT_CASES[1], SPLIT_CASES[3], SPLIT_CASES[4], SPLIT_CASES[6]])
 def test_gpu_split_k_residual(shape, config, no_tf32):
     """A K split with a residual: the partial sum adds bias and residual in fp32 and rounds once; <= 2x the
     error of cuDNN fp16 + bias followed by a torch fp16 residual add (the unfused pair)."""
@@ -496,6 +530,19 @@ def test_gpu_split_k_residual(shape, config, no_tf32):
     pair = F.conv2d(x, wt, bias, padding=1) + r
     err, err16 = (res.float() - ref).abs().max().item(), (pair.float() - ref).abs().max().item()
     assert err <= 2 * err16, (err, err16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32], ids=["no-bias", "bias32"])
+@pytest.mark.parametrize(
+    "shape, config",
+    [((2, 256, 8, 8, 256), "g8x8b2n128k64s4c2e1p"), ((4, 128, 6, 5, 128), "g8x8b2n128k64s4c1e1")],
+    ids=["8x8-c2", "N4-smaller-than-tile-c1-nonpersistent"],
+)
+def test_gpu_two_images_a_tile(shape, config, bias_dtype, no_tf32):
+    """tb = 2 without a K split: [2, TH, TW, BN] fp16 boxes stored straight, clipped past the image."""
+    _require_hopper()
+    _check_gpu(shape, config, bias_dtype, seed=sum(shape))
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ from speedsd.kernels import conv_gluon as cg
 # one warpgroup on a 128 x 256 tile needs 256 accumulator registers a thread, which must spill.
 # The fused epilogues (test_conv_gluon_epilogue.py): residual K steps + per-warp GroupNorm statistics on the VAE
 # configs, with 4 (128 channels), 8 and 16 channels a group. K splits: fp32 partial stores, no bias in the kernel.
+# tb2: two images a tile ([2, 8, 8, 64] boxes seen as 128 rows).
 AOT = {
     "ws2": (cg.variant("ws2", 256), None),
     "ws2_co128_bias16": (cg.variant("ws2", 128), torch.float16),
@@ -28,6 +29,8 @@ AOT = {
     "res_stats16_c1": (cg.GluonConvConfig.parse("g8x16n128k64s4c1e1p"), torch.float16, True, 16),
     "split3_c1": (cg.GluonConvConfig.parse("g8x16n128k64s4c1e1sk3p"), None),
     "split2_c2_bn256": (cg.GluonConvConfig.parse("g8x16n256k64s3c2e4sk2p"), None),
+    "tb2_split5_c2": (cg.GluonConvConfig.parse("g8x8b2n128k64s5c2e1sk5p"), None),  # both CFG halves a tile (8²)
+    "tb2_c1_bias16": (cg.GluonConvConfig.parse("g8x8b2n128k64s4c1e1p"), torch.float16),
     "control": (cg.GluonConvConfig(bn=256, epi_split=2), None),
 }
 # compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child)

@@ -79,9 +79,11 @@ UNET_GLUON_SHAPES = [
     ("unet 8² 1280->1280 (Gluon vs the table)", (2, 1280, 8, 8), 1280, 3, 1, 1, 11),
     ("unet 8² 2560->1280 (Gluon vs the table)", (2, 2560, 8, 8), 1280, 3, 1, 1, 3),
 ]
-# Gluon tiles for them, (th, tw, bn, consumer warpgroups); stages and epilogue slabs: the most / fewest that fit
-GLUON_TILES = [(8, 16, 128, 1), (16, 16, 128, 2), (8, 16, 256, 2), (8, 8, 128, 1), (8, 8, 256, 1)]
-GLUON_SPLITS = [1, 2, 3, 4, 5, 6, 8, 10]
+# Gluon tiles for them, (th, tw, bn, consumer warpgroups, images a tile); stages and epilogue slabs: the most /
+# fewest that fit. Two images a tile only where an image fits in one tile (the 8² level: both CFG halves)
+GLUON_TILES = [(8, 16, 128, 1, 1), (16, 16, 128, 2, 1), (8, 16, 256, 2, 1), (8, 8, 128, 1, 1), (8, 8, 256, 1, 1),
+               (8, 8, 128, 1, 2), (8, 8, 128, 2, 2)]  # fmt: skip
+GLUON_SPLITS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16]
 SMOKE = [("smoke 4² 32->48", (2, 32, 4, 4), 48, 3, 1, 1, 1), ("smoke N=3", (1, 16, 8, 8), 3, 3, 1, 1, 1)]
 # candidates, the likeliest first (the per-shape budget may stop the search early)
 TILES_WIDE = [(64, 128), (128, 64), (128, 128), (64, 64), (32, 128)]
@@ -147,16 +149,16 @@ def gluon_split_configs(shape: tuple[int, ...], co: int, sms: int = 132) -> list
     over the K splits that leave each split >= 1 channel block and (for splits > 1) <= 2.2 waves of units."""
     n, c, h, w = shape
     out = []
-    for th, tw, bn, consumers in GLUON_TILES:
-        if co % bn or c % 64:
+    for th, tw, bn, consumers, tb in GLUON_TILES:
+        if co % bn or c % 64 or n % tb or (tb > 1 and (h > th or w > tw)):
             continue
-        tiles = n * math.ceil(h / th) * math.ceil(w / tw) * (co // bn)
+        tiles = n // tb * math.ceil(h / th) * math.ceil(w / tw) * (co // bn)
         for split in GLUON_SPLITS:
             if split > c // 64 or (split > 1 and tiles * split > 2.2 * sms):
                 continue
             for stages, epi in [(st, e) for st in (5, 4, 3) for e in (1, 2, 4)]:
                 try:
-                    out.append(cg.GluonConvConfig(th, tw, bn, 64, stages, consumers, True, epi, split))
+                    out.append(cg.GluonConvConfig(th, tw, bn, 64, stages, consumers, True, epi, split, tb))
                     break
                 except ValueError:  # shared memory: fewer stages or more slabs
                     continue

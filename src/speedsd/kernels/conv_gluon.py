@@ -56,7 +56,8 @@ class GluonConvConfig:
     program per SM walking the tiles (else one tile per program), `epi_split`: the epilogue stores the tile
     in that many column slabs (less SMEM for the output buffer), `split`: K splits per tile (> 1: each
     (tile, split) unit stores an fp32 partial and a second kernel sums them; for convs with too few tiles
-    to fill the SMs)."""
+    to fill the SMs), `tb`: images per tile (> 1 where an image is smaller than the tile: the UNet's 8² convs
+    then take both CFG halves in one 128-row tile, so each unit streams its weight slice once, not per image)."""
 
     th: int = 8
     tw: int = 16
@@ -67,8 +68,11 @@ class GluonConvConfig:
     persistent: bool = True
     epi_split: int = 1
     split: int = 1
+    tb: int = 1
 
     def __post_init__(self) -> None:
+        if self.tb not in (1, 2, 4):
+            raise ValueError(f"{self}: tb (images per tile) must be 1, 2 or 4")
         pow2 = all(v > 0 and v & (v - 1) == 0 for v in (self.th, self.tw, self.bn, self.epi_split))
         if not pow2 or self.tw % 8 or self.bk not in (32, 64) or not 16 <= self.bn <= 256:
             raise ValueError(f"{self}: th, tw, bn, epi_split powers of 2, tw % 8 == 0, bk 32 or 64, bn 16..256")
@@ -83,7 +87,7 @@ class GluonConvConfig:
 
     @property
     def bm(self) -> int:  # output pixels per tile (the GEMM's M)
-        return self.th * self.tw
+        return self.tb * self.th * self.tw
 
     @property
     def warps(self) -> int:
@@ -97,7 +101,8 @@ class GluonConvConfig:
     def __str__(self) -> str:
         p = "p" if self.persistent else ""
         sk = f"sk{self.split}" if self.split > 1 else ""
-        return f"g{self.th}x{self.tw}n{self.bn}k{self.bk}s{self.stages}c{self.consumers}e{self.epi_split}{sk}{p}"
+        tb = f"b{self.tb}" if self.tb > 1 else ""
+        return f"g{self.th}x{self.tw}{tb}n{self.bn}k{self.bk}s{self.stages}c{self.consumers}e{self.epi_split}{sk}{p}"
 
     def key(self) -> str:
         return str(self)
@@ -105,12 +110,13 @@ class GluonConvConfig:
     @staticmethod
     def parse(key: str) -> GluonConvConfig:
         """Inverse of ``str`` (the per-card conv table stores configs as these strings)."""
-        m = re.fullmatch(r"g(\d+)x(\d+)n(\d+)k(\d+)s(\d+)c(\d+)e(\d+)(?:sk(\d+))?(p?)", key)
-        if m is None or m.group(8) in ("0", "1"):  # (split 1 has no suffix: one key per config)
+        m = re.fullmatch(r"g(\d+)x(\d+)(?:b(\d+))?n(\d+)k(\d+)s(\d+)c(\d+)e(\d+)(?:sk(\d+))?(p?)", key)
+        if m is None or m.group(9) in ("0", "1") or m.group(3) in ("0", "1"):  # (1 has no suffix: one key a config)
             raise ValueError(f"not a Gluon conv config key: {key!r}")
-        th, tw, bn, bk, stages, consumers, epi_split = map(int, m.groups()[:7])
-        return GluonConvConfig(th, tw, bn, bk, stages, consumers, persistent=m.group(9) == "p", epi_split=epi_split,
-                               split=int(m.group(8) or 1))  # fmt: skip
+        th, tw = int(m.group(1)), int(m.group(2))
+        bn, bk, stages, consumers, epi_split = map(int, m.groups()[3:8])
+        return GluonConvConfig(th, tw, bn, bk, stages, consumers, persistent=m.group(10) == "p", epi_split=epi_split,
+                               split=int(m.group(9) or 1), tb=int(m.group(3) or 1))  # fmt: skip
 
 
 # Named variants, as measured by the prototype. 'ws': one consumer warpgroup on 128 pixels (8 x 16) x 128
@@ -189,6 +195,8 @@ def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         return f"empty conv: x {tuple(x.shape)}, Co={co}"
     if c % cfg.bk or co % cfg.bn:
         return f"config {cfg}: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.bn}"
+    if n % cfg.tb:
+        return f"config {cfg}: N={n} must be a multiple of its {cfg.tb} images a tile"
     if cfg.split > c // cfg.bk:
         return f"config {cfg}: {cfg.split} K splits need C / {cfg.bk} >= {cfg.split} channel blocks, C={c}"
     if not x.is_contiguous(memory_format=torch.channels_last):
@@ -313,6 +321,8 @@ def conv_gluon_epilogue_problem(
         return f"residual must be an fp16 channels_last [{n}, {co}, {h}, {w}] tensor on {x.device}"
     if residual is not None and n * h * w * co >= 2**31:
         return "the residual is indexed with int32: N·H·W·Co must stay below 2^31"
+    if cfg.tb > 1 and groups is not None:
+        return f"config {cfg}: a tile of {cfg.tb} images writes no statistics (they are per image)"
     if cfg.split > 1 and groups is not None:
         return f"config {cfg}: a K split sums its partials in a second kernel, which writes no statistics"
     if groups is not None and (groups <= 0 or co % groups or (cfg.bn // cfg.epi_split) % (co // groups)):
@@ -349,16 +359,16 @@ def _launch_args(
         dt = gl.float32 if t.dtype == torch.float32 else gl.float16
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dt))
 
-    xd = desc(x_nhwc, [1, cfg.th, cfg.tw, cfg.bk])
+    xd = desc(x_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bk])
     wd = desc(w_mat, [cfg.bn, cfg.bk])
-    yd = desc(y_nhwc, [1, cfg.th, cfg.tw, cfg.bn // cfg.epi_split])
+    yd = desc(y_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bn // cfg.epi_split])
     n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.bn
-    num_units = n * n_th * n_tw * cfg.split * n_nb  # (tile, K split) pairs
+    num_units = n // cfg.tb * n_th * n_tw * cfg.split * n_nb  # (tile, K split) pairs
     grid = (min(sms, num_units) if cfg.persistent else num_units,)
     # the residual: BN / BK more K steps of [TH, TW, BK] boxes of it times [BN, BK] blocks of an identity
     rd, idd = xd, wd  # (stand-ins: not read without HAS_RES)
     if residual is not None:
-        rd = desc(nhwc_view(residual), [1, cfg.th, cfg.tw, cfg.bk])
+        rd = desc(nhwc_view(residual), [cfg.tb, cfg.th, cfg.tw, cfg.bk])
         idd = desc(_identity(cfg.bn, x.device), [cfg.bn, cfg.bk])
     # y stands in for the pointers an epilogue does not read; part: [3, N, G, tiles·warps]
     ptrs = (y if bias is None else bias, y if part is None else part)
@@ -403,11 +413,12 @@ def compile_sm90(
         raise RuntimeError("this Triton has no Gluon Hopper API")
     cl = torch.channels_last
     c, co = max(2, config.split) * config.bk, 2 * config.bn
-    x = torch.empty((1, c, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
+    nb = config.tb
+    x = torch.empty((nb, c, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
     wt = torch.empty((co, c, 3, 3), dtype=torch.float16).contiguous(memory_format=cl)
-    y = torch.empty((1, co, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
+    y = torch.empty((nb, co, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
     if config.split > 1:  # the kernel writes the fp32 partials (the sum kernel adds any bias)
-        y, bias_dtype = torch.empty((config.split, 1, 16, 16, co), dtype=torch.float32), None
+        y, bias_dtype = torch.empty((config.split, nb, 16, 16, co), dtype=torch.float32), None
     bias = None if bias_dtype is None else torch.empty(co, dtype=bias_dtype)
     res = torch.empty_like(y) if residual else None
     part = None if stats_cpg is None else torch.empty((3, 1, co // stats_cpg, 4), dtype=torch.float32)

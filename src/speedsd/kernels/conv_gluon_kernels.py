@@ -24,12 +24,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #   y[b, oy, ox, n] = bias[n] + Σ_{c, ky, kx} x[b, oy + ky − 1, ox + kx − 1, c] · w[n, c, ky, kx]
 #                     (x = 0 outside the image: the padding)
 #
-# as an implicit GEMM. One output tile = TH x TW pixels of one sample b (the GEMM's M = TH·TW rows) by BN
-# output channels n0 .. n0 + BN:
+# as an implicit GEMM. One output tile = TH x TW pixels of TB samples b .. b + TB (the GEMM's M = TB·TH·TW rows;
+# TB > 1 for images smaller than a tile, the UNet's 8² level) by BN output channels n0 .. n0 + BN:
 #
-#   acc[m, n] = Σ_{cb < C/BK} Σ_{tap < 9} A_tap,cb[m, :] · B_tap,cb[n, :]ᵀ,   m = i·TW + j <-> (oy0 + i, ox0 + j)
-#   A_tap,cb = x[b, oy0 + ky − 1 : +TH, ox0 + kx − 1 : +TW, cb·BK : +BK]    tap = 3·ky + kx
-#              (a 4-D TMA box [1, TH, TW, BK] seen as [TH·TW, BK]; TMA zero-fills every coordinate outside
+#   acc[m, n] = Σ_{cb < C/BK} Σ_{tap < 9} A_tap,cb[m, :] · B_tap,cb[n, :]ᵀ,
+#               m = (e·TH + i)·TW + j <-> (b + e, oy0 + i, ox0 + j)
+#   A_tap,cb = x[b : +TB, oy0 + ky − 1 : +TH, ox0 + kx − 1 : +TW, cb·BK : +BK]    tap = 3·ky + kx
+#              (a 4-D TMA box [TB, TH, TW, BK] seen as [TB·TH·TW, BK]; TMA zero-fills every coordinate outside
 #              [N, H, W, C], negative ones included: that is the padding, and the partial tiles at the
 #              image's right and bottom edges)
 #   B_tap,cb = Wm[n0 : +BN, tap·C + cb·BK : +BK]   Wm = the channels_last weight [Co, 3, 3, C] as [Co, 9·C]
@@ -40,12 +41,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # Split-K (n_split > 1): a work unit is (tile, split sp); split sp runs the channel blocks
 #   cb in [sp·KC / n_split, (sp + 1)·KC / n_split),   KC = C / BK   (integer division: every block once)
 # and stores its fp32 partial acc to parts[sp, b, oy, ox, n] (y_desc is then the fp32 [n_split·N, H, W, Co]
-# tensor, box row sp·N + b); a second kernel sums the n_split partials in split order (+ bias) into y
+# tensor, box rows sp·N + b .. + TB); a second kernel sums the n_split partials in split order (+ bias) into y
 # (conv_igemm.sum_partials). Without a split the unit is the tile.
-# Epilogue: acc (+ bias[n] in fp32) -> fp16 -> SMEM -> TMA store of the [1, TH, TW, BN] box (TMA clips the rows
-# and columns past the image), in EPI_SPLIT column slabs (less SMEM for the output buffer). STATS: the next
-# GroupNorm's statistics of the stored fp16 values v, per warp w (its rows of the tile, those inside the image)
-# and group j of CPG channels (cnt = those rows · CPG):
+# Epilogue: acc (+ bias[n] in fp32) -> fp16 -> SMEM -> TMA store of the [TB, TH, TW, BN] box (TMA clips the rows
+# and columns past the image), in EPI_SPLIT column slabs (less SMEM for the output buffer). STATS (TB = 1): the
+# next GroupNorm's statistics of the stored fp16 values v, per warp w (its rows of the tile, those inside the
+# image) and group j of CPG channels (cnt = those rows · CPG):
 #   mean = Σ v / cnt,   M2 = Σ (v − mean)²      (two passes over the registers: no cancellation)
 #   part[0 | 1 | 2, b, n0 / CPG + j, (ty·n_tw + tx)·num_warps + w] = mean | M2 | cnt
 # (kernels/gn_tile_stats.py merges them into GroupNorm's per-channel scale and shift).
@@ -62,13 +63,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #     The epilogue's TMA store is left in flight (store_wait(0) comes just before the buffer is rewritten),
 #     overlapping the next tile's mainloop while the producer prefetches its K steps.
 # Persistent: grid = min(#SMs, #units), program p takes units p, p + grid, ...; otherwise one unit each.
-# Unit ids run output-channel block fastest, then split, tx, ty, b: programs in flight share their A boxes in L2.
+# Unit ids run output-channel block fastest, then split, tx, ty, b / TB: programs in flight share their A boxes in L2.
 # -------------------------------------------------------------------------------------------------------
 
 
 @gluon.jit
-def _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr):
-    # t = (((b·n_th + ty)·n_tw + tx)·n_split + sp)·n_nb + nb  ->  (b, oy0, ox0, n0, sp, cb0, cb1)
+def _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TB: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
+                 BN: gl.constexpr):  # fmt: skip
+    # t = (((bt·n_th + ty)·n_tw + tx)·n_split + sp)·n_nb + nb  ->  (b = bt·TB, oy0, ox0, n0, sp, cb0, cb1)
     nb = t % n_nb
     r = t // n_nb
     sp = r % n_split
@@ -76,13 +78,14 @@ def _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TH: gl.constexpr, TW: gl.cons
     tx = r % n_tw
     r = r // n_tw
     ty = r % n_th
-    b = r // n_th
+    b = (r // n_th) * TB
     return b, ty * TH, tx * TW, nb * BN, sp, sp * kc // n_split, (sp + 1) * kc // n_split
 
 
 @gluon.jit
 def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_split, n_nb,
                     num_units, HAS_RES: gl.constexpr):  # fmt: skip
+    TB: gl.constexpr = x_desc.block_type.shape[0]
     TH: gl.constexpr = x_desc.block_type.shape[1]
     TW: gl.constexpr = x_desc.block_type.shape[2]
     BK: gl.constexpr = x_desc.block_type.shape[3]
@@ -92,7 +95,7 @@ def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty
     kc = C // BK
     it = 0
     for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
-        b, oy0, ox0, n0, sp, cb0, cb1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TH, TW, BN)
+        b, oy0, ox0, n0, sp, cb0, cb1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TB, TH, TW, BN)
         for cb in range(cb0, cb1):
             c0 = cb * BK
             for tap in gl.static_range(9):
@@ -149,19 +152,19 @@ def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, b_out, oy0, ox0, n0,
     # fp32 values to one slab.
     TH: gl.constexpr = c_smem.type.shape[1]
     TW: gl.constexpr = c_smem.type.shape[2]
-    BM: gl.constexpr = TH * TW
+    BM: gl.constexpr = c_smem.type.shape[0] * TH * TW
     SPLIT_N: gl.constexpr = c_smem.type.shape[3]
     parts = _split_cols(acc, EPI_SPLIT)
     for i in gl.static_range(EPI_SPLIT):
         v = parts[i]
-        m = gl.arange(0, BM, layout=gl.SliceLayout(1, v.type.layout))
+        m = gl.arange(0, BM, layout=gl.SliceLayout(1, v.type.layout)) % (TH * TW)  # the pixel within its image
         rows_ok = (oy0 + m // TW < H) & (ox0 + m % TW < W)  # the tile's pixels inside the image
         out = v.to(c_smem.dtype)
         if STATS:
             _tile_stats(out, rows_ok, part_ptr, part_third, b, t_sp, T, Co // CPG, (n0 + i * SPLIT_N) // CPG, CPG,
                         SPLIT_N, NUM_WARPS)  # fmt: skip
         tma.store_wait(0)
-        c_smem.reshape([BM, SPLIT_N]).store(out)  # [1, TH, TW, SPLIT_N] -> [BM, SPLIT_N]
+        c_smem.reshape([BM, SPLIT_N]).store(out)  # [TB, TH, TW, SPLIT_N] -> [BM, SPLIT_N]
         fence_async_shared()
         tma.async_copy_shared_to_global(y_desc, [b_out, oy0, ox0, n0 + i * SPLIT_N], c_smem)
 
@@ -171,11 +174,12 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_
                    n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
                    STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
                    NUM_WARPS: gl.constexpr):  # fmt: skip
+    TB: gl.constexpr = a_bufs.type.shape[1]
     TH: gl.constexpr = a_bufs.type.shape[2]
     TW: gl.constexpr = a_bufs.type.shape[3]
     BK: gl.constexpr = a_bufs.type.shape[4]
     BN: gl.constexpr = b_bufs.type.shape[1]
-    BM: gl.constexpr = TH * TW
+    BM: gl.constexpr = TB * TH * TW
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     # wgmma m64nBNk16 per warpgroup; warps stacked along M (each warpgroup owns BM / #warpgroups rows)
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -184,13 +188,13 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_
     kc = C // BK
     it = 0  # K steps consumed by this program over all its units
     for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
-        b, oy0, ox0, n0, sp, cb0, cb1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TH, TW, BN)
+        b, oy0, ox0, n0, sp, cb0, cb1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TB, TH, TW, BN)
         acc = gl.zeros([BM, BN], gl.float32, mma_layout)
         for cb in range(cb0, cb1):
             for tap in gl.static_range(9):
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                a_view = a_bufs.index(s).reshape([BM, BK])  # [1, TH, TW, BK] -> [BM, BK]
+                a_view = a_bufs.index(s).reshape([BM, BK])  # [TB, TH, TW, BK] -> [BM, BK]
                 b_view = b_bufs.index(s).permute((1, 0))  # [BN, BK] K-major -> [BK, BN]
                 acc = warpgroup_mma(a_view, b_view, acc, is_async=True)
                 acc = warpgroup_mma_wait(1, deps=(acc,))
@@ -252,10 +256,10 @@ def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, p
                    n_tw, n_split, n_nb, num_units, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
                    STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):  # fmt: skip
-    # x_desc: [N, H, W, C] boxes [1, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
-    # y_desc: [N, H, W, Co] boxes [1, TH, TW, BN / EPI_SPLIT] (n_split > 1: the fp32 partials [n_split·N, H, W, Co]);
+    # x_desc: [N, H, W, C] boxes [TB, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
+    # y_desc: [N, H, W, Co] boxes [TB, TH, TW, BN / EPI_SPLIT] (n_split > 1: the fp32 partials [n_split·N, H, W, Co]);
     # bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS);
-    # HAS_RES: r_desc: the residual [N, H, W, Co] boxes [1, TH, TW, BK], i_desc: the identity [BN, BN] boxes
+    # HAS_RES: r_desc: the residual [N, H, W, Co] boxes [TB, TH, TW, BK], i_desc: the identity [BN, BN] boxes
     # [BN, BK]; STATS: part_ptr fp32 [3, N, Co / CPG, n_th·n_tw·num_warps], part_third elements a third
     a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
