@@ -281,11 +281,13 @@ def test_launcher_plumbing_against_tile_model(shape, name, bias_dtype, fake_gpu)
     assert cg.conv_gluon_supported(x, conv, bias, name)
 
 
-def test_partials_sum_to_the_conv(fake_gpu):
+@pytest.mark.parametrize("key", ["g8x16n128k64s4c1e1sk3p", "g8x8b2n128k64s5c1e1sk3p"], ids=["tb1", "tb2"])
+def test_partials_sum_to_the_conv(fake_gpu, key):
     """conv3x3_gluon_partials: the split's fp32 partials [split, N·H·W, Co] in the output's channels_last order,
-    not summed; their sum is the conv. A config without a K split is refused."""
+    not summed (two images a tile: the same layout); their sum is the conv. A config without a K split is
+    refused."""
     x, wt, _ = make(2, 192, 12, 20, 128)
-    parts = cg.conv3x3_gluon_partials(x, wt, "g8x16n128k64s4c1e1sk3p")
+    parts = cg.conv3x3_gluon_partials(x, wt, key)
     assert parts.shape == (3, 2 * 12 * 20, 128) and parts.dtype == torch.float32 and parts.is_contiguous()
     got = parts.double().sum(0).view(2, 12, 20, 128).permute(0, 3, 1, 2)  # [N·H·W, Co] -> [N, Co, H, W]
     ref = cg.conv3x3_gluon_ref(x.double(), wt.double())

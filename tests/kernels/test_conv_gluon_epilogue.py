@@ -403,6 +403,8 @@ SPLIT_NORM_CASES = [  # (N, C, H, W, Co), config, GroupNorm plan knobs: the UNet
     pytest.param((2, 1280, 16, 16, 1280), "g8x16n128k64s5c1e1sk3p", {}, id="unet16-1280-split3"),
     pytest.param((2, 1280, 8, 8, 1280), "g8x8n128k64s5c1e1sk5p", {}, id="unet8-1280-split5"),
     pytest.param((2, 2560, 8, 8, 1280), "g8x8n128k64s5c1e1sk6p", {}, id="unet8-2560-split6"),
+    pytest.param((2, 1280, 8, 8, 1280), "g8x8b2n128k64s5c1e1sk10p", {}, id="unet8-1280-tb2-split10"),  # the table's
+    pytest.param((2, 2560, 8, 8, 1280), "g8x8b2n128k64s5c1e1sk10p", {}, id="unet8-2560-tb2-split10"),
     pytest.param((2, 320, 13, 21, 128), "g8x16n128k64s4c1e1sk4p", {"gb": 1}, id="odd-edge-tiles-split4"),
 ]
 
