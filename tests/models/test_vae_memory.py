@@ -18,6 +18,7 @@ from interp_bounds import needs_interpreter
 from memory_tracker import LiveBytes
 from speedsd import ops
 from speedsd.kernels import subpixel_conv as sc
+from speedsd.kernels.subpixel_weight import subpixel_weight_ref
 from speedsd.models.vae import AutoencoderKL, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,6 +148,7 @@ def _shape_only_kernels(monkeypatch) -> dict[str, int]:
     # (statistics for the next GroupNorm: KiBs, and the GroupNorm stand-in ignores them)
     monkeypatch.setattr(ops, "subpixel_upsample_conv", lambda x, w4, b, **kw: real(x, w4, b, interleave=interleave))
     monkeypatch.setattr(sc, "_is_channels_last", lambda t: True)  # meta convs drop channels_last strides
+    monkeypatch.setattr(ops, "subpixel_weight", subpixel_weight_ref)  # the fold kernel's torch twin (same shape)
     return calls
 
 
