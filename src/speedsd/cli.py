@@ -273,8 +273,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, (image, path) in enumerate(zip(images, paths)):
         extra = {"Denoising strength": strength} if init is not None else {}
         extra.update({"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {})
-        extra.update({"Truncate prompt": True} if args.truncate_prompt else {})
-        extra.update({"Prompt weights": True} if args.prompt_weights else {})
+        extra.update(prompts.png_extras(args.truncate_prompt, args.prompt_weights))
         params = GenerationParams(
             prompt=args.prompt,
             negative_prompt=args.negative,

@@ -163,7 +163,7 @@ def _chunks_for(tokenizer: Any, counts: list[int], truncate: bool) -> int:
     check_flag(truncate, "truncate_prompt")
     if truncate:
         return 1
-    return min(MAX_PROMPT_CHUNKS, max(1, -(-max(counts, default=0) // tokenizer.chunk_tokens)))
+    return min(MAX_PROMPT_CHUNKS, tokenizer.chunks_for(max(counts, default=0)))
 
 
 def truncation_warnings(
@@ -172,15 +172,22 @@ def truncation_warnings(
     """One line for each of the prompt and the negative prompt that the text encoder does not read whole
     (past 75 tokens with ``truncate``, else past MAX_PROMPT_CHUNKS blocks of 75): what the CLI prints
     and the API's X-Warning header carries."""
-    chunks = prompt_chunks(tokenizer, [prompt, negative_prompt or ""], truncate, weighted)
-    keep = chunks * tokenizer.chunk_tokens
+    check_flag(weighted, "prompt_weights")
+    texts = (("prompt", prompt), ("negative prompt", negative_prompt))
+    counts = [token_count(tokenizer, text, weighted) if text else 0 for _, text in texts]  # each tokenized once
+    keep = _chunks_for(tokenizer, counts, truncate) * tokenizer.chunk_tokens
     out = []
-    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        n = max(0, token_count(tokenizer, text, weighted) - keep) if text else 0
+    for (name, _), count in zip(texts, counts):
+        n = max(0, count - keep)
         if n:
             out.append(f"the {name} is {keep + n} tokens; the text encoder reads the first {keep}, the last {n} "
                        "are ignored")  # fmt: skip
     return out
+
+
+def png_extras(truncate: bool, weighted: bool) -> dict[str, bool]:
+    """The PNG ``parameters`` entries that record how the prompt was read (only the non-default ones)."""
+    return {k: True for k, on in (("Truncate prompt", truncate), ("Prompt weights", weighted)) if on}
 
 
 def prompt_ids(

@@ -104,8 +104,7 @@ class SpeedSDServer(ThreadingHTTPServer):
             pl.check_strength(kwargs["steps"], strength)
             init = pl.fit_image(init, (width, height))
             extra["Denoising strength"] = strength
-        extra.update({"Truncate prompt": True} if kwargs["truncate_prompt"] else {})
-        extra.update({"Prompt weights": True} if kwargs["prompt_weights"] else {})
+        extra.update(prompts.png_extras(kwargs["truncate_prompt"], kwargs["prompt_weights"]))
         with self.lock:
             if init is None:
                 [image] = pipe(req["prompt"], height=height, width=width, **kwargs)

@@ -315,7 +315,11 @@ class Tokenizer:
 
     def chunks(self, prompt: str) -> int:
         """How many max_length blocks hold the whole prompt (at least 1)."""
-        return max(1, -(-len(self.encode(prompt)) // self.chunk_tokens))
+        return self.chunks_for(len(self.encode(prompt)))
+
+    def chunks_for(self, tokens: int) -> int:
+        """How many max_length blocks hold ``tokens`` prompt tokens (at least 1)."""
+        return max(1, -(-tokens // self.chunk_tokens))
 
     def overflow(self, prompt: str, chunks: int = 1) -> int:
         """How many of the prompt's tokens fall past ``chunks`` blocks (what the text encoder reads): 0 if none."""

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from speedsd.bench import common
+from speedsd.kernels.subpixel_weight import subpixel_weight_ref
 
 up = importlib.import_module("speedsd.kernels.upsample")
 sc = importlib.import_module("speedsd.kernels.subpixel_conv")
-subpixel_weight = importlib.import_module("speedsd.kernels.subpixel_weight").subpixel_weight_ref
 
 # (model, N, C, H=W) of the upsamplers' inputs: VAE decoder (512² image), UNet (64² latents, CFG batch 2)
 SHAPES = [("vae", 1, 512, 64), ("vae", 1, 512, 128), ("vae", 1, 256, 256),
@@ -82,7 +82,7 @@ def bench_shape(model: str, n: int, c: int, h: int, device: str) -> dict[str, An
     x = (torch.randn(n, c, h, h, device=device) * 2 + 0.5).half().contiguous(memory_format=cl)
     w = (torch.randn(c, c, 3, 3, device=device) / (3 * c**0.5)).half().contiguous(memory_format=cl)
     b = (torch.randn(c, device=device) * 0.5 + 0.1).half()
-    w4 = subpixel_weight(w)  # [C, C, 3, 3] -> [4·C, C, 2, 2], channels_last
+    w4 = subpixel_weight_ref(w)  # [C, C, 3, 3] -> [4·C, C, 2, 2], channels_last
 
     def ours_a() -> torch.Tensor:
         return F.conv2d(up.upsample_nearest2x(x), w, b, padding=1)

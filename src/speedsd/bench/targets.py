@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from speedsd.bench.common import md_table
+
 IMAGE_MS = 100.0
 UNET_VS_COMPILE = 1.8
 VAE_VS_COMPILE = 1.7
@@ -87,8 +89,6 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    from speedsd.bench.common import md_table
-
     word = {True: "met", False: "missed", None: "not measured"}
     return md_table(["target", "want", "measured", "verdict"],
                     [[r["target"], r["want"], r["measured"], word[r["met"]]] for r in rows])  # fmt: skip
