@@ -45,8 +45,8 @@ def test_vae_shapes_are_the_decoders_3x3_convs(monkeypatch):
     assert dict(calls) == want
 
 
-def test_unet_gluon_shapes_are_the_unets_32_16_and_8_convs(monkeypatch):
-    """UNET_GLUON_SHAPES (shape, Co, calls per step) are the SD-1 UNet's stride-1 3x3 convs at 32², 16² and 8²
+def test_unet_gluon_shapes_are_the_unets_64_32_16_and_8_convs(monkeypatch):
+    """UNET_GLUON_SHAPES (shape, Co, calls per step) are the SD-1 UNet's stride-1 3x3 convs at 64², 32², 16², 8²
     (batch 2: classifier-free guidance), counted on the meta device with the upsamplers' convs as sub-pixel
     phase convs (not counted); the base rows' 16² 1280->1280 count agrees."""
     with torch.device("meta"):
@@ -55,7 +55,8 @@ def test_unet_gluon_shapes_are_the_unets_32_16_and_8_convs(monkeypatch):
     real = ops.conv2d_op
 
     def record(x, conv, with_bias=True):
-        if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and x.shape[-1] in (8, 16, 32):
+        inner = x.shape[1] > 4 < conv.out_channels  # (not conv_in / conv_out)
+        if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and x.shape[-1] in (8, 16, 32, 64) and inner:
             calls[(tuple(x.shape), conv.out_channels)] += 1
         return real(x, conv, with_bias)
 
@@ -76,23 +77,26 @@ def test_unet_gluon_shapes_are_the_unets_32_16_and_8_convs(monkeypatch):
 
 
 @pytest.mark.parametrize("shape, co", [((2, 640, 32, 32), 640), ((2, 1280, 16, 16), 1280), ((2, 1280, 8, 8), 1280),
-                                       ((2, 320, 32, 32), 640), ((2, 64, 16, 16), 96)])  # fmt: skip
+                                       ((2, 320, 32, 32), 640), ((2, 64, 16, 16), 96),
+                                       ((2, 320, 64, 64), 320)])  # fmt: skip
 def test_gluon_split_configs(shape, co):
-    """Valid configs only: tiles that divide Co (two images a tile only where an image fits one tile), K splits
-    that leave every split a channel block and fill at most 2.2 waves of 132 SMs; each fitting tile also
-    without a split."""
+    """Valid configs only: tiles of bn + bn1 channels that divide Co (two images a tile only where an image fits
+    one tile), K splits that leave every split a K step and fill at most 2.2 waves of 132 SMs; each fitting tile
+    also without a split."""
     n, c, h, w = shape
     cfgs = kc.gluon_split_configs(shape, co)
-    tiles = {(t.th, t.tw, t.bn, t.consumers, t.tb) for t in cfgs}
-    fits = {t for t in kc.GLUON_TILES if co % t[2] == 0 and (t[4] == 1 or (h <= t[0] and w <= t[1]))}
+    tiles = {(t.th, t.tw, t.bn, t.bn1, t.consumers, t.tb) for t in cfgs}
+    fits = {t for t in kc.GLUON_TILES if co % (t[2] + t[3]) == 0 and (t[5] == 1 or (h <= t[0] and w <= t[1]))}
     assert tiles == fits
     for cfg in cfgs:
-        assert cfg.persistent and cfg.bk == 64 and cfg.smem_bytes() <= kc.cg.SMEM_LIMIT and cfg.split <= c // 64
-        units = n // cfg.tb * -(-h // cfg.th) * -(-w // cfg.tw) * (co // cfg.bn) * cfg.split
+        assert cfg.persistent and cfg.bk == 64 and cfg.smem_bytes() <= kc.cg.SMEM_LIMIT and cfg.split <= 9 * c // 64
+        units = n // cfg.tb * -(-h // cfg.th) * -(-w // cfg.tw) * (co // cfg.width) * cfg.split
         assert cfg.split == 1 or units <= 2.2 * 132
-    assert all(any(c.split == 1 and (c.th, c.tw, c.bn, c.consumers, c.tb) == t for c in cfgs) for t in tiles)
+    assert all(any(c.split == 1 and (c.th, c.tw, c.bn, c.bn1, c.consumers, c.tb) == t for c in cfgs) for t in tiles)
     if shape == (2, 1280, 16, 16):  # 40 tiles of 8 x 16 px x 128 channels: 2, 3, 4, 5 and 6 splits
-        assert sorted(c.split for c in cfgs if (c.th, c.tw, c.bn) == (8, 16, 128)) == [1, 2, 3, 4, 5, 6]
+        assert sorted(c.split for c in cfgs if (c.th, c.tw, c.bn, c.bn1) == (8, 16, 128, 0)) == [1, 2, 3, 4, 5, 6]
+    if co % 320 == 0:  # 320 = 256 + 64 = 2 x (128 + 32): the bn1 tiles
+        assert {(c.bn, c.bn1) for c in cfgs} >= {(256, 64), (128, 32)}
     if shape == (2, 1280, 8, 8):  # both images a tile: 10 tiles, up to 16 splits (20 channel blocks)
         assert sorted(c.split for c in cfgs if c.tb == 2 and c.consumers == 2) == kc.GLUON_SPLITS
     assert len({str(c) for c in cfgs}) == len(cfgs)

@@ -55,7 +55,14 @@ def test_split_configs_round_trip():
     np2 = cg.resolve("g8x16n128k64s4c1e1sk2", 256)
     assert np2.split == 2 and not np2.persistent
     assert str(dataclasses.replace(cfg, split=1)) == "g16x16n128k64s3c2e2p"
-    for bad in ("g16x16n128k64s3c2e2sk1p", "g16x16n128k64s3c2e2sk0p", "g16x16n128k64s3c2e2skp"):
+    wide = cg.GluonConvConfig(bn=128, bn1=32, stages=5)  # 160 channels a tile
+    assert str(wide) == "g8x16n128+32k64s5c1e1p" and cg.GluonConvConfig.parse(str(wide)) == wide
+    assert wide.width == 160 and wide.smem_bytes() == 5 * (128 + 160) * 64 * 2 + 128 * 160 * 2 + 2 * 5 * 8
+    for bn1 in (8, 48, 256):
+        with pytest.raises(ValueError, match="bn1 must be 0 or a power of 2"):
+            cg.GluonConvConfig(bn=128, bn1=bn1)
+    bad_keys = ("g16x16n128k64s3c2e2sk1p", "g16x16n128k64s3c2e2sk0p", "g16x16n128k64s3c2e2skp", "g8x8n64+0k64s4c1e1p")
+    for bad in bad_keys:
         with pytest.raises(ValueError, match="not a Gluon conv config"):
             cg.GluonConvConfig.parse(bad)
     assert cfg.smem_bytes() == 3 * (256 + 128) * 64 * 2 + 256 * 64 * 4 + 2 * 3 * 8  # fp32 partial slabs
@@ -87,8 +94,8 @@ def test_images_per_tile_round_trip_and_refusals(fake_gpu):
 
 def test_split_refusals(fake_gpu):
     x, wt, bias = make(1, 128, 8, 8, 128, bias_dtype=torch.float16)
-    with pytest.raises(ValueError, match="3 K splits need C / 64 >= 3"):
-        cg.conv3x3_gluon(x, wt, bias, "g8x16n128k64s4c1e1sk3p")
+    with pytest.raises(ValueError, match="19 K splits need 9·C / 64 >= 19 K steps"):
+        cg.conv3x3_gluon(x, wt, bias, "g8x16n128k64s4c1e1sk19p")
     cfg = cg.resolve("g8x16n128k64s4c1e1sk2p", 128)
     r = torch.zeros(1, 128, 8, 8).half().contiguous(memory_format=CL)
     assert cg.conv_gluon_epilogue_problem(x, wt, r, None, cfg) is None  # the partial sum adds a residual
@@ -193,19 +200,24 @@ def fake_gpu(monkeypatch):
 
 def _emulate(x, weight, bias, y, cfg, sms):
     """The kernel's work on the launcher's own descriptors: every program walks units p, p + grid, ... (or one
-    each); a unit (tile, split sp) runs channel blocks [sp·KC / S, (sp + 1)·KC / S) of 9 K steps each, reading
+    each); a unit (tile, split sp) runs K steps [sp·KS / S, (sp + 1)·KS / S), KS = 9·C / BK, step ks = tap
+    ks % 9 of channel block ks // 9, reading
     [TH, TW, BK] boxes (zero outside [N, H, W, C], as TMA fills) and [BN, BK] weight blocks; the fp32 sum
     (+ bias) is stored as y's dtype (fp16, or a split's fp32 partial at row sp·N + b), clipped at the edge."""
     grid, args, const = cg._launch_args(x, weight, bias, y, cfg, sms)
-    xd, wd, yd, _, _, bias_ptr, _, _, c, _, _, _, n_img, n_th, n_tw, n_split, n_nb, num_units = args
+    xd, wd, yd, _, _, w1d, y1d, bias_ptr, _, _, c, _, _, _, n_img, n_th, n_tw, n_split, n_nb, num_units = args
     assert xd.block_shape == [cfg.tb, cfg.th, cfg.tw, cfg.bk] and wd.block_shape == [cfg.bn, cfg.bk]
     assert yd.block_shape == [cfg.tb, cfg.th, cfg.tw, cfg.bn // cfg.epi_split] and const["num_warps"] == cfg.warps
     assert const["HAS_BIAS"] == (bias is not None) and (bias is None or bias_ptr is bias)
     assert n_split == cfg.split and yd.base.shape[0] == n_split * n_img
     x_nhwc, w_mat, y_nhwc = xd.base, wd.base, yd.base
+    assert const["BN1"] == cfg.bn1 and (cfg.bn1 == 0 or (w1d.base is w_mat and y1d.base is y_nhwc))
+    if cfg.bn1:  # the tile's last bn1 channels: their own weight and output boxes
+        assert w1d.block_shape == [cfg.bn1, cfg.bk] and y1d.block_shape == [cfg.tb, cfg.th, cfg.tw, cfg.bn1]
+    width = cfg.bn + cfg.bn1
     _, h, w, _ = x_nhwc.shape
     xp = F.pad(x_nhwc.float(), (0, 0, 1, cfg.tw + 1, 1, cfg.th + 1))  # zero fill around [H, W]
-    kc = c // cfg.bk
+    ks_total = 9 * (c // cfg.bk)
     seen, blocks = [], {}
     for p in range(grid[0]):
         for t in range(p, num_units, grid[0]) if cfg.persistent else [p]:
@@ -214,24 +226,25 @@ def _emulate(x, weight, bias, y, cfg, sms):
             sp, r = r % n_split, r // n_split
             tx, r = r % n_tw, r // n_tw
             ty, b = r % n_th, r // n_th * cfg.tb  # a tile's first image
-            oy0, ox0, n0 = ty * cfg.th, tx * cfg.tw, nb * cfg.bn
-            acc = torch.zeros(cfg.bm, cfg.bn)
-            for cb in range(sp * kc // n_split, (sp + 1) * kc // n_split):
-                blocks[(b, ty, tx, nb, cb)] = blocks.get((b, ty, tx, nb, cb), 0) + 1
-                for tap in range(9):
-                    ky, kx = divmod(tap, 3)  # box at (oy0 + ky − 1, ox0 + kx − 1): + 1 in the padded xp
-                    c0 = cb * cfg.bk
-                    rows, cols = slice(oy0 + ky, oy0 + ky + cfg.th), slice(ox0 + kx, ox0 + kx + cfg.tw)
-                    box = xp[b : b + cfg.tb, rows, cols, c0 : c0 + cfg.bk]
-                    blk = w_mat[n0 : n0 + cfg.bn, tap * c + c0 : tap * c + c0 + cfg.bk].float()
-                    acc += box.reshape(cfg.bm, cfg.bk) @ blk.T  # [TB·TH·TW, BK] @ [BK, BN]
+            oy0, ox0, n0 = ty * cfg.th, tx * cfg.tw, nb * width
+            acc = torch.zeros(cfg.bm, width)
+            for ks in range(sp * ks_total // n_split, (sp + 1) * ks_total // n_split):
+                blocks[(b, ty, tx, nb, ks)] = blocks.get((b, ty, tx, nb, ks), 0) + 1
+                cb, tap = divmod(ks, 9)
+                ky, kx = divmod(tap, 3)  # box at (oy0 + ky − 1, ox0 + kx − 1): + 1 in the padded xp
+                c0 = cb * cfg.bk
+                rows, cols = slice(oy0 + ky, oy0 + ky + cfg.th), slice(ox0 + kx, ox0 + kx + cfg.tw)
+                box = xp[b : b + cfg.tb, rows, cols, c0 : c0 + cfg.bk]
+                blk = w_mat[n0 : n0 + width, tap * c + c0 : tap * c + c0 + cfg.bk].float()
+                acc += box.reshape(cfg.bm, cfg.bk) @ blk.T  # [TB·TH·TW, BK] @ [BK, BN]
             if bias is not None:
-                acc += bias_ptr[n0 : n0 + cfg.bn].float()
-            tile = acc.to(y_nhwc.dtype).view(cfg.tb, cfg.th, cfg.tw, cfg.bn)[:, : h - oy0, : w - ox0]  # clipped
+                acc += bias_ptr[n0 : n0 + width].float()
+            tile = acc.to(y_nhwc.dtype).view(cfg.tb, cfg.th, cfg.tw, width)[:, : h - oy0, : w - ox0]  # clipped
             out_rows = slice(sp * n_img + b, sp * n_img + b + cfg.tb)
-            y_nhwc[out_rows, oy0 : oy0 + cfg.th, ox0 : ox0 + cfg.tw, n0 : n0 + cfg.bn] = tile
+            y_nhwc[out_rows, oy0 : oy0 + cfg.th, ox0 : ox0 + cfg.tw, n0 : n0 + width] = tile
     assert sorted(seen) == list(range(num_units)), "every unit exactly once"
-    assert len(blocks) == n_img // cfg.tb * n_th * n_tw * n_nb * kc and set(blocks.values()) == {1}, "each K block once"
+    steps = n_img // cfg.tb * n_th * n_tw * n_nb * ks_total
+    assert len(blocks) == steps and set(blocks.values()) == {1}, "each K step once"
 
 
 CPU_CASES = [
@@ -259,6 +272,17 @@ CPU_CASES = [
     pytest.param(
         (2, 320, 8, 8, 128), "g8x8b2n128k64s5c1e1sk3p", torch.float32, id="tb2-split3", marks=needs_interpreter
     ),
+    # K-step splits whose bounds fall inside channel blocks (5 splits of 18 K steps; 13 of 45)
+    pytest.param(
+        (2, 128, 8, 8, 128), "g8x8b2n128k64s5c1e1sk5p", None, id="tb2-split5-of-18-steps", marks=needs_interpreter
+    ),
+    pytest.param(
+        (1, 320, 6, 9, 64), "g8x8n64k64s4c1e1sk13p", torch.float16, id="split13-of-45-steps", marks=needs_interpreter
+    ),
+    # tiles of bn + bn1 channels (Co = 320 as 2 x (128 + 32); 3 x (64 + 16) with a bias; with a K split)
+    pytest.param((2, 64, 12, 20, 320), "g8x16n128+32k64s5c2e1p", None, id="bn128+32-Co320"),
+    pytest.param((1, 128, 9, 17, 240), "g8x8n64+16k64s4c1e1", torch.float16, id="bn64+16-Co240-fp16-bias"),
+    pytest.param((2, 192, 8, 8, 320), "g8x16n128+32k64s4c2e1sk2p", None, id="bn128+32-split2", marks=needs_interpreter),
 ]
 
 
@@ -323,7 +347,7 @@ def test_launch_grid():
     tiles = 2 * 38 * 4 * 2
     for name, grid in (("ws2", 132), ("ws2_np", tiles)):
         g, args, _ = cg._launch_args(x, wt, None, y, cg.variant(name, 512), 132)
-        assert g == (grid,) and args[7:] == (0, 64, 300, 50, 512, 2, 38, 4, 1, 2, tiles) and args[5] is y
+        assert g == (grid,) and args[9:] == (0, 64, 300, 50, 512, 2, 38, 4, 1, 2, tiles) and args[7] is y
 
 
 def test_launch_grid_with_split():
@@ -333,7 +357,7 @@ def test_launch_grid_with_split():
     cfg = cg.resolve("g8x16n128k64s4c1e1sk3p", 1280)
     parts = torch.empty(3, 2, 16, 16, 1280)
     g, args, const = cg._launch_args(x, wt, None, parts, cfg, 132)
-    assert g == (120,) and args[7:] == (0, 1280, 16, 16, 1280, 2, 2, 1, 3, 10, 120) and not const["HAS_BIAS"]
+    assert g == (120,) and args[9:] == (0, 1280, 16, 16, 1280, 2, 2, 1, 3, 10, 120) and not const["HAS_BIAS"]
     assert list(args[2].base.shape) == [6, 16, 16, 1280] and args[2].block_shape == [1, 8, 16, 128]
 
 
@@ -532,6 +556,24 @@ def test_gpu_split_k_residual(shape, config, no_tf32):
     pair = F.conv2d(x, wt, bias, padding=1) + r
     err, err16 = (res.float() - ref).abs().max().item(), (pair.float() - ref).abs().max().item()
     assert err <= 2 * err16, (err, err16)
+
+
+WIDE_CASES = [  # tiles of bn + bn1 channels: the UNet's 64² convs to 320, odd sizes, a K split, one consumer
+    pytest.param((2, 320, 64, 64, 320), "g8x16n128+32k64s5c2e1p", id="unet64-320-128+32-c2"),
+    pytest.param((2, 640, 64, 64, 320), "g8x8n256+64k64s4c1e2p", id="unet64-640to320-256+64-c1"),
+    pytest.param((1, 192, 13, 21, 480), "g8x16n128+32k64s4c1e1p", id="odd-Co480-c1"),
+    pytest.param((2, 320, 9, 17, 320), "g8x16n128+32k64s4c2e1sk3p", id="odd-128+32-split3"),
+    pytest.param((1, 64, 5, 7, 80), "g8x8n64+16k64s4c1e1", id="tile-larger-than-image-64+16-nonpersistent"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias_dtype", [None, torch.float16, torch.float32], ids=["no-bias", "bias16", "bias32"])
+@pytest.mark.parametrize("shape, config", WIDE_CASES)
+def test_gpu_wide_tiles(shape, config, bias_dtype, no_tf32):
+    """bn + bn1 channels a tile: the second accumulator's columns stored (and biased) where they belong."""
+    _require_hopper()
+    _check_gpu(shape, config, bias_dtype, seed=sum(shape))
 
 
 @pytest.mark.gpu

@@ -31,6 +31,9 @@ AOT = {
     "split2_c2_bn256": (cg.GluonConvConfig.parse("g8x16n256k64s3c2e4sk2p"), None),
     "tb2_split5_c2": (cg.GluonConvConfig.parse("g8x8b2n128k64s5c2e1sk5p"), None),  # both CFG halves a tile (8²)
     "tb2_c1_bias16": (cg.GluonConvConfig.parse("g8x8b2n128k64s4c1e1p"), torch.float16),
+    "bn128+32_c2": (cg.GluonConvConfig.parse("g8x16n128+32k64s5c2e1p"), None),  # 160 channels a tile (Co 320)
+    "bn256+64_c1_bias16": (cg.GluonConvConfig.parse("g8x8n256+64k64s4c1e2p"), torch.float16),
+    "bn128+32_split3": (cg.GluonConvConfig.parse("g8x16n128+32k64s4c2e1sk3p"), None),
     "control": (cg.GluonConvConfig(bn=256, epi_split=2), None),
 }
 # compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child)

@@ -61,10 +61,10 @@ def test_launch_args_for_the_epilogue():
     rd, idd = args[3], args[4]
     assert rd.block_shape == [1, 16, 16, 64] and rd.base.data_ptr() == r.data_ptr()
     assert idd.block_shape == [128, 64] and torch.equal(idd.base, torch.eye(128, dtype=torch.float16))
-    assert args[5] is bias and args[6] is part and args[7:12] == (part[0].numel(), 64, 12, 20, 128)
+    assert args[7] is bias and args[8] is part and args[9:14] == (part[0].numel(), 64, 12, 20, 128)
     assert const["HAS_RES"] and const["STATS"] and const["CPG"] == 4 and const["EPI_SPLIT"] == 4
     _, args, const = cg._launch_args(x, wt, None, y, cfg, 132)
-    assert args[5] is y and args[6] is y and not const["HAS_RES"] and not const["STATS"]
+    assert args[7] is y and args[8] is y and not const["HAS_RES"] and not const["STATS"]
 
 
 # ---- CPU: the hand-over path on a fake sm_90 device ------------------------------------------------

@@ -6,7 +6,7 @@
 Shapes ("base"): the UNet's 8² and 16² convs at 64x64 latents with classifier-free guidance (batch 2;
 M = 128 or 512 output pixels, 1280 output channels), its 4-channel output conv, and the VAE's 3-channel
 output conv at 512²; ("vae"): the VAE decoder's ResNet 3x3 convs at 512² output, where on sm_90 the Gluon
-conv's variants (kernels/conv_gluon.py VARIANTS, fitted to Co) are timed too; ("unet"): the UNet's 32² and 16²
+conv's variants (kernels/conv_gluon.py VARIANTS, fitted to Co) are timed too; ("unet"): the UNet's 64², 32² and 16²
 3x3 convs (and its 8² ones), cuDNN against the Gluon conv's tiles x K splits and the table's implicit-GEMM
 config where it names one (the base shapes time the Gluon candidates next to their implicit-GEMM search).
 fp16, channels_last, no bias (the engine fuses conv biases downstream: ResNet convs run with
@@ -63,10 +63,13 @@ VAE_SHAPES = [
     ("vae 64² 512->512", (1, 512, 64, 64), 512, 3, 1, 1, 10),
 ]
 VAE_SPLITS = [1, 2]  # thousands of output tiles: K splits only add partial sums
-# the UNet's 3x3 stride-1 convs at 32², 16² and 8² (batch 2), where cuDNN's tiles leave SMs idle (80 CTAs or
+# the UNet's 3x3 stride-1 convs at 64², 32², 16² and 8² (batch 2), where cuDNN's tiles leave SMs idle (80 CTAs or
 # fewer on 132 SMs): cuDNN against the Gluon conv's tiles x K splits (--shapes unet: no implicit-GEMM search;
 # where the card's conv table names an implicit-GEMM config, that one config is re-timed in the same run)
 UNET_GLUON_SHAPES = [
+    ("unet 64² 320->320", (2, 320, 64, 64), 320, 3, 1, 1, 7),
+    ("unet 64² 640->320", (2, 640, 64, 64), 320, 3, 1, 1, 2),
+    ("unet 64² 960->320", (2, 960, 64, 64), 320, 3, 1, 1, 1),
     ("unet 32² 640->640", (2, 640, 32, 32), 640, 3, 1, 1, 6),
     ("unet 32² 320->640", (2, 320, 32, 32), 640, 3, 1, 1, 1),
     ("unet 32² 960->640", (2, 960, 32, 32), 640, 3, 1, 1, 1),
@@ -79,10 +82,13 @@ UNET_GLUON_SHAPES = [
     ("unet 8² 1280->1280 (Gluon vs the table)", (2, 1280, 8, 8), 1280, 3, 1, 1, 11),
     ("unet 8² 2560->1280 (Gluon vs the table)", (2, 2560, 8, 8), 1280, 3, 1, 1, 3),
 ]
-# Gluon tiles for them, (th, tw, bn, consumer warpgroups, images a tile); stages and epilogue slabs: the most /
-# fewest that fit. Two images a tile only where an image fits in one tile (the 8² level: both CFG halves)
-GLUON_TILES = [(8, 16, 128, 1, 1), (16, 16, 128, 2, 1), (8, 16, 256, 2, 1), (8, 8, 128, 1, 1), (8, 8, 256, 1, 1),
-               (8, 8, 128, 1, 2), (8, 8, 128, 2, 2)]  # fmt: skip
+# Gluon tiles for them, (th, tw, bn, bn1, consumer warpgroups, images a tile); stages and epilogue slabs: the most /
+# fewest that fit. Two images a tile only where an image fits in one tile (the 8² level: both CFG halves). bn1 > 0:
+# tiles of bn + bn1 channels, for channel counts like 320 and 640 that power-of-2 tiles cannot cut into one wave
+# (bench/prototypes/conv_wide: 2x320x64² -> 320 22.8 vs cuDNN 27.5 µs as 64 pixels x (256 + 64) channels)
+GLUON_TILES = [(8, 16, 128, 0, 1, 1), (16, 16, 128, 0, 2, 1), (8, 16, 256, 0, 2, 1), (8, 8, 128, 0, 1, 1),
+               (8, 8, 256, 0, 1, 1), (8, 8, 128, 0, 1, 2), (8, 8, 128, 0, 2, 2), (8, 8, 256, 64, 1, 1),
+               (8, 16, 128, 32, 1, 1), (8, 8, 128, 32, 1, 1)]  # fmt: skip
 GLUON_SPLITS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16]
 SMOKE = [("smoke 4² 32->48", (2, 32, 4, 4), 48, 3, 1, 1, 1), ("smoke N=3", (1, 16, 8, 8), 3, 3, 1, 1, 1)]
 # candidates, the likeliest first (the per-shape budget may stop the search early)
@@ -146,19 +152,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def gluon_split_configs(shape: tuple[int, ...], co: int, sms: int = 132) -> list[Any]:
     """GLUON_TILES that fit Co, each with the most ring stages and fewest epilogue slabs that fit shared memory,
-    over the K splits that leave each split >= 1 channel block and (for splits > 1) <= 2.2 waves of units."""
+    over the K splits that leave each split >= 1 K step and (for splits > 1) <= 2.2 waves of units."""
     n, c, h, w = shape
     out = []
-    for th, tw, bn, consumers, tb in GLUON_TILES:
-        if co % bn or c % 64 or n % tb or (tb > 1 and (h > th or w > tw)):
+    for th, tw, bn, bn1, consumers, tb in GLUON_TILES:
+        if co % (bn + bn1) or c % 64 or n % tb or (tb > 1 and (h > th or w > tw)):
             continue
-        tiles = n // tb * math.ceil(h / th) * math.ceil(w / tw) * (co // bn)
+        tiles = n // tb * math.ceil(h / th) * math.ceil(w / tw) * (co // (bn + bn1))
         for split in GLUON_SPLITS:
-            if split > c // 64 or (split > 1 and tiles * split > 2.2 * sms):
+            if split > 9 * c // 64 or (split > 1 and tiles * split > 2.2 * sms):
                 continue
             for stages, epi in [(st, e) for st in (5, 4, 3) for e in (1, 2, 4)]:
                 try:
-                    out.append(cg.GluonConvConfig(th, tw, bn, 64, stages, consumers, True, epi, split, tb))
+                    out.append(cg.GluonConvConfig(th, tw, bn, 64, stages, consumers, True, epi, split, tb, bn1))
                     break
                 except ValueError:  # shared memory: fewer stages or more slabs
                     continue

@@ -57,7 +57,10 @@ class GluonConvConfig:
     in that many column slabs (less SMEM for the output buffer), `split`: K splits per tile (> 1: each
     (tile, split) unit stores an fp32 partial and a second kernel sums them; for convs with too few tiles
     to fill the SMs), `tb`: images per tile (> 1 where an image is smaller than the tile: the UNet's 8² convs
-    then take both CFG halves in one 128-row tile, so each unit streams its weight slice once, not per image)."""
+    then take both CFG halves in one 128-row tile, so each unit streams its weight slice once, not per image),
+    `bn1`: the tile is bn + bn1 channels wide, the last bn1 in a second accumulator (0: none; e.g. Co = 320 as
+    two tiles of 128 + 32, so a 64² UNet conv is one wave of 128 units). A split runs K steps (9 per channel
+    block), so up to 9·C / bk splits."""
 
     th: int = 8
     tw: int = 16
@@ -69,6 +72,7 @@ class GluonConvConfig:
     epi_split: int = 1
     split: int = 1
     tb: int = 1
+    bn1: int = 0
 
     def __post_init__(self) -> None:
         if self.tb not in (1, 2, 4):
@@ -82,6 +86,8 @@ class GluonConvConfig:
             raise ValueError(f"{self}: >= 3 stages; epi_split must leave slabs of >= 16 channels")
         if self.split < 1:
             raise ValueError(f"{self}: split must be >= 1")
+        if self.bn1 and (self.bn1 & (self.bn1 - 1) or not 16 <= self.bn1 <= self.bn):
+            raise ValueError(f"{self}: bn1 must be 0 or a power of 2 in 16..bn")
         if self.smem_bytes() > SMEM_LIMIT:
             raise ValueError(f"{self} needs {self.smem_bytes()} B of shared memory (> {SMEM_LIMIT})")
 
@@ -90,19 +96,24 @@ class GluonConvConfig:
         return self.tb * self.th * self.tw
 
     @property
+    def width(self) -> int:  # output channels per tile (the GEMM's N)
+        return self.bn + self.bn1
+
+    @property
     def warps(self) -> int:
         return 4 * self.consumers
 
     def smem_bytes(self) -> int:
-        ring = self.stages * (self.bm + self.bn) * self.bk * 2
+        ring = self.stages * (self.bm + self.width) * self.bk * 2
         out_bytes = 4 if self.split > 1 else 2  # the output slab: fp32 partials with a K split, else fp16
-        return ring + self.bm * (self.bn // self.epi_split) * out_bytes + 2 * self.stages * 8
+        return ring + self.bm * (self.bn // self.epi_split + self.bn1) * out_bytes + 2 * self.stages * 8
 
     def __str__(self) -> str:
         p = "p" if self.persistent else ""
         sk = f"sk{self.split}" if self.split > 1 else ""
         tb = f"b{self.tb}" if self.tb > 1 else ""
-        return f"g{self.th}x{self.tw}{tb}n{self.bn}k{self.bk}s{self.stages}c{self.consumers}e{self.epi_split}{sk}{p}"
+        n = f"{self.bn}+{self.bn1}" if self.bn1 else f"{self.bn}"
+        return f"g{self.th}x{self.tw}{tb}n{n}k{self.bk}s{self.stages}c{self.consumers}e{self.epi_split}{sk}{p}"
 
     def key(self) -> str:
         return str(self)
@@ -110,13 +121,15 @@ class GluonConvConfig:
     @staticmethod
     def parse(key: str) -> GluonConvConfig:
         """Inverse of ``str`` (the per-card conv table stores configs as these strings)."""
-        m = re.fullmatch(r"g(\d+)x(\d+)(?:b(\d+))?n(\d+)k(\d+)s(\d+)c(\d+)e(\d+)(?:sk(\d+))?(p?)", key)
-        if m is None or m.group(9) in ("0", "1") or m.group(3) in ("0", "1"):  # (1 has no suffix: one key a config)
+        m = re.fullmatch(r"g(\d+)x(\d+)(?:b(\d+))?n(\d+)(?:\+(\d+))?k(\d+)s(\d+)c(\d+)e(\d+)(?:sk(\d+))?(p?)", key)
+        # (a default has no suffix: one key a config)
+        if m is None or m.group(10) in ("0", "1") or m.group(3) in ("0", "1") or m.group(5) == "0":
             raise ValueError(f"not a Gluon conv config key: {key!r}")
-        th, tw = int(m.group(1)), int(m.group(2))
-        bn, bk, stages, consumers, epi_split = map(int, m.groups()[3:8])
-        return GluonConvConfig(th, tw, bn, bk, stages, consumers, persistent=m.group(10) == "p", epi_split=epi_split,
-                               split=int(m.group(9) or 1), tb=int(m.group(3) or 1))  # fmt: skip
+        th, tw, bn = int(m.group(1)), int(m.group(2)), int(m.group(4))
+        bk, stages, consumers, epi_split = map(int, m.groups()[5:9])
+        return GluonConvConfig(th, tw, bn, bk, stages, consumers, persistent=m.group(11) == "p", epi_split=epi_split,
+                               split=int(m.group(10) or 1), tb=int(m.group(3) or 1),
+                               bn1=int(m.group(5) or 0))  # fmt: skip
 
 
 # Named variants, as measured by the prototype. 'ws': one consumer warpgroup on 128 pixels (8 x 16) x 128
@@ -193,12 +206,12 @@ def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         return "x, weight and bias must be on one device"
     if min(n, c, h, w, co) < 1:
         return f"empty conv: x {tuple(x.shape)}, Co={co}"
-    if c % cfg.bk or co % cfg.bn:
-        return f"config {cfg}: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.bn}"
+    if c % cfg.bk or co % cfg.width:
+        return f"config {cfg}: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.width}"
     if n % cfg.tb:
         return f"config {cfg}: N={n} must be a multiple of its {cfg.tb} images a tile"
-    if cfg.split > c // cfg.bk:
-        return f"config {cfg}: {cfg.split} K splits need C / {cfg.bk} >= {cfg.split} channel blocks, C={c}"
+    if cfg.split > 9 * (c // cfg.bk):
+        return f"config {cfg}: {cfg.split} K splits need 9·C / {cfg.bk} >= {cfg.split} K steps, C={c}"
     if not x.is_contiguous(memory_format=torch.channels_last):
         return "needs a channels_last x (its [N, H, W, C] view is the TMA tensor)"
     if not weight.is_contiguous(memory_format=torch.channels_last):
@@ -248,7 +261,7 @@ def conv3x3_gluon(
     in fp32 too. ``stats_groups``: the output's next reader is GroupNorm(stats_groups): the epilogue also
     writes its per-tile statistics, handed over on the output (kernels/gn_tile_stats.py). config: a
     GluonConvConfig, its ``str`` key, or a VARIANTS name fitted to Co (None: 'ws2'). C must be a multiple of
-    config.bk, Co of config.bn (and of stats_groups, with bn a multiple of Co / stats_groups).
+    config.bk, Co of its width bn + bn1 (and of stats_groups, with bn a multiple of Co / stats_groups).
     """
     cfg = resolve(config, weight.shape[0] if weight.dim() == 4 else 0)
     why = _problem(x, weight, bias, cfg) or conv_gluon_epilogue_problem(x, weight, residual, stats_groups, cfg)
@@ -321,6 +334,8 @@ def conv_gluon_epilogue_problem(
         return f"residual must be an fp16 channels_last [{n}, {co}, {h}, {w}] tensor on {x.device}"
     if residual is not None and n * h * w * co >= 2**31:
         return "the residual is indexed with int32: N·H·W·Co must stay below 2^31"
+    if cfg.bn1 and (groups is not None or (residual is not None and cfg.split == 1)):
+        return f"config {cfg}: a tile of bn + bn1 channels adds no residual and writes no statistics in its epilogue"
     if cfg.tb > 1 and groups is not None:
         return f"config {cfg}: a tile of {cfg.tb} images writes no statistics (they are per image)"
     if cfg.split > 1 and groups is not None:
@@ -362,7 +377,7 @@ def _launch_args(
     xd = desc(x_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bk])
     wd = desc(w_mat, [cfg.bn, cfg.bk])
     yd = desc(y_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bn // cfg.epi_split])
-    n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.bn
+    n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.width
     num_units = n // cfg.tb * n_th * n_tw * cfg.split * n_nb  # (tile, K split) pairs
     grid = (min(sms, num_units) if cfg.persistent else num_units,)
     # the residual: BN / BK more K steps of [TH, TW, BK] boxes of it times [BN, BK] blocks of an identity
@@ -373,9 +388,14 @@ def _launch_args(
     # y stands in for the pointers an epilogue does not read; part: [3, N, G, tiles·warps]
     ptrs = (y if bias is None else bias, y if part is None else part)
     third, cpg = (0, 1) if part is None else (part[0].numel(), co // part.shape[2])
-    args = (xd, wd, yd, rd, idd, *ptrs, third, c, h, w, co, n, n_th, n_tw, cfg.split, n_nb, num_units)
+    w1d, y1d = wd, yd  # the tile's last bn1 channels (stand-ins without)
+    if cfg.bn1:
+        w1d = desc(w_mat, [cfg.bn1, cfg.bk])
+        y1d = desc(y_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bn1])
+    args = (xd, wd, yd, rd, idd, w1d, y1d, *ptrs, third, c, h, w, co, n, n_th, n_tw, cfg.split, n_nb, num_units)
     const = dict(STAGES=cfg.stages, HAS_BIAS=bias is not None, HAS_RES=residual is not None, STATS=part is not None,
-                 CPG=cpg, EPI_SPLIT=cfg.epi_split, PRODUCER_REGS=PRODUCER_REGS, num_warps=cfg.warps)  # fmt: skip
+                 CPG=cpg, EPI_SPLIT=cfg.epi_split, BN1=cfg.bn1, PRODUCER_REGS=PRODUCER_REGS,
+                 num_warps=cfg.warps)  # fmt: skip
     return grid, args, const
 
 
@@ -412,7 +432,7 @@ def compile_sm90(
     if kern is None:
         raise RuntimeError("this Triton has no Gluon Hopper API")
     cl = torch.channels_last
-    c, co = max(2, config.split) * config.bk, 2 * config.bn
+    c, co = max(2, -(-config.split // 9)) * config.bk, 2 * config.width
     nb = config.tb
     x = torch.empty((nb, c, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
     wt = torch.empty((co, c, 3, 3), dtype=torch.float16).contiguous(memory_format=cl)

@@ -34,12 +34,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #              [N, H, W, C], negative ones included: that is the padding, and the partial tiles at the
 #              image's right and bottom edges)
 #   B_tap,cb = Wm[n0 : +BN, tap·C + cb·BK : +BK]   Wm = the channels_last weight [Co, 3, 3, C] as [Co, 9·C]
+# BN1 > 0: the tile has BN1 more channels n0 + BN .. n0 + BN + BN1, a second accumulator fed by a second wgmma on the
+# same A box (register tensors have power-of-2 shapes; Co = 320 takes 128 + 32 and two such tiles a pixel block).
 #
-# K runs channel-block-major (cb outer, the 9 taps inner and unrolled). Both wgmma operands come from SMEM.
+# K runs channel-block-major: K step ks = 9·cb + tap (cb outer, the 9 taps inner). Both wgmma operands come
+# from SMEM.
 # HAS_RES: + r[b, oy, ox, n] as BN / BK more K steps of the same ring, A = the residual's [TH, TW, BK] box at
 # channel n0 + j·BK, B = columns j·BK .. of a [BN, BN] identity (exact: fp16 products, fp32 sums).
-# Split-K (n_split > 1): a work unit is (tile, split sp); split sp runs the channel blocks
-#   cb in [sp·KC / n_split, (sp + 1)·KC / n_split),   KC = C / BK   (integer division: every block once)
+# Split-K (n_split > 1): a work unit is (tile, split sp); split sp runs the K steps
+#   ks in [sp·KS / n_split, (sp + 1)·KS / n_split),   KS = 9·C / BK   (integer division: every step once)
+# (up to KS splits, so a handful of tiles, the UNet's 8² level, can still fill every SM)
 # and stores its fp32 partial acc to parts[sp, b, oy, ox, n] (y_desc is then the fp32 [n_split·N, H, W, Co]
 # tensor, box rows sp·N + b .. + TB); a second kernel sums the n_split partials in split order (+ bias) into y
 # (conv_igemm.sum_partials). Without a split the unit is the tile.
@@ -68,9 +72,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 
 @gluon.jit
-def _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TB: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
+def _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
                  BN: gl.constexpr):  # fmt: skip
-    # t = (((bt·n_th + ty)·n_tw + tx)·n_split + sp)·n_nb + nb  ->  (b = bt·TB, oy0, ox0, n0, sp, cb0, cb1)
+    # t = (((bt·n_th + ty)·n_tw + tx)·n_split + sp)·n_nb + nb  ->  (b = bt·TB, oy0, ox0, n0, sp, ks0, ks1)
     nb = t % n_nb
     r = t // n_nb
     sp = r % n_split
@@ -79,12 +83,12 @@ def _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TB: gl.constexpr, TH: gl.cons
     r = r // n_tw
     ty = r % n_th
     b = (r // n_th) * TB
-    return b, ty * TH, tx * TW, nb * BN, sp, sp * kc // n_split, (sp + 1) * kc // n_split
+    return b, ty * TH, tx * TW, nb * BN, sp, sp * ks_total // n_split, (sp + 1) * ks_total // n_split
 
 
 @gluon.jit
-def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_split, n_nb,
-                    num_units, HAS_RES: gl.constexpr):  # fmt: skip
+def _load_partition(x_desc, w_desc, w1_desc, r_desc, i_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C, n_th, n_tw,
+                    n_split, n_nb, num_units, HAS_RES: gl.constexpr, BN1: gl.constexpr):  # fmt: skip
     TB: gl.constexpr = x_desc.block_type.shape[0]
     TH: gl.constexpr = x_desc.block_type.shape[1]
     TW: gl.constexpr = x_desc.block_type.shape[2]
@@ -92,23 +96,27 @@ def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty
     BN: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     NBYTES: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
-    kc = C // BK
+    NBYTES1: gl.constexpr = NBYTES + (w1_desc.block_type.nbytes if BN1 > 0 else 0)
+    ks_total = 9 * (C // BK)
     it = 0
     for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
-        b, oy0, ox0, n0, sp, cb0, cb1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TB, TH, TW, BN)
-        for cb in range(cb0, cb1):
+        b, oy0, ox0, n0, sp, ks0, ks1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB, TH, TW, BN + BN1)
+        for ks in range(ks0, ks1):
+            cb = ks // 9
+            tap = ks - 9 * cb
             c0 = cb * BK
-            for tap in gl.static_range(9):
-                s = it % STAGES
-                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                bar = ready.index(s)
-                mbarrier.expect(bar, NBYTES)
-                # A box at (b, oy0 + ky − 1, ox0 + kx − 1, c0); B box at (n0, tap·C + c0)
-                tma.async_copy_global_to_shared(
-                    x_desc, [b, oy0 + (tap // 3 - 1), ox0 + (tap % 3 - 1), c0], bar, a_bufs.index(s)
-                )
-                tma.async_copy_global_to_shared(w_desc, [n0, tap * C + c0], bar, b_bufs.index(s))
-                it += 1
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, NBYTES1)
+            # A box at (b, oy0 + ky − 1, ox0 + kx − 1, c0); B box at (n0, tap·C + c0) (and B1 at (n0 + BN, tap·C + c0))
+            tma.async_copy_global_to_shared(
+                x_desc, [b, oy0 + (tap // 3 - 1), ox0 + (tap % 3 - 1), c0], bar, a_bufs.index(s)
+            )
+            tma.async_copy_global_to_shared(w_desc, [n0, tap * C + c0], bar, b_bufs.index(s))
+            if BN1 > 0:
+                tma.async_copy_global_to_shared(w1_desc, [n0 + BN, tap * C + c0], bar, b1_bufs.index(s))
+            it += 1
         if HAS_RES:  # the residual as BN / BK more K steps: A = r[b, oy0:, ox0:, n0 + j·BK :], B = I_BN[:, j·BK :]
             for j in gl.static_range(BN // BK):
                 s = it % STAGES
@@ -118,15 +126,6 @@ def _load_partition(x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty
                 tma.async_copy_global_to_shared(r_desc, [b, oy0, ox0, n0 + j * BK], bar, a_bufs.index(s))
                 tma.async_copy_global_to_shared(i_desc, [0, j * BK], bar, b_bufs.index(s))
                 it += 1
-
-
-@gluon.jit
-def _release_prev(empty, it, STAGES: gl.constexpr, not_first, TAP: gl.constexpr):
-    # wait(1) just retired the wgmma of step it − 1: free its slot, unless step it is its unit's first
-    if TAP == 0:
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=not_first)
-    else:
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
 
 
 @gluon.jit
@@ -170,10 +169,10 @@ def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, b_out, oy0, ox0, n0,
 
 
 @gluon.jit
-def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_third, C, H, W, Co,
-                   n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
-                   STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
-                   NUM_WARPS: gl.constexpr):  # fmt: skip
+def _mma_partition(y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_smem, c1_smem, bias_ptr, part_ptr,
+                   part_third, C, H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS: gl.constexpr,
+                   HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
+                   BN1: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
     TB: gl.constexpr = a_bufs.type.shape[1]
     TH: gl.constexpr = a_bufs.type.shape[2]
     TW: gl.constexpr = a_bufs.type.shape[3]
@@ -185,21 +184,33 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BN, 16]
     )
-    kc = C // BK
+    mma1_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, max(BN1, 8), 16]
+    )
+    ks_total = 9 * (C // BK)
     it = 0  # K steps consumed by this program over all its units
     for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
-        b, oy0, ox0, n0, sp, cb0, cb1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, kc, TB, TH, TW, BN)
+        b, oy0, ox0, n0, sp, ks0, ks1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB, TH, TW, BN + BN1)
         acc = gl.zeros([BM, BN], gl.float32, mma_layout)
-        for cb in range(cb0, cb1):
-            for tap in gl.static_range(9):
-                s = it % STAGES
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                a_view = a_bufs.index(s).reshape([BM, BK])  # [TB, TH, TW, BK] -> [BM, BK]
-                b_view = b_bufs.index(s).permute((1, 0))  # [BN, BK] K-major -> [BK, BN]
-                acc = warpgroup_mma(a_view, b_view, acc, is_async=True)
+        if BN1 > 0:
+            acc1 = gl.zeros([BM, BN1], gl.float32, mma1_layout)
+        for ks in range(ks0, ks1):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            a_view = a_bufs.index(s).reshape([BM, BK])  # [TB, TH, TW, BK] -> [BM, BK]
+            b_view = b_bufs.index(s).permute((1, 0))  # [BN, BK] K-major -> [BK, BN]
+            acc = warpgroup_mma(a_view, b_view, acc, is_async=True)
+            if (
+                BN1 > 0
+            ):  # the tile's other BN1 columns: a second wgmma on the same A; wait(2) retires step it − 1's pair
+                acc1 = warpgroup_mma(a_view, b1_bufs.index(s).permute((1, 0)), acc1, is_async=True)
+                acc, acc1 = warpgroup_mma_wait(2, deps=(acc, acc1))
+            else:
                 acc = warpgroup_mma_wait(1, deps=(acc,))
-                _release_prev(empty, it, STAGES, cb > cb0, tap)
-                it += 1
+            # wait(1) retired the wgmma of step it − 1: free its slot, unless ks is the unit's first step (the
+            # previous unit's last slot was freed after its final wait)
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ks > ks0)
+            it += 1
         if HAS_RES:
             for _ in gl.static_range(BN // BK):
                 s = it % STAGES
@@ -209,13 +220,22 @@ def _mma_partition(y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_
                 acc = warpgroup_mma_wait(1, deps=(acc,))
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
                 it += 1
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+        if BN1 > 0:
+            acc, acc1 = warpgroup_mma_wait(0, deps=(acc, acc1))
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the unit's last step
         if HAS_BIAS:
             cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
         _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0, H, W, Co,
                   (oy0 // TH) * n_tw + ox0 // TW, n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
+        if BN1 > 0:
+            if HAS_BIAS:
+                cols1 = n0 + BN + gl.arange(0, BN1, layout=gl.SliceLayout(0, mma1_layout))
+                acc1 = acc1 + gl.expand_dims(gl.load(bias_ptr + cols1).to(gl.float32), 0)
+            _epilogue(y1_desc, c1_smem, acc1, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0 + BN, H, W, Co,
+                      0, 1, False, 1, 1, NUM_WARPS)  # fmt: skip
     tma.store_wait(0)
 
 
@@ -252,27 +272,35 @@ def _tile_stats(v16, rows_ok, part_ptr, third, b, t_sp, T, G, g0, CPG: gl.conste
 # sizes are not specialized: one compile per (config, bias dtype, epilogue) serves every layer shape
 @gluon.jit(do_not_specialize=["part_third", "C", "H", "W", "Co", "n_img", "n_th", "n_tw", "n_split", "n_nb",
                               "num_units"])  # fmt: skip
-def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, bias_ptr, part_ptr, part_third, C, H, W, Co, n_img, n_th,
-                   n_tw, n_split, n_nb, num_units, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
-                   STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr):  # fmt: skip
+def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, w1_desc, y1_desc, bias_ptr, part_ptr, part_third, C, H, W,
+                   Co, n_img, n_th, n_tw, n_split, n_nb, num_units, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+                   HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
+                   BN1: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     # x_desc: [N, H, W, C] boxes [TB, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
     # y_desc: [N, H, W, Co] boxes [TB, TH, TW, BN / EPI_SPLIT] (n_split > 1: the fp32 partials [n_split·N, H, W, Co]);
+    # BN1 > 0: a tile is BN + BN1 channels wide, the last BN1 through w1_desc (boxes [BN1, BK]) and y1_desc (boxes
+    # [TB, TH, TW, BN1]), both on the same tensors (for Co like 320 = 2 x (128 + 32): one wave of 128 x 160 tiles);
     # bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS);
     # HAS_RES: r_desc: the residual [N, H, W, Co] boxes [TB, TH, TW, BK], i_desc: the identity [BN, BN] boxes
     # [BN, BK]; STATS: part_ptr fp32 [3, N, Co / CPG, n_th·n_tw·num_warps], part_third elements a third
     a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     c_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
+    if BN1 > 0:
+        b1_bufs = gl.allocate_shared_memory(w1_desc.dtype, [STAGES] + w1_desc.block_type.shape, w1_desc.layout)
+        c1_smem = gl.allocate_shared_memory(y1_desc.dtype, y1_desc.block_type.shape, y1_desc.layout)
+    else:  # (stand-ins, never touched)
+        b1_bufs = b_bufs
+        c1_smem = c_smem
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_mma_partition, (y_desc, a_bufs, b_bufs, ready, empty, c_smem, bias_ptr, part_ptr, part_third, C,
-                          H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS, HAS_RES, STATS, CPG,
-                          EPI_SPLIT, num_warps)),
-        (_load_partition, (x_desc, w_desc, r_desc, i_desc, a_bufs, b_bufs, ready, empty, C, n_th, n_tw, n_split,
-                           n_nb, num_units, HAS_RES)),
+        (_mma_partition, (y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_smem, c1_smem, bias_ptr, part_ptr,
+                          part_third, C, H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS, HAS_RES,
+                          STATS, CPG, EPI_SPLIT, BN1, num_warps)),
+        (_load_partition, (x_desc, w_desc, w1_desc, r_desc, i_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C, n_th,
+                           n_tw, n_split, n_nb, num_units, HAS_RES, BN1)),
     ], [1], [PRODUCER_REGS])  # fmt: skip
