@@ -528,12 +528,21 @@ SPLIT_CASES = [  # (shape, config): the UNet's 32² / 16² / 8² convs, uneven s
     pytest.param((4, 192, 5, 7, 128), "g8x8b2n128k64s4c2e1sk2", id="odd-tb2-N4-nonpersistent-split2"),
 ]
 
+WIDE_CASES = [  # tiles of bn + bn1 channels: the UNet's 64² convs to 320, odd sizes, a K split, one consumer
+    pytest.param((2, 320, 64, 64, 320), "g8x16n128+32k64s5c2e1p", id="unet64-320-128+32-c2"),
+    pytest.param((2, 640, 64, 64, 320), "g8x8n256+64k64s4c1e2p", id="unet64-640to320-256+64-c1"),
+    pytest.param((1, 192, 13, 21, 480), "g8x16n128+32k64s4c1e1p", id="odd-Co480-c1"),
+    pytest.param((2, 320, 9, 17, 320), "g8x16n128+32k64s4c2e1sk3p", id="odd-128+32-split3"),
+    pytest.param((1, 64, 5, 7, 80), "g8x8n64+16k64s4c1e1", id="tile-larger-than-image-64+16-nonpersistent"),
+]
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bias_dtype", [None, torch.float16, torch.float32], ids=["no-bias", "bias16", "bias32"])
-@pytest.mark.parametrize("shape, config", SPLIT_CASES)
+@pytest.mark.parametrize("shape, config", SPLIT_CASES + WIDE_CASES)
 def test_gpu_split_k(shape, config, bias_dtype, no_tf32):
-    """K split over (tile, split) units, fp32 partials summed (+ bias) by the second kernel."""
+    """K split over (tile, split) units, fp32 partials summed (+ bias) by the second kernel; tiles of bn + bn1
+    channels, the second accumulator's columns stored (and biased) where they belong."""
     _require_hopper()
     _check_gpu(shape, config, bias_dtype, seed=sum(shape))
 
@@ -556,24 +565,6 @@ def test_gpu_split_k_residual(shape, config, no_tf32):
     pair = F.conv2d(x, wt, bias, padding=1) + r
     err, err16 = (res.float() - ref).abs().max().item(), (pair.float() - ref).abs().max().item()
     assert err <= 2 * err16, (err, err16)
-
-
-WIDE_CASES = [  # tiles of bn + bn1 channels: the UNet's 64² convs to 320, odd sizes, a K split, one consumer
-    pytest.param((2, 320, 64, 64, 320), "g8x16n128+32k64s5c2e1p", id="unet64-320-128+32-c2"),
-    pytest.param((2, 640, 64, 64, 320), "g8x8n256+64k64s4c1e2p", id="unet64-640to320-256+64-c1"),
-    pytest.param((1, 192, 13, 21, 480), "g8x16n128+32k64s4c1e1p", id="odd-Co480-c1"),
-    pytest.param((2, 320, 9, 17, 320), "g8x16n128+32k64s4c2e1sk3p", id="odd-128+32-split3"),
-    pytest.param((1, 64, 5, 7, 80), "g8x8n64+16k64s4c1e1", id="tile-larger-than-image-64+16-nonpersistent"),
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bias_dtype", [None, torch.float16, torch.float32], ids=["no-bias", "bias16", "bias32"])
-@pytest.mark.parametrize("shape, config", WIDE_CASES)
-def test_gpu_wide_tiles(shape, config, bias_dtype, no_tf32):
-    """bn + bn1 channels a tile: the second accumulator's columns stored (and biased) where they belong."""
-    _require_hopper()
-    _check_gpu(shape, config, bias_dtype, seed=sum(shape))
 
 
 @pytest.mark.gpu

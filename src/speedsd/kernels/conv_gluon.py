@@ -25,6 +25,11 @@ them itself (kernels/group_norm_partials.py). On the H200 (bench/results/kernels
 replay, weights cycled out of L2): 2x1280x16² 28.6 vs cuDNN 33.5 µs (3 splits), 2x1920x32² -> 640 67.9 vs
 86.4; the image, fresh processes alternating (ab_session19_h200.txt): 112.48 -> 110.28 ms.
 
+Tiles of bn + bn1 channels (``GluonConvConfig.bn1``) for channel counts that power-of-2 tiles cannot cut into one
+wave: the UNet's 320 (64² level) as 64 pixels x (256 + 64) and 640 (32²) as 64 x (128 + 32), 128 units each.
+H200 (bench/results/kernels_conv_unet_wide_h200.md): 2x320x64² -> 320 22.9 vs cuDNN 27.5 µs, 2x640x32² -> 640
+24.3 vs 33.4; the image 101.9 -> 99.8 ms (ab_conv_table_wide_h200.txt).
+
 :func:`conv3x3_gluon` raises ValueError for anything its kernel cannot take (device, dtype, layout, channel
 counts, alignment); :func:`conv_gluon_supported` answers the same question with False.
 """
