@@ -45,18 +45,21 @@ def test_vae_shapes_are_the_decoders_3x3_convs(monkeypatch):
     assert dict(calls) == want
 
 
-def test_unet_gluon_shapes_are_the_unets_64_32_16_and_8_convs(monkeypatch):
-    """UNET_GLUON_SHAPES (shape, Co, calls per step) are the SD-1 UNet's stride-1 3x3 convs at 64², 32², 16², 8²
-    (batch 2: classifier-free guidance), counted on the meta device with the upsamplers' convs as sub-pixel
-    phase convs (not counted); the base rows' 16² 1280->1280 count agrees."""
+@pytest.mark.parametrize("preset, latent, text_dim", [("sd1", 64, 768), ("sd1", 96, 768), ("sd2", 96, 1024)])
+def test_unet_gluon_shapes_are_the_unets_stride1_convs(monkeypatch, preset, latent, text_dim):
+    """unet_gluon_shapes(latent) (shape, Co, calls per step) are the UNet's stride-1 3x3 convs at its four levels
+    (batch 2: classifier-free guidance; SD-1 at 64 = UNET_GLUON_SHAPES, SD-1 and SD-2 at 96, 768² images),
+    counted on the meta device with the upsamplers' convs as sub-pixel phase convs (not counted); at 64 the base
+    rows' 16² 1280->1280 count agrees."""
     with torch.device("meta"):
-        unet = UNet2DCondition(UNET_PRESETS["sd1"]).half()
+        unet = UNet2DCondition(UNET_PRESETS[preset]).half()
     calls: collections.Counter = collections.Counter()
     real = ops.conv2d_op
 
     def record(x, conv, with_bias=True):
         inner = x.shape[1] > 4 < conv.out_channels  # (not conv_in / conv_out)
-        if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and x.shape[-1] in (8, 16, 32, 64) and inner:
+        sides = (latent, latent // 2, latent // 4, latent // 8)
+        if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and x.shape[-1] in sides and inner:
             calls[(tuple(x.shape), conv.out_channels)] += 1
         return real(x, conv, with_bias)
 
@@ -65,15 +68,23 @@ def test_unet_gluon_shapes_are_the_unets_64_32_16_and_8_convs(monkeypatch):
 
     monkeypatch.setattr(ops, "conv2d_op", record)
     monkeypatch.setattr(ops, "upsample_conv_op", subpixel)
-    sample = torch.empty(2, 4, 64, 64, device="meta", dtype=torch.float16)
-    text = torch.empty(2, 77, 768, device="meta", dtype=torch.float16)
+    sample = torch.empty(2, 4, latent, latent, device="meta", dtype=torch.float16)
+    text = torch.empty(2, 77, text_dim, device="meta", dtype=torch.float16)
     with torch.inference_mode(), ops.using(ops.Flags(channels_last=True)):
         unet(sample, torch.tensor([10.0, 10.0], device="meta"), text)
-    want = {(shape, n): c for _, shape, n, _, _, _, c in kc.UNET_GLUON_SHAPES}
-    assert all((k, s, p) == (3, 1, 1) for _, _, _, k, s, p, _ in kc.UNET_GLUON_SHAPES)
-    assert dict(calls) == want
-    base = {(shape, n): c for _, shape, n, k, s, _, c in kc.SHAPES if (k, s) == (3, 1) and shape[1] > 320}
-    assert all(base[key] == calls[key] for key in base)  # the base rows' counts agree
+    rows = kc.unet_gluon_shapes(latent)
+    assert all((k, s, p) == (3, 1, 1) and f"{shape[2]}²" in label for label, shape, _, k, s, p, _ in rows)
+    assert dict(calls) == {(shape, n): c for _, shape, n, _, _, _, c in rows}
+    if latent == 64:
+        assert rows == kc.UNET_GLUON_SHAPES
+        base = {(shape, n): c for _, shape, n, k, s, _, c in kc.SHAPES if (k, s) == (3, 1) and shape[1] > 320}
+        assert all(base[key] == calls[key] for key in base)  # the base rows' counts agree
+
+
+def test_unet_gluon_shapes_need_a_multiple_of_8():
+    for bad in (60, 4, 0):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            kc.unet_gluon_shapes(bad)
 
 
 @pytest.mark.parametrize("shape, co", [((2, 640, 32, 32), 640), ((2, 1280, 16, 16), 1280), ((2, 1280, 8, 8), 1280),

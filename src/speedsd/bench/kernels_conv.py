@@ -1,7 +1,7 @@
 """The implicit-GEMM Triton conv and the Gluon 3x3 conv vs cuDNN on SD convs.
 
     python -m speedsd.bench.kernels_conv --out bench/results [--table src/speedsd/data/conv_table.json]
-        [--shapes all|base|vae|unet] [--only TEXT] [--budget-s 30]
+        [--shapes all|base|vae|unet] [--latent 64] [--only TEXT] [--budget-s 30]
 
 Shapes ("base"): the UNet's 8² and 16² convs at 64x64 latents with classifier-free guidance (batch 2;
 M = 128 or 512 output pixels, 1280 output channels), its 4-channel output conv, and the VAE's 3-channel
@@ -82,6 +82,20 @@ UNET_GLUON_SHAPES = [
     ("unet 8² 1280->1280 (Gluon vs the table)", (2, 1280, 8, 8), 1280, 3, 1, 1, 11),
     ("unet 8² 2560->1280 (Gluon vs the table)", (2, 2560, 8, 8), 1280, 3, 1, 1, 3),
 ]
+
+
+def unet_gluon_shapes(latent: int = 64) -> list[tuple]:
+    """UNET_GLUON_SHAPES for another latent size (SD 1.x/2.x share these channel counts; 96 for 768² images):
+    every level's side scaled by latent / 64, the same channels and calls a step."""
+    if latent < 8 or latent % 8:
+        raise ValueError(f"latent size must be a multiple of 8 (the UNet's three downsamplings), got {latent}")
+    rows = []
+    for label, (b, c, h, _), n, k, stride, pad, calls in UNET_GLUON_SHAPES:
+        side = h * latent // 64
+        rows.append((label.replace(f"{h}²", f"{side}²", 1), (b, c, side, side), n, k, stride, pad, calls))
+    return rows
+
+
 # Gluon tiles for them, (th, tw, bn, bn1, consumer warpgroups, images a tile); stages and epilogue slabs: the most /
 # fewest that fit. Two images a tile only where an image fits in one tile (the 8² level: both CFG halves). bn1 > 0:
 # tiles of bn + bn1 channels, for channel counts like 320 and 640 that power-of-2 tiles cannot cut into one wave
@@ -331,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes_help += "cuDNN vs the Gluon conv with K splits on the UNet's 32², 16² and 8² convs"
     ap.add_argument("--shapes", choices=("all", "base", "vae", "unet"), default="all", help=shapes_help)
     ap.add_argument("--only", default=None, metavar="TEXT", help="only the shapes whose label contains TEXT")
+    ap.add_argument("--latent", type=int, default=64, help="--shapes unet: the UNet's latent size (96: 768² images)")
     ap.add_argument(
         "--table-from",
         default=None,
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(row, SPLITS, "splits", True) for row in SHAPES] if args.shapes in ("all", "base") else []
     plan += [(row, VAE_SPLITS, "variants", True) for row in VAE_SHAPES] if args.shapes in ("all", "vae") else []
     base = {(row[1], row[2]) for row in SHAPES}  # (all: the base rows time these shapes' Gluon splits already)
-    unet = [row for row in UNET_GLUON_SHAPES if args.shapes == "unet" or (row[1], row[2]) not in base]
+    unet = [row for row in unet_gluon_shapes(args.latent) if args.shapes == "unet" or (row[1], row[2]) not in base]
     plan += [(row, SPLITS, "splits", False) for row in unet] if args.shapes in ("all", "unet") else []
     plan = [p for p in plan if args.only is None or args.only in p[0][0]]
     rows = []
