@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #              image's right and bottom edges)
 #   B_tap,cb = Wm[n0 : +BN, tap·C + cb·BK : +BK]   Wm = the channels_last weight [Co, 3, 3, C] as [Co, 9·C]
 # BN1 > 0: the tile has BN1 more channels n0 + BN .. n0 + BN + BN1, a second accumulator fed by a second wgmma on the
-# same A box (register tensors have power-of-2 shapes; Co = 320 takes 128 + 32 and two such tiles a pixel block).
+# same A box (register tensors have power-of-2 shapes; Co = 320 as one 256 + 64 tile or two 128 + 32 tiles).
 #
 # K runs channel-block-major: K step ks = 9·cb + tap (cb outer, the 9 taps inner). Both wgmma operands come
 # from SMEM.
