@@ -3,7 +3,8 @@ channels, which cuDNN runs as 128 x 192 tiles (the last one 40 % padding) and wh
 into one wave (320 = 2.5 x 128). 128 x (128 + 32) tiles: 64 pixel blocks x 2 = 128 units, one wave on 132 SMs.
 
     python ab.py kernels OUT.json TABLE.json   # time candidates vs cuDNN; TABLE = the package table + winners
-    python ab.py image LABEL [TABLE.json]      # one process: a 20-step DPM++ 2M 512² image, median of 9
+    python ab.py image LABEL [TABLE.json|-] [SIZE] [MODEL]   # one process: a 20-step DPM++ 2M image (512²,
+                                                             # random:sd1.4 by default), median of 9
 
 Kernels: every candidate is checked on a NaN-poisoned output against an fp32 conv (error <= 2x cuDNN fp16's)
 and timed from CUDA graphs with weight copies cycled out of L2 (µs a call). Image: random:sd1.4, fp16, default
@@ -99,16 +100,16 @@ def kernels(out_json: str, table_out: str) -> None:
     Path(table_out).write_text(json.dumps(table, indent=1))
 
 
-def image(label: str, table: str | None) -> None:
+def image(label: str, table: str | None, size: int = 512, model: str = "random:sd1.4") -> None:
     import speedsd
     from speedsd import conv_table
 
     if table:
         conv_table.TABLE_PATH = Path(table)
-    pipe = speedsd.load("random:sd1.4")
+    pipe = speedsd.load(model)
 
     def one() -> None:
-        pipe("a photograph of an astronaut riding a horse", steps=20, height=512, width=512, seed=0,
+        pipe("a photograph of an astronaut riding a horse", steps=20, height=size, width=size, seed=0,
              output="tensor", scheduler="dpmpp_2m")  # fmt: skip
         torch.cuda.synchronize()
 
@@ -122,7 +123,7 @@ def image(label: str, table: str | None) -> None:
         t0 = time.perf_counter()
         one()
         ts.append(1e3 * (time.perf_counter() - t0))
-    print(f"{label} image_ms {statistics.median(ts):.2f} (min {min(ts):.2f} max {max(ts):.2f}) "
+    print(f"{label} {model} {size}² image_ms {statistics.median(ts):.2f} (min {min(ts):.2f} max {max(ts):.2f}) "
           f"two_image_peak_mib {peak:.0f}", flush=True)  # fmt: skip
 
 
@@ -130,4 +131,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "kernels":
         kernels(sys.argv[2], sys.argv[3])
     else:
-        image(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+        argv = sys.argv[2:] + [None] * 4
+        table = argv[1] if argv[1] not in (None, "-") else None
+        image(argv[0], table, int(argv[2] or 512), argv[3] or "random:sd1.4")
