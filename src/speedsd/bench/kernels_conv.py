@@ -170,15 +170,17 @@ def gluon_split_configs(shape: tuple[int, ...], co: int, sms: int = 132) -> list
     n, c, h, w = shape
     out = []
     for th, tw, bn, bn1, consumers, tb in GLUON_TILES:
-        if co % (bn + bn1) or c % 64 or n % tb or (tb > 1 and (h > th or w > tw)):
+        width = bn + bn1
+        if co % width or c % 64 or n % tb or (tb > 1 and (h > th or w > tw)):
             continue
-        tiles = n // tb * math.ceil(h / th) * math.ceil(w / tw) * (co // (bn + bn1))
+        tiles = n // tb * math.ceil(h / th) * math.ceil(w / tw) * (co // width)
         for split in GLUON_SPLITS:
             if split > 9 * c // 64 or (split > 1 and tiles * split > 2.2 * sms):
                 continue
             for stages, epi in [(st, e) for st in (5, 4, 3) for e in (1, 2, 4)]:
                 try:
-                    out.append(cg.GluonConvConfig(th, tw, bn, 64, stages, consumers, True, epi, split, tb, bn1))
+                    out.append(cg.GluonConvConfig(th=th, tw=tw, bn=bn, bk=64, stages=stages, consumers=consumers,
+                                                  epi_split=epi, split=split, tb=tb, bn1=bn1))  # fmt: skip
                     break
                 except ValueError:  # shared memory: fewer stages or more slabs
                     continue
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", default=None, help="merge this card's winners into this conv_table JSON")
     ap.add_argument("--budget-s", type=float, default=30.0, help="implicit-GEMM search time per shape")
     shapes_help = "base: the UNet/output-head convs; vae: the VAE decoder's 3x3 convs (+ Gluon on sm_90); unet: "
-    shapes_help += "cuDNN vs the Gluon conv with K splits on the UNet's 32², 16² and 8² convs"
+    shapes_help += "cuDNN vs the Gluon conv's tiles and K splits on the UNet's 64², 32², 16² and 8² convs"
     ap.add_argument("--shapes", choices=("all", "base", "vae", "unet"), default="all", help=shapes_help)
     ap.add_argument("--only", default=None, metavar="TEXT", help="only the shapes whose label contains TEXT")
     ap.add_argument("--latent", type=int, default=64, help="--shapes unet: the UNet's latent size (96: 768² images)")

@@ -234,6 +234,7 @@ def _mma_partition(y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_sme
             if HAS_BIAS:
                 cols1 = n0 + BN + gl.arange(0, BN1, layout=gl.SliceLayout(0, mma1_layout))
                 acc1 = acc1 + gl.expand_dims(gl.load(bias_ptr + cols1).to(gl.float32), 0)
+            # the last BN1 channels: one slab, no statistics (t_sp, T, STATS, CPG, EPI_SPLIT = 0, 1, False, 1, 1)
             _epilogue(y1_desc, c1_smem, acc1, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0 + BN, H, W, Co,
                       0, 1, False, 1, 1, NUM_WARPS)  # fmt: skip
     tma.store_wait(0)
