@@ -137,7 +137,7 @@ def _emulate(x, weight, bias, y, cfg, sms):
     [TH, TW, BK] boxes (zero outside [N, H, W, C], as TMA fills) and [BN, BK] weight blocks; the fp32 sum
     (+ bias) is stored as y's dtype (fp16, or a split's fp32 partial at row sp·N + b), clipped at the edge."""
     grid, args, const = cg._launch_args(x, weight, bias, y, cfg, sms)
-    xd, wd, yd, _, _, w1d, y1d, bias_ptr, _, _, c, _, _, _, n_img, n_th, n_tw, n_split, n_nb, num_units = args
+    xd, wd, yd, _, _, _, w1d, y1d, bias_ptr, _, _, c, _, _, _, n_img, n_th, n_tw, n_split, n_nb, num_units = args
     assert xd.block_shape == [cfg.tb, cfg.th, cfg.tw, cfg.bk] and wd.block_shape == [cfg.bn, cfg.bk]
     assert yd.block_shape == [cfg.tb, cfg.th, cfg.tw, cfg.bn // cfg.epi_split] and const["num_warps"] == cfg.warps
     assert const["HAS_BIAS"] == (bias is not None) and (bias is None or bias_ptr is bias)
@@ -279,7 +279,7 @@ def test_launch_grid():
     tiles = 2 * 38 * 4 * 2
     for name, grid in (("ws2", 132), ("ws2_np", tiles)):
         g, args, _ = cg._launch_args(x, wt, None, y, cg.variant(name, 512), 132)
-        assert g == (grid,) and args[9:] == (0, 64, 300, 50, 512, 2, 38, 4, 1, 2, tiles) and args[7] is y
+        assert g == (grid,) and args[10:] == (0, 64, 300, 50, 512, 2, 38, 4, 1, 2, tiles) and args[8] is y
 
 
 def test_launch_grid_with_split():
@@ -289,7 +289,7 @@ def test_launch_grid_with_split():
     cfg = cg.resolve("g8x16n128k64s4c1e1sk3p", 1280)
     parts = torch.empty(3, 2, 16, 16, 1280)
     g, args, const = cg._launch_args(x, wt, None, parts, cfg, 132)
-    assert g == (120,) and args[9:] == (0, 1280, 16, 16, 1280, 2, 2, 1, 3, 10, 120) and not const["HAS_BIAS"]
+    assert g == (120,) and args[10:] == (0, 1280, 16, 16, 1280, 2, 2, 1, 3, 10, 120) and not const["HAS_BIAS"]
     assert list(args[2].base.shape) == [6, 16, 16, 1280] and args[2].block_shape == [1, 8, 16, 128]
 
 

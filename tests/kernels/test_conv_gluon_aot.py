@@ -19,7 +19,7 @@ from speedsd.kernels import conv_gluon as cg
 # one warpgroup on a 128 x 256 tile needs 256 accumulator registers a thread, which must spill.
 # The fused epilogues (test_conv_gluon_epilogue.py): residual K steps + per-warp GroupNorm statistics on the VAE
 # configs, with 4 (128 channels), 8 and 16 channels a group. K splits: fp32 partial stores, no bias in the kernel.
-# tb2: two images a tile ([2, 8, 8, 64] boxes seen as 128 rows).
+# tb2: two images a tile ([2, 8, 8, 64] boxes seen as 128 rows). bn1: tiles of bn + bn1 channels.
 AOT = {
     "ws2": (cg.variant("ws2", 256), None),
     "ws2_co128_bias16": (cg.variant("ws2", 128), torch.float16),
@@ -34,6 +34,11 @@ AOT = {
     "bn128+32_c2": (cg.GluonConvConfig.parse("g8x16n128+32k64s5c2e1p"), None),  # 160 channels a tile (Co 320)
     "bn256+64_c1_bias16": (cg.GluonConvConfig.parse("g8x8n256+64k64s4c1e2p"), torch.float16),
     "bn128+32_split3": (cg.GluonConvConfig.parse("g8x16n128+32k64s4c2e1sk3p"), None),
+    # the UNet's conv2 at 64² / 32²: residual K steps into both accumulators, per-channel statistics (groups of 10
+    # and 20 channels straddle the 256 + 64 and 128 + 32 tiles); 256 + 64 in 64-channel slabs (128-channel slabs
+    # spill 12 bytes with the statistics)
+    "bn256+64_res_stats10": (cg.GluonConvConfig.parse("g8x8n256+64k64s4c1e4p"), torch.float16, True, 10),
+    "bn128+32_res_stats20": (cg.GluonConvConfig.parse("g8x8n128+32k64s5c1e1p"), torch.float16, True, 20),
     "control": (cg.GluonConvConfig(bn=256, epi_split=2), None),
 }
 # compiled in a child process without TRITON_INTERPRET (gluon_aot.run_compile_child)

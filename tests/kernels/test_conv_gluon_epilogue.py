@@ -1,10 +1,12 @@
 """The Gluon 3x3 conv's fused epilogue: bias + residual + the next GroupNorm's tile statistics.
 
-CPU: the epilogue's config and checks, the launcher's arguments for it, and the whole hand-over path on a fake
-sm_90 device whose launch is a torch model of the epilogue (conv + bias + residual, fp16, tile statistics):
-ops.conv_epilogue_op's routing, and a VAE-style ResnetBlock2D with it against the block without it. GPU (sm_90):
-the kernel's output (<= 2x cuDNN fp16's error), its tile statistics against the fp64 ones of its own output,
-GroupNorm from them, on the VAE decoder's shapes and odd ones (edge tiles, batch 2), and a CUDA graph.
+CPU: the epilogue's config and checks, the launcher's arguments for it (the residual's K steps modelled on its
+identity descriptors, bn + bn1 tiles included), and the whole hand-over path on a fake sm_90 device whose launch
+is a torch model of the epilogue (conv + bias + residual, fp16, tile statistics): ops.conv_epilogue_op's routing,
+and a VAE-style ResnetBlock2D with it against the block without it. GPU (sm_90): the kernel's output (<= 2x
+cuDNN fp16's error), its tile statistics (per channel in a bn + bn1 tile) against the fp64 ones of its own
+output, GroupNorm from them, on the VAE decoder's shapes, the UNet's 64² / 32² conv2 and odd ones (edge tiles,
+batch 2), and a CUDA graph.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def test_epilogue_problems():
     assert cg.conv_gluon_epilogue_problem(x, wt, None, 2, cfg) is None  # 64-channel groups in 64-channel slabs
     e4 = cg.GluonConvConfig.parse("g16x16n128k64s4c2e4p")
     assert "stats_groups=2" in cg.conv_gluon_epilogue_problem(x, wt, None, 2, e4)  # 64-channel groups > 32 slabs
+    # a bn + bn1 tile: the residual in both accumulators, statistics per channel (any group size)
+    x, wt, _, r = make(1, 64, 8, 8, 320)
+    for key in ("g8x8n256+64k64s4c1e4p", "g8x8n128+32k64s5c1e1p"):
+        wide = cg.GluonConvConfig.parse(key)
+        assert cg.conv_gluon_epilogue_problem(x, wt, r, 32, wide) is None  # 10 channels a group
+        assert cg.conv_gluon_epilogue_problem(x, wt, None, 64, wide) is None
+        assert "stats_groups=3" in cg.conv_gluon_epilogue_problem(x, wt, None, 3, wide)
 
 
 def test_launch_args_for_the_epilogue():
@@ -61,10 +70,51 @@ def test_launch_args_for_the_epilogue():
     rd, idd = args[3], args[4]
     assert rd.block_shape == [1, 16, 16, 64] and rd.base.data_ptr() == r.data_ptr()
     assert idd.block_shape == [128, 64] and torch.equal(idd.base, torch.eye(128, dtype=torch.float16))
-    assert args[7] is bias and args[8] is part and args[9:14] == (part[0].numel(), 64, 12, 20, 128)
+    assert args[5] is idd  # (no bn1 accumulator)
+    assert args[8] is bias and args[9] is part and args[10:15] == (part[0].numel(), 64, 12, 20, 128)
     assert const["HAS_RES"] and const["STATS"] and const["CPG"] == 4 and const["EPI_SPLIT"] == 4
     _, args, const = cg._launch_args(x, wt, None, y, cfg, 132)
-    assert args[7] is y and args[8] is y and not const["HAS_RES"] and not const["STATS"]
+    assert args[8] is y and args[9] is y and not const["HAS_RES"] and not const["STATS"]
+
+
+@pytest.mark.parametrize(
+    "key, co", [("g8x8n256+64k64s4c1e4p", 320), ("g8x8n128+32k64s5c1e1p", 320), ("g8x16n128k64s4c2e4p", 256),
+                ("g8x8n64+16k64s4c1e1p", 160)],  # fmt: skip
+    ids=["bn256+64", "bn128+32-two-tiles", "bn128", "bn64+16-narrower-than-bk"],
+)
+def test_residual_k_steps_reproduce_the_residual(key, co):
+    """The residual's K steps on the launcher's own descriptors: for tile channels n0 .. n0 + width, step j reads
+    the residual box at channel n0 + j·BK (zero past Co, as TMA fills) times I[:BN] (and I[BN:]) at column j·BK;
+    the sums are exactly the residual's channels of the tile (the boxes' channels past the tile meet zeros)."""
+    cfg = cg.GluonConvConfig.parse(key)
+    x, wt, _, r = make(1, 64, cfg.th, cfg.tw, co)  # one tile of pixels
+    m = cfg.th * cfg.tw
+    grid, args, const = cg._launch_args(x, wt, None, torch.empty_like(r), cfg, 132, r)
+    rd, idd, i1d = args[3:6]
+    assert const["HAS_RES"] and rd.block_shape == [1, cfg.th, cfg.tw, cfg.bk] and idd.block_shape == [cfg.bn, cfg.bk]
+    eye = idd.base
+    steps = -(-cfg.width // cfg.bk)
+    assert tuple(eye.shape) == (cfg.width, steps * cfg.bk) and i1d.base is eye
+    if cfg.bn1:
+        assert i1d.block_shape == [cfg.bn1, cfg.bk]
+    r_nhwc = F.pad(rd.base.float(), (0, steps * cfg.bk))  # channels past Co read as zeros
+    for n0 in range(0, co, cfg.width):
+        box = [r_nhwc[0, :, :, n0 + j * cfg.bk : n0 + (j + 1) * cfg.bk].reshape(m, cfg.bk) for j in range(steps)]
+        acc = sum(b @ eye[: cfg.bn, j * cfg.bk : (j + 1) * cfg.bk].float().T for j, b in enumerate(box))
+        want = r.float()[0, n0 : n0 + cfg.width].permute(1, 2, 0).reshape(m, cfg.width)
+        assert torch.equal(acc, want[:, : cfg.bn])
+        if cfg.bn1:
+            acc1 = sum(b @ eye[cfg.bn :, j * cfg.bk : (j + 1) * cfg.bk].float().T for j, b in enumerate(box))
+            assert torch.equal(acc1, want[:, cfg.bn :])
+
+
+def test_launch_args_for_per_channel_statistics():
+    """A bn + bn1 tile's statistics: CPG = 0 (per channel), part [3, N, tiles·warps, Co]."""
+    x, wt, bias, r = make(2, 64, 16, 16, 320)
+    cfg = cg.GluonConvConfig.parse("g8x8n256+64k64s4c1e4p")
+    part = torch.empty(3, 2, 4 * cfg.warps, 320)
+    _, args, const = cg._launch_args(x, wt, bias, torch.empty_like(r), cfg, 132, r, part)
+    assert const["STATS"] and const["CPG"] == 0 and const["BN1"] == 64 and args[9] is part
 
 
 # ---- CPU: the hand-over path on a fake sm_90 device ------------------------------------------------
@@ -81,7 +131,9 @@ def fake_epilogue(monkeypatch):
         calls.append((cfg, const["HAS_RES"], const["STATS"]))
         acc = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), padding=1)
         y.copy_(acc + (residual.float() if residual is not None else 0))
-        if part is not None:
+        if part is not None and cfg.bn1:  # per channel
+            part.copy_(ts.chan_stats_ref(y, cfg.th, cfg.tw, cfg.warps))
+        elif part is not None:
             part.copy_(ts.tile_stats_ref(y, part.shape[2], cfg.th, cfg.tw, cfg.warps))
 
     monkeypatch.setattr(cg, "_device_ok", lambda device: True)
@@ -330,6 +382,13 @@ SHAPES = [  # (N, C, H, W, Co), config
     pytest.param((1, 512, 64, 64, 512), "g8x16n128k64s4c1e1", id="vae-64-512to512"),
     pytest.param((1, 64, 12, 20, 128), "g16x16n128k64s4c2e2p", id="edge-tiles-16x16"),
     pytest.param((2, 128, 9, 17, 256), "g8x16n256k64s4c2e2p", id="B2-edge-tiles-8x16"),
+    # tiles of bn + bn1 channels (per-channel statistics): the UNet's conv2 at 64² and 32², its 64-channel-slab
+    # variant, two tiles across Co with edge tiles, bn1 narrower than bk
+    pytest.param((2, 320, 64, 64, 320), "g8x8n256+64k64s4c1e2p", id="unet64-bn256+64-e2"),
+    pytest.param((2, 320, 64, 64, 320), "g8x8n256+64k64s4c1e4p", id="unet64-bn256+64-e4"),
+    pytest.param((2, 640, 32, 32, 640), "g8x8n128+32k64s5c1e1p", id="unet32-bn128+32"),
+    pytest.param((2, 128, 9, 13, 320), "g8x8n128+32k64s5c1e1p", id="B2-edge-tiles-bn128+32-two-tiles"),
+    pytest.param((1, 64, 11, 8, 160), "g8x8n64+16k64s4c1e1p", id="edge-tiles-bn64+16"),
 ]
 
 
@@ -356,7 +415,11 @@ def test_gpu_epilogue(shape, key, epilogue):
         return
     cfg = cg.GluonConvConfig.parse(key)
     stats = getattr(y, GN_STATS_ATTR)
-    want = ts.tile_stats_ref(y, groups, cfg.th, cfg.tw, cfg.warps)
+    if cfg.bn1:
+        assert stats.per_channel
+        want = ts.chan_stats_ref(y, cfg.th, cfg.tw, cfg.warps)
+    else:
+        want = ts.tile_stats_ref(y, groups, cfg.th, cfg.tw, cfg.warps)
     assert torch.equal(stats.part[2].cpu(), want[2].cpu())  # the counts
     torch.testing.assert_close(stats.part[0].cpu(), want[0].cpu(), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(stats.part[1].cpu(), want[1].cpu(), atol=1e-3, rtol=2e-5)

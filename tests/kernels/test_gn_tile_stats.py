@@ -79,6 +79,38 @@ def test_merge_matches_fp64_statistics(label, shape, groups, tile):
     torch.testing.assert_close(plain[0].double(), want[0] / w.double(), atol=1e-5, rtol=1e-5)
 
 
+# per channel (a Gluon conv tile of bn + bn1 channels): the UNet's 64² / 32² GroupNorms scaled down (CPG 10 and
+# 20, 4 warps a tile), an edge tile, CPG 1
+CHAN_SHAPES = [
+    ("unet64-like-cpg10", (2, 320, 16, 16), 32, (8, 8, 4)),
+    ("unet32-like-cpg20-edge-tiles", (2, 640, 9, 12), 32, (8, 8, 4)),
+    ("cpg1-one-warp", (1, 32, 5, 7), 32, (8, 16, 1)),
+]
+
+
+@pytest.mark.parametrize("label,shape,groups,tile", CHAN_SHAPES, ids=[s[0] for s in CHAN_SHAPES])
+def test_merge_of_per_channel_partials(label, shape, groups, tile):
+    """[3, N, P, C] partials (chan_stats_ref): the same merge as the per-group ones, to fp64's statistics; refused
+    where the layout does not fit x."""
+    x = _input(shape, torch.float16)
+    w, b = _affine(shape[1])
+    part = ts.chan_stats_ref(x, *tile)
+    assert part.shape == (3, shape[0], part.shape[2], shape[1])
+    torch.testing.assert_close(part.permute(0, 1, 3, 2), ts.tile_stats_ref(x, shape[1], *tile))
+    stats = ts.TileStats(groups, x._version, part, per_channel=True)
+    scale, shift = stats.scale_shift(x, groups, w, b, 1e-6)
+    want = group_norm_scale_shift_ref(x.double(), groups, w.double(), b.double(), 1e-6)
+    torch.testing.assert_close(scale.double(), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shift.double(), want[1], atol=1e-5, rtol=1e-5)
+    wrong = ts.TileStats(groups, x._version, part[:, :, :, : shape[1] // 2].contiguous(), per_channel=True)
+    assert wrong.scale_shift(x, groups, w, b, 1e-6) is None
+    y = ts.attach(x, part, groups, per_channel=True)  # through GroupNorm's hand-over
+    got = group_norm(y, groups, w, b, 1e-6, silu=True)
+    assert not hasattr(y, GN_STATS_ATTR)
+    want_gn = group_norm_ref(x.double(), groups, w.double(), b.double(), 1e-6, silu=True)
+    torch.testing.assert_close(got.double(), want_gn, atol=4e-3, rtol=4e-3)
+
+
 @pytest.mark.parametrize("silu", [False, True], ids=["affine", "silu"])
 @pytest.mark.parametrize("dlabel,dtype,atol,rtol", DTYPES, ids=[d[0] for d in DTYPES])
 @pytest.mark.parametrize("label,shape,groups,tile", SHAPES[:3], ids=[s[0] for s in SHAPES[:3]])

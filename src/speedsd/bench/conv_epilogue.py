@@ -1,9 +1,11 @@
-"""The Gluon conv with a fused epilogue vs the engine's unfused pair, on the VAE decoder's 3x3 convs (sm_90).
+"""The Gluon conv with a fused epilogue vs the engine's unfused pair, on the VAE decoder's 3x3 convs and the
+UNet's 64² / 32² conv2 (sm_90).
 
     python -m speedsd.bench.conv_epilogue --out bench/results [--table src/speedsd/data/conv_table.json]
+                                          [--shapes vae|unet|all]
 
-A ResNet block's convs feed a GroupNorm(32)+SiLU. Per VAE shape (fp16 channels_last, batch 1), what runs
-from conv input to normalised output, CUDA-graph replay (``common.graph_ms``):
+A ResNet block's convs feed a GroupNorm(32)+SiLU. Per shape (fp16 channels_last; the VAE at batch 1, the UNet
+at its CFG batch 2), what runs from conv input to normalised output, CUDA-graph replay (``common.graph_ms``):
 
   conv1 (no residual)   unfused: the engine's conv (conv table: cuDNN or the plain Gluon conv) without bias,
                         then GroupNorm with the bias as pre-add (statistics launch + normalize launch)
@@ -37,23 +39,29 @@ from speedsd.kernels.group_norm import group_norm
 
 CL = torch.channels_last
 GROUPS = 32
-# (Cin, Cout, H = W): the VAE decoder's 3x3 convs at 512² (calls per decode as conv1 / conv2)
-SHAPES = [(512, 512, 64), (512, 512, 128), (512, 256, 256), (256, 256, 256), (256, 128, 512), (128, 128, 512)]
+# (N, Cin, Cout, H = W): the VAE decoder's 3x3 convs at 512² (calls per decode as conv1 / conv2), and the UNet's
+# conv2 at 64² and 32² latents (5 calls a step each; 320 and 640 channels: groups of 10 and 20)
+SHAPES = {
+    "vae": [(1, 512, 512, 64), (1, 512, 512, 128), (1, 512, 256, 256), (1, 256, 256, 256), (1, 256, 128, 512),
+            (1, 128, 128, 512)],
+    "unet": [(2, 320, 320, 64), (2, 640, 640, 32)],
+}  # fmt: skip
 CANDIDATES = ("g16x16n128k64s4c2e2p", "g16x16n128k64s4c2e4p", "g8x16n256k64s4c2e2p", "g8x16n128k64s4c1e1p",
-              "g8x16n128k64s4c1e2p")  # fmt: skip
+              "g8x16n128k64s4c1e2p", "g8x8n256+64k64s4c1e2p", "g8x8n256+64k64s4c1e4p", "g8x8n128+32k64s5c1e1p",
+              "g8x16n128+32k64s4c2e1p")  # fmt: skip
 
 
-def _tensors(cin: int, cout: int, hw: int, device: str) -> dict[str, torch.Tensor]:
+def _tensors(n: int, cin: int, cout: int, hw: int, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(cin + cout + hw)
 
     def t(*shape: int, scale: float = 1.0, mean: float = 0.0) -> torch.Tensor:
         return (torch.randn(shape, generator=g) * scale + mean).half().to(device)
 
     return {
-        "x": t(1, cin, hw, hw, scale=1.0, mean=0.2).contiguous(memory_format=CL),
+        "x": t(n, cin, hw, hw, scale=1.0, mean=0.2).contiguous(memory_format=CL),
         "w": t(cout, cin, 3, 3, scale=(9 * cin) ** -0.5).contiguous(memory_format=CL),
         "b": t(cout, scale=0.3, mean=0.1),
-        "r": t(1, cout, hw, hw, scale=1.0, mean=-0.3).contiguous(memory_format=CL),
+        "r": t(n, cout, hw, hw, scale=1.0, mean=-0.3).contiguous(memory_format=CL),
         "gw": t(cout, scale=0.2, mean=1.0),
         "gb": t(cout, scale=0.2),
     }
@@ -75,11 +83,12 @@ def _candidates(shape: tuple[int, ...], cout: int, x: torch.Tensor) -> list[cg.G
     keys = [str(plain)] if isinstance(plain, cg.GluonConvConfig) else []
     keys += [k for k in CANDIDATES if k not in keys]
     cfgs = map(cg.GluonConvConfig.parse, keys)
-    return [c for c in cfgs if cout % c.bn == 0 and (c.bn // c.epi_split) % (cout // GROUPS) == 0]
+    # (a bn + bn1 tile writes per-channel statistics: any group size)
+    return [c for c in cfgs if cout % c.width == 0 and (c.bn1 or (c.bn // c.epi_split) % (cout // GROUPS) == 0)]
 
 
-def _shape_row(cin: int, cout: int, hw: int, device: str) -> dict[str, Any]:
-    t = _tensors(cin, cout, hw, device)
+def _shape_row(n: int, cin: int, cout: int, hw: int, device: str) -> dict[str, Any]:
+    t = _tensors(n, cin, cout, hw, device)
     x, w, b, r, gw, gb = (t[k] for k in ("x", "w", "b", "r", "gw", "gb"))
     key = conv_table.shape_key(tuple(x.shape), cout, 3, 1, 1, x.dtype)
 
@@ -94,7 +103,7 @@ def _shape_row(cin: int, cout: int, hw: int, device: str) -> dict[str, Any]:
         "stats": lambda: gn(_engine_conv(x, w), add=b),
         "residual": lambda: gn(_add_stats(_engine_conv(x, w), b, r)),
     }
-    row: dict[str, Any] = {"shape": f"1x{cin}x{hw}²->{cout}", "key": key, "ok": True}
+    row: dict[str, Any] = {"shape": f"{n}x{cin}x{hw}²->{cout}", "key": key, "ok": True}
     row["cudnn_us"] = 1e3 * common.graph_ms(lambda: F.conv2d(x, w, None, padding=1))
     for kind in ("stats", "residual"):
         res = r if kind == "residual" else None
@@ -117,10 +126,10 @@ def _shape_row(cin: int, cout: int, hw: int, device: str) -> dict[str, Any]:
     return row
 
 
-def run(device: str) -> dict[str, Any]:
+def run(device: str, shapes: str = "all") -> dict[str, Any]:
     rows, errors = [], []
-    for cin, cout, hw in SHAPES:
-        row = common.guard(errors, f"{cin}->{cout} at {hw}²", _shape_row, cin, cout, hw, device)
+    for n, cin, cout, hw in [s for k, v in SHAPES.items() if shapes in (k, "all") for s in v]:
+        row = common.guard(errors, f"{n}x{cin}->{cout} at {hw}²", _shape_row, n, cin, cout, hw, device)
         if row is not None:
             rows.append(row)
             print(row, flush=True)
@@ -153,10 +162,11 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = common.kernel_bench_args("conv_epilogue", __doc__)
     ap.add_argument("--table", default=None, help="record the measured choices in this conv table (this card)")
+    ap.add_argument("--shapes", choices=[*SHAPES, "all"], default="all", help="the VAE's, the UNet's or both")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("conv_epilogue needs an sm_90 GPU (the Gluon conv does not run on CPU)")
-    res = run("cuda")
+    res = run("cuda", a.shapes)
     ok = not res["errors"] and all(r["ok"] for r in res["rows"])
     if a.table and ok:
         choices = {

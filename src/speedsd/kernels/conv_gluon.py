@@ -2,7 +2,8 @@
 and the UNet's 64², 32², 16² and 8² convs, where the per-card conv table (conv_table.py) found it fastest.
 
 y = conv3x3(x, w) (+ bias) (+ residual), fp16 channels_last in and out, fp32 accumulation; optionally the
-epilogue also writes the next GroupNorm's partial statistics (``stats_groups``, kernels/gn_tile_stats.py).
+epilogue also writes the next GroupNorm's partial statistics (``stats_groups``, kernels/gn_tile_stats.py; per
+channel in a tile of bn + bn1 channels, whose groups of 10 or 20 straddle its slabs).
 One TMA producer warp feeds a ring of (input box, weight block) slots to one ('ws') or two ('ws2') consumer
 warpgroups issuing async wgmma; persistent (one program per SM walking the tiles) or one tile per program
 ('_np'). Kernel and its math: kernels/conv_gluon_kernels.py. Shapes a tile can take, for convs whose tiles
@@ -133,7 +134,8 @@ def conv3x3_gluon(
     in fp32 too. ``stats_groups``: the output's next reader is GroupNorm(stats_groups): the epilogue also
     writes its per-tile statistics, handed over on the output (kernels/gn_tile_stats.py). config: a
     GluonConvConfig, its ``str`` key, or a VARIANTS name fitted to Co (None: 'ws2'). C must be a multiple of
-    config.bk, Co of its width bn + bn1 (and of stats_groups, with bn a multiple of Co / stats_groups).
+    config.bk, Co of its width bn + bn1 (and of stats_groups; without bn1, bn / epi_split a multiple of
+    Co / stats_groups).
     """
     cfg = resolve(config, weight.shape[0] if weight.dim() == 4 else 0)
     why = _problem(x, weight, bias, cfg) or conv_gluon_epilogue_problem(x, weight, residual, stats_groups, cfg)
@@ -154,15 +156,16 @@ def conv3x3_gluon(
     if residual is not None and residual.data_ptr() == out.data_ptr():
         raise ValueError("out must not be the residual (tiles read it while others write)")
     part = None
-    if stats_groups:  # (mean, M2, count) per tile and warp
+    if stats_groups:  # (mean, M2, count) per tile and warp, of each group (per channel in a bn + bn1 tile)
         tiles = -(-h // cfg.th) * -(-w // cfg.tw)
-        part = torch.empty((3, n, stats_groups, tiles * cfg.warps), device=x.device, dtype=torch.float32)
+        dims = (tiles * cfg.warps, co) if cfg.bn1 else (stats_groups, tiles * cfg.warps)
+        part = torch.empty((3, n, *dims), device=x.device, dtype=torch.float32)
     drop_gn_stats(out)
     if cfg.split > 1:  # fp32 partials, summed (+ bias, residual) into out by a second kernel
         sum_partials(_partials(x, weight, cfg), bias, out, residual)
         return out
     _launch(x, weight, bias, out, cfg, residual, part)
-    return out if part is None else attach(out, part, stats_groups)
+    return out if part is None else attach(out, part, stats_groups, per_channel=cfg.bn1 > 0)
 
 
 def _partials(x: torch.Tensor, weight: torch.Tensor, cfg: GluonConvConfig) -> torch.Tensor:
@@ -185,9 +188,10 @@ def conv3x3_gluon_partials(x: torch.Tensor, weight: torch.Tensor, config: GluonC
 
 
 @functools.lru_cache(maxsize=8)
-def _identity(bn: int, device: torch.device) -> torch.Tensor:
-    """fp16 [bn, bn] identity: the B operand of the residual's K steps (kernels/conv_gluon_kernels.py)."""
-    return torch.eye(bn, dtype=torch.float16, device=device)
+def _identity(width: int, bk: int, device: torch.device) -> torch.Tensor:
+    """fp16 eye(width, ⌈width / bk⌉·bk): the B (and B1) operands of the residual's K steps, a tile of width
+    channels (kernels/conv_gluon_kernels.py)."""
+    return torch.eye(width, -(-width // bk) * bk, dtype=torch.float16, device=device)
 
 
 def conv_gluon_epilogue_problem(
@@ -206,14 +210,14 @@ def conv_gluon_epilogue_problem(
         return f"residual must be an fp16 channels_last [{n}, {co}, {h}, {w}] tensor on {x.device}"
     if residual is not None and n * h * w * co >= 2**31:
         return "the residual is indexed with int32: N·H·W·Co must stay below 2^31"
-    if cfg.bn1 and (groups is not None or (residual is not None and cfg.split == 1)):
-        return f"config {cfg}: a tile of bn + bn1 channels adds no residual and writes no statistics in its epilogue"
     if cfg.tb > 1 and groups is not None:
         return f"config {cfg}: a tile of {cfg.tb} images writes no statistics (they are per image)"
     if cfg.split > 1 and groups is not None:
         return f"config {cfg}: a K split sums its partials in a second kernel, which writes no statistics"
-    if groups is not None and (groups <= 0 or co % groups or (cfg.bn // cfg.epi_split) % (co // groups)):
-        slab = cfg.bn // cfg.epi_split
+    if groups is not None and (groups <= 0 or co % groups):
+        return f"stats_groups={groups} must divide Co={co}"
+    slab = cfg.bn // cfg.epi_split  # (a bn + bn1 tile writes per-channel statistics: any group size)
+    if groups is not None and not cfg.bn1 and slab % (co // groups):
         return f"stats_groups={groups} must divide Co={co} in groups that tile the {slab}-channel slabs"
     return None
 
@@ -252,19 +256,24 @@ def _launch_args(
     n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.width
     num_units = n // cfg.tb * n_th * n_tw * cfg.split * n_nb  # (tile, K split) pairs
     grid = (min(sms, num_units) if cfg.persistent else num_units,)
-    # the residual: BN / BK more K steps of [TH, TW, BK] boxes of it times [BN, BK] blocks of an identity
-    rd, idd = xd, wd  # (stand-ins: not read without HAS_RES)
-    if residual is not None:
-        rd = desc(nhwc_view(residual), [cfg.tb, cfg.th, cfg.tw, cfg.bk])
-        idd = desc(_identity(cfg.bn, x.device), [cfg.bn, cfg.bk])
-    # y stands in for the pointers an epilogue does not read; part: [3, N, G, tiles·warps]
-    ptrs = (y if bias is None else bias, y if part is None else part)
-    third, cpg = (0, 1) if part is None else (part[0].numel(), co // part.shape[2])
     w1d, y1d = wd, yd  # the tile's last bn1 channels (stand-ins without)
     if cfg.bn1:
         w1d = desc(w_mat, [cfg.bn1, cfg.bk])
         y1d = desc(y_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bn1])
-    args = (xd, wd, yd, rd, idd, w1d, y1d, *ptrs, third, c, h, w, co, n, n_th, n_tw, cfg.split, n_nb, num_units)
+    # the residual: ⌈width / BK⌉ more K steps of [TB, TH, TW, BK] boxes of it times [BN, BK] (and [BN1, BK])
+    # blocks of an identity
+    rd, idd, i1d = xd, wd, w1d  # (stand-ins: not read without HAS_RES)
+    if residual is not None:
+        eye = _identity(cfg.width, cfg.bk, x.device)
+        rd = desc(nhwc_view(residual), [cfg.tb, cfg.th, cfg.tw, cfg.bk])
+        idd = desc(eye, [cfg.bn, cfg.bk])
+        i1d = desc(eye, [cfg.bn1, cfg.bk]) if cfg.bn1 else idd
+    # y stands in for the pointers an epilogue does not read; part: [3, N, G, tiles·warps], or per channel
+    # [3, N, tiles·warps, Co] (CPG = 0) in a bn + bn1 tile
+    ptrs = (y if bias is None else bias, y if part is None else part)
+    third, cpg = (0, 1) if part is None else (part[0].numel(), 0 if cfg.bn1 else co // part.shape[2])
+    args = (xd, wd, yd, rd, idd, i1d, w1d, y1d, *ptrs, third, c, h, w, co, n, n_th, n_tw, cfg.split, n_nb,
+            num_units)  # fmt: skip
     const = dict(STAGES=cfg.stages, HAS_BIAS=bias is not None, HAS_RES=residual is not None, STATS=part is not None,
                  CPG=cpg, EPI_SPLIT=cfg.epi_split, BN1=cfg.bn1, PRODUCER_REGS=PRODUCER_REGS,
                  num_warps=cfg.warps)  # fmt: skip
@@ -313,7 +322,9 @@ def compile_sm90(
         y, bias_dtype = torch.empty((config.split, nb, 16, 16, co), dtype=torch.float32), None
     bias = None if bias_dtype is None else torch.empty(co, dtype=bias_dtype)
     res = torch.empty_like(y) if residual else None
-    part = None if stats_cpg is None else torch.empty((3, 1, co // stats_cpg, 4), dtype=torch.float32)
+    part = None
+    if stats_cpg is not None:  # (a bn + bn1 tile's statistics are per channel)
+        part = torch.empty((3, nb, 4, co) if config.bn1 else (3, nb, co // stats_cpg, 4), dtype=torch.float32)
     _, args, const = _launch_args(x, wt, bias, y, config, 132, res, part)
     fn = kern.conv3x3_kernel
     names = fn.arg_names

@@ -39,8 +39,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #
 # K runs channel-block-major: K step ks = 9·cb + tap (cb outer, the 9 taps inner). Both wgmma operands come
 # from SMEM.
-# HAS_RES: + r[b, oy, ox, n] as BN / BK more K steps of the same ring, A = the residual's [TH, TW, BK] box at
-# channel n0 + j·BK, B = columns j·BK .. of a [BN, BN] identity (exact: fp16 products, fp32 sums).
+# HAS_RES: + r[b, oy, ox, n] as RS = ⌈(BN + BN1) / BK⌉ more K steps of the same ring, A = the residual's
+# [TB, TH, TW, BK] box at channel n0 + j·BK, B (and B1) = rows 0 .. BN (BN .. BN + BN1) of columns j·BK .. of
+# I = eye(BN + BN1, RS·BK) (exact: fp16 products, fp32 sums; box channels past the tile meet I's zero columns).
 # Split-K (n_split > 1): a work unit is (tile, split sp); split sp runs the K steps
 #   ks in [sp·KS / n_split, (sp + 1)·KS / n_split),   KS = 9·C / BK   (integer division: every step once)
 # (up to KS splits, so a handful of tiles, the UNet's 8² level, can still fill every SM)
@@ -53,6 +54,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # image) and group j of CPG channels (cnt = those rows · CPG):
 #   mean = Σ v / cnt,   M2 = Σ (v − mean)²      (two passes over the registers: no cancellation)
 #   part[0 | 1 | 2, b, n0 / CPG + j, (ty·n_tw + tx)·num_warps + w] = mean | M2 | cnt
+# or, CPG = 0 (groups that do not tile the slabs: 10 or 20 channels in a 256 + 64 or 128 + 32 tile), the same
+# per channel c (cnt = those rows), channel fastest so a warp's stores are contiguous:
+#   part[0 | 1 | 2, b, (ty·n_tw + tx)·num_warps + w, c] = mean | M2 | cnt
 # (kernels/gn_tile_stats.py merges them into GroupNorm's per-channel scale and shift).
 #
 # Protocol (gl.warp_specialize; a STAGES-deep SMEM ring of (A, B) slots, barriers ready[s] and empty[s]):
@@ -87,14 +91,15 @@ def _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB: gl.constexpr, TH: g
 
 
 @gluon.jit
-def _load_partition(x_desc, w_desc, w1_desc, r_desc, i_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C, n_th, n_tw,
-                    n_split, n_nb, num_units, HAS_RES: gl.constexpr, BN1: gl.constexpr):  # fmt: skip
+def _load_partition(x_desc, w_desc, w1_desc, r_desc, i_desc, i1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C, n_th,
+                    n_tw, n_split, n_nb, num_units, HAS_RES: gl.constexpr, BN1: gl.constexpr):  # fmt: skip
     TB: gl.constexpr = x_desc.block_type.shape[0]
     TH: gl.constexpr = x_desc.block_type.shape[1]
     TW: gl.constexpr = x_desc.block_type.shape[2]
     BK: gl.constexpr = x_desc.block_type.shape[3]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
+    RS: gl.constexpr = (BN + BN1 + BK - 1) // BK  # the residual's K steps
     NBYTES: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     NBYTES1: gl.constexpr = NBYTES + (w1_desc.block_type.nbytes if BN1 > 0 else 0)
     ks_total = 9 * (C // BK)
@@ -117,14 +122,16 @@ def _load_partition(x_desc, w_desc, w1_desc, r_desc, i_desc, a_bufs, b_bufs, b1_
             if BN1 > 0:
                 tma.async_copy_global_to_shared(w1_desc, [n0 + BN, tap * C + c0], bar, b1_bufs.index(s))
             it += 1
-        if HAS_RES:  # the residual as BN / BK more K steps: A = r[b, oy0:, ox0:, n0 + j·BK :], B = I_BN[:, j·BK :]
-            for j in gl.static_range(BN // BK):
+        if HAS_RES:  # the residual, RS more K steps: A = r[b, oy0:, ox0:, n0 + j·BK :], B | B1 = I[:BN | BN:, j·BK :]
+            for j in gl.static_range(RS):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(s)
-                mbarrier.expect(bar, NBYTES)
+                mbarrier.expect(bar, NBYTES1)
                 tma.async_copy_global_to_shared(r_desc, [b, oy0, ox0, n0 + j * BK], bar, a_bufs.index(s))
                 tma.async_copy_global_to_shared(i_desc, [0, j * BK], bar, b_bufs.index(s))
+                if BN1 > 0:
+                    tma.async_copy_global_to_shared(i1_desc, [BN, j * BK], bar, b1_bufs.index(s))
                 it += 1
 
 
@@ -159,7 +166,9 @@ def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, b_out, oy0, ox0, n0,
         m = gl.arange(0, BM, layout=gl.SliceLayout(1, v.type.layout)) % (TH * TW)  # the pixel within its image
         rows_ok = (oy0 + m // TW < H) & (ox0 + m % TW < W)  # the tile's pixels inside the image
         out = v.to(c_smem.dtype)
-        if STATS:
+        if STATS and CPG == 0:
+            _chan_stats(out, rows_ok, part_ptr, part_third, b, t_sp, T, Co, n0 + i * SPLIT_N, NUM_WARPS)
+        elif STATS:
             _tile_stats(out, rows_ok, part_ptr, part_third, b, t_sp, T, Co // CPG, (n0 + i * SPLIT_N) // CPG, CPG,
                         SPLIT_N, NUM_WARPS)  # fmt: skip
         tma.store_wait(0)
@@ -188,13 +197,14 @@ def _mma_partition(y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_sme
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, max(BN1, 8), 16]
     )
     ks_total = 9 * (C // BK)
+    n_res = (BN + BN1 + BK - 1) // BK if HAS_RES else 0  # the residual's K steps (the producer's RS)
     it = 0  # K steps consumed by this program over all its units
     for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
         b, oy0, ox0, n0, sp, ks0, ks1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB, TH, TW, BN + BN1)
         acc = gl.zeros([BM, BN], gl.float32, mma_layout)
         if BN1 > 0:
             acc1 = gl.zeros([BM, BN1], gl.float32, mma1_layout)
-        for ks in range(ks0, ks1):
+        for ks in range(ks0, ks1 + n_res):  # the conv's K steps, then the residual's (the same slots and wgmmas)
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             a_view = a_bufs.index(s).reshape([BM, BK])  # [TB, TH, TW, BK] -> [BM, BK]
@@ -211,32 +221,24 @@ def _mma_partition(y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_sme
             # previous unit's last slot was freed after its final wait)
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ks > ks0)
             it += 1
-        if HAS_RES:
-            for _ in gl.static_range(BN // BK):
-                s = it % STAGES
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                a_view = a_bufs.index(s).reshape([BM, BK])
-                acc = warpgroup_mma(a_view, b_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(1, deps=(acc,))
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                it += 1
         if BN1 > 0:
             acc, acc1 = warpgroup_mma_wait(0, deps=(acc, acc1))
         else:
             acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the unit's last step
-        if HAS_BIAS:
-            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
-            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
-        _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0, H, W, Co,
-                  (oy0 // TH) * n_tw + ox0 // TW, n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
-        if BN1 > 0:
+        t_sp = (oy0 // TH) * n_tw + ox0 // TW
+        if BN1 > 0:  # the last BN1 channels first (acc's slabs then have the registers to themselves): one slab
+            # (EPI_SPLIT = 1); statistics per channel (CPG = 0, the launcher's only choice for a bn1 tile)
             if HAS_BIAS:
                 cols1 = n0 + BN + gl.arange(0, BN1, layout=gl.SliceLayout(0, mma1_layout))
                 acc1 = acc1 + gl.expand_dims(gl.load(bias_ptr + cols1).to(gl.float32), 0)
-            # the last BN1 channels: one slab, no statistics (t_sp, T, STATS, CPG, EPI_SPLIT = 0, 1, False, 1, 1)
             _epilogue(y1_desc, c1_smem, acc1, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0 + BN, H, W, Co,
-                      0, 1, False, 1, 1, NUM_WARPS)  # fmt: skip
+                      t_sp, n_th * n_tw, STATS, CPG, 1, NUM_WARPS)  # fmt: skip
+        if HAS_BIAS:
+            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
+        _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0, H, W, Co, t_sp,
+                  n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
     tma.store_wait(0)
 
 
@@ -270,20 +272,47 @@ def _tile_stats(v16, rows_ok, part_ptr, third, b, t_sp, T, G, g0, CPG: gl.conste
     gl.store(dst + 2 * third, cnt)
 
 
+@gluon.jit
+def _chan_stats(v16, rows_ok, part_ptr, third, b, t_sp, T, Co, c0, NUM_WARPS: gl.constexpr):
+    # _tile_stats per channel (groups of 1): [BM, SPLIT_N] = [REP, NUM_WARPS, 16, SPLIT_N], sums over axes (2, 0)
+    # in one warp. Per (warp w, channel c0 + j): cnt = valid rows, mean = Σ v / cnt, M2 = Σ (v − mean)², at
+    # part[0 | 1 | 2, b, t_sp·NUM_WARPS + w, c0 + j] (channel fastest: a warp stores SPLIT_N consecutive floats).
+    BM: gl.constexpr = v16.shape[0]
+    SPLIT_N: gl.constexpr = v16.shape[1]
+    REP: gl.constexpr = BM // (16 * NUM_WARPS)
+    shape4: gl.constexpr = [REP, NUM_WARPS, 16, SPLIT_N]
+    ok = gl.reshape(gl.broadcast(gl.expand_dims(rows_ok, 1), v16)[0], shape4)  # (i1: fewer registers than fp32 0/1)
+    v = gl.where(ok, gl.reshape(v16.to(gl.float32), shape4), 0.0)
+    cnt = gl.sum(gl.sum(gl.where(ok, 1.0, 0.0), axis=2), axis=0)  # [NUM_WARPS, SPLIT_N]
+    mean = gl.sum(gl.sum(v, axis=2), axis=0) / gl.maximum(cnt, 1.0)
+    d = gl.where(ok, v - gl.expand_dims(gl.expand_dims(mean, 0), 2), 0.0)
+    m2 = gl.sum(gl.sum(d * d, axis=2), axis=0)
+    out_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NUM_WARPS, 1], [1, 0])  # lanes along the channels
+    mean, m2, cnt = gl.convert_layout(mean, out_l), gl.convert_layout(m2, out_l), gl.convert_layout(cnt, out_l)
+    w = gl.arange(0, NUM_WARPS, layout=gl.SliceLayout(1, out_l))
+    j = gl.arange(0, SPLIT_N, layout=gl.SliceLayout(0, out_l))
+    dst = part_ptr + ((b * T + t_sp) * NUM_WARPS + gl.expand_dims(w, 1)) * Co + c0 + gl.expand_dims(j, 0)
+    gl.store(dst, mean)
+    gl.store(dst + third, m2)
+    gl.store(dst + 2 * third, cnt)
+
+
 # sizes are not specialized: one compile per (config, bias dtype, epilogue) serves every layer shape
 @gluon.jit(do_not_specialize=["part_third", "C", "H", "W", "Co", "n_img", "n_th", "n_tw", "n_split", "n_nb",
                               "num_units"])  # fmt: skip
-def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, w1_desc, y1_desc, bias_ptr, part_ptr, part_third, C, H, W,
-                   Co, n_img, n_th, n_tw, n_split, n_nb, num_units, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
-                   HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
-                   BN1: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, i1_desc, w1_desc, y1_desc, bias_ptr, part_ptr, part_third,
+                   C, H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, STAGES: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr,
+                   EPI_SPLIT: gl.constexpr, BN1: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                   num_warps: gl.constexpr):  # fmt: skip
     # x_desc: [N, H, W, C] boxes [TB, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
     # y_desc: [N, H, W, Co] boxes [TB, TH, TW, BN / EPI_SPLIT] (n_split > 1: the fp32 partials [n_split·N, H, W, Co]);
     # BN1 > 0: a tile is BN + BN1 channels wide, the last BN1 through w1_desc (boxes [BN1, BK]) and y1_desc (boxes
     # [TB, TH, TW, BN1]), both on the same tensors (for Co like 320 = 2 x (128 + 32): one wave of 128 x 160 tiles);
     # bias_ptr: [Co] fp16/fp32 (read iff HAS_BIAS);
-    # HAS_RES: r_desc: the residual [N, H, W, Co] boxes [TB, TH, TW, BK], i_desc: the identity [BN, BN] boxes
-    # [BN, BK]; STATS: part_ptr fp32 [3, N, Co / CPG, n_th·n_tw·num_warps], part_third elements a third
+    # HAS_RES: r_desc: the residual [N, H, W, Co] boxes [TB, TH, TW, BK], i_desc / i1_desc: the identity
+    # [BN + BN1, RS·BK] boxes [BN, BK] / [BN1, BK]; STATS: part_ptr fp32 [3, N, Co / CPG, n_th·n_tw·num_warps]
+    # (CPG = 0: [3, N, n_th·n_tw·num_warps, Co]), part_third elements a third
     a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     c_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
@@ -302,6 +331,6 @@ def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, w1_desc, y1_desc, bia
         (_mma_partition, (y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_smem, c1_smem, bias_ptr, part_ptr,
                           part_third, C, H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS, HAS_RES,
                           STATS, CPG, EPI_SPLIT, BN1, num_warps)),
-        (_load_partition, (x_desc, w_desc, w1_desc, r_desc, i_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C, n_th,
-                           n_tw, n_split, n_nb, num_units, HAS_RES, BN1)),
+        (_load_partition, (x_desc, w_desc, w1_desc, r_desc, i_desc, i1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C,
+                           n_th, n_tw, n_split, n_nb, num_units, HAS_RES, BN1)),
     ], [1], [PRODUCER_REGS])  # fmt: skip

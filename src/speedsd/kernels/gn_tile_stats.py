@@ -30,18 +30,20 @@ import triton.language as tl
 
 from speedsd.kernels.bias_add import GN_STATS_ATTR, drop_gn_stats
 
-__all__ = ["TileStats", "affine_act", "affine_act_ref", "tile_stats_ref"]
+__all__ = ["TileStats", "affine_act", "affine_act_ref", "chan_stats_ref", "tile_stats_ref"]
 
 
 @dataclass(frozen=True)
 class TileStats:
     """Partials ``part`` fp32 [3, N, G, P]: (mean, M2, count) of P disjoint parts of each group of a tensor (any
     partition; a part may be empty), valid for ``groups`` while the tensor is at ``version`` (None: an
-    inference tensor)."""
+    inference tensor). ``per_channel``: part is [3, N, P, C] instead, P parts of each channel (a group's are its
+    P·C/G channel parts; the Gluon conv's tiles of bn + bn1 channels, whose groups straddle its slabs)."""
 
     groups: int
     version: int | None
     part: torch.Tensor
+    per_channel: bool = False
 
     def _release(self, x: torch.Tensor) -> None:
         if getattr(x, GN_STATS_ATTR, None) is self:  # consumed: one GroupNorm uses them at most once
@@ -58,23 +60,33 @@ class TileStats:
         x's (other group count, x changed since). Consumed: one GroupNorm uses them at most once."""
         self._release(x)
         n, c = x.shape[:2]
-        p = self.part.shape[3]
-        if self.groups != groups or self.version != _version(x) or self.part.shape[:3] != (3, n, groups):
+        part, cpg = self.part, c // groups
+        if self.groups != groups or self.version != _version(x) or part.dim() != 4 or not part.is_contiguous():
             return None
+        if self.per_channel:  # [3, N, P, C]: group g's partials are (p, k) -> part[:, n, p, g·CPG + k]
+            if part.shape[:2] != (3, n) or part.shape[3] != c:
+                return None
+            p, k, s_p, s_k = part.shape[2], cpg, c, 1
+        else:  # [3, N, G, P]: (p, 0) -> part[:, n, g, p]
+            if part.shape[:3] != (3, n, groups):
+                return None
+            p, k, s_p, s_k = part.shape[3], 1, 1, part.shape[3]
         scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
         shift = torch.empty_like(scale)
-        block_p = min(8192, triton.next_power_of_2(p))  # the VAE's up to 8192 parts in one sweep
+        block_k = triton.next_power_of_2(k)
+        block_p = min(8192 // block_k, triton.next_power_of_2(p))  # the VAE's up to 8192 parts in one sweep
         _gn_tile_merge_kernel[(groups, n)](
-            self.part, _dense(weight, scale), _dense(bias, scale), scale, shift, n, c, p, eps, CPG=c // groups,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=block_p,
-            BLOCK_C=triton.next_power_of_2(c // groups), num_warps=8 if block_p >= 4096 else 4,
+            part, _dense(weight, scale), _dense(bias, scale), scale, shift, c, p, k, part[0, 0].numel(), s_p, s_k,
+            part[0].numel(), eps, CPG=cpg, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_P=block_p,
+            BLOCK_K=block_k, BLOCK_C=triton.next_power_of_2(cpg), num_warps=8 if block_p * block_k >= 4096 else 4,
         )  # fmt: skip
         return scale, shift
 
 
-def attach(y: torch.Tensor, part: torch.Tensor, groups: int) -> torch.Tensor:
-    """Hand ``part`` (the producer's partials of y, [3, N, groups, P]) over to the GroupNorm that reads y next."""
-    setattr(y, GN_STATS_ATTR, TileStats(groups, _version(y), part))
+def attach(y: torch.Tensor, part: torch.Tensor, groups: int, per_channel: bool = False) -> torch.Tensor:
+    """Hand ``part`` (the producer's partials of y, [3, N, groups, P]; ``per_channel``: [3, N, P, C]) over to the
+    GroupNorm that reads y next."""
+    setattr(y, GN_STATS_ATTR, TileStats(groups, _version(y), part, per_channel))
     return y
 
 
@@ -111,47 +123,58 @@ def tile_stats_ref(y: torch.Tensor, groups: int, th: int, tw: int, per_tile: int
     return part.reshape(3, n, groups, -1).float().to(y.device)
 
 
-# Merge, program (g, n): the P partials (mean_p, M2_p, count_p) of group g in sample n, in BLOCK_P chunks, two
-# passes (the mean first, then M2 around it):
-#   mean = Σ_p c_p·mean_p / Σ_p c_p,   M2 = Σ_p M2_p + c_p·(mean_p − mean)²,   rstd = 1 / sqrt(M2 / Σ_p c_p + eps)
+def chan_stats_ref(y: torch.Tensor, th: int, tw: int, per_tile: int = 1) -> torch.Tensor:
+    """What the Gluon conv writes per channel (a tile of bn + bn1 channels): fp32 [3, N, n_th·n_tw·per_tile, C],
+    :func:`tile_stats_ref` with one channel a group, the part axis before the channel axis."""
+    return tile_stats_ref(y, y.shape[1], th, tw, per_tile).permute(0, 1, 3, 2).contiguous()
+
+
+# Merge, program (g, n): the P·K partials (mean_i, M2_i, count_i) of group g in sample n, i = (p, k) at
+# part[·, n] + p·s_p + (g·K + k)·s_k (K = 1: a partial per group and part; K = CPG: per channel and part), in
+# [BLOCK_P, BLOCK_K] chunks, two passes (the mean first, then M2 around it):
+#   mean = Σ_i c_i·mean_i / Σ_i c_i,   M2 = Σ_i M2_i + c_i·(mean_i − mean)²,   rstd = 1 / sqrt(M2 / Σ_i c_i + eps)
 # then scale[n, c] = γ_c·rstd and shift[n, c] = β_c − mean·scale[n, c] for the group's CPG channels.
 @triton.jit
 def _gn_tile_merge_kernel(
-    part_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, P, eps,
-    CPG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    part_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, P, K, s_n, s_p, s_k, third, eps,
+    CPG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0)
     n = tl.program_id(1)
-    G = tl.num_programs(0)
-    row = part_ptr + (n * G + g) * P
-    third = N * G * P
-    s1 = tl.zeros([BLOCK_P], tl.float32)
-    s0 = tl.zeros([BLOCK_P], tl.float32)
+    row = part_ptr + n * s_n + g * K * s_k
+    k = tl.arange(0, BLOCK_K)[None, :]
+    s1 = tl.zeros([BLOCK_P, BLOCK_K], tl.float32)
+    s0 = tl.zeros([BLOCK_P, BLOCK_K], tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        cnt = tl.load(row + 2 * third + p, mask=p < P, other=0.0)
-        s1 += cnt * tl.load(row + p, mask=p < P, other=0.0)
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        mask = (p < P) & (k < K)
+        offs = p * s_p + k * s_k
+        cnt = tl.load(row + 2 * third + offs, mask=mask, other=0.0)
+        s1 += cnt * tl.load(row + offs, mask=mask, other=0.0)
         s0 += cnt
-    total = tl.sum(s0, axis=0)
-    mean = tl.sum(s1, axis=0) / total
-    acc = tl.zeros([BLOCK_P], tl.float32)
+    total = tl.sum(tl.sum(s0, axis=1), axis=0)
+    mean = tl.sum(tl.sum(s1, axis=1), axis=0) / total
+    acc = tl.zeros([BLOCK_P, BLOCK_K], tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        cnt = tl.load(row + 2 * third + p, mask=p < P, other=0.0)
-        d = tl.load(row + p, mask=p < P, other=0.0) - mean
-        acc += tl.load(row + third + p, mask=p < P, other=0.0) + cnt * d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / total + eps)
-    k = tl.arange(0, BLOCK_C)
-    c = g * CPG + k
-    mask = k < CPG
+        p = p0 + tl.arange(0, BLOCK_P)[:, None]
+        mask = (p < P) & (k < K)
+        offs = p * s_p + k * s_k
+        cnt = tl.load(row + 2 * third + offs, mask=mask, other=0.0)
+        d = tl.load(row + offs, mask=mask, other=0.0) - mean
+        acc += tl.load(row + third + offs, mask=mask, other=0.0) + cnt * d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / total + eps)
+    kc = tl.arange(0, BLOCK_C)
+    c = g * CPG + kc
+    mask_c = kc < CPG
     scale = tl.zeros([BLOCK_C], tl.float32) + rstd
     if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
+        scale = scale * tl.load(w_ptr + c, mask=mask_c, other=1.0).to(tl.float32)
     shift = -mean * scale
     if HAS_B:
-        shift += tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    tl.store(scale_ptr + n * C + c, scale, mask=mask)
-    tl.store(shift_ptr + n * C + c, shift, mask=mask)
+        shift += tl.load(b_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + n * C + c, scale, mask=mask_c)
+    tl.store(shift_ptr + n * C + c, shift, mask=mask_c)
 
 
 def affine_act_ref(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
