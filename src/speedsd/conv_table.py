@@ -94,6 +94,17 @@ def epilogue_config(
     return _epilogue_table(card_name(device), str(TABLE_PATH)).get((key, kind))
 
 
+def subpixel_config(
+    x_shape: tuple[int, ...], co: int, dtype: torch.dtype, device: torch.device
+) -> GluonConvConfig | None:
+    """For an upsampler (nearest 2x, then a 3x3 conv to ``co`` channels) of input x_shape: the Gluon config of its
+    sub-pixel form as one launch (kernels/conv_gluon.subpixel_conv_gluon) where this card's table measured it
+    faster than the cuDNN phase conv + interleave. The entry's key is that phase conv's, the 2x2 conv of the folded
+    weight into 4·co channels (python -m speedsd.bench.subpixel_gluon --table). None elsewhere."""
+    cfg = choose(x_shape, 4 * co, 2, 1, 1, dtype, device)
+    return cfg if isinstance(cfg, GluonConvConfig) else None
+
+
 def split_config(
     x_shape: tuple[int, ...], conv: torch.nn.Conv2d, dtype: torch.dtype, device: torch.device
 ) -> GluonConvConfig | None:

@@ -35,6 +35,8 @@ from speedsd.kernels.conv_gluon import (
     conv3x3_gluon_partials,
     conv_gluon_epilogue_problem,
     conv_gluon_supported,
+    subpixel_conv_gluon,
+    subpixel_conv_gluon_supported,
 )
 from speedsd.kernels.conv_igemm import conv2d_igemm, tma_problem
 from speedsd.kernels.cross_attention import cross_attention
@@ -190,8 +192,14 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d, next_groups: int | 
         and conv.padding == (1, 1)
     ):
         w4 = _subpixel_weight_for(conv, x.dtype, keep=pixels >= SUBPIXEL_MIN_PIXELS)
+        groups = next_groups if flags.group_norm else None
+        # one Gluon launch (phase convs stored interleaved, bias added) where the table measured it faster than
+        # cuDNN's phase conv + the interleave; not for a GroupNorm reader (the interleave writes its statistics)
+        cfg = conv_table.subpixel_config(tuple(x.shape), conv.out_channels, x.dtype, x.device)
+        if flags.igemm_conv and not groups and cfg is not None and subpixel_conv_gluon_supported(x, w4, conv.bias, cfg):
+            return subpixel_conv_gluon(x, w4, conv.bias, cfg)
         if _triton_runs(x):
-            return subpixel_upsample_conv(x, w4, conv.bias, stats_groups=next_groups if flags.group_norm else None)
+            return subpixel_upsample_conv(x, w4, conv.bias, stats_groups=groups)
         return subpixel_upsample_conv(x, w4, conv.bias, interleave=phase_interleave_ref)  # torch's interleave
     return conv2d_op(upsample_nearest2x_op(x), conv)
 

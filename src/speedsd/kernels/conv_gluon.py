@@ -63,12 +63,19 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0  # TMA: 16-byte aligned global addresses
 
 
-def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: GluonConvConfig) -> str | None:
-    """Why the kernel cannot compute conv3x3(x, weight) + bias with cfg; None when it can."""
-    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        return f"expects x [N, C, H, W] and weight [Co, C, 3, 3], got {tuple(x.shape)}, {tuple(weight.shape)}"
+def _problem(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: GluonConvConfig, taps: int = 9
+) -> str | None:
+    """Why the kernel cannot compute conv3x3(x, weight) + bias with cfg (taps = 4: the sub-pixel conv from the
+    folded weight4 [4·Co, C, 2, 2]); None when it can."""
+    k, per = (3, 1) if taps == 9 else (2, 4)
+    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], k, k) or weight.shape[0] % per:
+        what = "[Co, C, 3, 3]" if taps == 9 else "weight4 [4·Co, C, 2, 2]"
+        return f"expects x [N, C, H, W] and {what}, got {tuple(x.shape)}, {tuple(weight.shape)}"
     n, c, h, w = x.shape
-    co = weight.shape[0]
+    co = weight.shape[0] // per
+    if taps == 4 and cfg.split > 1:
+        return f"config {cfg}: the sub-pixel conv takes no K split (its partials would need interleaving)"
     if x.dtype != torch.float16 or weight.dtype != torch.float16:
         return f"needs fp16 x and weight, got {x.dtype}, {weight.dtype}"
     if bias is not None and (
@@ -83,7 +90,7 @@ def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         return f"config {cfg}: C={c} must be a multiple of {cfg.bk} and Co={co} of {cfg.width}"
     if n % cfg.tb:
         return f"config {cfg}: N={n} must be a multiple of its {cfg.tb} images a tile"
-    if cfg.split > 9 * (c // cfg.bk):
+    if cfg.split > taps * (c // cfg.bk):
         return f"config {cfg}: {cfg.split} K splits need 9·C / {cfg.bk} >= {cfg.split} K steps, C={c}"
     if not x.is_contiguous(memory_format=torch.channels_last):
         return "needs a channels_last x (its [N, H, W, C] view is the TMA tensor)"
@@ -91,7 +98,7 @@ def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         return "needs a channels_last weight (read in place as [Co, 9·C])"
     if not (_aligned(x) and _aligned(weight)):
         return "x and weight must start at 16-byte aligned addresses (TMA)"
-    if n * h * w > 2**31 - 1 or 9 * c >= 2**31:
+    if n * h * w * per > 2**31 - 1 or 9 * c >= 2**31:
         return f"too large for 32-bit tile coordinates: x {tuple(x.shape)}"
     if not _device_ok(x.device):
         return f"needs an sm_90 (H100/H200) CUDA device and a Triton with Gluon, got {x.device}"
@@ -231,20 +238,30 @@ def _launch_args(
     sms: int,
     residual: torch.Tensor | None = None,
     part: torch.Tensor | None = None,
+    taps: int = 9,
 ) -> tuple[tuple[int], tuple, dict]:
     """(grid, positional args, constexprs + num_warps) of conv3x3_kernel; CPU tensors work too (the AOT
     compile builds its signature from them). With cfg.split > 1, y is the fp32 partials [split, N, H, W, Co]
-    and bias must be None (the sum adds it)."""
+    and bias must be None (the sum adds it). ``taps`` = 4: the sub-pixel conv, weight the folded weight4
+    [4·Co, C, 2, 2], y the upsampled output [N, Co, 2H, 2W] (no residual, statistics or split)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     n, c, h, w = x.shape
-    co = weight.shape[0]
+    phases = 1 if taps == 9 else 4
+    co = weight.shape[0] // phases
     if cfg.split > 1 and (y.shape != (cfg.split, n, h, w, co) or y.dtype != torch.float32 or bias is not None):
         raise ValueError(f"a {cfg.split}-way K split writes fp32 partials [split, N, H, W, Co], without bias")
-    x_nhwc, w_mat = nhwc_view(x), weight_matrix(weight)  # [N, H, W, C], [Co, 9·C]
-    # y: [N, H, W, Co]; the partials [split, N, H, W, Co] as [split·N, H, W, Co]
-    y_nhwc = nhwc_view(y) if cfg.split == 1 else y.view(cfg.split * n, h, w, co)
+    if taps == 4 and (y.shape != (n, co, 2 * h, 2 * w) or residual is not None or part is not None or cfg.split > 1):
+        raise ValueError("the sub-pixel conv writes y [N, Co, 2H, 2W], without residual, statistics or K split")
+    x_nhwc, w_mat = nhwc_view(x), weight_matrix(weight)  # [N, H, W, C], [Co, 9·C] (sub-pixel: [4·Co, 4·C])
+    # y: [N, H, W, Co]; the partials [split, N, H, W, Co] as [split·N, H, W, Co]; sub-pixel: [N, 2H, 2W, Co] as
+    # [N, H, 2, W, 2·Co] (output row 2i + a, and column 2j + c_ at channels c_·Co ..)
+    if taps == 4:
+        y_nhwc = y.as_strided((n, h, 2, w, 2 * co), (4 * h * w * co, 4 * w * co, 2 * w * co, 2 * co, 1))
+    else:
+        y_nhwc = nhwc_view(y) if cfg.split == 1 else y.view(cfg.split * n, h, w, co)
+    out_box = [cfg.tb, cfg.th, cfg.tw] if taps == 9 else [cfg.tb, cfg.th, 1, cfg.tw]
 
     def desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
         dt = gl.float32 if t.dtype == torch.float32 else gl.float16
@@ -252,14 +269,14 @@ def _launch_args(
 
     xd = desc(x_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bk])
     wd = desc(w_mat, [cfg.bn, cfg.bk])
-    yd = desc(y_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bn // cfg.epi_split])
+    yd = desc(y_nhwc, [*out_box, cfg.bn // cfg.epi_split])
     n_th, n_tw, n_nb = -(-h // cfg.th), -(-w // cfg.tw), co // cfg.width
-    num_units = n // cfg.tb * n_th * n_tw * cfg.split * n_nb  # (tile, K split) pairs
+    num_units = n // cfg.tb * n_th * n_tw * cfg.split * phases * n_nb  # (tile, K split, phase) triples
     grid = (min(sms, num_units) if cfg.persistent else num_units,)
     w1d, y1d = wd, yd  # the tile's last bn1 channels (stand-ins without)
     if cfg.bn1:
         w1d = desc(w_mat, [cfg.bn1, cfg.bk])
-        y1d = desc(y_nhwc, [cfg.tb, cfg.th, cfg.tw, cfg.bn1])
+        y1d = desc(y_nhwc, [*out_box, cfg.bn1])
     # the residual: ⌈width / BK⌉ more K steps of [TB, TH, TW, BK] boxes of it times [BN, BK] (and [BN1, BK])
     # blocks of an identity
     rd, idd, i1d = xd, wd, w1d  # (stand-ins: not read without HAS_RES)
@@ -275,18 +292,63 @@ def _launch_args(
     args = (xd, wd, yd, rd, idd, i1d, w1d, y1d, *ptrs, third, c, h, w, co, n, n_th, n_tw, cfg.split, n_nb,
             num_units)  # fmt: skip
     const = dict(STAGES=cfg.stages, HAS_BIAS=bias is not None, HAS_RES=residual is not None, STATS=part is not None,
-                 CPG=cpg, EPI_SPLIT=cfg.epi_split, BN1=cfg.bn1, PRODUCER_REGS=PRODUCER_REGS,
+                 CPG=cpg, EPI_SPLIT=cfg.epi_split, BN1=cfg.bn1, TAPS=taps, PRODUCER_REGS=PRODUCER_REGS,
                  num_warps=cfg.warps)  # fmt: skip
     return grid, args, const
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, cfg,
-            residual: torch.Tensor | None = None, part: torch.Tensor | None = None) -> None:  # fmt: skip
+            residual: torch.Tensor | None = None, part: torch.Tensor | None = None, taps: int = 9) -> None:  # fmt: skip
     kern = _kernels()
     assert kern is not None
-    grid, args, const = _launch_args(x, weight, bias, y, cfg, sm_count(x.device), residual, part)
+    grid, args, const = _launch_args(x, weight, bias, y, cfg, sm_count(x.device), residual, part, taps)
     with torch.cuda.device(x.device):
         kern.conv3x3_kernel[grid](*args, **const)
+
+
+def subpixel_conv_gluon_supported(
+    x: torch.Tensor, weight4: torch.Tensor, bias: torch.Tensor | None, config: GluonConvConfig | str
+) -> bool:
+    """Whether :func:`subpixel_conv_gluon` runs these arguments (it would not raise)."""
+    try:
+        cfg = resolve(config, weight4.shape[0] // 4 if weight4.dim() == 4 else 0)
+    except ValueError:
+        return False
+    return _problem(x, weight4, bias, cfg, taps=4) is None
+
+
+def subpixel_conv_gluon(
+    x: torch.Tensor,
+    weight4: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: GluonConvConfig | str,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """conv2d(interpolate(x, scale_factor=2, mode="nearest"), W, bias, padding=1) as ONE launch: the four phases'
+    2x2 convs on x (weight4 = subpixel_weight(W) [4·Co, C, 2, 2], fp16 channels_last), each tile stored
+    straight into its interleaved positions of y [N, Co, 2H, 2W] (fp16 channels_last; ``out`` if given), bias
+    added in fp32 (kernels/subpixel_conv.py has the derivation; this replaces its conv + interleave pair).
+    x: fp16 [N, C, H, W] channels_last; config: no K split, C a multiple of its bk, Co of its width."""
+    cfg = resolve(config, weight4.shape[0] // 4 if weight4.dim() == 4 else 0)
+    why = _problem(x, weight4, bias, cfg, taps=4)
+    if why is not None:
+        raise ValueError(f"subpixel_conv_gluon: {why}")
+    n, _, h, w = x.shape
+    co = weight4.shape[0] // 4
+    shape = (n, co, 2 * h, 2 * w)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    elif (
+        out.shape != shape
+        or out.dtype != x.dtype
+        or out.device != x.device
+        or not out.is_contiguous(memory_format=torch.channels_last)
+        or not _aligned(out)
+    ):
+        raise ValueError(f"out must be a 16-byte aligned channels_last {x.dtype} {list(shape)} on {x.device}")
+    drop_gn_stats(out)
+    _launch(x, weight4, bias, out, cfg, taps=4)
+    return out
 
 
 def conv3x3_gluon_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -302,6 +364,7 @@ def compile_sm90(
     capability: int = 90,
     residual: bool = False,
     stats_cpg: int | None = None,
+    taps: int = 9,
 ):
     """Compile the kernel ahead of time for ``capability`` without a GPU (the tests' ptxas check; in a process
     without TRITON_INTERPRET=1). Sizes are not specialized, so small CPU stand-ins give the launch's signature;
@@ -318,6 +381,9 @@ def compile_sm90(
     x = torch.empty((nb, c, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
     wt = torch.empty((co, c, 3, 3), dtype=torch.float16).contiguous(memory_format=cl)
     y = torch.empty((nb, co, 16, 16), dtype=torch.float16).contiguous(memory_format=cl)
+    if taps == 4:  # the sub-pixel conv: weight4 [4·Co, C, 2, 2], y [N, Co, 2H, 2W]
+        wt = torch.empty((4 * co, c, 2, 2), dtype=torch.float16).contiguous(memory_format=cl)
+        y = torch.empty((nb, co, 32, 32), dtype=torch.float16).contiguous(memory_format=cl)
     if config.split > 1:  # the kernel writes the fp32 partials (the sum kernel adds any bias)
         y, bias_dtype = torch.empty((config.split, nb, 16, 16, co), dtype=torch.float32), None
     bias = None if bias_dtype is None else torch.empty(co, dtype=bias_dtype)
@@ -325,7 +391,7 @@ def compile_sm90(
     part = None
     if stats_cpg is not None:  # (a bn + bn1 tile's statistics are per channel)
         part = torch.empty((3, nb, 4, co) if config.bn1 else (3, nb, co // stats_cpg, 4), dtype=torch.float32)
-    _, args, const = _launch_args(x, wt, bias, y, config, 132, res, part)
+    _, args, const = _launch_args(x, wt, bias, y, config, 132, res, part, taps)
     fn = kern.conv3x3_kernel
     names = fn.arg_names
     sig = {names[i]: mangle_type(a) for i, a in enumerate(args)}

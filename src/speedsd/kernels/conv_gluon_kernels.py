@@ -59,6 +59,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 #   part[0 | 1 | 2, b, (ty·n_tw + tx)·num_warps + w, c] = mean | M2 | cnt
 # (kernels/gn_tile_stats.py merges them into GroupNorm's per-channel scale and shift).
 #
+# TAPS = 4 (sub-pixel: nearest 2x upsampling + the 3x3 conv, kernels/subpixel_conv.py): four 2x2 convs on the
+# low-resolution x, one per output phase ph = 2·a + c_ (a, c_ in {0, 1}), each unit one phase:
+#   y[b, 2·oy + a, 2·ox + c_, n] = bias[n] + Σ_{c, ky, kx in {0, 1}} x[b, oy + a + ky − 1, ox + c_ + kx − 1, c]
+#                                                                    · W4[ph·Co + n, c, ky, kx]
+# i.e. tap = 2·ky + kx, A box at (b, oy0 + a + ky − 1, ox0 + c_ + kx − 1, c0), B = W4m[ph·Co + n0 :, tap·C + c0 :]
+# (W4m = the channels_last [4·Co, 2, 2, C] folded weight as [4·Co, 4·C]), and the tile stored straight into the
+# interleaved output: y_desc is y [N, 2H, 2W, Co] seen as [N, H, 2, 2W·Co / 2] = [N, H, 2, W, 2·Co] (5-D boxes
+# [TB, TH, 1, TW, BN / EPI_SPLIT] at (b, oy0, a, ox0, c_·Co + n0)); H and W are x's. No residual, no statistics.
+#
 # Protocol (gl.warp_specialize; a STAGES-deep SMEM ring of (A, B) slots, barriers ready[s] and empty[s]):
 #   * producer (worker, 1 warp): for K step `it` of its program (counted over all its tiles), slot
 #     s = it mod STAGES, use u = it div STAGES: wait empty[s] at parity (u & 1) ^ 1 (the consumer freed use
@@ -77,22 +86,26 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 @gluon.jit
 def _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                 BN: gl.constexpr):  # fmt: skip
-    # t = (((bt·n_th + ty)·n_tw + tx)·n_split + sp)·n_nb + nb  ->  (b = bt·TB, oy0, ox0, n0, sp, ks0, ks1)
+                 BN: gl.constexpr, NPH: gl.constexpr):  # fmt: skip
+    # t = ((((bt·n_th + ty)·n_tw + tx)·n_split + sp)·NPH + ph)·n_nb + nb
+    #   ->  (b = bt·TB, oy0, ox0, n0, sp, ks0, ks1, ph)      (NPH = 4 sub-pixel phases, else 1: ph = 0)
     nb = t % n_nb
     r = t // n_nb
+    ph = r % NPH
+    r = r // NPH
     sp = r % n_split
     r = r // n_split
     tx = r % n_tw
     r = r // n_tw
     ty = r % n_th
     b = (r // n_th) * TB
-    return b, ty * TH, tx * TW, nb * BN, sp, sp * ks_total // n_split, (sp + 1) * ks_total // n_split
+    return b, ty * TH, tx * TW, nb * BN, sp, sp * ks_total // n_split, (sp + 1) * ks_total // n_split, ph
 
 
 @gluon.jit
-def _load_partition(x_desc, w_desc, w1_desc, r_desc, i_desc, i1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C, n_th,
-                    n_tw, n_split, n_nb, num_units, HAS_RES: gl.constexpr, BN1: gl.constexpr):  # fmt: skip
+def _load_partition(x_desc, w_desc, w1_desc, r_desc, i_desc, i1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C, Co,
+                    n_th, n_tw, n_split, n_nb, num_units, HAS_RES: gl.constexpr, BN1: gl.constexpr,
+                    TAPS: gl.constexpr):  # fmt: skip
     TB: gl.constexpr = x_desc.block_type.shape[0]
     TH: gl.constexpr = x_desc.block_type.shape[1]
     TW: gl.constexpr = x_desc.block_type.shape[2]
@@ -102,25 +115,31 @@ def _load_partition(x_desc, w_desc, w1_desc, r_desc, i_desc, i1_desc, a_bufs, b_
     RS: gl.constexpr = (BN + BN1 + BK - 1) // BK  # the residual's K steps
     NBYTES: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     NBYTES1: gl.constexpr = NBYTES + (w1_desc.block_type.nbytes if BN1 > 0 else 0)
-    ks_total = 9 * (C // BK)
+    NPH: gl.constexpr = 4 if TAPS == 4 else 1
+    ks_total = TAPS * (C // BK)
     it = 0
     for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
-        b, oy0, ox0, n0, sp, ks0, ks1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB, TH, TW, BN + BN1)
+        b, oy0, ox0, n0, sp, ks0, ks1, ph = _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB, TH, TW, BN + BN1,
+                                                         NPH)  # fmt: skip
         for ks in range(ks0, ks1):
-            cb = ks // 9
-            tap = ks - 9 * cb
+            cb = ks // TAPS
+            tap = ks - TAPS * cb
             c0 = cb * BK
+            if TAPS == 9:  # (ky, kx) = divmod(tap, 3): the box at (oy0 + ky − 1, ox0 + kx − 1)
+                dy = tap // 3 - 1
+                dx = tap % 3 - 1
+            else:  # phase (a, c_) = divmod(ph, 2), (ky, kx) = divmod(tap, 2): at (oy0 + a + ky − 1, ox0 + c_ + kx − 1)
+                dy = ph // 2 + tap // 2 - 1
+                dx = ph % 2 + tap % 2 - 1
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, NBYTES1)
-            # A box at (b, oy0 + ky − 1, ox0 + kx − 1, c0); B box at (n0, tap·C + c0) (and B1 at (n0 + BN, tap·C + c0))
-            tma.async_copy_global_to_shared(
-                x_desc, [b, oy0 + (tap // 3 - 1), ox0 + (tap % 3 - 1), c0], bar, a_bufs.index(s)
-            )
-            tma.async_copy_global_to_shared(w_desc, [n0, tap * C + c0], bar, b_bufs.index(s))
+            # A box at (b, oy0 + dy, ox0 + dx, c0); B box at (ph·Co + n0, tap·C + c0) (and B1 BN rows further)
+            tma.async_copy_global_to_shared(x_desc, [b, oy0 + dy, ox0 + dx, c0], bar, a_bufs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [ph * Co + n0, tap * C + c0], bar, b_bufs.index(s))
             if BN1 > 0:
-                tma.async_copy_global_to_shared(w1_desc, [n0 + BN, tap * C + c0], bar, b1_bufs.index(s))
+                tma.async_copy_global_to_shared(w1_desc, [ph * Co + n0 + BN, tap * C + c0], bar, b1_bufs.index(s))
             it += 1
         if HAS_RES:  # the residual, RS more K steps: A = r[b, oy0:, ox0:, n0 + j·BK :], B | B1 = I[:BN | BN:, j·BK :]
             for j in gl.static_range(RS):
@@ -151,15 +170,17 @@ def _split_cols(x, PARTS: gl.constexpr):
 
 @gluon.jit
 def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, b_out, oy0, ox0, n0, H, W, Co, t_sp, T,
-              STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
-              NUM_WARPS: gl.constexpr):  # fmt: skip
+              STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr, NUM_WARPS: gl.constexpr,
+              ph=0):  # fmt: skip
     # fp32 [BM, BN] -> per column slab: y's dtype (fp16 -> GroupNorm statistics; fp32: a split's partial) ->
-    # SMEM -> TMA store at y[b_out, oy0, ox0, n0 + slab], left in flight. Slab by slab keeps the statistics'
+    # SMEM -> TMA store at y[b_out, oy0, ox0, n0 + slab], left in flight (sub-pixel, 5-D c_smem: at
+    # y5[b_out, oy0, a, ox0, c_·Co + n0 + slab], (a, c_) = divmod(ph, 2)). Slab by slab keeps the statistics'
     # fp32 values to one slab.
+    SUB: gl.constexpr = len(c_smem.type.shape) == 5
     TH: gl.constexpr = c_smem.type.shape[1]
-    TW: gl.constexpr = c_smem.type.shape[2]
+    TW: gl.constexpr = c_smem.type.shape[3 if SUB else 2]
     BM: gl.constexpr = c_smem.type.shape[0] * TH * TW
-    SPLIT_N: gl.constexpr = c_smem.type.shape[3]
+    SPLIT_N: gl.constexpr = c_smem.type.shape[4 if SUB else 3]
     parts = _split_cols(acc, EPI_SPLIT)
     for i in gl.static_range(EPI_SPLIT):
         v = parts[i]
@@ -172,16 +193,21 @@ def _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, b_out, oy0, ox0, n0,
             _tile_stats(out, rows_ok, part_ptr, part_third, b, t_sp, T, Co // CPG, (n0 + i * SPLIT_N) // CPG, CPG,
                         SPLIT_N, NUM_WARPS)  # fmt: skip
         tma.store_wait(0)
-        c_smem.reshape([BM, SPLIT_N]).store(out)  # [TB, TH, TW, SPLIT_N] -> [BM, SPLIT_N]
+        c_smem.reshape([BM, SPLIT_N]).store(out)  # [TB, TH, (1,) TW, SPLIT_N] -> [BM, SPLIT_N]
         fence_async_shared()
-        tma.async_copy_shared_to_global(y_desc, [b_out, oy0, ox0, n0 + i * SPLIT_N], c_smem)
+        if SUB:
+            tma.async_copy_shared_to_global(
+                y_desc, [b_out, oy0, ph // 2, ox0, (ph % 2) * Co + n0 + i * SPLIT_N], c_smem
+            )
+        else:
+            tma.async_copy_shared_to_global(y_desc, [b_out, oy0, ox0, n0 + i * SPLIT_N], c_smem)
 
 
 @gluon.jit
 def _mma_partition(y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_smem, c1_smem, bias_ptr, part_ptr,
                    part_third, C, H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS: gl.constexpr,
                    HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr, EPI_SPLIT: gl.constexpr,
-                   BN1: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
+                   BN1: gl.constexpr, TAPS: gl.constexpr, NUM_WARPS: gl.constexpr):  # fmt: skip
     TB: gl.constexpr = a_bufs.type.shape[1]
     TH: gl.constexpr = a_bufs.type.shape[2]
     TW: gl.constexpr = a_bufs.type.shape[3]
@@ -196,11 +222,13 @@ def _mma_partition(y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_sme
     mma1_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, max(BN1, 8), 16]
     )
-    ks_total = 9 * (C // BK)
+    NPH: gl.constexpr = 4 if TAPS == 4 else 1
+    ks_total = TAPS * (C // BK)
     n_res = (BN + BN1 + BK - 1) // BK if HAS_RES else 0  # the residual's K steps (the producer's RS)
     it = 0  # K steps consumed by this program over all its units
     for t in range(gl.program_id(0), num_units, gl.num_programs(0)):
-        b, oy0, ox0, n0, sp, ks0, ks1 = _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB, TH, TW, BN + BN1)
+        b, oy0, ox0, n0, sp, ks0, ks1, ph = _unit_coords(t, n_th, n_tw, n_split, n_nb, ks_total, TB, TH, TW, BN + BN1,
+                                                         NPH)  # fmt: skip
         acc = gl.zeros([BM, BN], gl.float32, mma_layout)
         if BN1 > 0:
             acc1 = gl.zeros([BM, BN1], gl.float32, mma1_layout)
@@ -233,12 +261,12 @@ def _mma_partition(y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_sme
                 cols1 = n0 + BN + gl.arange(0, BN1, layout=gl.SliceLayout(0, mma1_layout))
                 acc1 = acc1 + gl.expand_dims(gl.load(bias_ptr + cols1).to(gl.float32), 0)
             _epilogue(y1_desc, c1_smem, acc1, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0 + BN, H, W, Co,
-                      t_sp, n_th * n_tw, STATS, CPG, 1, NUM_WARPS)  # fmt: skip
+                      t_sp, n_th * n_tw, STATS, CPG, 1, NUM_WARPS, ph)  # fmt: skip
         if HAS_BIAS:
             cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
         _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0, H, W, Co, t_sp,
-                  n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS)  # fmt: skip
+                  n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS, ph)  # fmt: skip
     tma.store_wait(0)
 
 
@@ -303,8 +331,9 @@ def _chan_stats(v16, rows_ok, part_ptr, third, b, t_sp, T, Co, c0, NUM_WARPS: gl
 def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, i1_desc, w1_desc, y1_desc, bias_ptr, part_ptr, part_third,
                    C, H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, STAGES: gl.constexpr,
                    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr,
-                   EPI_SPLIT: gl.constexpr, BN1: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                   EPI_SPLIT: gl.constexpr, BN1: gl.constexpr, TAPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):  # fmt: skip
+    # TAPS: 9 (the 3x3 conv) or 4 (sub-pixel: w_desc on W4m [4·Co, 4·C], y_desc 5-D; see the math above)
     # x_desc: [N, H, W, C] boxes [TB, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
     # y_desc: [N, H, W, Co] boxes [TB, TH, TW, BN / EPI_SPLIT] (n_split > 1: the fp32 partials [n_split·N, H, W, Co]);
     # BN1 > 0: a tile is BN + BN1 channels wide, the last BN1 through w1_desc (boxes [BN1, BK]) and y1_desc (boxes
@@ -330,7 +359,7 @@ def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, i1_desc, w1_desc, y1_
     gl.warp_specialize([
         (_mma_partition, (y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_smem, c1_smem, bias_ptr, part_ptr,
                           part_third, C, H, W, Co, n_img, n_th, n_tw, n_split, n_nb, num_units, HAS_BIAS, HAS_RES,
-                          STATS, CPG, EPI_SPLIT, BN1, num_warps)),
+                          STATS, CPG, EPI_SPLIT, BN1, TAPS, num_warps)),
         (_load_partition, (x_desc, w_desc, w1_desc, r_desc, i_desc, i1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, C,
-                           n_th, n_tw, n_split, n_nb, num_units, HAS_RES, BN1)),
+                           Co, n_th, n_tw, n_split, n_nb, num_units, HAS_RES, BN1, TAPS)),
     ], [1], [PRODUCER_REGS])  # fmt: skip
