@@ -16,7 +16,7 @@ json.dump(t, open(sys.argv[2], "w"), indent=1)
 print("dropped", len(drop), "sub-pixel entries")
 PY
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/ab.txt
-timeout 330 python -m speedsd.bench.e2e --targets --reps 12 --out $OUT 2>&1 | grep -v "it/s\]" | tail -30 > $OUT/targets_log.txt
+timeout 330 python -m speedsd.bench.e2e --targets --reps 12 --name e2e_targets --out $OUT 2>&1 | grep -v "it/s\]" | tail -30 > $OUT/targets_log.txt
 for i in 1 2; do
   timeout 60 python bench/prototypes/conv_wide/ab.py image nosub /tmp/nosub.json 2>&1 | tail -1 | tee -a $OUT/ab.txt
   timeout 60 python bench/prototypes/conv_wide/ab.py image sub $T 2>&1 | tail -1 | tee -a $OUT/ab.txt
