@@ -35,8 +35,6 @@ from speedsd.kernels.conv_gluon import (
     conv3x3_gluon_partials,
     conv_gluon_epilogue_problem,
     conv_gluon_supported,
-    subpixel_conv_gluon,
-    subpixel_conv_gluon_supported,
 )
 from speedsd.kernels.conv_igemm import conv2d_igemm, tma_problem
 from speedsd.kernels.cross_attention import cross_attention
@@ -49,6 +47,7 @@ from speedsd.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer
 from speedsd.kernels.narrow_conv import MAX_CO, conv3x3_narrow
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
 from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsample_conv
+from speedsd.kernels.subpixel_conv_gluon import subpixel_conv_gluon, subpixel_conv_gluon_supported
 from speedsd.kernels.subpixel_weight import subpixel_weight, subpixel_weight_ref
 from speedsd.kernels.upsample import upsample_nearest2x, upsample_nearest2x_ref
 from speedsd.kernels.winograd import winograd_conv3x3_module
@@ -193,11 +192,11 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d, next_groups: int | 
     ):
         w4 = _subpixel_weight_for(conv, x.dtype, keep=pixels >= SUBPIXEL_MIN_PIXELS)
         groups = next_groups if flags.group_norm else None
-        # one Gluon launch (phase convs stored interleaved, bias added) where the table measured it faster than
-        # cuDNN's phase conv + the interleave; not for a GroupNorm reader (the interleave writes its statistics)
+        # one Gluon launch (phase convs stored interleaved, bias added, a GroupNorm reader's statistics written)
+        # where the card's table measured it faster than cuDNN's phase conv + the interleave
         cfg = conv_table.subpixel_config(tuple(x.shape), conv.out_channels, x.dtype, x.device)
-        if flags.igemm_conv and not groups and cfg is not None and subpixel_conv_gluon_supported(x, w4, conv.bias, cfg):
-            return subpixel_conv_gluon(x, w4, conv.bias, cfg)
+        if flags.igemm_conv and cfg is not None and subpixel_conv_gluon_supported(x, w4, conv.bias, cfg, groups):
+            return subpixel_conv_gluon(x, w4, conv.bias, cfg, stats_groups=groups)
         if _triton_runs(x):
             return subpixel_upsample_conv(x, w4, conv.bias, stats_groups=groups)
         return subpixel_upsample_conv(x, w4, conv.bias, interleave=phase_interleave_ref)  # torch's interleave

@@ -41,7 +41,7 @@ def test_table_records_the_k2_entry_only_where_faster(tmp_path, monkeypatch, cho
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "X")
     props = SimpleNamespace(name="X", multi_processor_count=132, total_memory=2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: props)
-    monkeypatch.setattr(subpixel_gluon, "run", lambda latent, keys: {"latent": latent, "rows": [_row(choice)],
+    monkeypatch.setattr(subpixel_gluon, "run", lambda latent, keys, shapes: {"latent": latent, "rows": [_row(choice)],
                                                                       "errors": []})  # fmt: skip
     assert subpixel_gluon.main(["--out", str(tmp_path), "--table", str(path)]) == 0
     entries = json.loads(path.read_text())["cards"]["X"]

@@ -217,14 +217,19 @@ def conv_gluon_epilogue_problem(
         return f"residual must be an fp16 channels_last [{n}, {co}, {h}, {w}] tensor on {x.device}"
     if residual is not None and n * h * w * co >= 2**31:
         return "the residual is indexed with int32: N·H·W·Co must stay below 2^31"
-    if cfg.tb > 1 and groups is not None:
+    return None if groups is None else _stats_problem(co, groups, cfg)
+
+
+def _stats_problem(co: int, groups: int, cfg: GluonConvConfig) -> str | None:
+    """Why cfg's epilogue cannot write GroupNorm(groups) statistics of a Co-channel output; None when it can."""
+    if cfg.tb > 1:
         return f"config {cfg}: a tile of {cfg.tb} images writes no statistics (they are per image)"
-    if cfg.split > 1 and groups is not None:
+    if cfg.split > 1:
         return f"config {cfg}: a K split sums its partials in a second kernel, which writes no statistics"
-    if groups is not None and (groups <= 0 or co % groups):
+    if groups <= 0 or co % groups:
         return f"stats_groups={groups} must divide Co={co}"
     slab = cfg.bn // cfg.epi_split  # (a bn + bn1 tile writes per-channel statistics: any group size)
-    if groups is not None and not cfg.bn1 and slab % (co // groups):
+    if not cfg.bn1 and slab % (co // groups):
         return f"stats_groups={groups} must divide Co={co} in groups that tile the {slab}-channel slabs"
     return None
 
@@ -252,8 +257,8 @@ def _launch_args(
     co = weight.shape[0] // phases
     if cfg.split > 1 and (y.shape != (cfg.split, n, h, w, co) or y.dtype != torch.float32 or bias is not None):
         raise ValueError(f"a {cfg.split}-way K split writes fp32 partials [split, N, H, W, Co], without bias")
-    if taps == 4 and (y.shape != (n, co, 2 * h, 2 * w) or residual is not None or part is not None or cfg.split > 1):
-        raise ValueError("the sub-pixel conv writes y [N, Co, 2H, 2W], without residual, statistics or K split")
+    if taps == 4 and (y.shape != (n, co, 2 * h, 2 * w) or residual is not None or cfg.split > 1):
+        raise ValueError("the sub-pixel conv writes y [N, Co, 2H, 2W], without residual or K split")
     x_nhwc, w_mat = nhwc_view(x), weight_matrix(weight)  # [N, H, W, C], [Co, 9·C] (sub-pixel: [4·Co, 4·C])
     # y: [N, H, W, Co]; the partials [split, N, H, W, Co] as [split·N, H, W, Co]; sub-pixel: [N, 2H, 2W, Co] as
     # [N, H, 2, W, 2·Co] (output row 2i + a, and column 2j + c_ at channels c_·Co ..)
@@ -304,51 +309,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y:
     grid, args, const = _launch_args(x, weight, bias, y, cfg, sm_count(x.device), residual, part, taps)
     with torch.cuda.device(x.device):
         kern.conv3x3_kernel[grid](*args, **const)
-
-
-def subpixel_conv_gluon_supported(
-    x: torch.Tensor, weight4: torch.Tensor, bias: torch.Tensor | None, config: GluonConvConfig | str
-) -> bool:
-    """Whether :func:`subpixel_conv_gluon` runs these arguments (it would not raise)."""
-    try:
-        cfg = resolve(config, weight4.shape[0] // 4 if weight4.dim() == 4 else 0)
-    except ValueError:
-        return False
-    return _problem(x, weight4, bias, cfg, taps=4) is None
-
-
-def subpixel_conv_gluon(
-    x: torch.Tensor,
-    weight4: torch.Tensor,
-    bias: torch.Tensor | None,
-    config: GluonConvConfig | str,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """conv2d(interpolate(x, scale_factor=2, mode="nearest"), W, bias, padding=1) as ONE launch: the four phases'
-    2x2 convs on x (weight4 = subpixel_weight(W) [4·Co, C, 2, 2], fp16 channels_last), each tile stored
-    straight into its interleaved positions of y [N, Co, 2H, 2W] (fp16 channels_last; ``out`` if given), bias
-    added in fp32 (kernels/subpixel_conv.py has the derivation; this replaces its conv + interleave pair).
-    x: fp16 [N, C, H, W] channels_last; config: no K split, C a multiple of its bk, Co of its width."""
-    cfg = resolve(config, weight4.shape[0] // 4 if weight4.dim() == 4 else 0)
-    why = _problem(x, weight4, bias, cfg, taps=4)
-    if why is not None:
-        raise ValueError(f"subpixel_conv_gluon: {why}")
-    n, _, h, w = x.shape
-    co = weight4.shape[0] // 4
-    shape = (n, co, 2 * h, 2 * w)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    elif (
-        out.shape != shape
-        or out.dtype != x.dtype
-        or out.device != x.device
-        or not out.is_contiguous(memory_format=torch.channels_last)
-        or not _aligned(out)
-    ):
-        raise ValueError(f"out must be a 16-byte aligned channels_last {x.dtype} {list(shape)} on {x.device}")
-    drop_gn_stats(out)
-    _launch(x, weight4, bias, out, cfg, taps=4)
-    return out
 
 
 def conv3x3_gluon_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,7 +66,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # i.e. tap = 2·ky + kx, A box at (b, oy0 + a + ky − 1, ox0 + c_ + kx − 1, c0), B = W4m[ph·Co + n0 :, tap·C + c0 :]
 # (W4m = the channels_last [4·Co, 2, 2, C] folded weight as [4·Co, 4·C]), and the tile stored straight into the
 # interleaved output: y_desc is y [N, 2H, 2W, Co] seen as [N, H, 2, 2W·Co / 2] = [N, H, 2, W, 2·Co] (5-D boxes
-# [TB, TH, 1, TW, BN / EPI_SPLIT] at (b, oy0, a, ox0, c_·Co + n0)); H and W are x's. No residual, no statistics.
+# [TB, TH, 1, TW, BN / EPI_SPLIT] at (b, oy0, a, ox0, c_·Co + n0)); H and W are x's. No residual; STATS as below with
+# one part per (tile, phase, warp): (ty·n_tw + tx)·4 + ph in place of the tile index.
 #
 # Protocol (gl.warp_specialize; a STAGES-deep SMEM ring of (A, B) slots, barriers ready[s] and empty[s]):
 #   * producer (worker, 1 warp): for K step `it` of its program (counted over all its tiles), slot
@@ -254,19 +255,19 @@ def _mma_partition(y_desc, y1_desc, a_bufs, b_bufs, b1_bufs, ready, empty, c_sme
         else:
             acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))  # the unit's last step
-        t_sp = (oy0 // TH) * n_tw + ox0 // TW
+        t_sp = ((oy0 // TH) * n_tw + ox0 // TW) * NPH + ph  # the statistics' part: (tile, phase)
         if BN1 > 0:  # the last BN1 channels first (acc's slabs then have the registers to themselves): one slab
             # (EPI_SPLIT = 1); statistics per channel (CPG = 0, the launcher's only choice for a bn1 tile)
             if HAS_BIAS:
                 cols1 = n0 + BN + gl.arange(0, BN1, layout=gl.SliceLayout(0, mma1_layout))
                 acc1 = acc1 + gl.expand_dims(gl.load(bias_ptr + cols1).to(gl.float32), 0)
             _epilogue(y1_desc, c1_smem, acc1, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0 + BN, H, W, Co,
-                      t_sp, n_th * n_tw, STATS, CPG, 1, NUM_WARPS, ph)  # fmt: skip
+                      t_sp, n_th * n_tw * NPH, STATS, CPG, 1, NUM_WARPS, ph)  # fmt: skip
         if HAS_BIAS:
             cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
         _epilogue(y_desc, c_smem, acc, part_ptr, part_third, b, sp * n_img + b, oy0, ox0, n0, H, W, Co, t_sp,
-                  n_th * n_tw, STATS, CPG, EPI_SPLIT, NUM_WARPS, ph)  # fmt: skip
+                  n_th * n_tw * NPH, STATS, CPG, EPI_SPLIT, NUM_WARPS, ph)  # fmt: skip
     tma.store_wait(0)
 
 
