@@ -37,7 +37,8 @@ class Flags:
     # the epilogue, Triton LayerNorm and nearest-2x upsampling
     fused_epilogues: bool = False
     # nearest-2x upsampling + 3x3 conv as four 2x2 "phase" convs on the small input (4/9 of the FLOPs,
-    # no upsampled tensor) and one Triton interleave, on inputs of >= ops.SUBPIXEL_MIN_PIXELS pixels
+    # no upsampled tensor) and one Triton interleave, on inputs of >= ops.SUBPIXEL_MIN_PIXELS pixels (with
+    # igemm_conv, one Gluon launch storing the phases interleaved where the per-card conv table names one)
     subpixel_upsample: bool = False
     # convs cuDNN runs far below the card's rate as Triton kernels: the UNet's 8x8 convs as an implicit
     # GEMM (split-K where the output is one tile) where the per-card table measured it faster, and the

@@ -13,6 +13,8 @@ would leave SMs idle:
   them itself (kernels/group_norm_partials.py);
 - two images a tile (``tb``): the 8² level's CFG halves in one 128-row tile;
 - tiles of bn + bn1 channels (``bn1``): 320 channels as 256 + 64, 640 as 4 x (128 + 32), one wave of units.
+The same kernel's sub-pixel mode (``taps=4``; entry point kernels/subpixel_conv_gluon.py) runs an upsampler's
+four phase convs in one launch, storing into the interleaved output.
 H200 measurements (bench/results/SUMMARY.md has the history): the VAE's 512 at 64² 27.8 vs cuDNN 31.1 µs
 (kernels_conv_vae_h200.md); 2x1280x16² 28.0 vs 33.4 (3 splits), 2x320x64² -> 320 22.9 vs 27.5 (256 + 64),
 2x640x32² -> 640 24.3 vs 33.4 (128 + 32) (kernels_conv_unet_wide_h200.md, weights cycled out of L2).
@@ -91,7 +93,7 @@ def _problem(
     if n % cfg.tb:
         return f"config {cfg}: N={n} must be a multiple of its {cfg.tb} images a tile"
     if cfg.split > taps * (c // cfg.bk):
-        return f"config {cfg}: {cfg.split} K splits need 9·C / {cfg.bk} >= {cfg.split} K steps, C={c}"
+        return f"config {cfg}: {cfg.split} K splits need {taps}·C / {cfg.bk} >= {cfg.split} K steps, C={c}"
     if not x.is_contiguous(memory_format=torch.channels_last):
         return "needs a channels_last x (its [N, H, W, C] view is the TMA tensor)"
     if not weight.is_contiguous(memory_format=torch.channels_last):

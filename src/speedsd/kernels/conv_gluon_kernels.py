@@ -66,7 +66,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # i.e. tap = 2·ky + kx, A box at (b, oy0 + a + ky − 1, ox0 + c_ + kx − 1, c0), B = W4m[ph·Co + n0 :, tap·C + c0 :]
 # (W4m = the channels_last [4·Co, 2, 2, C] folded weight as [4·Co, 4·C]), and the tile stored straight into the
 # interleaved output: y_desc is y [N, 2H, 2W, Co] seen as [N, H, 2, 2W·Co / 2] = [N, H, 2, W, 2·Co] (5-D boxes
-# [TB, TH, 1, TW, BN / EPI_SPLIT] at (b, oy0, a, ox0, c_·Co + n0)); H and W are x's. No residual; STATS as below with
+# [TB, TH, 1, TW, BN / EPI_SPLIT] at (b, oy0, a, ox0, c_·Co + n0)); H and W are x's. No residual; STATS as above with
 # one part per (tile, phase, warp): (ty·n_tw + tx)·4 + ph in place of the tile index.
 #
 # Protocol (gl.warp_specialize; a STAGES-deep SMEM ring of (A, B) slots, barriers ready[s] and empty[s]):
