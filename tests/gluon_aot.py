@@ -85,6 +85,26 @@ def compile_cases(tmp_path_factory: pytest.TempPathFactory, child: str, package_
     return json.loads(out.read_text())
 
 
+def ptxas_log(ptx: Path) -> str:
+    """``ptxas -v`` for sm_90a of a PTX file: its report (registers, spills, wgmma serialization warnings); skips
+    the test where Triton's bundled ptxas is not installed."""
+    tool = nvidia_tool("ptxas")
+    if tool is None:
+        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
+    cmd = [tool, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(ptx.with_suffix(".re.cubin"))]
+    log = subprocess.run(cmd, capture_output=True, text=True)
+    return log.stdout + log.stderr
+
+
+def spills(log: str) -> tuple[int, int]:
+    """(spill store bytes, spill load bytes) from a ``ptxas -v`` report."""
+    import re
+
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert m, log
+    return int(m.group(1)), int(m.group(2))
+
+
 def cuobjdump(cubin: bytes, flag: str) -> str:
     """``cuobjdump flag`` of a cubin (-sass, -res-usage); skips the test where the tool is not installed."""
     tool = nvidia_tool("cuobjdump")

@@ -6,12 +6,11 @@ and a spilling control the checks must flag. The kernel's numerics are GPU tests
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 import torch
 
-from gluon_aot import cuobjdump, nvidia_tool, run_compile_child
+from gluon_aot import cuobjdump, nvidia_tool, ptxas_log, run_compile_child, spills
 from speedsd.kernels import conv_gluon as cg
 
 # (name, config, bias dtype): the engine's case (ws2, no bias), the 16 x 16 x 128 fitting with an fp16 bias,
@@ -62,8 +61,7 @@ def sm90_kernels(tmp_path_factory):
     """name -> (ptx, cubin, num_warps, shared bytes, ptxas -v log) for AOT's configs, compiled for sm_90."""
     if cg._kernels() is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    ptxas = nvidia_tool("ptxas")
-    if ptxas is None:
+    if nvidia_tool("ptxas") is None:
         pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
     out = tmp_path_factory.mktemp("aot")
     argv = []
@@ -75,16 +73,8 @@ def sm90_kernels(tmp_path_factory):
     for name in AOT:
         warps, shared = (int(v) for v in (out / f"{name}.meta").read_text().split())
         ptx = (out / f"{name}.ptx").read_text()
-        cmd = [ptxas, "-v", "--gpu-name", "sm_90a", str(out / f"{name}.ptx"), "-o", str(out / f"{name}.re.cubin")]
-        log = subprocess.run(cmd, capture_output=True, text=True)
-        res[name] = (ptx, (out / f"{name}.cubin").read_bytes(), warps, shared, log.stdout + log.stderr)
+        res[name] = (ptx, (out / f"{name}.cubin").read_bytes(), warps, shared, ptxas_log(out / f"{name}.ptx"))
     return res
-
-
-def _spills(log: str) -> tuple[int, int]:
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert m, log
-    return int(m.group(1)), int(m.group(2))
 
 
 @pytest.mark.parametrize("name", [n for n in AOT if n != "control"])
@@ -100,7 +90,7 @@ def test_aot_compile_sm90(name, sm90_kernels):
     assert ("st.global" in ptx) == stats  # the statistics are the only global stores
     assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+{cg.PRODUCER_REGS}\b", ptx)  # the producer
     assert warps == cfg.warps + 4 and shared <= cg.SMEM_LIMIT  # + the producer warp's group
-    assert _spills(log) == (0, 0), log
+    assert spills(log) == (0, 0), log
     assert "serialized" not in log, log  # ptxas C7510-C7515: wgmma pipeline broken
     sass = cuobjdump(cubin, "-sass")
     assert "HGMMA" in sass and not re.search(r"\b(LDL|STL)\b", sass)
@@ -109,5 +99,5 @@ def test_aot_compile_sm90(name, sm90_kernels):
 def test_aot_checks_see_spills_and_serialization(sm90_kernels):
     """Control: the checks above must fail on a kernel that spills and serializes its wgmmas."""
     _, cubin, _, _, log = sm90_kernels["control"]
-    assert _spills(log)[0] > 0 and "serialized" in log
+    assert spills(log)[0] > 0 and "serialized" in log
     assert re.search(r"\b(LDL|STL)\b", cuobjdump(cubin, "-sass"))
