@@ -85,6 +85,14 @@ def compile_cases(tmp_path_factory: pytest.TempPathFactory, child: str, package_
     return json.loads(out.read_text())
 
 
+def require_gluon_aot(has_gluon: bool) -> None:
+    """Skip unless this Triton has the Gluon Hopper API (``has_gluon``) and its bundled ptxas is installed."""
+    if not has_gluon:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    if nvidia_tool("ptxas") is None:
+        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
+
+
 def ptxas_log(ptx: Path) -> str:
     """``ptxas -v`` for sm_90a of a PTX file: its report (registers, spills, wgmma serialization warnings); skips
     the test where Triton's bundled ptxas is not installed."""

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from gluon_aot import cuobjdump, nvidia_tool, ptxas_log, run_compile_child, spills
+from gluon_aot import cuobjdump, ptxas_log, require_gluon_aot, run_compile_child, spills
 from speedsd.kernels import conv_gluon as cg
 
 # (name, config, bias dtype): the engine's case (ws2, no bias), the 16 x 16 x 128 fitting with an fp16 bias,
@@ -59,10 +59,7 @@ for name, key, bias, res, cpg in zip(*(sys.argv[i::5] for i in range(2, 7))):
 @pytest.fixture(scope="module")
 def sm90_kernels(tmp_path_factory):
     """name -> (ptx, cubin, num_warps, shared bytes, ptxas -v log) for AOT's configs, compiled for sm_90."""
-    if cg._kernels() is None:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    if nvidia_tool("ptxas") is None:
-        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
+    require_gluon_aot(cg._kernels() is not None)
     out = tmp_path_factory.mktemp("aot")
     argv = []
     for name, (cfg, b, *epi) in AOT.items():

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gluon_aot import nvidia_tool, ptxas_log, run_compile_child, spills
+from gluon_aot import ptxas_log, require_gluon_aot, run_compile_child, spills
 from interp_bounds import needs_interpreter
 from speedsd import conv_table, ops
 from speedsd.kernels import conv_gluon as cg
@@ -265,10 +265,7 @@ for name in sys.argv[2:]:
 
 @pytest.fixture(scope="module")
 def sm90_ptx(tmp_path_factory):
-    if cg._kernels() is None:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    if nvidia_tool("ptxas") is None:
-        pytest.skip("Triton's bundled ptxas is not installed (backends/nvidia/bin/ptxas)")
+    require_gluon_aot(cg._kernels() is not None)
     out = tmp_path_factory.mktemp("aot_subpixel")
     run_compile_child(_AOT_CHILD, cg.__file__, str(out), *AOT)
     return {key: ((out / f"{key}.ptx").read_text(), ptxas_log(out / f"{key}.ptx")) for key in AOT}
