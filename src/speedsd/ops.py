@@ -194,8 +194,10 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d, next_groups: int | 
         groups = next_groups if flags.group_norm else None
         # one Gluon launch (phase convs stored interleaved, bias added, a GroupNorm reader's statistics written)
         # where the card's table measured it faster than cuDNN's phase conv + the interleave
-        cfg = conv_table.subpixel_config(tuple(x.shape), conv.out_channels, x.dtype, x.device)
-        if flags.igemm_conv and cfg is not None and subpixel_conv_gluon_supported(x, w4, conv.bias, cfg, groups):
+        cfg = None
+        if flags.igemm_conv:
+            cfg = conv_table.subpixel_config(tuple(x.shape), conv.out_channels, x.dtype, x.device)
+        if cfg is not None and subpixel_conv_gluon_supported(x, w4, conv.bias, cfg, groups):
             return subpixel_conv_gluon(x, w4, conv.bias, cfg, stats_groups=groups)
         if _triton_runs(x):
             return subpixel_upsample_conv(x, w4, conv.bias, stats_groups=groups)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -45,6 +46,26 @@ def do_bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+L2_BYTES = 50 * 2**20  # an H100's or H200's L2
+
+
+def copies_out_of_l2(nbytes: int, most: int = 8) -> int:
+    """How many copies of an operand of ``nbytes`` bytes to cycle call by call so that each call reads its own from
+    memory, as in a model step: three L2s' worth, 1 .. ``most``."""
+    return max(1, min(most, math.ceil(3 * L2_BYTES / nbytes)))
+
+
+def cycled_graph_ms(fn_for: Callable[[Any], object], items: list, reps: int = 10) -> float:
+    """:func:`graph_ms` of ``fn_for(items[i % len(items)])`` for call i (two rounds of the items a graph)."""
+    state = {"i": 0}
+
+    def call() -> None:
+        fn_for(items[state["i"] % len(items)])
+        state["i"] += 1
+
+    return graph_ms(call, calls=2 * len(items), reps=reps)
 
 
 def graph_ms(fn: Callable[[], object], calls: int = 20, reps: int = 10) -> float:

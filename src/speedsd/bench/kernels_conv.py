@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import time
@@ -114,7 +115,6 @@ LAUNCH = [(4, 4), (8, 4), (4, 3), (8, 3)]
 TILES_TMA = [(128, 64, 128), (128, 64, 64), (128, 128, 64), (64, 64, 128), (64, 64, 64)]
 LAUNCH_TMA = [(8, 4), (4, 4), (8, 3), (8, 5)]
 SPLITS = [1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 15, 16, 18, 20]
-L2_BYTES = 50 * 2**20
 
 
 def _configs(n: int, c: int, m: int, taps: int, device: torch.device) -> list[IgemmConfig]:
@@ -149,15 +149,10 @@ def _tma_configs(x: torch.Tensor, w: torch.Tensor, n: int, stride: int, pad: int
 
 def _time_conv(fn_for_weight: Any, weights: list[torch.Tensor], smoke: bool) -> float:
     """Per-call ms, cycling through ``weights`` call by call (graph replay on a GPU)."""
-    state = {"i": 0}
-
-    def call() -> None:
-        fn_for_weight(weights[state["i"] % len(weights)])
-        state["i"] += 1
-
     if smoke:
-        return common.median_ms(call, warmup=1, rep=2)
-    return common.graph_ms(call, calls=2 * len(weights), reps=5)
+        cycle = itertools.cycle(weights)
+        return common.median_ms(lambda: fn_for_weight(next(cycle)), warmup=1, rep=2)
+    return common.cycled_graph_ms(fn_for_weight, weights, reps=5)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -229,7 +224,7 @@ def bench_shape(
     g = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(shape, generator=g) + 0.5).to(dev, dtype).contiguous(memory_format=torch.channels_last)
     w0 = torch.randn(n, shape[1], k, k, generator=g) / math.sqrt(shape[1] * k * k)
-    copies = max(1, min(8, math.ceil(3 * L2_BYTES / (w0.numel() * 2)))) if device == "cuda" else 1
+    copies = common.copies_out_of_l2(w0.numel() * 2) if device == "cuda" else 1
     weights = [(w0 + 1e-3 * i).to(dev, dtype).contiguous(memory_format=torch.channels_last) for i in range(copies)]
     prev_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False

@@ -33,7 +33,6 @@ from speedsd.kernels.subpixel_conv_gluon import subpixel_conv_gluon, subpixel_co
 from speedsd.kernels.subpixel_weight import subpixel_weight
 
 CL = torch.channels_last
-L2_BYTES = 50 * 2**20
 # (batch, C = Co, input side as a multiple of the latent side, GroupNorm groups of the next reader or None):
 # the UNet's 16²-level and 32²-level upsamplers (CFG batch 2), the VAE decoder's three (batch 1)
 SHAPES = {
@@ -51,7 +50,7 @@ def _shape_row(n: int, c: int, side: int, groups: int | None, keys: list[str]) -
     x = (torch.randn(n, c, side, side, generator=g) + 0.3).to(dev, torch.float16).contiguous(memory_format=CL)
     w0 = torch.randn(c, c, 3, 3, generator=g) / math.sqrt(9 * c)
     bias = (torch.randn(c, generator=g) * 0.3).to(dev, torch.float16)
-    copies = max(2, min(8, math.ceil(3 * L2_BYTES / (16 * c * c * 2))))  # W4: 4·Co x C x 2 x 2 halves
+    copies = max(2, common.copies_out_of_l2(16 * c * c * 2))  # W4: 4·Co x C x 2 x 2 halves
     ws = [(w0 + 1e-3 * i).to(dev, torch.float16).contiguous(memory_format=CL) for i in range(copies)]
     w4s = [subpixel_weight(w) for w in ws]
     ref = subpixel_upsample_conv_ref(x.double(), ws[0].double(), bias.double())
@@ -60,13 +59,7 @@ def _shape_row(n: int, c: int, side: int, groups: int | None, keys: list[str]) -
     del engine
 
     def time_us(fn) -> float:
-        state = {"i": 0}
-
-        def call() -> None:
-            fn(w4s[state["i"] % copies])
-            state["i"] += 1
-
-        return 1e3 * common.graph_ms(call, calls=2 * copies, reps=7)
+        return 1e3 * common.cycled_graph_ms(fn, w4s, reps=7)
 
     key2 = conv_table.shape_key(tuple(x.shape), 4 * c, 2, 1, 1, torch.float16)  # the phase conv's
     row: dict[str, Any] = {"shape": f"{n}x{c}x{side}²->{c}", "stats_groups": groups, "key": key2,

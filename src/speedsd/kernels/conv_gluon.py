@@ -152,29 +152,40 @@ def conv3x3_gluon(
         raise ValueError(f"conv3x3_gluon: {why}")
     n, _, h, w = x.shape
     co = weight.shape[0]
-    if out is None:
-        out = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    elif (
-        out.shape != (n, co, h, w)
-        or out.dtype != x.dtype
-        or out.device != x.device
-        or not out.is_contiguous(memory_format=torch.channels_last)
-        or not _aligned(out)
-    ):
-        raise ValueError(f"out must be a 16-byte aligned channels_last {x.dtype} [{n}, {co}, {h}, {w}] on {x.device}")
+    out = _output(out, (n, co, h, w), x)
     if residual is not None and residual.data_ptr() == out.data_ptr():
         raise ValueError("out must not be the residual (tiles read it while others write)")
-    part = None
-    if stats_groups:  # (mean, M2, count) per tile and warp, of each group (per channel in a bn + bn1 tile)
-        tiles = -(-h // cfg.th) * -(-w // cfg.tw)
-        dims = (tiles * cfg.warps, co) if cfg.bn1 else (stats_groups, tiles * cfg.warps)
-        part = torch.empty((3, n, *dims), device=x.device, dtype=torch.float32)
+    part = _stats_part(x, co, stats_groups, cfg) if stats_groups else None
     drop_gn_stats(out)
     if cfg.split > 1:  # fp32 partials, summed (+ bias, residual) into out by a second kernel
         sum_partials(_partials(x, weight, cfg), bias, out, residual)
         return out
     _launch(x, weight, bias, out, cfg, residual, part)
     return out if part is None else attach(out, part, stats_groups, per_channel=cfg.bn1 > 0)
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """``out`` checked (a 16-byte aligned channels_last tensor of ``shape`` in x's dtype and device), or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if (
+        out.shape != shape
+        or out.dtype != x.dtype
+        or out.device != x.device
+        or not out.is_contiguous(memory_format=torch.channels_last)
+        or not _aligned(out)
+    ):
+        raise ValueError(f"out must be a 16-byte aligned channels_last {x.dtype} {list(shape)} on {x.device}")
+    return out
+
+
+def _stats_part(x: torch.Tensor, co: int, groups: int, cfg: GluonConvConfig, phases: int = 1) -> torch.Tensor:
+    """The epilogue's GroupNorm(groups) partials (mean, M2, count) for input x: one part per tile, (sub-pixel)
+    phase and warp, of each group [3, N, G, P], or of each channel [3, N, P, Co] in a bn + bn1 tile."""
+    n, _, h, w = x.shape
+    parts = phases * -(-h // cfg.th) * -(-w // cfg.tw) * cfg.warps
+    dims = (parts, co) if cfg.bn1 else (groups, parts)
+    return torch.empty((3, n, *dims), device=x.device, dtype=torch.float32)
 
 
 def _partials(x: torch.Tensor, weight: torch.Tensor, cfg: GluonConvConfig) -> torch.Tensor:
@@ -250,7 +261,7 @@ def _launch_args(
     """(grid, positional args, constexprs + num_warps) of conv3x3_kernel; CPU tensors work too (the AOT
     compile builds its signature from them). With cfg.split > 1, y is the fp32 partials [split, N, H, W, Co]
     and bias must be None (the sum adds it). ``taps`` = 4: the sub-pixel conv, weight the folded weight4
-    [4·Co, C, 2, 2], y the upsampled output [N, Co, 2H, 2W] (no residual, statistics or split)."""
+    [4·Co, C, 2, 2], y the upsampled output [N, Co, 2H, 2W] (no residual or split)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 

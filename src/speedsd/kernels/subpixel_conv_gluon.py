@@ -63,22 +63,8 @@ def subpixel_conv_gluon(
         raise ValueError(f"subpixel_conv_gluon: {why}")
     n, _, h, w = x.shape
     co = weight4.shape[0] // 4
-    shape = (n, co, 2 * h, 2 * w)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    elif (
-        out.shape != shape
-        or out.dtype != x.dtype
-        or out.device != x.device
-        or not out.is_contiguous(memory_format=torch.channels_last)
-        or not cg._aligned(out)
-    ):
-        raise ValueError(f"out must be a 16-byte aligned channels_last {x.dtype} {list(shape)} on {x.device}")
-    part = None
-    if stats_groups:  # (mean, M2, count) per (tile, phase) and warp, of each group (per channel in a bn1 tile)
-        parts = 4 * -(-h // cfg.th) * -(-w // cfg.tw) * cfg.warps
-        dims = (parts, co) if cfg.bn1 else (stats_groups, parts)
-        part = torch.empty((3, n, *dims), device=x.device, dtype=torch.float32)
+    out = cg._output(out, (n, co, 2 * h, 2 * w), x)
+    part = cg._stats_part(x, co, stats_groups, cfg, phases=4) if stats_groups else None
     drop_gn_stats(out)
     cg._launch(x, weight4, bias, out, cfg, part=part, taps=4)
     return out if part is None else attach(out, part, stats_groups, per_channel=cfg.bn1 > 0)
