@@ -105,18 +105,6 @@ def subpixel_config(
     return cfg if isinstance(cfg, GluonConvConfig) else None
 
 
-def linear_key(m: int, k: int, n: int, dtype: torch.dtype) -> str:
-    """The table key of a linear layer of M tokens, K in and N out features (kernels/linear_gluon.py)."""
-    return f"{m}x{k}->{n} linear {str(dtype).removeprefix('torch.')}"
-
-
-def linear_config(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> GluonConvConfig | None:
-    """The Gluon 1x1 conv config of a linear (M tokens, K -> N features) where this card's table measured it
-    faster than cuBLAS (``python -m speedsd.bench.linear_gluon --table``), else None."""
-    cfg = _table(card_name(device), str(TABLE_PATH)).get(linear_key(m, k, n, dtype))
-    return cfg if isinstance(cfg, GluonConvConfig) else None
-
-
 def split_config(
     x_shape: tuple[int, ...], conv: torch.nn.Conv2d, dtype: torch.dtype, device: torch.device
 ) -> GluonConvConfig | None:

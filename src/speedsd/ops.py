@@ -44,7 +44,6 @@ from speedsd.kernels.group_norm import group_norm, group_norm_ref
 from speedsd.kernels.group_norm_affine import group_norm_scale_shift
 from speedsd.kernels.group_norm_partials import group_norm_partials, partials_plan
 from speedsd.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
-from speedsd.kernels.linear_gluon import linear_gluon, linear_gluon_supported
 from speedsd.kernels.narrow_conv import MAX_CO, conv3x3_narrow
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
 from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsample_conv
@@ -400,40 +399,6 @@ def _narrow_ok(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     )
 
 
-def _on_cuda(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
-
-
-def _gluon_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
-) -> torch.Tensor | None:
-    """x @ Wᵀ (+ bias) (+ residual) as the Gluon 1x1 conv where ``igemm_conv`` is on and the card's conv table
-    measured it faster than cuBLAS for this linear (conv_table.linear_config), else None."""
-    if not current().igemm_conv or not _on_cuda(x) or weight.dim() != 2 or x.dtype != torch.float16:
-        return None
-    k = weight.shape[1]
-    cfg = conv_table.linear_config(x.numel() // max(k, 1), k, weight.shape[0], x.dtype, x.device)
-    if cfg is None or not linear_gluon_supported(x, weight, bias, cfg, residual):
-        return None
-    return linear_gluon(x, weight, bias, cfg, residual)
-
-
-def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); the Gluon 1x1 conv where the card's table picks it (kernels/linear_gluon.py)."""
-    out = _gluon_linear(x, weight, bias, None)
-    return F.linear(x, weight, bias) if out is None else out
-
-
-def linear_accumulate_op(r: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """r + h @ Wᵀ: cuBLAS accumulating into r in place (beta = 1), or the Gluon 1x1 conv's residual epilogue
-    into a new tensor where the card's table picks it. Use the returned tensor."""
-    out = _gluon_linear(h, weight, None, r)
-    if out is not None:
-        return out
-    r.view(-1, r.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), weight.t())  # [M, C] += [M, K] @ [K, C]
-    return r
-
-
 def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) -> torch.Tensor:
     """A conv layer's forward; ``with_bias=False`` leaves conv.bias to the caller (who fuses it).
 
@@ -457,7 +422,7 @@ def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) ->
         return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and x.is_contiguous(memory_format=torch.channels_last):
         n, _, h, w = x.shape
-        t = linear_op(x.permute(0, 2, 3, 1), conv.weight.flatten(1), bias)  # [N, H, W, Cin] -> [N, H, W, Cout]
+        t = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), bias)  # [N, H, W, Cin] -> [N, H, W, Cout]
         return t.permute(0, 3, 1, 2)  # [N, Cout, H, W] with channels_last strides
     out = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
     return bias_add_op(out, bias, inplace=True) if bias is not None else out

@@ -69,10 +69,10 @@ def _problem(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: GluonConvConfig, taps: int = 9
 ) -> str | None:
     """Why the kernel cannot compute conv3x3(x, weight) + bias with cfg (taps = 4: the sub-pixel conv from the
-    folded weight4 [4·Co, C, 2, 2]; taps = 1: the 1x1 conv of weight [Co, C, 1, 1]); None when it can."""
-    k, per = {9: (3, 1), 4: (2, 4), 1: (1, 1)}[taps]
+    folded weight4 [4·Co, C, 2, 2]); None when it can."""
+    k, per = (3, 1) if taps == 9 else (2, 4)
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], k, k) or weight.shape[0] % per:
-        what = {9: "[Co, C, 3, 3]", 4: "weight4 [4·Co, C, 2, 2]", 1: "[Co, C, 1, 1]"}[taps]
+        what = "[Co, C, 3, 3]" if taps == 9 else "weight4 [4·Co, C, 2, 2]"
         return f"expects x [N, C, H, W] and {what}, got {tuple(x.shape)}, {tuple(weight.shape)}"
     n, c, h, w = x.shape
     co = weight.shape[0] // per
@@ -261,13 +261,12 @@ def _launch_args(
     """(grid, positional args, constexprs + num_warps) of conv3x3_kernel; CPU tensors work too (the AOT
     compile builds its signature from them). With cfg.split > 1, y is the fp32 partials [split, N, H, W, Co]
     and bias must be None (the sum adds it). ``taps`` = 4: the sub-pixel conv, weight the folded weight4
-    [4·Co, C, 2, 2], y the upsampled output [N, Co, 2H, 2W] (no residual or split); 1: the 1x1 conv, weight
-    [Co, C, 1, 1]."""
+    [4·Co, C, 2, 2], y the upsampled output [N, Co, 2H, 2W] (no residual or split)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     n, c, h, w = x.shape
-    phases = 4 if taps == 4 else 1
+    phases = 1 if taps == 9 else 4
     co = weight.shape[0] // phases
     if cfg.split > 1 and (y.shape != (cfg.split, n, h, w, co) or y.dtype != torch.float32 or bias is not None):
         raise ValueError(f"a {cfg.split}-way K split writes fp32 partials [split, N, H, W, Co], without bias")
@@ -280,7 +279,7 @@ def _launch_args(
         y_nhwc = y.as_strided((n, h, 2, w, 2 * co), (4 * h * w * co, 4 * w * co, 2 * w * co, 2 * co, 1))
     else:
         y_nhwc = nhwc_view(y) if cfg.split == 1 else y.view(cfg.split * n, h, w, co)
-    out_box = [cfg.tb, cfg.th, 1, cfg.tw] if taps == 4 else [cfg.tb, cfg.th, cfg.tw]
+    out_box = [cfg.tb, cfg.th, cfg.tw] if taps == 9 else [cfg.tb, cfg.th, 1, cfg.tw]
 
     def desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
         dt = gl.float32 if t.dtype == torch.float32 else gl.float16
@@ -358,8 +357,6 @@ def compile_sm90(
     if taps == 4:  # the sub-pixel conv: weight4 [4·Co, C, 2, 2], y [N, Co, 2H, 2W]
         wt = torch.empty((4 * co, c, 2, 2), dtype=torch.float16).contiguous(memory_format=cl)
         y = torch.empty((nb, co, 32, 32), dtype=torch.float16).contiguous(memory_format=cl)
-    if taps == 1:  # the 1x1 conv / linear: weight [Co, C, 1, 1]
-        wt = torch.empty((co, c, 1, 1), dtype=torch.float16).contiguous(memory_format=cl)
     if config.split > 1:  # the kernel writes the fp32 partials (the sum kernel adds any bias)
         y, bias_dtype = torch.empty((config.split, nb, 16, 16, co), dtype=torch.float32), None
     bias = None if bias_dtype is None else torch.empty(co, dtype=bias_dtype)

@@ -69,10 +69,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 # [TB, TH, 1, TW, BN / EPI_SPLIT] at (b, oy0, a, ox0, c_·Co + n0)); H and W are x's. No residual; STATS as above with
 # one part per (tile, phase, warp): (ty·n_tw + tx)·4 + ph in place of the tile index.
 #
-# TAPS = 1 (kernels/linear_gluon.py): a 1x1 conv, i.e. a linear layer over pixels, y[m, n] = bias[n] + Σ_c x[m, c] ·
-# w[n, c] (+ r[m, n]): the one tap's box is the tile itself (dy = dx = 0) and B = w [Co, C] as it is stored. A
-# linear's tokens [M, C] are passed as the image [1, 1, M, C] with tiles of 1 x TW pixels.
-#
 # Protocol (gl.warp_specialize; a STAGES-deep SMEM ring of (A, B) slots, barriers ready[s] and empty[s]):
 #   * producer (worker, 1 warp): for K step `it` of its program (counted over all its tiles), slot
 #     s = it mod STAGES, use u = it div STAGES: wait empty[s] at parity (u & 1) ^ 1 (the consumer freed use
@@ -133,13 +129,9 @@ def _load_partition(x_desc, w_desc, w1_desc, r_desc, i_desc, i1_desc, a_bufs, b_
             if TAPS == 9:  # (ky, kx) = divmod(tap, 3): the box at (oy0 + ky − 1, ox0 + kx − 1)
                 dy = tap // 3 - 1
                 dx = tap % 3 - 1
-            elif TAPS == 4:  # phase (a, c_) = divmod(ph, 2), (ky, kx) = divmod(tap, 2):
-                # the box at (oy0 + a + ky − 1, ox0 + c_ + kx − 1)
+            else:  # phase (a, c_) = divmod(ph, 2), (ky, kx) = divmod(tap, 2): at (oy0 + a + ky − 1, ox0 + c_ + kx − 1)
                 dy = ph // 2 + tap // 2 - 1
                 dx = ph % 2 + tap % 2 - 1
-            else:  # TAPS = 1 (a 1x1 conv / linear): the tile's own box (tap = 0)
-                dy = tap
-                dx = tap
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             bar = ready.index(s)
@@ -342,7 +334,7 @@ def conv3x3_kernel(x_desc, w_desc, y_desc, r_desc, i_desc, i1_desc, w1_desc, y1_
                    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, STATS: gl.constexpr, CPG: gl.constexpr,
                    EPI_SPLIT: gl.constexpr, BN1: gl.constexpr, TAPS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):  # fmt: skip
-    # TAPS: 9 (the 3x3 conv), 4 (sub-pixel: w_desc on W4m [4·Co, 4·C], y_desc 5-D) or 1 (1x1; see the math above)
+    # TAPS: 9 (the 3x3 conv) or 4 (sub-pixel: w_desc on W4m [4·Co, 4·C], y_desc 5-D; see the math above)
     # x_desc: [N, H, W, C] boxes [TB, TH, TW, BK]; w_desc: [Co, 9·C] boxes [BN, BK];
     # y_desc: [N, H, W, Co] boxes [TB, TH, TW, BN / EPI_SPLIT] (n_split > 1: the fp32 partials [n_split·N, H, W, Co]);
     # BN1 > 0: a tile is BN + BN1 channels wide, the last BN1 through w1_desc (boxes [BN1, BK]) and y1_desc (boxes

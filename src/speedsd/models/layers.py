@@ -336,9 +336,9 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         if context is None and ops.current().fused_qkv:
             wqkv, bqkv = self._fused_qkv_weight()
-            q, k, v = ops.linear_op(x, wqkv, bqkv).chunk(3, dim=-1)
+            q, k, v = F.linear(x, wqkv, bqkv).chunk(3, dim=-1)
         elif isinstance(context, CrossKV):  # K and V already projected (one GEMM for every layer)
-            q, (k, v) = ops.linear_op(x, self.to_q.weight, self.to_q.bias), context[self]
+            q, (k, v) = self.to_q(x), context[self]
         else:
             ctx = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
@@ -349,7 +349,7 @@ class Attention(nn.Module):
         fused = ops.current().fused_epilogues
         proj = self.to_out[0]
         bias = proj.bias if out_bias and not (fused and self.group_norm is not None) else None
-        out = ops.linear_op(out, proj.weight, bias)  # [B, N, H·D] -> [B, N, C]
+        out = F.linear(out, proj.weight, bias)  # [B, N, H·D] -> [B, N, C]
         if self.group_norm is not None:
             out = out.transpose(1, 2).reshape(b, c, h, w)  # [B, HW, C] -> [B, C, H, W]
             if fused:
@@ -382,13 +382,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
         """``accumulate_into`` (x's shape; the residual with net.2's bias already added): the last GEMM
-        adds its product onto it (cuBLAS in place with beta = 1, or the Gluon 1x1 conv's residual epilogue)
-        and returns the sum, so net.2's bias and the residual cost no pass of their own."""
+        adds its product onto it in place (cuBLAS beta = 1) and returns it, so net.2's bias and the
+        residual cost no pass of their own."""
         proj, out = self.net[0].proj, self.net[2]
         h = ops.feed_forward_geglu_op(x, proj.weight, proj.bias)
         if accumulate_into is None:
             return F.linear(h, out.weight, out.bias)
-        return ops.linear_accumulate_op(accumulate_into, h, out.weight)
+        r = accumulate_into.view(-1, accumulate_into.shape[-1])  # [..., C] -> [M, C], the same storage
+        r.addmm_(h.reshape(-1, h.shape[-1]), out.weight.t())  # r += h @ Wᵀ
+        return accumulate_into
 
 
 class _GEGLU(nn.Module):
