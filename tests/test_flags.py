@@ -34,6 +34,7 @@ ROWS = [
             fused_epilogues=True,
             subpixel_upsample=True,
             igemm_conv=True,
+            gemm_algos=True,
         ),
     ),
     ("fused epilogues only, NCHW", ops.Flags(attention="sdpa", fused_epilogues=True)),

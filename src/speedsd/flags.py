@@ -45,6 +45,9 @@ class Flags:
     # output heads' 3x3 convs to <= 8 channels as the narrow conv (with group_norm: GroupNorm+SiLU folded
     # into its prologue)
     igemm_conv: bool = False
+    # the UNet's linears with the cuBLASLt algorithm the per-card GEMM table measured fastest (gemm_table.py;
+    # torch's first heuristic choice elsewhere)
+    gemm_algos: bool = False
     cuda_graphs: bool = False  # UNet step / VAE decode replayed from captured CUDA graphs
 
     def __post_init__(self) -> None:
@@ -73,6 +76,7 @@ PRESETS: dict[str, Flags] = {
         fused_epilogues=True,
         subpixel_upsample=True,
         igemm_conv=True,
+        gemm_algos=True,
         cuda_graphs=True,
     ),
 }

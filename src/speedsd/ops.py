@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from speedsd import conv_table
+from speedsd import conv_table, cublaslt, gemm_table
 from speedsd.flags import ATTENTION_MODES, PRESETS, Flags, current, default_flags, set_flags, using
 from speedsd.kernels.add_gn_stats import add_with_group_norm_stats
 from speedsd.kernels.attention_gluon import attention_gluon
@@ -399,6 +399,45 @@ def _narrow_ok(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     )
 
 
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+_seen_linears: set | None = None  # speedsd.bench.gemm_algos collects the problems here while it records a step
+
+
+def _lt_plan(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None
+) -> cublaslt.Plan | None:
+    """With ``gemm_algos``, the cuBLASLt plan of the algorithm the card's GEMM table names for this linear."""
+    if not current().gemm_algos or not _on_cuda(x):
+        return None
+    problem = cublaslt.problem_of(x, weight, bias, out)
+    if problem is None:
+        return None
+    if _seen_linears is not None:
+        _seen_linears.add(problem)
+    config = gemm_table.choose(problem, x.device)
+    return None if config is None else cublaslt.plan(problem, x.device.index or 0, config)
+
+
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias): x [..., K] -> [..., N]; with the table's cuBLASLt algorithm where it has one."""
+    plan = _lt_plan(x, weight, bias, None)
+    if plan is None:
+        return F.linear(x, weight, bias)
+    return plan.run(x, weight, bias, torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device))
+
+
+def linear_accumulate_op(r: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """r += h @ Wᵀ in place (beta = 1: the residual costs no pass of its own); returns r."""
+    plan = _lt_plan(h, weight, None, r)
+    if plan is not None:
+        return plan.run(h, weight, None, r)
+    r.view(-1, r.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), weight.t())  # [M, N] += [M, K] @ [K, N]
+    return r
+
+
 def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) -> torch.Tensor:
     """A conv layer's forward; ``with_bias=False`` leaves conv.bias to the caller (who fuses it).
 
@@ -422,7 +461,7 @@ def conv2d_op(x: torch.Tensor, conv: torch.nn.Conv2d, with_bias: bool = True) ->
         return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and x.is_contiguous(memory_format=torch.channels_last):
         n, _, h, w = x.shape
-        t = F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), bias)  # [N, H, W, Cin] -> [N, H, W, Cout]
+        t = linear_op(x.permute(0, 2, 3, 1), conv.weight.flatten(1), bias)  # [N, H, W, Cin] -> [N, H, W, Cout]
         return t.permute(0, 3, 1, 2)  # [N, Cout, H, W] with channels_last strides
     out = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
     return bias_add_op(out, bias, inplace=True) if bias is not None else out

@@ -46,6 +46,8 @@ def ablation() -> list[tuple[str, ops.Flags]]:
     rows.append(("+sub-pixel upsample convs", f))
     f = f.replace(igemm_conv=True)
     rows.append(("+Triton/Gluon convs for cuDNN's slow shapes (split-K 8², GroupNorm-folded heads, VAE)", f))
+    f = f.replace(gemm_algos=True)
+    rows.append(("+cuBLASLt algorithms per linear (per-card table)", f))
     f = f.replace(cuda_graphs=True)
     rows.append(("+CUDA graphs", f))
     return rows
@@ -121,6 +123,7 @@ def variants(default: ops.Flags) -> list[tuple[str, ops.Flags]]:
         ("default, no fused epilogues", default.replace(fused_epilogues=False)),
         ("default, no sub-pixel upsample convs", default.replace(subpixel_upsample=False)),
         ("default, no Triton convs", default.replace(igemm_conv=False)),
+        ("default, torch's GEMM algorithms", default.replace(gemm_algos=False)),
         ("default, no GroupNorm/GELU kernels", default.replace(group_norm=False, gelu=False)),
     ]  # fmt: skip
 

@@ -336,9 +336,9 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         if context is None and ops.current().fused_qkv:
             wqkv, bqkv = self._fused_qkv_weight()
-            q, k, v = F.linear(x, wqkv, bqkv).chunk(3, dim=-1)
+            q, k, v = ops.linear_op(x, wqkv, bqkv).chunk(3, dim=-1)
         elif isinstance(context, CrossKV):  # K and V already projected (one GEMM for every layer)
-            q, (k, v) = self.to_q(x), context[self]
+            q, (k, v) = ops.linear_op(x, self.to_q.weight, self.to_q.bias), context[self]
         else:
             ctx = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
@@ -349,7 +349,7 @@ class Attention(nn.Module):
         fused = ops.current().fused_epilogues
         proj = self.to_out[0]
         bias = proj.bias if out_bias and not (fused and self.group_norm is not None) else None
-        out = F.linear(out, proj.weight, bias)  # [B, N, H·D] -> [B, N, C]
+        out = ops.linear_op(out, proj.weight, bias)  # [B, N, H·D] -> [B, N, C]
         if self.group_norm is not None:
             out = out.transpose(1, 2).reshape(b, c, h, w)  # [B, HW, C] -> [B, C, H, W]
             if fused:
@@ -388,9 +388,7 @@ class FeedForward(nn.Module):
         h = ops.feed_forward_geglu_op(x, proj.weight, proj.bias)
         if accumulate_into is None:
             return F.linear(h, out.weight, out.bias)
-        r = accumulate_into.view(-1, accumulate_into.shape[-1])  # [..., C] -> [M, C], the same storage
-        r.addmm_(h.reshape(-1, h.shape[-1]), out.weight.t())  # r += h @ Wᵀ
-        return accumulate_into
+        return ops.linear_accumulate_op(accumulate_into, h, out.weight)  # in place: r += h @ Wᵀ
 
 
 class _GEGLU(nn.Module):

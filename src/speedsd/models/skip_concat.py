@@ -10,7 +10,8 @@ split weight, W[:, :C1]·x + W[:, C1:]·skip, the second accumulating into the f
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from speedsd import ops
 
 
 class Concat:
@@ -62,9 +63,9 @@ def split_shortcut(
     co = w.shape[0]
     cl = torch.channels_last
     if x.is_contiguous(memory_format=cl) and skip.is_contiguous(memory_format=cl):
-        out = F.linear(x.permute(0, 2, 3, 1), w1, bias)  # [N, H, W, C1] -> [N, H, W, Co]
+        out = ops.linear_op(x.permute(0, 2, 3, 1), w1, bias)  # [N, H, W, C1] -> [N, H, W, Co]
         rows = skip.permute(0, 2, 3, 1).reshape(-1, c2)  # [N, H, W, C2] -> [N·H·W, C2] (a view)
-        out.view(-1, co).addmm_(rows, w2.t())  # [N·H·W, Co] += [N·H·W, C2] @ [C2, Co]
+        ops.linear_accumulate_op(out.view(-1, co), rows, w2)  # [N·H·W, Co] += [N·H·W, C2] @ [C2, Co]
         return out.permute(0, 3, 1, 2)  # [N, Co, H, W] with channels_last strides
     x, skip = x.contiguous(), skip.contiguous()
     out = torch.matmul(w1, x.view(n, c1, h * wd))  # [Co, C1] @ [N, C1, HW] -> [N, Co, HW]

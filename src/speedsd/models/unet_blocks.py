@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from speedsd import ops
@@ -116,11 +115,11 @@ class Transformer2D(nn.Module):
             t = self.proj_in(t, with_bias=late is None)
         t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # [B, C, H, W] -> [B, HW, C]
         if self.linear_projection:
-            t = self.proj_in(t) if late is None else F.linear(t, self.proj_in.weight)
+            t = self.proj_in(t) if late is None else ops.linear_op(t, self.proj_in.weight)
         for i, block in enumerate(self.transformer_blocks):
             t = block(t, context, x_bias=late if i == 0 else None)
         if self.linear_projection:
-            t = F.linear(t, self.proj_out.weight, None if fused else self.proj_out.bias)
+            t = ops.linear_op(t, self.proj_out.weight, None if fused else self.proj_out.bias)
         t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # [B, HW, C] -> [B, C, H, W] (channels_last strides)
         if not ops.current().channels_last:
             t = t.contiguous()  # NCHW engine: keep every activation in one layout
