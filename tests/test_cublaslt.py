@@ -172,7 +172,7 @@ def test_gpu_every_heuristic_algorithm(shape, ldw, with_bias, accumulate, offset
         pytest.skip("needs a CUDA GPU")
     m, k, n = shape
     x = h(m * k + offset, seed=1).cuda()[offset:].view(m, k)
-    w = h(n, ldw, seed=2).cuda()[:, :k] / k**0.5
+    w = (h(n, ldw, seed=2).cuda() / k**0.5)[:, :k]  # (a slice of the scaled weight: row stride ldw)
     bias = h(n, seed=3).cuda() if with_bias else None
     r0 = h(m, n, seed=4).cuda() if accumulate else None
     p = cublaslt.problem_of(x, w, bias, r0)
