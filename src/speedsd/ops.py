@@ -1,7 +1,8 @@
 """The one dispatch point between the models and the kernels.
 
 Every op that an optimized kernel can replace (GroupNorm(+SiLU), GELU/GEGLU, attention, 3x3 conv,
-LayerNorm) is called by the models through this module. Which implementation runs is decided here,
+LayerNorm, and the linears, whose cuBLASLt algorithm a per-card table may pick) is called by the models through
+this module. Which implementation runs is decided here,
 and only here, from an explicit :class:`Flags` value, so each optimization can be switched on and off
 on its own: the paper's ablation is a list of ``Flags``, not a fork of the model code.
 
