@@ -72,7 +72,7 @@ def test_table_keys_and_checks(tmp_path, monkeypatch):
     assert gemm_table.problem_key(q) == "512x640->1280 ldx640 ldw1920 acc a128 float16"
     path = tmp_path / "gemm_table.json"
     monkeypatch.setattr(gemm_table, "TABLE_PATH", path)
-    monkeypatch.setattr(gemm_table, "_card", lambda device: "Card")
+    monkeypatch.setattr(gemm_table, "card_name", lambda device: "Card")
     gemm_table.merge_into(path, "Card", {gemm_table.problem_key(p): {"config": {"tile": 135, "cluster": 3}}})
     assert gemm_table.choose(p, torch.device("cpu")) == {"tile": 135, "cluster": 3}
     assert gemm_table.choose(q, torch.device("cpu")) is None
@@ -109,6 +109,7 @@ def fake_lt(monkeypatch):
     monkeypatch.setattr(cublaslt, "problem_of", layout_problem)
     monkeypatch.setattr(cublaslt, "plan", plan)
     monkeypatch.setattr(gemm_table, "choose", lambda problem, device: {"tile": 1})
+    monkeypatch.setattr(gemm_table, "has_entries", lambda device: True)
     monkeypatch.setattr(ops, "_on_cuda", lambda t: True)
     return calls, seen
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from speedsd.attention_table import write_card_table
+from speedsd.conv_table import card_name
 from speedsd.cublaslt import Problem
 
 TABLE_PATH = Path(__file__).parent / "data" / "gemm_table.json"
@@ -40,14 +41,14 @@ def _table(card: str, path: str) -> dict[str, dict[str, int]]:
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def _card(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
+def has_entries(device: torch.device) -> bool:
+    """Whether this device's card has any measured entry (without one, no linear needs its problem worked out)."""
+    return bool(_table(card_name(device), str(TABLE_PATH)))
 
 
 def choose(problem: Problem, device: torch.device) -> dict[str, int] | None:
     """The measured algorithm configuration of this problem on this device's card, or None (torch)."""
-    return _table(_card(device), str(TABLE_PATH)).get(problem_key(problem))
+    return _table(card_name(device), str(TABLE_PATH)).get(problem_key(problem))
 
 
 def merge_into(path: Path, card: str, table: dict, keep: bool = False) -> None:

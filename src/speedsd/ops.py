@@ -413,6 +413,8 @@ def _lt_plan(
     """With ``gemm_algos``, the cuBLASLt plan of the algorithm the card's GEMM table names for this linear."""
     if not current().gemm_algos or not _on_cuda(x):
         return None
+    if _seen_linears is None and not gemm_table.has_entries(x.device):  # (a card without a table: torch)
+        return None
     problem = cublaslt.problem_of(x, weight, bias, out)
     if problem is None:
         return None

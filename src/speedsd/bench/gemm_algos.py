@@ -4,7 +4,7 @@
         [--model random:sd1.4] [--size 512]
 
 Records the linear problems of one UNet step at CFG batch 2 (:func:`speedsd.ops.linear_op` and
-``linear_accumulate_op`` with ``gemm_algos`` on and no table entries: every call runs torch and is collected), then
+``linear_accumulate_op`` with ``gemm_algos`` on collect every call's problem), then
 per problem times torch's call and each heuristic algorithm (:mod:`speedsd.cublaslt`) in CUDA-graph replay with
 as many weight copies cycled as keep them out of L2, µs a call. Correct: max abs error against fp64 <= 2x
 torch's (+ 1e-3). ``--table``: records per card the fastest correct algorithm where it beats torch by >= 3 %
@@ -13,7 +13,6 @@ torch's (+ 1e-3). ``--table``: records per card the fastest correct algorithm wh
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +34,18 @@ def collect(model: str, size: int) -> dict[cublaslt.Problem, int]:
     x = torch.randn(2, pipe.latent_channels, latent, latent, device=pipe.device)
     emb = pipe.encode_text(["", "a photograph of an astronaut riding a horse"])
     counts: dict[cublaslt.Problem, int] = {}
-    real_table, gemm_table.TABLE_PATH = gemm_table.TABLE_PATH, Path(tempfile.mkdtemp()) / "none.json"
-    gemm_table._table.cache_clear()
 
     class Counting(set):
         def add(self, p: cublaslt.Problem) -> None:
             counts[p] = counts.get(p, 0) + 1
 
+    # every linear's problem is collected before its table lookup: the step may run the table's entries
     try:
         ops._seen_linears = Counting()
         with torch.inference_mode():
             pipe.unet_step(x, torch.tensor(500), emb, eager=True)
     finally:
         ops._seen_linears = None
-        gemm_table.TABLE_PATH = real_table
-        gemm_table._table.cache_clear()
     del pipe
     torch.cuda.empty_cache()
     return counts
