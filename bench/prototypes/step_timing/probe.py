@@ -95,7 +95,8 @@ def main(out_json: str) -> None:
         res["ours_unet_again"] = methods(lambda: pipe.unet_step(x, t, ctx))
         print("ours unet again", res["ours_unet_again"], flush=True)
     for part in ("unet", "vae"):
-        res[f"ratio_{part}"] = {m: res[f"peer_{part}"][m] / res[f"ours_{part}"][m] for m in ("synced", "b2b", "do_bench")}
+        ours, peer = res[f"ours_{part}"], res[f"peer_{part}"]
+        res[f"ratio_{part}"] = {m: peer[m] / ours[m] for m in ("synced", "b2b", "do_bench")}
     print("ratios", res["ratio_unet"], res["ratio_vae"])
     json.dump(res, open(out_json, "w"), indent=1)
 
