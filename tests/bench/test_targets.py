@@ -43,7 +43,7 @@ def test_verdicts_of_session_22s_run():
     image = next(r for r in rows if r["target"] == "20-step image")
     assert image["measured"] == "108.70 ms PNDM, 104.35 ms DPM++ 2M"
     unet = next(r for r in rows if r["target"] == "UNet step vs torch.compile")
-    assert unet["measured"] == "7.83 / 5.09 ms = 1.54x"
+    assert unet["measured"] == "synced 7.83 / 5.09 ms = 1.54x"
 
 
 def test_verdicts_flip_at_their_thresholds():
@@ -55,6 +55,32 @@ def test_verdicts_flip_at_their_thresholds():
     assert _met(targets.verdicts(_payload(fid=2.01)))["fidelity (max abs, ours / diffusers fp16)"] is False
     assert _met(targets.verdicts(_payload(warm=10.5)))["cold start, warm Triton cache"] is False
     assert _met(targets.verdicts(_payload(peak=2034.0 + 287)))["peak memory, two images"] is False
+
+
+def _with_b2b(payload, ours=(4.77, 4.38), compile_peer=(6.47, 7.54), eager_vae=22.0):
+    """Back-to-back figures (step_timing_h200.json, session 29: ours 4.77 / 4.38 ms, torch.compile 6.47 / 7.54)."""
+    default = payload["variants"][0]
+    default["unet_step_b2b_ms"], default["vae_decode_b2b_ms"] = ours
+    eager, comp = payload["peers"]
+    eager["vae_decode_b2b_ms"] = eager_vae
+    comp["unet_step_b2b_ms"], comp["vae_decode_b2b_ms"] = compile_peer
+    return payload
+
+
+def test_a_ratio_holds_only_under_both_timings():
+    # synced 7.83 / 4.35 = 1.80x would pass alone; back to back 6.47 / 4.77 = 1.36x does not
+    rows = targets.verdicts(_with_b2b(_payload(unet=4.35)))
+    assert _met(rows)["UNet step vs torch.compile"] is False
+    unet = next(r for r in rows if r["target"] == "UNet step vs torch.compile")
+    assert unet["measured"] == "synced 7.83 / 4.35 ms = 1.80x; back to back 6.47 / 4.77 ms = 1.36x"
+    assert _met(rows)["VAE decode vs torch.compile"] is True  # 1.83x synced, 7.54 / 4.38 = 1.72x back to back
+    assert _met(targets.verdicts(_with_b2b(_payload(), ours=(4.77, 4.6))))["VAE decode vs torch.compile"] is False
+    both = targets.verdicts(_with_b2b(_payload(unet=4.35), ours=(3.59, 4.38)))  # 6.47 / 3.59 = 1.802x
+    assert _met(both)["UNet step vs torch.compile"] is True
+    # a side without the back-to-back figure: judged on the timing both sides have
+    one_sided = _with_b2b(_payload(unet=4.35))
+    del one_sided["peers"][1]["unet_step_b2b_ms"]
+    assert _met(targets.verdicts(one_sided))["UNet step vs torch.compile"] is True
 
 
 def test_missing_numbers_are_not_measured():

@@ -41,6 +41,36 @@ def median_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 30) -> float
     return statistics.median(times)
 
 
+def back_to_back_ms(fn: Callable[[], object], calls: int = 20, runs: int = 7, warmup: int = 3) -> float:
+    """Per-call ms of ``calls`` calls issued back to back (no host sync between them), median of ``runs``.
+
+    :func:`median_ms` syncs after every call, so each sample also holds the GPU's wait for the host to issue the
+    call (input copies, a graph launch; torch.compile's cudagraph trees spend ~2 ms of host time a UNet call,
+    bench/results/step_timing_h200.json). Back to back, the host issues the next call while the GPU runs this one:
+    the figure is what a denoising loop pays per call when the GPU is the limit. CUDA: events around the run;
+    CPU: perf_counter."""
+    for _ in range(warmup):
+        fn()
+    cuda = torch.cuda.is_available()
+    times = []
+    for _ in range(runs):
+        if cuda:
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def do_bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median kernel time in ms via triton.testing.do_bench (flushes L2 between runs)."""
     import triton.testing

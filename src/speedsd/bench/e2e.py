@@ -79,6 +79,9 @@ def measure_row(pipe: Any, steps: int, size: int, reps: int, scheduler: str = "p
     out["unet_step_ms"] = common.median_ms(lambda: pipe.unet_step(x, t, ctx), warmup=3, rep=reps)
     out[f"unet_x{steps}_ms"] = out["unet_step_ms"] * steps
     out["vae_decode_ms"] = common.median_ms(lambda: pipe.decode_latents(z), warmup=2, rep=max(3, reps // 2))
+    if torch.cuda.is_available():  # back to back (common.back_to_back_ms): the host's issue time hidden
+        out["unet_step_b2b_ms"] = common.back_to_back_ms(lambda: pipe.unet_step(x, t, ctx), calls=steps)
+        out["vae_decode_b2b_ms"] = common.back_to_back_ms(lambda: pipe.decode_latents(z), calls=5, runs=5)
 
     def image() -> None:
         pipe(
@@ -302,8 +305,9 @@ def markdown(payload: dict) -> str:
         md += common.md_table(head, grows) + "\n"
     if payload.get("variants"):
         md += "\n## The default flags, one piece changed at a time (CUDA graphs on)\n\n"
-        vrows = [[r["row"]] + [r.get(c, "-") for c in cols] for r in payload["variants"]]
-        md += common.md_table(head[:-1], vrows) + "\n"
+        b2b = ["unet_step_b2b_ms", "vae_decode_b2b_ms"]  # calls back to back (common.back_to_back_ms)
+        vrows = [[r["row"]] + [r.get(c, "-") for c in cols + b2b] for r in payload["variants"]]
+        md += common.md_table(head[:-1] + ["UNet/step ms, back to back", "VAE ms, back to back"], vrows) + "\n"
     if payload.get("profile"):
         from speedsd.bench.profile import markdown as profile_md
 
@@ -311,12 +315,22 @@ def markdown(payload: dict) -> str:
     if payload.get("peers"):
         md += "\n## Peers (same weights, same run)\n\n"
         md += common.md_table(
-            ["peer", "UNet/step ms", "VAE ms", "first call s", "peak MiB"],
+            [
+                "peer",
+                "UNet/step ms",
+                "VAE ms",
+                "UNet/step ms, back to back",
+                "VAE ms, back to back",
+                "first call s",
+                "peak MiB",
+            ],
             [
                 [
                     p["peer"],
                     p.get("unet_step_ms", "-"),
                     p.get("vae_decode_ms", "-"),
+                    p.get("unet_step_b2b_ms", "-"),
+                    p.get("vae_decode_b2b_ms", "-"),
                     p.get("first_call_s", "-"),
                     p.get("peak_mib", "-"),
                 ]

@@ -91,6 +91,9 @@ def peer_rows(pipe: Any, steps: int, size: int, reps: int) -> list[dict[str, Any
         row: dict[str, Any] = {"peer": "diffusers eager (SDPA)"}
         row["unet_step_ms"] = common.median_ms(lambda: unet(x, t, ctx).sample, rep=reps)
         row["vae_decode_ms"] = common.median_ms(lambda: vae.decode(z).sample, rep=reps)
+        if dev.type == "cuda":
+            row["unet_step_b2b_ms"] = common.back_to_back_ms(lambda: unet(x, t, ctx).sample, calls=5, runs=3)
+            row["vae_decode_b2b_ms"] = common.back_to_back_ms(lambda: vae.decode(z).sample, calls=5, runs=3)
         rows.append(row)
         print(row, flush=True)
         if dev.type == "cuda":
@@ -109,6 +112,8 @@ def peer_rows(pipe: Any, steps: int, size: int, reps: int) -> list[dict[str, Any
             row["first_call_s"] = first_unet + time.perf_counter() - t0
             row["unet_step_ms"] = common.median_ms(lambda: cu(x, t, ctx).sample, warmup=5, rep=reps)
             row["vae_decode_ms"] = common.median_ms(lambda: cv(z).sample, warmup=3, rep=reps)
+            row["unet_step_b2b_ms"] = common.back_to_back_ms(lambda: cu(x, t, ctx).sample, calls=steps)
+            row["vae_decode_b2b_ms"] = common.back_to_back_ms(lambda: cv(z).sample, calls=5, runs=5)
             rows.append(row)
             print(row, flush=True)
     return rows

@@ -5,7 +5,8 @@
 The targets are stated for SD-1.4 (or ``random:sd1.4``) at 512², 20 steps, fp16, on one H100/H200:
 - the 20-step image, text to decoded image, <= 100 ms (the faster of PNDM (21 UNet evaluations) and DPM++ 2M);
 - the UNet step >= 1.8x diffusers + torch.compile(reduce-overhead); the VAE decode >= 1.7x that peer and >= 3x
-  diffusers eager;
+  diffusers eager. Each ratio is judged under both timings the payload holds for both sides: one call at a time
+  (``*_ms``, host sync after each call) and calls back to back (``*_b2b_ms``); a target holds only under both;
 - fidelity: the optimized fp16 image's max abs error against diffusers fp32 <= 2x diffusers fp16's;
 - a new process's first image <= 10 s on a warm Triton cache, and the peak GPU memory over a fresh process's
   first two images <= the fp16 weights + 300 MB.
@@ -59,16 +60,19 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(_verdict("20-step image", "-", None, f"<= {IMAGE_MS:.0f} ms"))
     comp, eager = _peer(payload, COMPILE_PEER), _peer(payload, EAGER_PEER)
     for part, peer, label, want in (
-        ("unet_step_ms", comp, "UNet step vs torch.compile", UNET_VS_COMPILE),
-        ("vae_decode_ms", comp, "VAE decode vs torch.compile", VAE_VS_COMPILE),
-        ("vae_decode_ms", eager, "VAE decode vs diffusers eager", VAE_VS_EAGER),
+        ("unet_step", comp, "UNet step vs torch.compile", UNET_VS_COMPILE),
+        ("vae_decode", comp, "VAE decode vs torch.compile", VAE_VS_COMPILE),
+        ("vae_decode", eager, "VAE decode vs diffusers eager", VAE_VS_EAGER),
     ):
-        if pndm and peer and part in pndm and part in peer:
-            ratio = peer[part] / pndm[part]
-            shown = f"{peer[part]:.2f} / {pndm[part]:.2f} ms = {ratio:.2f}x"
-            out.append(_verdict(label, shown, ratio >= want, f">= {want}x"))
-        else:
-            out.append(_verdict(label, "-", None, f">= {want}x"))
+        # every timing both sides have: one call at a time (synced) and calls back to back (b2b); the target
+        # is met only where it holds under each (common.back_to_back_ms says why they differ)
+        shown, ratios = [], []
+        for key, how in ((f"{part}_ms", "synced"), (f"{part}_b2b_ms", "back to back")):
+            if pndm and peer and key in pndm and key in peer:
+                ratios.append(peer[key] / pndm[key])
+                shown.append(f"{how} {peer[key]:.2f} / {pndm[key]:.2f} ms = {ratios[-1]:.2f}x")
+        ok = all(r >= want for r in ratios) if ratios else None
+        out.append(_verdict(label, "; ".join(shown) or "-", ok, f">= {want}x"))
     fid = payload.get("fidelity", {}).get("ratio_max_abs")
     shown = f"{fid:.2f}" if fid is not None else "-"
     ok = None if fid is None else fid <= FIDELITY_RATIO
