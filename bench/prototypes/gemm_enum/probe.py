@@ -25,10 +25,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from speedsd import cublaslt, gemm_table
 from speedsd.bench import common
+from speedsd.bench.gemm_algos import operands
 
 SM_TARGETS = (0, 66, 100, 114, 120, 126, 128, 130)
 _SM_COUNT_TARGET = 15  # cublasLtMatmulDescAttributes_t
@@ -142,22 +142,8 @@ def sm_plan(p: cublaslt.Problem, sm: int) -> cublaslt.Plan:
 
 def problem_row(p: cublaslt.Problem, calls: int) -> dict:
     dev = torch.device("cuda")
-    g = torch.Generator().manual_seed(p.m + p.k + p.n)
-    xs = (torch.randn(p.m, p.ldx, generator=g) + 0.3).to(dev, p.dtype)
-    x = xs[:, : p.k]
-    w0 = torch.randn(p.n, p.ldw, generator=g) / p.k**0.5
-    ws = [(w0 + 1e-3 * i).to(dev, p.dtype)[:, : p.k] for i in range(max(2, common.copies_out_of_l2(p.n * p.ldw * 2)))]
-    bias = (torch.randn(p.n, generator=g) * 0.3).to(dev, p.dtype) if p.bias else None
-    r0 = (torch.randn(p.m, p.n, generator=g) + 0.2).to(dev, p.dtype) if p.accumulate else None
-    ref = F.linear(x.double(), ws[0].double(), None if bias is None else bias.double())
-    ref = ref if r0 is None else ref + r0.double()
-    acc = None if r0 is None else r0.clone()
-
-    def torch_call(w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w, bias) if acc is None else acc.addmm_(x, w.t())
-
-    base = F.linear(x, ws[0], bias) if r0 is None else r0.clone().addmm_(x, ws[0].t())
-    tol = 2 * (base.double() - ref).abs().max().item() + 1e-3
+    o = operands(p)
+    x, ws, bias, r0, ref, tol, torch_call = o.x, o.ws, o.bias, o.r0, o.ref, o.tol, o.torch_call
     out = torch.empty(p.m, p.n, device=dev, dtype=p.dtype)
 
     def correct(plan: cublaslt.Plan) -> bool:

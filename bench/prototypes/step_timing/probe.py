@@ -8,7 +8,8 @@ reduce-overhead, cudagraph-trees' Python and guards). ANCHORS.md's peer figure (
 / triton.testing.do_bench medians", and do_bench issues calls back to back. Here, in one process, on the same random
 SD-1.4 weights, for speedsd's graphed step and diffusers + torch.compile(reduce-overhead, channels-last):
   synced     median_ms (the bench's method)
-  b2b        events around 20 calls issued back to back, per call; median of 7 runs
+  b2b        events around 20 calls issued back to back, per call; median of 7 runs (call 2 ran this as an
+             inline helper at 13dc8da; it became speedsd.bench.common.back_to_back_ms, same defaults)
   do_bench   triton.testing.do_bench (L2 flushed before each call, back to back), median
   host_ms    host time to issue one call (perf_counter, no sync), median of 20
 and the same for the VAE decode.
@@ -27,22 +28,6 @@ import triton.testing
 from speedsd.bench import common
 
 
-def b2b_ms(fn, calls: int = 20, runs: int = 7) -> float:  # noqa: ANN001
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / calls)
-    return statistics.median(out)
-
-
 def host_ms(fn, n: int = 20) -> float:  # noqa: ANN001
     ts = []
     for _ in range(n):
@@ -55,7 +40,7 @@ def host_ms(fn, n: int = 20) -> float:  # noqa: ANN001
 
 
 def methods(fn) -> dict[str, float]:  # noqa: ANN001
-    return {"synced": common.median_ms(fn, warmup=5, rep=50), "b2b": b2b_ms(fn),
+    return {"synced": common.median_ms(fn, warmup=5, rep=50), "b2b": common.back_to_back_ms(fn),
             "do_bench": float(triton.testing.do_bench(fn, warmup=50, rep=400, return_mode="median")),
             "host_ms": host_ms(fn)}  # fmt: skip
 

@@ -13,6 +13,8 @@ torch's (+ 1e-3). ``--table``: records per card the fastest correct algorithm wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,21 @@ def collect(model: str, size: int) -> dict[cublaslt.Problem, int]:
     return counts
 
 
-def _row(p: cublaslt.Problem, calls: int) -> dict[str, Any]:
+@dataclass
+class Operands:
+    """One problem's inputs on the GPU (non-zero mean; ``ws``: weight copies cycled out of L2), its fp64
+    reference, the error bound a candidate must meet (2x torch's + 1e-3) and torch's call on weight w."""
+
+    x: torch.Tensor
+    ws: list[torch.Tensor]
+    bias: torch.Tensor | None
+    r0: torch.Tensor | None  # accumulate: the residual the product lands on
+    ref: torch.Tensor
+    tol: float
+    torch_call: Callable[[torch.Tensor], torch.Tensor]
+
+
+def operands(p: cublaslt.Problem) -> Operands:
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(p.m + p.k + p.n)
     xs = (torch.randn(p.m, p.ldx, generator=g) + 0.3).to(dev, p.dtype)
@@ -69,8 +85,15 @@ def _row(p: cublaslt.Problem, calls: int) -> dict[str, Any]:
 
     base = F.linear(x, ws[0], bias) if r0 is None else r0.clone().addmm_(x, ws[0].t())
     tol = 2 * (base.double() - ref).abs().max().item() + 1e-3
+    return Operands(x, ws, bias, r0, ref, tol, torch_call)
+
+
+def _row(p: cublaslt.Problem, calls: int) -> dict[str, Any]:
+    dev = torch.device("cuda")
+    o = operands(p)
+    x, ws, bias, r0, ref, tol = o.x, o.ws, o.bias, o.r0, o.ref, o.tol
     row: dict[str, Any] = {"key": gemm_table.problem_key(p), "calls": calls, "torch_max_err": (tol - 1e-3) / 2,
-                           "torch_us": 1e3 * common.cycled_graph_ms(torch_call, ws, reps=7), "algos": []}  # fmt: skip
+                           "torch_us": 1e3 * common.cycled_graph_ms(o.torch_call, ws, reps=7), "algos": []}  # fmt: skip
     plan = cublaslt.Plan(p, dev.index or 0)
     out = torch.empty(p.m, p.n, device=dev, dtype=p.dtype)
     for rank, (algo, config, waves) in enumerate(plan.heuristics()):
