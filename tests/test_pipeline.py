@@ -475,3 +475,30 @@ def test_replaced_unet_step_bypasses_the_plumbing_kernels(monkeypatch) -> None:
     assert denoise.fused_plumbing(Pipeline(pipe.components, flags=flags), sched, x)
     assert not denoise.fused_plumbing(Sub(pipe.components, flags=flags), sched, x)
     assert not denoise.fused_plumbing(pipe, sched, x)  # the instance's replaced unet_step
+
+
+@pytest.mark.parametrize("pair, tol", [("sd1_f64", 1e-10), ("sd1", 1e-5)])
+def test_a_standalone_unet_step_is_a_loop_scope_of_its_own(pair: str, tol: float, request, monkeypatch) -> None:
+    """Outside a denoising loop, unet_step folds the small upsamplers' weights itself, once a call, and runs
+    them as sub-pixel convs (as a loop does); inside an enclosing scope (the loop's) that scope's folds serve
+    every step. The same numbers as nearest + conv (fp64: torch's interleave; fp32: the Triton one)."""
+    both = request.getfixturevalue(pair)
+    monkeypatch.setattr(ops, "SUBPIXEL_LOOP_MIN_PIXELS", 1)  # the tiny model's upsamplers are below 16x16
+    folds = []
+    for name in ("subpixel_weight", "subpixel_weight_ref"):  # the kernel where Triton runs, else torch
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda w, _r=real: folds.append(1) or _r(w))
+    pipe = both.ours.with_flags(ops.Flags(subpixel_upsample=True))
+    ups = sum(len(u.upsamplers) for u in pipe.unet.up_blocks)
+    assert ups >= 1
+    x = both.latents(2, seed=5)
+    emb = pipe.encode_text(["", PROMPT])
+    a = pipe.unet_step(x, 400, emb)
+    pipe.unet_step(x, 300, emb)
+    assert len(folds) == 2 * ups  # one fold a standalone call
+    with pipe.unet.context_scope():
+        pipe.unet_step(x, 400, emb)
+        pipe.unet_step(x, 300, emb)
+    assert len(folds) == 3 * ups  # the enclosing scope folded once for both steps
+    plain = both.ours.with_flags(ops.Flags(subpixel_upsample=False)).unet_step(x, 400, emb)
+    assert rel(a, plain) < tol

@@ -167,9 +167,13 @@ _loop_weights: dict[int, tuple] | None = None  # id(conv) -> (conv, key, folded 
 
 
 @contextlib.contextmanager
-def loop_scope() -> Iterator[None]:
-    """Weights derived for a loop (the folded upsampler weights above) are kept until this block ends."""
+def loop_scope(inner: bool = False) -> Iterator[None]:
+    """Weights derived for a loop (the folded upsampler weights above) are kept until this block ends.
+    ``inner``: inside an enclosing scope, use that one (its folds serve this block too)."""
     global _loop_weights
+    if inner and _loop_weights is not None:
+        yield
+        return
     prev, _loop_weights = _loop_weights, {}
     try:
         yield
@@ -200,7 +204,7 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d, next_groups: int | 
             cfg = conv_table.subpixel_config(tuple(x.shape), conv.out_channels, x.dtype, x.device)
         if cfg is not None and subpixel_conv_gluon_supported(x, w4, conv.bias, cfg, groups):
             return subpixel_conv_gluon(x, w4, conv.bias, cfg, stats_groups=groups)
-        if _triton_runs(x):
+        if _triton_runs(x) and x.dtype != torch.float64:  # (the Triton interleave takes fp32/fp16/bf16)
             return subpixel_upsample_conv(x, w4, conv.bias, stats_groups=groups)
         return subpixel_upsample_conv(x, w4, conv.bias, interleave=phase_interleave_ref)  # torch's interleave
     return conv2d_op(upsample_nearest2x_op(x), conv)

@@ -273,7 +273,12 @@ class Pipeline:
     def _unet_forward(
         self, x: torch.Tensor, ts: torch.Tensor, emb: torch.Tensor, adds: torch.Tensor | None = None
     ) -> torch.Tensor:
-        with ops.using(self.flags):  # the plain 3-argument call unless the loop computed the time pre-adds
+        # A step outside a denoising loop's scope (a standalone unet_step; the per-step graphs of samplers that
+        # draw noise or of a loop with a callback) is a scope of its own: its 16² and 32² upsamplers run as
+        # sub-pixel convs on weights it folds itself (inside its graph: the fold, ~25 µs, is replayed with
+        # it and saves ~115 µs of nearest + conv at 512², bench/results/step_subpixel_h200.txt), and the folds
+        # live in the activation pool it shares with the VAE decode, whose own activations are larger.
+        with ops.using(self.flags), ops.loop_scope(inner=True):
             return self.unet(x, ts, emb) if adds is None else self.unet(x, ts, emb, time_adds=adds)
 
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
