@@ -159,8 +159,9 @@ def bias_add_op(
 # VAE decoder's upsamplers (inputs 64²..256²), 1.3-1.5x at the UNet's 16² and 32² ones and 0.92x at 8².
 # Its folded weights (16/9 of the 3x3 weight) are kept on the module from 64x64 inputs (18 MiB for the
 # VAE at 512²). The UNet's 16² and 32² ones (62.5 MiB) only inside a loop scope (:func:`loop_scope`): folded
-# once per denoising loop, dropped at its end, live only while the UNet runs, whose activations stay far
-# below the VAE decode's that set the pipeline's peak (memory_probe_trace_h200.txt: 78 vs 256 MiB).
+# once per denoising loop (or per UNet step run outside one: Pipeline._unet_forward), dropped at its end, live
+# only while the UNet runs, whose activations stay far below the VAE decode's that set the pipeline's peak
+# (memory_probe_trace_h200.txt: 78 vs 256 MiB).
 SUBPIXEL_MIN_PIXELS = 64 * 64
 SUBPIXEL_LOOP_MIN_PIXELS = 16 * 16
 _loop_weights: dict[int, tuple] | None = None  # id(conv) -> (conv, key, folded weight) inside a loop scope
