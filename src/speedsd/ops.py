@@ -47,6 +47,7 @@ from speedsd.kernels.group_norm_partials import group_norm_partials, partials_pl
 from speedsd.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from speedsd.kernels.narrow_conv import MAX_CO, conv3x3_narrow
 from speedsd.kernels.softmax_attention import attention_partial_softmax, attention_ref
+from speedsd.kernels.subpixel_conv import FLOATS as INTERLEAVE_DTYPES
 from speedsd.kernels.subpixel_conv import phase_interleave_ref, subpixel_upsample_conv
 from speedsd.kernels.subpixel_conv_gluon import subpixel_conv_gluon, subpixel_conv_gluon_supported
 from speedsd.kernels.subpixel_weight import subpixel_weight, subpixel_weight_ref
@@ -205,7 +206,7 @@ def upsample_conv_op(x: torch.Tensor, conv: torch.nn.Conv2d, next_groups: int | 
             cfg = conv_table.subpixel_config(tuple(x.shape), conv.out_channels, x.dtype, x.device)
         if cfg is not None and subpixel_conv_gluon_supported(x, w4, conv.bias, cfg, groups):
             return subpixel_conv_gluon(x, w4, conv.bias, cfg, stats_groups=groups)
-        if _triton_runs(x) and x.dtype != torch.float64:  # (the Triton interleave takes fp32/fp16/bf16)
+        if _triton_runs(x) and x.dtype in INTERLEAVE_DTYPES:  # the Triton interleave's dtypes (not fp64)
             return subpixel_upsample_conv(x, w4, conv.bias, stats_groups=groups)
         return subpixel_upsample_conv(x, w4, conv.bias, interleave=phase_interleave_ref)  # torch's interleave
     return conv2d_op(upsample_nearest2x_op(x), conv)
